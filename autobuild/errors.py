@@ -1,0 +1,30 @@
+"""Errors a user can cause. The CLI prints them as one line and exits with code 2."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+__all__ = ["AutobuildError", "unknown_name"]
+
+
+class AutobuildError(Exception):
+    """Bad input: unknown name, invalid option, corrupt file, untraceable model...
+
+    The message is complete on one line and says how to fix the problem.
+    """
+
+    exit_code = 2
+
+
+def unknown_name(what: str, name: str, valid: Iterable[str], hint: str = "") -> AutobuildError:
+    """An error for an unknown ``what`` that lists the valid names, closest ones first."""
+    valid = sorted(valid)
+    close = difflib.get_close_matches(name, valid, n=3, cutoff=0.6)
+    msg = f"unknown {what} {name!r}"
+    if close:
+        msg += f" (did you mean {', '.join(close)}?)"
+    msg += f"; valid: {', '.join(valid)}"
+    if hint:
+        msg += f" ({hint})"
+    return AutobuildError(msg)

@@ -1,0 +1,23 @@
+"""Baselines by name: every torchvision classification model, the CIFAR networks of the
+papers (``cifar_resnet*``, ``cifar_vgg*``), the SSD detectors (their backbone is what gets
+converted) and ``timm:<name>`` when timm is installed."""
+
+from __future__ import annotations
+
+from autobuild.models.registry import (
+    ModelEntry,
+    build_model,
+    get_model_entry,
+    list_models,
+    load_weights,
+    register_model,
+)
+
+__all__ = [
+    "ModelEntry",
+    "build_model",
+    "get_model_entry",
+    "list_models",
+    "load_weights",
+    "register_model",
+]

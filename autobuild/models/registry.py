@@ -1,0 +1,155 @@
+"""The model registry. Builders are looked up by name and called with ``num_classes``."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from autobuild.errors import AutobuildError, unknown_name
+
+__all__ = [
+    "ModelEntry",
+    "build_model",
+    "get_model_entry",
+    "list_models",
+    "load_weights",
+    "register_model",
+]
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """How to build one baseline.
+
+    ``trace_root`` names the submodule that torch.fx traces and that conversions apply to
+    ("" = the whole model; detectors use "backbone" because their heads are not traceable).
+    ``input_size`` is the (C, H, W) used for shape propagation and counting.
+    """
+
+    name: str
+    builder: Callable[..., nn.Module]
+    input_size: tuple[int, int, int]
+    num_classes: int
+    source: str
+    trace_root: str = ""
+    description: str = ""
+
+
+_REGISTRY: dict[str, ModelEntry] = {}
+_BUILTINS_LOADED = False
+
+
+def register_model(
+    name: str,
+    builder: Callable[..., nn.Module],
+    *,
+    input_size: tuple[int, int, int] = (3, 224, 224),
+    num_classes: int = 1000,
+    source: str = "user",
+    trace_root: str = "",
+    description: str = "",
+    overwrite: bool = False,
+) -> ModelEntry:
+    """Register a baseline builder. ``builder(num_classes=...)`` must return an nn.Module."""
+    if name in _REGISTRY and not overwrite:
+        raise AutobuildError(f"model {name!r} is already registered (pass overwrite=True)")
+    entry = ModelEntry(name, builder, tuple(input_size), num_classes, source, trace_root,
+                       description)
+    _REGISTRY[name] = entry
+    return entry
+
+
+def _load_builtins() -> None:
+    global _BUILTINS_LOADED
+    if _BUILTINS_LOADED:
+        return
+    _BUILTINS_LOADED = True
+    from autobuild.models import cifar, torchvision_models  # noqa: F401  (they register)
+
+
+def list_models(source: str | None = None) -> list[ModelEntry]:
+    """All registered baselines (timm models are reachable as ``timm:<name>`` too)."""
+    _load_builtins()
+    return [e for e in _REGISTRY.values() if source is None or e.source == source]
+
+
+def get_model_entry(name: str) -> ModelEntry:
+    _load_builtins()
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    if name.startswith("timm:"):
+        return _timm_entry(name[len("timm:"):])
+    raise unknown_name("model", name, _REGISTRY,
+                       "timm models as timm:<name>; `autobuild models` lists them")
+
+
+def build_model(name: str, *, num_classes: int | None = None, weights: str | None = None,
+                **kwargs: Any) -> nn.Module:
+    """Build a registered baseline, optionally loading ``weights`` (a file or a torchvision
+    weights name such as ``IMAGENET1K_V1``)."""
+    entry = get_model_entry(name)
+    kw = dict(kwargs)
+    if num_classes is not None:
+        kw["num_classes"] = num_classes
+    model = entry.builder(**kw)
+    if weights:
+        load_weights(model, weights, name)
+    return model
+
+
+def load_weights(model: nn.Module, weights: str, model_name: str = "") -> None:
+    """Load a state dict file (.pth/.pt/.safetensors) or named torchvision weights."""
+    if os.path.exists(weights):
+        try:
+            if weights.endswith(".safetensors"):
+                from safetensors.torch import load_file
+
+                state = load_file(weights)
+            else:
+                state = torch.load(weights, map_location="cpu", weights_only=True)
+            if isinstance(state, dict) and "state_dict" in state:
+                state = state["state_dict"]
+            model.load_state_dict(state)
+        except Exception as exc:  # corrupt file or wrong architecture
+            raise AutobuildError(f"cannot load weights {weights!r} into {model_name or 'model'}:"
+                                 f" {str(exc).splitlines()[0]}") from exc
+        return
+    if os.sep in weights or weights.endswith((".pth", ".pt", ".safetensors")):
+        raise AutobuildError(f"weights file {weights!r} does not exist")
+    try:
+        import torchvision
+
+        enum = torchvision.models.get_model_weights(model_name)
+        w = enum[weights] if weights != "DEFAULT" else enum.DEFAULT
+    except Exception as exc:
+        raise AutobuildError(f"{model_name!r} has no torchvision weights named {weights!r};"
+                             " give a weights file path instead") from exc
+    try:
+        state = w.get_state_dict(progress=False)
+    except Exception as exc:
+        raise AutobuildError(f"cannot fetch {w} (no network?): put the file in the torch hub "
+                             "cache or pass a local weights file") from exc
+    model.load_state_dict(state)
+
+
+def _timm_entry(timm_name: str) -> ModelEntry:
+    try:
+        import timm
+    except ImportError as exc:
+        raise AutobuildError("timm models need the optional extra: pip install "
+                             "'autobuild[timm]'") from exc
+    if timm_name not in timm.list_models():
+        raise unknown_name("timm model", timm_name, timm.list_models()[:50],
+                           "first 50 shown; see timm.list_models()")
+
+    def builder(num_classes: int = 1000, **kw: Any) -> nn.Module:
+        return timm.create_model(timm_name, pretrained=False, num_classes=num_classes, **kw)
+
+    cfg = timm.get_pretrained_cfg(timm_name)
+    size = tuple(cfg.input_size) if cfg is not None else (3, 224, 224)
+    return ModelEntry(f"timm:{timm_name}", builder, size, 1000, "timm")

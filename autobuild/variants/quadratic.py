@@ -1,0 +1,327 @@
+"""quadratic: second-order neurons (QuadraLib, Xu et al., MLSys 2022, and the papers it surveys).
+
+Site: one Conv2d or Linear call. Types (``--option type=...``), for a conv W·x:
+
+  ours      BN_a(W_a x) ⊙ BN_b(W_b x) + BN_c(W_c x)          3x params
+  t2        W_a (x ⊙ x)                                       1x
+  t3        (W_a x)²                                          1x
+  t4        (W_a x) ⊙ (W_b x)                                 2x
+  fan       (W_a x + b_a) ⊙ (W_b x + b_b) + W_c (x ⊙ x)       3x   (Fan et al. 2018)
+  volterra  pᵀ A_o p + W_b p per output o, p = receptive field ≈ C·k² x (Zoumpourlis 2017)
+
+Branches that read the same input are one conv with 2x/3x output channels, split
+afterwards (``fan`` has a second conv only because its third branch reads x ⊙ x).
+``init=preserve`` copies the baseline conv into the linear branch and starts the
+second-order term at exactly zero; t2/t3/t4 have no linear branch and refuse it.
+Unlike QuadraLib's code, volterra takes patches with ``unfold`` (patch-major, never a
+``.view`` across channels) and honours stride, padding and dilation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from autobuild.errors import AutobuildError
+from autobuild.rewrite.sites import Site
+from autobuild.variants import register_variant
+from autobuild.variants.base import Option, Variant
+
+__all__ = ["QUADRATIC_TYPES", "QuadraticConv2d", "QuadraticLinear", "QuadraticVariant"]
+
+#: type -> number of weight sets that read x (fan adds one more that reads x ⊙ x).
+QUADRATIC_TYPES = {"ours": 3, "t2": 1, "t3": 1, "t4": 2, "fan": 2, "volterra": 1}
+PRESERVING_TYPES = ("ours", "fan", "volterra")
+#: Volterra layers above this many parameters are refused (A_o alone is (C·k²)² per output).
+VOLTERRA_MAX_PARAMS = 8_000_000
+
+
+class _Quadratic(nn.Module):
+    """Shared machinery of the conv and linear versions; subclasses define ``_linear``
+    (the layer's first-order op) and ``_batch_norm``."""
+
+    in_channels: int
+    out_channels: int
+    groups: int = 1
+
+    def __init__(self, qtype: str, in_channels: int, out_channels: int, fan_in_shape: Sequence[int],
+                 bias: bool) -> None:
+        super().__init__()
+        if qtype not in QUADRATIC_TYPES:
+            raise AutobuildError(f"unknown quadratic type {qtype!r}; valid: "
+                                 f"{', '.join(QUADRATIC_TYPES)}")
+        self.qtype = qtype
+        self.in_channels, self.out_channels = in_channels, out_channels
+        n = QUADRATIC_TYPES[qtype]
+        if qtype == "volterra":
+            d = math.prod(fan_in_shape)
+            self.quad = nn.Parameter(torch.empty(out_channels, d, d))
+        self.weight = nn.Parameter(torch.empty(n * out_channels, *fan_in_shape))
+        has_bias = bias or qtype == "fan"  # fan's b_a, b_b are part of its formula
+        self.bias = nn.Parameter(torch.zeros(n * out_channels)) if has_bias else None
+        self.weight_sq = (nn.Parameter(torch.empty(out_channels, *fan_in_shape))
+                          if qtype == "fan" else None)
+        self.bn = self._batch_norm(3 * out_channels) if qtype == "ours" else None
+        self.reset_parameters()
+
+    def _batch_norm(self, channels: int) -> nn.Module:
+        raise NotImplementedError
+
+    def _branches(self, t: Tensor, dim: int) -> tuple[Tensor, ...]:
+        """Split the n-branch output along channel ``dim``. Each conv group holds its
+        branches side by side ([a|b|c] per group), so grouped convs stay correct."""
+        n = QUADRATIC_TYPES[self.qtype]
+        if n == 1:
+            return (t,)
+        g = self.groups
+        shape = t.shape[:dim] + (g, n, self.out_channels // g) + t.shape[dim + 1:]
+        parts = t.reshape(shape).unbind(dim + 1)
+        return tuple(p.flatten(dim, dim + 1) for p in parts)
+
+    def branch_weight(self, i: int, tensor: Tensor | None = None) -> Tensor:
+        """A view of branch ``i``'s rows of ``tensor`` (default the weight), in the layer's
+        (out_channels, ...) layout."""
+        t = self.weight if tensor is None else tensor
+        n, g = QUADRATIC_TYPES[self.qtype], self.groups
+        return t.view(g, n, self.out_channels // g, *t.shape[1:])[:, i].reshape(
+            self.out_channels, *t.shape[1:])
+
+    @torch.no_grad()
+    def _set_branch(self, i: int, value: Tensor | float, tensor: Tensor | None = None) -> None:
+        t = self.weight if tensor is None else tensor
+        n, g = QUADRATIC_TYPES[self.qtype], self.groups
+        view = t.view(g, n, self.out_channels // g, *t.shape[1:])
+        if isinstance(value, Tensor):
+            value = value.reshape(g, self.out_channels // g, *t.shape[1:])
+        view[:, i] = value
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Fresh initialisation (``init=scratch``): each weight set like a new conv of the
+        baseline's shape; fan starts linear (W_b = 0, b_b = 1, W_c = 0) as Fan et al. do;
+        volterra's quadratic kernel starts small."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        fan_in = math.prod(self.weight.shape[1:])
+        if self.bias is not None:
+            bound = 1 / math.sqrt(fan_in)
+            nn.init.uniform_(self.bias, -bound, bound)
+        if self.qtype == "fan":
+            self._set_branch(1, 0.0)
+            self._set_branch(1, 1.0, self.bias)
+            self.weight_sq.zero_()
+        if self.qtype == "volterra":
+            nn.init.uniform_(self.quad, -0.1 / fan_in, 0.1 / fan_in)
+
+    @torch.no_grad()
+    def preserve(self, weight: Tensor, bias: Tensor | None) -> None:
+        """Compute exactly ``weight``·x + ``bias`` (the baseline layer) until trained."""
+        if self.qtype not in PRESERVING_TYPES:
+            raise AutobuildError(f"quadratic type {self.qtype} has no first-order term and "
+                                 "cannot preserve the baseline; use --init scratch or type "
+                                 f"{'/'.join(PRESERVING_TYPES)}")
+        if self.qtype == "ours":
+            # The product is BN_a(.) * BN_b(.): BN_a with gamma = beta = 0 makes it exactly 0
+            # while gamma_a still receives gradient. BN_c starts as the identity.
+            self._set_branch(2, weight.to(self.weight.dtype))
+            if self.bias is not None:
+                self.bias.zero_()
+                self._set_branch(2, bias if bias is not None else 0.0, self.bias)
+            bn = self.bn
+            bn.running_mean.zero_()
+            bn.running_var.fill_(1.0)
+            bn.weight.fill_(1.0)
+            bn.bias.zero_()
+            self._set_branch(0, 0.0, bn.weight)
+            c_gamma = math.sqrt(1.0 + bn.eps)
+            self._set_branch(2, c_gamma, bn.weight)
+        elif self.qtype == "fan":
+            self._set_branch(0, weight)
+            self._set_branch(1, 0.0)
+            self._set_branch(0, bias if bias is not None else 0.0, self.bias)
+            self._set_branch(1, 1.0, self.bias)
+            self.weight_sq.zero_()
+        else:  # volterra: quadratic kernel 0, linear part = the baseline
+            self.quad.zero_()
+            self.weight.copy_(weight.reshape(self.weight.shape))
+            if self.bias is not None:
+                self.bias.copy_(bias if bias is not None else torch.zeros_like(self.bias))
+
+    def _combine(self, y: Tensor, x_sq_term: Tensor | None, dim: int) -> Tensor:
+        q = self.qtype
+        if q in ("t2",):
+            return y
+        if q == "t3":
+            return y.square()
+        parts = self._branches(y, dim)
+        if q == "t4":
+            return parts[0] * parts[1]
+        if q == "ours":
+            return torch.addcmul(parts[2], parts[0], parts[1])
+        if q == "fan":
+            return torch.addcmul(x_sq_term, parts[0], parts[1])
+        raise AssertionError(q)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, type={self.qtype}"
+
+
+class QuadraticConv2d(_Quadratic):
+    """A quadratic replacement of an ``nn.Conv2d`` (same stride, padding, dilation, groups)."""
+
+    def __init__(self, qtype: str, in_channels: int, out_channels: int,
+                 kernel_size: int | Sequence[int], stride: int | Sequence[int] = 1,
+                 padding: int | Sequence[int] | str = 0, dilation: int | Sequence[int] = 1,
+                 groups: int = 1, bias: bool = True) -> None:
+        k = tuple(kernel_size) if isinstance(kernel_size, Sequence) else (kernel_size,) * 2
+        self.kernel_size = k
+        self.stride = tuple(stride) if isinstance(stride, Sequence) else (stride,) * 2
+        self.padding = padding if isinstance(padding, str) else (
+            tuple(padding) if isinstance(padding, Sequence) else (padding,) * 2)
+        self.dilation = tuple(dilation) if isinstance(dilation, Sequence) else (dilation,) * 2
+        self.groups = groups
+        if qtype == "volterra" and (groups != 1 or isinstance(self.padding, str)):
+            raise AutobuildError("volterra converts dense convs with numeric padding only")
+        super().__init__(qtype, in_channels, out_channels, (in_channels // groups, *k), bias)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, qtype: str) -> QuadraticConv2d:
+        if conv.padding_mode != "zeros":
+            raise AutobuildError(f"quadratic converts zero-padded convs only (this one uses "
+                                 f"padding_mode={conv.padding_mode!r})")
+        layer = cls(qtype, conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                    conv.padding, conv.dilation, conv.groups, conv.bias is not None)
+        return layer.to(conv.weight.device, conv.weight.dtype)
+
+    def _batch_norm(self, channels: int) -> nn.Module:
+        return nn.BatchNorm2d(channels)
+
+    def _conv(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.qtype == "volterra":
+            return self._volterra(x)
+        inp = x.square() if self.qtype == "t2" else x
+        y = self._conv(inp, self.weight, self.bias)
+        if self.bn is not None:
+            y = self.bn(y)
+        sq = self._conv(x.square(), self.weight_sq, None) if self.qtype == "fan" else None
+        return self._combine(y, sq, 1)
+
+    def _volterra(self, x: Tensor) -> Tensor:
+        b, _, h, w = x.shape
+        kh, kw = self.kernel_size
+        ph, pw = self.padding
+        dh, dw = self.dilation
+        sh, sw = self.stride
+        ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        p = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # B, D, L
+        d = p.shape[1]
+        lin = torch.matmul(self.weight.view(self.out_channels, d), p)  # B, O, L
+        if self.bias is not None:
+            lin = lin + self.bias.view(1, -1, 1)
+        ap = torch.matmul(self.quad.view(self.out_channels * d, d), p)  # B, O*D, L
+        quad = (ap.view(b, self.out_channels, d, -1) * p.unsqueeze(1)).sum(2)
+        return (lin + quad).view(b, self.out_channels, ho, wo)
+
+
+class QuadraticLinear(_Quadratic):
+    """A quadratic replacement of an ``nn.Linear`` (any number of leading dimensions)."""
+
+    def __init__(self, qtype: str, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__(qtype, in_features, out_features, (in_features,), bias)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, qtype: str) -> QuadraticLinear:
+        layer = cls(qtype, linear.in_features, linear.out_features, linear.bias is not None)
+        return layer.to(linear.weight.device, linear.weight.dtype)
+
+    def _batch_norm(self, channels: int) -> nn.Module:
+        return nn.BatchNorm1d(channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.qtype == "volterra":
+            lin = F.linear(x, self.weight, self.bias)
+            ap = F.linear(x, self.quad.view(-1, self.in_channels))
+            return lin + (ap.unflatten(-1, (self.out_channels, self.in_channels))
+                          * x.unsqueeze(-2)).sum(-1)
+        inp = x.square() if self.qtype == "t2" else x
+        y = F.linear(inp, self.weight, self.bias)
+        if self.bn is not None:
+            y = self.bn(y.reshape(-1, y.shape[-1])).reshape(y.shape)
+        sq = F.linear(x.square(), self.weight_sq) if self.qtype == "fan" else None
+        return self._combine(y, sq, y.dim() - 1)
+
+
+def quadratic_params(site: Site, qtype: str) -> int:
+    """Parameters the converted layer would have (to refuse oversized volterra layers)."""
+    fan_in = (site.in_channels // site.groups) * math.prod(site.kernel_size or (1,))
+    n = QUADRATIC_TYPES[qtype]
+    total = n * site.out_channels * fan_in + site.out_channels * n
+    if qtype == "volterra":
+        total += site.out_channels * fan_in * fan_in
+    if qtype == "fan":
+        total += site.out_channels * fan_in
+    if qtype == "ours":
+        total += 6 * site.out_channels
+    return total
+
+
+class QuadraticVariant(Variant):
+    name = "quadratic"
+    summary = "second-order neurons replacing Conv2d/Linear layers (6 types)"
+    paper = "QuadraLib (Xu et al., MLSys 2022); Fan et al. 2018; Zoumpourlis et al. 2017"
+    site_kinds = ("conv", "linear")
+    options = (
+        Option("type", "ours", "neuron type", tuple(QUADRATIC_TYPES)),
+        Option("volterra_max_params", VOLTERRA_MAX_PARAMS,
+               "largest volterra layer (parameters) that is built", None, int),
+    )
+    leaf_modules = (QuadraticConv2d, QuadraticLinear)
+    example_models = ("resnet50", "cifar_vgg16", "cifar_resnet20", "ssd300_vgg16")
+
+    def default_sites(self, candidates: Sequence[Site], options: dict[str, Any]) -> list[Site]:
+        """Every conv except the stem (the conv that reads the image), as QuadraLib does."""
+        return [s for s in candidates if s.kind == "conv" and not s.extra.get("stem")]
+
+    def check(self, sites: Sequence[Site], options: dict[str, Any], init: str) -> None:
+        super().check(sites, options, init)
+        qtype = options["type"]
+        if init == "preserve" and qtype not in PRESERVING_TYPES:
+            raise AutobuildError(f"quadratic type {qtype} has no first-order term and cannot "
+                                 "preserve the baseline (--init preserve); use --init scratch "
+                                 f"or type {'/'.join(PRESERVING_TYPES)}")
+        if qtype == "volterra":
+            limit = options["volterra_max_params"]
+            for s in sites:
+                if s.groups != 1:
+                    raise AutobuildError(f"volterra converts dense convs only; site {s.name} "
+                                         f"has groups={s.groups}")
+                size = quadratic_params(s, qtype)
+                if size > limit:
+                    raise AutobuildError(
+                        f"volterra at site {s.name} would have {size:,} parameters (A_o is "
+                        f"(C·k²)² = {(size // max(s.out_channels, 1)):,} per output channel), "
+                        f"over the limit of {limit:,}; choose smaller sites with --sites or "
+                        "raise --option volterra_max_params")
+
+    def build(self, site: Site, module: nn.Module, options: dict[str, Any],
+              init: str) -> nn.Module:
+        qtype = options["type"]
+        if isinstance(module, nn.Conv2d):
+            layer: _Quadratic = QuadraticConv2d.from_conv(module, qtype)
+        else:
+            layer = QuadraticLinear.from_linear(module, qtype)
+        if init == "preserve":
+            layer.preserve(module.weight.detach(),
+                           module.bias.detach() if module.bias is not None else None)
+        return layer
+
+
+register_variant(QuadraticVariant)
