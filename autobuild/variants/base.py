@@ -62,6 +62,17 @@ class Variant:
     inits: ClassVar[tuple[str, ...]] = ("scratch", "preserve")
     #: Module types fx must treat as opaque, so converted models can be traced again.
     leaf_modules: ClassVar[tuple[type[nn.Module], ...]] = ()
+    #: Baselines the family applies to (named in errors); the first is the contract-test model.
+    example_models: ClassVar[tuple[str, ...]] = ("cifar_resnet20",)
+
+    def contract_cases(self) -> list[tuple[str, dict[str, Any], list[str] | None]]:
+        """(model, options, site patterns) the registry-driven contract tests run: by
+        default every choice of every option that has choices, on ``example_models[0]``."""
+        cases: list[tuple[str, dict[str, Any], list[str] | None]] = []
+        for option in self.options:
+            for choice in option.choices or ():
+                cases.append((self.example_models[0], {option.name: choice}, None))
+        return cases or [(self.example_models[0], {}, None)]
 
     # ---- options --------------------------------------------------------------------
     def parse_options(self, raw: dict[str, Any] | None) -> dict[str, Any]:

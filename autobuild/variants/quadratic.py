@@ -284,7 +284,13 @@ class QuadraticVariant(Variant):
                "largest volterra layer (parameters) that is built", None, int),
     )
     leaf_modules = (QuadraticConv2d, QuadraticLinear)
-    example_models = ("resnet50", "cifar_vgg16", "cifar_resnet20", "ssd300_vgg16")
+    example_models = ("cifar_resnet20", "resnet50", "cifar_vgg16", "ssd300_vgg16")
+
+    def contract_cases(self) -> list[tuple[str, dict[str, Any], list[str] | None]]:
+        cases = super().contract_cases()
+        cases += [("cifar_resnet20", {"type": "ours"}, ["fc"])]  # a Linear site
+        # volterra's kernel grows as (C·k²)²: the 16-channel stage only.
+        return [(m, o, ["layer1.*"] if o.get("type") == "volterra" else s) for m, o, s in cases]
 
     def default_sites(self, candidates: Sequence[Site], options: dict[str, Any]) -> list[Site]:
         """Every conv except the stem (the conv that reads the image), as QuadraLib does."""

@@ -1,0 +1,5 @@
+import sys
+
+from autobuild.cli import main
+
+sys.exit(main())
