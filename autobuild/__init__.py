@@ -45,25 +45,28 @@ __version__ = "0.1.0"
 def convert(model_or_name: nn.Module | str, to: str, *, sites: Iterable[str] | None = None,
             options: dict[str, Any] | None = None, init: str = "scratch",
             num_classes: int | None = None, input_size: Sequence[int] | None = None,
-            weights: str | None = None) -> nn.Module:
+            weights: str | None = None, leaf_modules: Iterable[Any] = ()) -> nn.Module:
     """Convert a baseline (a registered name or any traceable nn.Module) with family ``to``.
 
     ``sites`` are glob patterns over site names (default: the family's default sites);
     ``options`` the family's options; ``init`` is "scratch" or "preserve" (the converted
-    model computes the baseline's function). The result carries its plan (:func:`plan_of`).
+    model computes the baseline's function). ``leaf_modules`` (classes, class names or
+    qualified names) are kept opaque by torch.fx, for code it cannot trace. The result
+    carries its plan (:func:`plan_of`).
     """
     from autobuild.rewrite import convert_model, resolve_baseline
 
     base = resolve_baseline(model_or_name, num_classes=num_classes, input_size=input_size,
-                            weights=weights)
+                            weights=weights, leaf_modules=leaf_modules)
     return convert_model(base, to, sites=sites, options=options, init=init).model
 
 
 def sites(model_or_name: nn.Module | str, to: str, *, options: dict[str, Any] | None = None,
-          num_classes: int | None = None, input_size: Sequence[int] | None = None
-          ) -> list[Site]:
+          num_classes: int | None = None, input_size: Sequence[int] | None = None,
+          leaf_modules: Iterable[Any] = ()) -> list[Site]:
     """The sites of a baseline that family ``to`` can convert, with shapes and costs."""
     from autobuild.rewrite import candidate_sites, resolve_baseline
 
-    base = resolve_baseline(model_or_name, num_classes=num_classes, input_size=input_size)
+    base = resolve_baseline(model_or_name, num_classes=num_classes, input_size=input_size,
+                            leaf_modules=leaf_modules)
     return candidate_sites(base, to, options)

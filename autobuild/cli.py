@@ -274,12 +274,12 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from autobuild.io import load
     from autobuild.rewrite import apply_plan
 
-    model = load(args.run)
+    model = load(args.run_dir)
     # The plan rebuilt from the baseline gives the per-site record; weights come from disk.
     converted = apply_plan(model._autobuild_plan, load_baseline_weights=False)
     converted.model = model
     summary = summarize(converted)
-    summary["run"] = args.run
+    summary["run"] = args.run_dir
     if args.json:
         _print_json(summary)
     else:
@@ -292,15 +292,15 @@ def _cmd_fold(args: argparse.Namespace) -> int:
     from autobuild.variants.dirac import fold
 
     ensure_writable_dir(args.out, force=args.force)
-    model = load(args.run)
+    model = load(args.run_dir)
     folded = fold(model)
     diff = _fold_difference(model, folded)
     save(folded, args.out, force=True)
-    result = {"run": args.run, "out": args.out, "max_abs_diff": diff[0], "max_abs_output": diff[1]}
+    result = {"run": args.run_dir, "out": args.out, "max_abs_diff": diff[0], "max_abs_output": diff[1]}
     if args.json:
         _print_json(result)
     else:
-        print(f"folded {args.run} -> {args.out}: max |folded - unfolded| = {diff[0]:.3g} "
+        print(f"folded {args.run_dir} -> {args.out}: max |folded - unfolded| = {diff[0]:.3g} "
               f"(largest output {diff[1]:.3g})")
     return 0
 
@@ -322,7 +322,7 @@ def _cmd_symmetry(args: argparse.Namespace) -> int:
     from autobuild.io import load
     from autobuild.variants.multiplicative import check_symmetry
 
-    model = load(args.run)
+    model = load(args.run_dir)
     result = check_symmetry(model, seed=args.seed)
     if args.json:
         _print_json(result)
@@ -361,19 +361,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_cmd_convert)
 
     p = sub.add_parser("inspect", help="load a saved model and print its summary")
-    p.add_argument("run")
+    p.add_argument("run_dir", metavar="RUN", help="a saved model directory")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=_cmd_inspect)
 
     p = sub.add_parser("fold", help="fold Dirac convs and their BN into plain convs")
-    p.add_argument("run")
+    p.add_argument("run_dir", metavar="RUN", help="a saved model directory")
     p.add_argument("--out", required=True)
     p.add_argument("--force", action="store_true")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=_cmd_fold)
 
     p = sub.add_parser("symmetry", help="apply QLNet's orthogonal symmetry; print the change")
-    p.add_argument("run")
+    p.add_argument("run_dir", metavar="RUN", help="a saved model directory")
     p.add_argument("--check", action="store_true",
                    help="compare outputs before and after (the default and only action)")
     p.add_argument("--seed", type=int, default=0)

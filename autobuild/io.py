@@ -64,8 +64,11 @@ def load(directory: str, *, baseline: nn.Module | None = None,
         missing, unexpected = load_model(model, weights, strict=False)
     except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "size mismatch" in first or "Error(s) in loading" in first:
+            raise AutobuildError(f"weights {weights!r} do not match the plan: {first}") from exc
         raise AutobuildError(f"corrupt weights {weights!r}: {first}") from exc
     if missing or unexpected:
+        missing, unexpected = sorted(missing), sorted(unexpected)
         raise AutobuildError(f"weights {weights!r} do not match the plan: "
                              f"{len(missing)} missing (e.g. {missing[:3]}), "
                              f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")

@@ -30,6 +30,11 @@ class Baseline:
     root: str = ""
     num_classes: int | None = None
     weights: str | None = None
+    #: Module classes (or class names / qualified names) fx keeps opaque.
+    leaf_modules: tuple[Any, ...] = ()
+
+    def leaf_names(self) -> list[str]:
+        return [m.__name__ if isinstance(m, type) else str(m) for m in self.leaf_modules]
 
 
 @dataclass
@@ -44,22 +49,23 @@ class Converted:
 
 
 def resolve_baseline(model_or_name: nn.Module | str, *, num_classes: int | None = None,
-                     input_size: Sequence[int] | None = None, weights: str | None = None
-                     ) -> Baseline:
+                     input_size: Sequence[int] | None = None, weights: str | None = None,
+                     leaf_modules: Iterable[Any] = ()) -> Baseline:
     """Build a named baseline, or wrap a user's module."""
+    leaves = tuple(leaf_modules)
     if isinstance(model_or_name, nn.Module):
         if weights:
             from autobuild.models import load_weights
 
             load_weights(model_or_name, weights)
         return Baseline(model_or_name, f"custom:{type(model_or_name).__name__}",
-                        _size(input_size or (3, 224, 224)), "", num_classes, weights)
+                        _size(input_size or (3, 224, 224)), "", num_classes, weights, leaves)
     from autobuild.models import build_model, get_model_entry
 
     entry = get_model_entry(model_or_name)
     module = build_model(model_or_name, num_classes=num_classes, weights=weights)
     return Baseline(module, model_or_name, _size(input_size or entry.input_size),
-                    entry.trace_root, num_classes, weights)
+                    entry.trace_root, num_classes, weights, leaves)
 
 
 def _size(size: Sequence[int]) -> tuple[int, int, int]:
@@ -76,7 +82,8 @@ def candidate_sites(baseline: Baseline, family: str, options: dict[str, Any] | N
 
     variant = get_variant(family)
     opts = variant.parse_options(options)
-    all_sites = find_sites(baseline.module, baseline.input_size, root=baseline.root)
+    all_sites = find_sites(baseline.module, baseline.input_size, root=baseline.root,
+                           leaf_modules=baseline.leaf_modules)
     return variant.candidate_sites(all_sites, opts)
 
 
@@ -87,7 +94,8 @@ def _convert_step(model: nn.Module, baseline: Baseline, family: str, options: di
 
     variant = get_variant(family)
     opts = variant.parse_options(options)
-    all_sites = find_sites(model, baseline.input_size, root=baseline.root)
+    all_sites = find_sites(model, baseline.input_size, root=baseline.root,
+                           leaf_modules=baseline.leaf_modules)
     candidates = variant.candidate_sites(all_sites, opts)
     if not candidates:
         kinds = "/".join(variant.site_kinds)
@@ -109,7 +117,8 @@ def _convert_step(model: nn.Module, baseline: Baseline, family: str, options: di
     if init not in INITS:
         raise AutobuildError(f"unknown init {init!r}; valid: {', '.join(INITS)}")
     variant.check(chosen, opts, init)
-    rewriter = Rewriter(model, baseline.root, variant.name)
+    rewriter = Rewriter(model, baseline.root, variant.name,
+                        leaf_modules=tuple(baseline.leaf_modules))
     variant.apply(rewriter, chosen, opts, init)
     return (rewriter.model, Conversion(variant.name, opts, [s.name for s in chosen]),
             rewriter.changes, chosen)
@@ -123,7 +132,7 @@ def convert_model(baseline: Baseline, family: str, *, sites: Iterable[str] | Non
     model, conversion, changes, chosen = _convert_step(model, baseline, family, options or {},
                                                        patterns, init, exact=False)
     plan = Plan(baseline.name, [conversion], init, baseline.num_classes, baseline.input_size,
-                baseline.weights)
+                baseline.weights, leaf_modules=baseline.leaf_names())
     model._autobuild_plan = plan
     return Converted(model, plan, baseline, changes, chosen)
 
@@ -136,11 +145,12 @@ def apply_plan(plan: Plan, baseline: nn.Module | None = None, *,
             raise AutobuildError(f"plan is for a custom model ({plan.model}); pass the baseline "
                                  "module (autobuild.load(dir, baseline=module))")
         base = resolve_baseline(baseline, num_classes=plan.num_classes,
-                                input_size=plan.input_size)
+                                input_size=plan.input_size, leaf_modules=plan.leaf_modules)
     else:
         weights = plan.weights if load_baseline_weights else None
         base = resolve_baseline(plan.model, num_classes=plan.num_classes,
-                                input_size=plan.input_size, weights=weights)
+                                input_size=plan.input_size, weights=weights,
+                                leaf_modules=plan.leaf_modules)
     model = copy.deepcopy(base.module)
     changes: list[Change] = []
     chosen: list[Site] = []

@@ -38,6 +38,8 @@ class Plan:
     num_classes: int | None = None
     input_size: tuple[int, int, int] | None = None
     weights: str | None = None
+    #: Class names or qualified names of modules fx keeps opaque (untraceable code).
+    leaf_modules: list[str] = field(default_factory=list)
     version: int = PLAN_VERSION
 
     @property
@@ -58,6 +60,7 @@ class Plan:
             "input_size": list(self.input_size) if self.input_size else None,
             "weights": self.weights,
             "init": self.init,
+            "leaf_modules": list(self.leaf_modules),
             "conversions": [{"family": c.family, "options": dict(c.options),
                              "sites": list(c.sites)} for c in self.conversions],
         }
@@ -78,7 +81,9 @@ class Plan:
                        init=str(data.get("init", "scratch")),
                        num_classes=data.get("num_classes"),
                        input_size=tuple(int(v) for v in size) if size else None,
-                       weights=data.get("weights"), version=int(data["autobuild_plan"]))
+                       weights=data.get("weights"),
+                       leaf_modules=[str(m) for m in data.get("leaf_modules") or []],
+                       version=int(data["autobuild_plan"]))
         except (KeyError, TypeError, ValueError) as exc:
             raise AutobuildError(f"corrupt plan {source}: {exc}") from exc
 

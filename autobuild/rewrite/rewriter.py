@@ -4,6 +4,7 @@ graph only when code (not just modules) has to change."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import fx, nn
 
@@ -42,6 +43,7 @@ class Rewriter:
     root: str = ""
     family: str = ""
     changes: list[Change] = field(default_factory=list)
+    leaf_modules: tuple[Any, ...] = ()
     _gm: fx.GraphModule | None = None
     _nodes: dict[str, fx.Node] = field(default_factory=dict)
 
@@ -56,7 +58,7 @@ class Rewriter:
         """The traced root as a GraphModule installed in the model, created on first use.
         Edit ``graph().graph`` and call ``recompile()`` afterwards."""
         if self._gm is None:
-            gm = trace(self.root_module)
+            gm = trace(self.root_module, leaf_modules=self.leaf_modules)
             self._nodes = call_site_nodes(gm)
             self._set_root(gm)
             self._gm = gm

@@ -125,6 +125,11 @@ def _conv_site(name: str, node: fx.Node, m: nn.Module, call: int, gm: fx.GraphMo
                 m.out_features, call, extra)
 
 
+def _is_add(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in _ADDS) or (
+        node.op == "call_method" and node.target in ("add", "add_"))
+
+
 def _ancestors(node: fx.Node, stop: set[fx.Node]) -> set[fx.Node]:
     seen: set[fx.Node] = set()
     todo = [node]
@@ -158,19 +163,22 @@ def _block_sites(gm: fx.GraphModule, calls: dict[str, fx.Node], model: nn.Module
             continue
         x, out = tensor_inputs[0], outputs[0]
         add = out
-        if add.target not in _ADDS and add.target not in ("add", "add_") and add.all_input_nodes:
+        if not _is_add(add) and add.all_input_nodes:
             act_ok = (add.op == "call_module" and isinstance(gm.get_submodule(add.target),
                                                               _ACTS)) or add.target in _ACT_FNS
             add = add.all_input_nodes[0] if act_ok else add
-        if add.target not in _ADDS and add.target not in ("add", "add_"):
+        if not _is_add(add):
             continue
         operands = [a for a in add.args[:2] if isinstance(a, fx.Node)]
         if len(operands) != 2:
             continue
         a, b = operands
         anc_a, anc_b = _ancestors(a, {x}), _ancestors(b, {x})
-        if x not in anc_a or x not in anc_b or (a in anc_b and a is not x) or (
-                b in anc_a and b is not x):
+        if x not in anc_a or x not in anc_b:
+            continue
+        # Branch and shortcut may share a pre-activation, but not an earlier residual add:
+        # that would make this module a stage (several blocks), not one block.
+        if any(_is_add(n) for n in (anc_a & anc_b) - {x}):
             continue
         # The shortcut is the operand with the shorter path from the input.
         branch, short = (a, b) if len(anc_a & inside) >= len(anc_b & inside) else (b, a)

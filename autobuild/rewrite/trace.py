@@ -40,6 +40,7 @@ class AutobuildTracer(fx.Tracer):
         self.leaf_types = tuple(leaf_types)
         self.leaf_names = set(leaf_names)
         self.path: list[tuple[str, str]] = []
+        self.failed_in: list[tuple[str, str]] | None = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, self.leaf_types) or module_qualified_name in self.leaf_names:
@@ -52,6 +53,10 @@ class AutobuildTracer(fx.Tracer):
         self.path.append((self.path_of_module(m), type(m).__name__))
         try:
             return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:  # the innermost module, before the stack unwinds
+                self.failed_in = list(self.path)
+            raise
         finally:
             self.path.pop()
 
@@ -82,10 +87,10 @@ def _describe_failure(exc: Exception, tracer: AutobuildTracer, model_name: str) 
             break
     module = ""
     remedy_target = "the failing module"
-    if tracer.path:
-        qual, cls = tracer.path[-1]
+    if tracer.failed_in:
+        qual, cls = tracer.failed_in[-1]
         module = f" in module {qual or '<root>'!r} ({cls})"
-        remedy_target = repr(qual) if qual else remedy_target
+        remedy_target = f"{qual!r} (or the class {cls})" if qual else remedy_target
     reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return (f"cannot trace {model_name} with torch.fx{module}{where}: {reason}. Fix: keep "
             f"{remedy_target} opaque with leaf_modules=[...] (Python API), or convert a "

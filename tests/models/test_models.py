@@ -1,0 +1,75 @@
+"""Baselines: the papers' CIFAR networks, torchvision by name, detectors, timm."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import autobuild
+from autobuild.errors import AutobuildError
+from autobuild.models import build_model, list_models
+
+
+@pytest.mark.parametrize("depth,params", [(20, 0.27e6), (32, 0.46e6), (44, 0.66e6),
+                                          (56, 0.85e6), (110, 1.7e6)])
+def test_cifar_resnet_params_match_he_et_al(depth: int, params: float) -> None:
+    m = build_model(f"cifar_resnet{depth}")
+    assert sum(p.numel() for p in m.parameters()) == pytest.approx(params, rel=0.03)
+
+
+@pytest.mark.parametrize("depth", [11, 13, 16, 19])
+def test_cifar_vgg(depth: int) -> None:
+    m = build_model(f"cifar_vgg{depth}", num_classes=100)
+    assert m(torch.randn(2, 3, 32, 32)).shape == (2, 100)
+    assert isinstance(m.classifier, torch.nn.Linear)
+
+
+def test_resnet50_reference_counts() -> None:
+    c = autobuild.count(build_model("resnet50"), (3, 224, 224))
+    assert c.params == pytest.approx(25.56e6, rel=5e-3)
+    assert c.macs == pytest.approx(4.1e9, rel=0.01)
+
+
+def test_every_torchvision_classifier_is_registered() -> None:
+    import torchvision
+
+    names = {e.name for e in list_models("torchvision")}
+    assert names == set(torchvision.models.list_models(module=torchvision.models))
+
+
+@pytest.mark.parametrize("name,size", [("ssd300_vgg16", 300),
+                                       ("ssdlite320_mobilenet_v3_large", 320)])
+def test_detector_backbone_converts_and_detector_runs(name: str, size: int) -> None:
+    m = autobuild.convert(name, "quadratic", options={"type": "t4"})
+    sites = autobuild.plan_of(m).sites
+    assert sites and all(s.startswith("backbone.") for s in sites)
+    m.eval()
+    with torch.no_grad():
+        out = m([torch.rand(3, size, size)])
+    assert out[0]["boxes"].shape[-1] == 4 and "scores" in out[0]
+
+
+def test_timm_models() -> None:
+    pytest.importorskip("timm")
+    m = autobuild.convert("timm:resnet18", "quadratic", input_size=(3, 64, 64), num_classes=5)
+    assert m(torch.randn(1, 3, 64, 64)).shape == (1, 5)
+    with pytest.raises(AutobuildError, match="unknown timm model"):
+        autobuild.convert("timm:not_a_model", "quadratic")
+
+
+def test_unknown_model_lists_valid_names() -> None:
+    with pytest.raises(AutobuildError, match=r"did you mean resnet50.*valid: .*cifar_resnet20"):
+        build_model("resnet5")
+
+
+def test_weights_file(tmp_path) -> None:
+    torch.manual_seed(0)
+    src = build_model("cifar_resnet20")
+    torch.save(src.state_dict(), tmp_path / "w.pth")
+    m = build_model("cifar_resnet20", weights=str(tmp_path / "w.pth"))
+    assert torch.equal(m.fc.weight, src.fc.weight)
+    (tmp_path / "bad.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(AutobuildError, match="cannot load weights"):
+        build_model("cifar_resnet20", weights=str(tmp_path / "bad.pth"))
+    with pytest.raises(AutobuildError, match="does not exist"):
+        build_model("cifar_resnet20", weights=str(tmp_path / "missing.pth"))

@@ -1,0 +1,89 @@
+"""Site discovery: call sites, residual blocks by structure, stages, shapes and costs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import autobuild
+from autobuild.errors import AutobuildError
+from autobuild.rewrite import find_sites, resolve_baseline, select_sites
+
+
+def _kinds(sites):
+    out = {}
+    for s in sites:
+        out.setdefault(s.kind, []).append(s)
+    return out
+
+
+def test_resnet50_sites() -> None:
+    base = resolve_baseline("resnet50")
+    kinds = _kinds(find_sites(base.module, base.input_size))
+    assert len(kinds["conv"]) == 53 and len(kinds["linear"]) == 1
+    assert [s.name for s in kinds["stage"]] == ["layer1", "layer2", "layer3", "layer4"]
+    assert len(kinds["block"]) == 16
+    b = next(s for s in kinds["block"] if s.name == "layer2.0")
+    assert (b.in_channels, b.out_channels, b.stride) == (256, 512, 2)
+    assert b.extra["shortcut"] == "projection"
+    assert next(s for s in kinds["block"] if s.name == "layer2.1").extra["shortcut"] == "identity"
+    conv = next(s for s in kinds["conv"] if s.name == "layer1.0.conv2")
+    assert conv.extra == {"stem": False, "bn": "layer1.0.bn2", "act": "layer1.0.relu"}
+    assert conv.output_shape == (64, 56, 56) and conv.macs == 56 * 56 * 64 * 64 * 9
+    assert next(s for s in kinds["conv"] if s.name == "conv1").extra["stem"]
+
+
+def test_cifar_resnet_option_a_blocks_are_found() -> None:
+    base = resolve_baseline("cifar_resnet20")
+    blocks = [s for s in find_sites(base.module, base.input_size) if s.kind == "block"]
+    assert len(blocks) == 9
+    first = next(s for s in blocks if s.name == "layer2.0")
+    assert (first.in_channels, first.out_channels, first.stride) == (16, 32, 2)
+
+
+def test_vgg_has_no_blocks() -> None:
+    base = resolve_baseline("cifar_vgg16")
+    kinds = _kinds(find_sites(base.module, base.input_size))
+    assert "block" not in kinds and "stage" not in kinds and len(kinds["conv"]) == 13
+
+
+class Shared(nn.Module):
+    """One conv and one ReLU module, each called twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        return self.relu(self.conv(self.relu(self.conv(x))))
+
+
+def test_a_module_called_twice_is_two_sites_rewritten_separately() -> None:
+    names = [s.name for s in autobuild.sites(Shared(), "quadratic", input_size=(3, 8, 8))]
+    assert names == ["conv#0", "conv#1"]
+    torch.manual_seed(0)
+    base = Shared()
+    m = autobuild.convert(base, "quadratic", sites=["conv#1"], input_size=(3, 8, 8),
+                          init="preserve")
+    assert type(m.conv).__name__ == "Conv2d" and type(m.conv_1).__name__ == "QuadraticConv2d"
+    m.eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(m(x), base(x), atol=1e-6)
+
+
+def test_select_sites_unknown_pattern_lists_valid_names() -> None:
+    base = resolve_baseline("cifar_resnet20")
+    sites = autobuild.sites("cifar_resnet20", "quadratic")
+    assert len(select_sites(sites, ["layer1.*"], family="quadratic", model="m")) == 6
+    with pytest.raises(AutobuildError, match="valid sites: conv1, layer1.0.conv1"):
+        select_sites(sites, ["nope.*"], family="quadratic", model=base.name)
+
+
+def test_site_to_dict_is_json_ready() -> None:
+    import json
+
+    site = autobuild.sites("cifar_resnet20", "quadratic")[0]
+    assert json.loads(json.dumps(site.to_dict()))["name"] == "conv1"

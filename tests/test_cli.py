@@ -1,0 +1,118 @@
+"""Every command through main(argv); every bad input is one line on stderr and exit 2."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from autobuild.cli import main
+
+
+def _json(capsys) -> object:
+    return json.loads(capsys.readouterr().out)
+
+
+def test_models_and_variants(capsys) -> None:
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "cifar_resnet20" in out and "resnet50" in out and "ssd300_vgg16" in out
+    assert main(["variants", "--json"]) == 0
+    families = {v["name"]: v for v in _json(capsys)}
+    assert "type" in [o["name"] for o in families["quadratic"]["options"]]
+
+
+def test_sites_json(capsys) -> None:
+    assert main(["sites", "cifar_resnet20", "--to", "quadratic", "--json"]) == 0
+    sites = _json(capsys)
+    assert sites[0]["name"] == "conv1"
+    assert {"name", "kind", "in_channels", "out_channels", "kernel_size", "stride",
+            "output_shape", "params", "macs"} <= set(sites[0])
+    assert main(["sites", "cifar_resnet20", "--to", "quadratic"]) == 0
+    assert "layer1.0.conv1" in capsys.readouterr().out
+
+
+def test_convert_json_out_and_inspect(tmp_path, capsys) -> None:
+    out = str(tmp_path / "r20q")
+    assert main(["convert", "cifar_resnet20", "--to", "quadratic", "--option", "type=ours",
+                 "--init", "preserve", "--out", out, "--json"]) == 0
+    result = _json(capsys)
+    for key in ("model", "family", "options", "sites", "params", "macs", "flops",
+                "max_abs_diff"):
+        assert key in result
+    assert result["params"]["after"] > 2.9 * result["params"]["before"]
+    assert result["max_abs_diff"] <= 1e-4 * result["max_abs_output"]
+    assert sorted(os.listdir(out)) == ["plan.yaml", "weights.safetensors"]
+    assert main(["inspect", out, "--json"]) == 0
+    inspected = _json(capsys)
+    assert inspected["params"] == result["params"] and inspected["macs"] == result["macs"]
+    assert main(["inspect", out]) == 0
+    assert "params" in capsys.readouterr().out
+    # --plan rebuilds the same conversion
+    assert main(["convert", "--plan", os.path.join(out, "plan.yaml"), "--json"]) == 0
+    assert _json(capsys)["sites"] == result["sites"]
+
+
+def test_convert_sites_input_size_and_table(capsys) -> None:
+    assert main(["convert", "cifar_vgg16", "--to", "quadratic", "--sites", "features.*",
+                 "--num-classes", "10", "--input-size", "3,32,32"]) == 0
+    out = capsys.readouterr().out
+    assert "features.0" in out and "13 sites" in out
+
+
+def test_refuses_to_overwrite(tmp_path, capsys) -> None:
+    (tmp_path / "mine.txt").write_text("x")
+    rc = main(["convert", "cifar_resnet20", "--to", "quadratic", "--out", str(tmp_path)])
+    assert rc == 2 and "--force" in capsys.readouterr().err
+    assert main(["convert", "cifar_resnet20", "--to", "quadratic", "--out", str(tmp_path),
+                 "--force"]) == 0
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["convert", "resnet5", "--to", "quadratic"], "unknown model 'resnet5'"),
+    (["convert", "resnet18", "--to", "cubic"], "unknown family 'cubic'"),
+    (["convert", "resnet18", "--to", "quadratic", "--option", "kind=ours"],
+     "unknown option of quadratic 'kind'; valid: type"),
+    (["convert", "resnet18", "--to", "quadratic", "--option", "type=t9"], "valid: ours, t2"),
+    (["convert", "resnet18", "--to", "quadratic", "--option", "type"], "name=value"),
+    (["convert", "cifar_resnet20", "--to", "quadratic", "--sites", "layer9.*"],
+     "valid sites: conv1"),
+    (["convert", "cifar_resnet20", "--to", "quadratic", "--input-size", "3,32"], "C,H,W"),
+    (["convert", "cifar_resnet20"], "--to FAMILY"),
+    (["sites", "cifar_resnet20", "--to", "quadratic", "--bogus"], "unrecognized arguments"),
+    (["inspect", "/nonexistent/run"], "not a saved model directory"),
+    (["convert", "--plan", "/nonexistent/plan.yaml"], "does not exist"),
+])
+def test_bad_input_is_one_line_exit_2(argv, needle, capsys) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_corrupt_files_exit_2(tmp_path, capsys) -> None:
+    (tmp_path / "plan.yaml").write_text("autobuild_plan: 1\nmodel: [")
+    assert main(["inspect", str(tmp_path)]) == 2
+    assert "corrupt plan" in capsys.readouterr().err
+    run = tmp_path / "run"
+    assert main(["convert", "cifar_resnet20", "--to", "quadratic", "--out", str(run)]) == 0
+    capsys.readouterr()
+    (run / "weights.safetensors").write_bytes(b"\x00" * 16)
+    assert main(["inspect", str(run)]) == 2
+    assert "corrupt weights" in capsys.readouterr().err
+
+
+def test_debug_env_shows_traceback(monkeypatch, capsys) -> None:
+    monkeypatch.setenv("AUTOBUILD_DEBUG", "1")
+    assert main(["convert", "resnet5", "--to", "quadratic"]) == 2
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_console_script_entry_point() -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "autobuild", "convert", "nope", "--to", "x"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("autobuild: error: unknown model")

@@ -1,0 +1,69 @@
+"""Saved models: plan + safetensors, exact round trips, nothing overwritten silently."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import autobuild
+from autobuild.errors import AutobuildError
+
+
+def _model():
+    torch.manual_seed(0)
+    return autobuild.convert("cifar_resnet20", "quadratic", options={"type": "fan"})
+
+
+def test_save_load_bit_exact(tmp_path) -> None:
+    m = _model()
+    out = str(tmp_path / "run")
+    autobuild.save(m, out)
+    assert sorted(os.listdir(out)) == ["plan.yaml", "weights.safetensors"]
+    loaded = autobuild.load(out)
+    x = torch.randn(2, 3, 32, 32)
+    m.eval()
+    loaded.eval()
+    with torch.no_grad():
+        assert torch.equal(m(x), loaded(x))
+
+
+def test_refuses_non_empty_dir_unless_forced(tmp_path) -> None:
+    m = _model()
+    (tmp_path / "keep.txt").write_text("mine")
+    with pytest.raises(AutobuildError, match="not empty"):
+        autobuild.save(m, str(tmp_path))
+    autobuild.save(m, str(tmp_path), force=True)
+    assert (tmp_path / "keep.txt").read_text() == "mine"
+
+
+def test_unplanned_model_cannot_be_saved(tmp_path) -> None:
+    with pytest.raises(AutobuildError, match="no plan"):
+        autobuild.save(torch.nn.Linear(2, 2), str(tmp_path / "x"))
+
+
+def test_corrupt_and_mismatched_weights(tmp_path) -> None:
+    out = tmp_path / "run"
+    autobuild.save(_model(), str(out))
+    weights = out / "weights.safetensors"
+    weights.write_bytes(b"garbage" * 10)
+    with pytest.raises(AutobuildError, match="corrupt weights"):
+        autobuild.load(str(out))
+    other = autobuild.convert("cifar_resnet20", "quadratic", options={"type": "t4"})
+    autobuild.save(other, str(tmp_path / "other"))
+    os.replace(tmp_path / "other" / "weights.safetensors", weights)
+    with pytest.raises(AutobuildError, match="do not match the plan"):
+        autobuild.load(str(out))
+    with pytest.raises(AutobuildError, match="not a saved model"):
+        autobuild.load(str(tmp_path / "missing"))
+
+
+def test_plan_survives_deepcopy_and_state_dict_round_trip() -> None:
+    import copy
+
+    m = _model()
+    clone = copy.deepcopy(m)
+    assert autobuild.plan_of(clone).to_dict() == autobuild.plan_of(m).to_dict()
+    fresh = autobuild.apply_plan(autobuild.plan_of(m)).model
+    fresh.load_state_dict(m.state_dict())
