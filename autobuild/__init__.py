@@ -30,6 +30,7 @@ __all__ = [
     "apply_plan",
     "convert",
     "count",
+    "fold",
     "load",
     "param_groups",
     "plan_of",
@@ -70,3 +71,11 @@ def sites(model_or_name: nn.Module | str, to: str, *, options: dict[str, Any] | 
     base = resolve_baseline(model_or_name, num_classes=num_classes, input_size=input_size,
                             leaf_modules=leaf_modules)
     return candidate_sites(base, to, options)
+
+
+def fold(model: nn.Module) -> nn.Module:
+    """Fold every Dirac conv and its batch norm into one plain conv (see
+    :func:`autobuild.variants.dirac.fold`); the result is saveable as plan + weights."""
+    from autobuild.variants.dirac import fold as _fold
+
+    return _fold(model)

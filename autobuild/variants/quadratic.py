@@ -289,12 +289,21 @@ class QuadraticVariant(Variant):
     def contract_cases(self) -> list[tuple[str, dict[str, Any], list[str] | None]]:
         cases = super().contract_cases()
         cases += [("cifar_resnet20", {"type": "ours"}, ["fc"])]  # a Linear site
-        # volterra's kernel grows as (C·k²)²: the 16-channel stage only.
-        return [(m, o, ["layer1.*"] if o.get("type") == "volterra" else s) for m, o, s in cases]
+        return cases
 
     def default_sites(self, candidates: Sequence[Site], options: dict[str, Any]) -> list[Site]:
-        """Every conv except the stem (the conv that reads the image), as QuadraLib does."""
-        return [s for s in candidates if s.kind == "conv" and not s.extra.get("stem")]
+        """Every conv except the stem (the conv that reads the image), as QuadraLib does;
+        for volterra, only those whose layer stays under ``volterra_max_params`` (naming a
+        larger site explicitly is refused with its size)."""
+        sites = [s for s in candidates if s.kind == "conv" and not s.extra.get("stem")]
+        if options["type"] == "volterra":
+            sites = [s for s in sites if s.groups == 1 and quadratic_params(s, "volterra")
+                     <= options["volterra_max_params"]]
+            if not sites:
+                raise AutobuildError("no default site is small enough for volterra (limit "
+                                     f"{options['volterra_max_params']:,} parameters); name "
+                                     "sites with --sites or raise --option volterra_max_params")
+        return sites
 
     def check(self, sites: Sequence[Site], options: dict[str, Any], init: str) -> None:
         super().check(sites, options, init)

@@ -174,8 +174,15 @@ def test_types_without_linear_term_refuse_preserve(qtype: str) -> None:
 
 
 def test_volterra_refuses_oversized_sites_with_the_size() -> None:
-    with pytest.raises(AutobuildError, match=r"would have [\d,]+ parameters"):
-        autobuild.convert("cifar_resnet20", "quadratic", options={"type": "volterra"})
+    with pytest.raises(AutobuildError, match=r"layer3.0.conv2 would have 21,[\d,]+ parameters"):
+        autobuild.convert("cifar_resnet20", "quadratic", options={"type": "volterra"},
+                          sites=["layer3.0.conv2"])
+    # By default volterra takes only the sites under the limit.
+    m = autobuild.convert("cifar_resnet20", "quadratic", options={"type": "volterra"})
+    sites = autobuild.plan_of(m).sites
+    assert "layer1.0.conv1" in sites and "layer3.0.conv2" not in sites
+    assert all(sum(p.numel() for p in m.get_submodule(s).parameters()) <= 8_000_000
+               for s in sites)
 
 
 def test_default_sites_skip_the_stem() -> None:
