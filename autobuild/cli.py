@@ -296,7 +296,8 @@ def _cmd_fold(args: argparse.Namespace) -> int:
     folded = fold(model)
     diff = _fold_difference(model, folded)
     save(folded, args.out, force=True)
-    result = {"run": args.run_dir, "out": args.out, "max_abs_diff": diff[0], "max_abs_output": diff[1]}
+    result = {"run": args.run_dir, "out": args.out, "max_abs_diff": diff[0],
+              "max_abs_output": diff[1]}
     if args.json:
         _print_json(result)
     else:

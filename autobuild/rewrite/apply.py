@@ -112,6 +112,10 @@ def _convert_step(model: nn.Module, baseline: Baseline, family: str, options: di
         chosen = [by_name[p] for p in patterns]
     elif patterns is None:
         chosen = variant.default_sites(candidates, opts)
+        if not chosen:
+            names = ", ".join(s.name for s in candidates[:20])
+            raise AutobuildError(f"{variant.name} has no default site in {baseline.name}; name "
+                                 f"sites with --sites (candidates: {names})")
     else:
         chosen = select_sites(candidates, patterns, family=variant.name, model=baseline.name)
     if init not in INITS:

@@ -73,3 +73,30 @@ def test_weights_file(tmp_path) -> None:
         build_model("cifar_resnet20", weights=str(tmp_path / "bad.pth"))
     with pytest.raises(AutobuildError, match="does not exist"):
         build_model("cifar_resnet20", weights=str(tmp_path / "missing.pth"))
+
+
+# A spread of torchvision families (every classifier traces: see docs/architecture.md).
+@pytest.mark.parametrize("name", ["alexnet", "vgg11_bn", "mobilenet_v2", "mobilenet_v3_small",
+                                  "efficientnet_b0", "densenet121", "googlenet",
+                                  "shufflenet_v2_x0_5", "squeezenet1_0", "convnext_tiny",
+                                  "regnet_x_400mf", "mnasnet0_5", "resnext50_32x4d"])
+def test_torchvision_classifiers_convert(name: str) -> None:
+    torch.manual_seed(0)
+    from autobuild.rewrite import convert_model, resolve_baseline
+
+    base = resolve_baseline(name)
+    converted = convert_model(base, "quadratic", options={"type": "fan"}, init="preserve")
+    assert converted.changes
+    x = torch.randn(1, *base.input_size)
+    base.module.eval()
+    converted.model.eval()
+    with torch.no_grad():
+        y0, y1 = base.module(x), converted.model(x)
+    assert float((y0 - y1).abs().max() / y0.abs().max()) <= 1e-4
+
+
+def test_transformers_have_linear_sites_only() -> None:
+    with pytest.raises(AutobuildError, match="no default site in swin_t; name sites"):
+        autobuild.convert("swin_t", "quadratic")
+    m = autobuild.convert("swin_t", "quadratic", sites=["features.1.0.mlp.0"])
+    assert type(m.features[1][0].mlp[0]).__name__ == "QuadraticLinear"
