@@ -177,8 +177,9 @@ def _cmd_sites(args: argparse.Namespace) -> int:
     return 0
 
 
-def summarize(converted: Any) -> dict[str, Any]:
-    """Counts before/after, per converted site, and the preservation error."""
+def summarize(converted: Any, *, compare: bool = True) -> dict[str, Any]:
+    """Counts before/after, per converted site, and (with ``compare`` and init=preserve)
+    the largest output difference to the baseline."""
     import torch
 
     from autobuild.counting import count
@@ -210,7 +211,7 @@ def summarize(converted: Any) -> dict[str, Any]:
         "flops": {"before": before.flops, "after": after.flops},
         "max_abs_diff": None,
     }
-    if plan.init == "preserve":
+    if plan.init == "preserve" and compare:
         torch.manual_seed(0)
         x = torch.randn(2, *base.input_size)
         base_root.eval()
@@ -275,10 +276,12 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from autobuild.rewrite import apply_plan
 
     model = load(args.run_dir)
+    plan = model._autobuild_plan
     # The plan rebuilt from the baseline gives the per-site record; weights come from disk.
-    converted = apply_plan(model._autobuild_plan, load_baseline_weights=False)
+    # The preservation error is only meaningful against the baseline's own weights.
+    converted = apply_plan(plan, load_baseline_weights=bool(plan.weights))
     converted.model = model
-    summary = summarize(converted)
+    summary = summarize(converted, compare=bool(plan.weights))
     summary["run"] = args.run_dir
     if args.json:
         _print_json(summary)
