@@ -29,7 +29,8 @@ _ONE_PER_OUTPUT = {
     aten.silu, aten.silu_, aten.gelu, aten.hardswish, aten.hardswish_, aten.hardsigmoid,
     aten.hardsigmoid_, aten.leaky_relu, aten.leaky_relu_, aten.clamp, aten.clamp_,
     aten.clamp_min, aten.clamp_min_, aten.clamp_max, aten.pow, aten.sqrt, aten.rsqrt,
-    aten.exp, aten.neg, aten.abs, aten.maximum, aten.minimum, aten.where, aten.square,
+    aten.exp, aten.neg, aten.reciprocal, aten.abs, aten.maximum, aten.minimum, aten.where,
+    aten.square,
     aten.addcmul, aten.addcmul_, aten.mish, aten.elu,
 }
 _TWO_PER_OUTPUT = {aten._native_batch_norm_legit_no_training, aten.native_batch_norm,

@@ -107,7 +107,8 @@ def _conv_site(name: str, node: fx.Node, m: nn.Module, call: int, gm: fx.GraphMo
             (user.op == "call_module" and isinstance(gm.get_submodule(user.target), _ACTS))
             or (user.op in ("call_function", "call_method") and (
                 user.target in _ACT_FNS or user.target in ("relu", "relu_")))):
-        extra["act"] = user.target if user.op == "call_module" else str(user.target)
+        extra["act"] = (user.target if user.op == "call_module"
+                        else f"fn:{getattr(user.target, '__name__', user.target)}")
     if isinstance(m, nn.Conv2d):
         out_elems = 1
         for s in out_shape[1:]:
@@ -151,7 +152,8 @@ def _block_sites(gm: fx.GraphModule, calls: dict[str, fx.Node], model: nn.Module
     for node in gm.graph.nodes:
         for path, _ in node.meta.get("nn_module_stack", {}).values():
             members[path].append(node)
-    sites = []
+    sites: list[Site] = []
+    adds: list[fx.Node] = []
     for path, nodes in members.items():
         if not path:
             continue
@@ -186,12 +188,28 @@ def _block_sites(gm: fx.GraphModule, calls: dict[str, fx.Node], model: nn.Module
         in_shape, out_shape = _shape(x), _shape(out)
         if not in_shape or not out_shape:
             continue
-        stride = max(1, in_shape[-1] // out_shape[-1]) if len(in_shape) == 3 else 1
+        # Ceiling division: a stride-2 block maps 7x7 to 4x4.
+        stride = max(1, -(-in_shape[-1] // out_shape[-1])) if len(in_shape) == 3 else 1
         macs = sum(s.macs for s in _conv_like(calls, gm) if s.target.startswith(path + "."))
         sites.append(Site(path, "block", path, type(module).__name__, in_shape[0], out_shape[0],
                           (), stride, 1, in_shape, out_shape, _module_params(module), macs, -1,
-                          {"shortcut": "identity" if short is x else "projection"}))
-    return sites
+                          {"shortcut": "identity" if _through_identity(short, gm) is x
+                           else "projection"}))
+        adds.append(add)
+    # A one-block nn.Sequential has the same structure as its block: keep the inner one.
+    innermost: dict[fx.Node, Site] = {}
+    for site, add in zip(sites, adds, strict=True):
+        if add not in innermost or len(site.name) > len(innermost[add].name):
+            innermost[add] = site
+    keep = {id(s) for s in innermost.values()}
+    return [s for s in sites if id(s) in keep]
+
+
+def _through_identity(node: fx.Node, gm: fx.GraphModule) -> fx.Node:
+    """Follow calls of nn.Identity back to their input (CIFAR blocks call one as shortcut)."""
+    while node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Identity):
+        node = node.args[0]
+    return node
 
 
 def _conv_like(calls: dict[str, fx.Node], gm: fx.GraphModule) -> list[Site]:
@@ -254,7 +272,11 @@ def find_sites(model: nn.Module, input_size: Sequence[int], *, root: str = "",
 def _prefixed(site: Site, root: str) -> Site:
     from dataclasses import replace
 
-    return replace(site, name=f"{root}.{site.name}", target=f"{root}.{site.target}")
+    extra = dict(site.extra)
+    for key in ("bn", "act"):  # module names; functions ("fn:relu") stay as they are
+        if extra.get(key) and not extra[key].startswith("fn:"):
+            extra[key] = f"{root}.{extra[key]}"
+    return replace(site, name=f"{root}.{site.name}", target=f"{root}.{site.target}", extra=extra)
 
 
 def select_sites(candidates: Sequence[Site], patterns: Iterable[str] | None, *, family: str,

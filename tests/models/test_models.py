@@ -43,6 +43,8 @@ def test_detector_backbone_converts_and_detector_runs(name: str, size: int) -> N
     m = autobuild.convert(name, "quadratic", options={"type": "t4"})
     sites = autobuild.plan_of(m).sites
     assert sites and all(s.startswith("backbone.") for s in sites)
+    first = autobuild.sites(name, "quadratic")[1]
+    assert first.extra["act"].startswith("backbone.")  # module names carry the root too
     m.eval()
     with torch.no_grad():
         out = m([torch.rand(3, size, size)])

@@ -87,3 +87,18 @@ def test_site_to_dict_is_json_ready() -> None:
 
     site = autobuild.sites("cifar_resnet20", "quadratic")[0]
     assert json.loads(json.dumps(site.to_dict()))["name"] == "conv1"
+
+
+def test_identity_module_shortcut_odd_sizes_and_one_block_stages() -> None:
+    base = resolve_baseline("cifar_resnet20")
+    blocks = {s.name: s for s in find_sites(base.module, (3, 28, 28)) if s.kind == "block"}
+    assert blocks["layer1.1"].extra["shortcut"] == "identity"  # nn.Identity() is called
+    assert blocks["layer2.0"].extra["shortcut"] == "projection"
+    assert blocks["layer3.0"].stride == 2  # 14x14 -> 7x7, and 7x7 -> 4x4 below
+    blocks = {s.name: s for s in find_sites(base.module, (3, 14, 14)) if s.kind == "block"}
+    assert blocks["layer3.0"].stride == 2
+    one_block = resolve_baseline(torch.nn.Sequential(torch.nn.Sequential(
+        base.module.layer1[1])), input_size=(16, 8, 8))
+    kinds = {(s.kind, s.name) for s in find_sites(one_block.module, (16, 8, 8))
+             if s.kind in ("block", "stage")}
+    assert kinds == {("block", "0.0"), ("stage", "0")}

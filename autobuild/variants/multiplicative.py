@@ -1,0 +1,470 @@
+"""multiplicative: QLNet's quadratic-linear blocks (Yao Liu, "QLNet", arXiv 2308.01621).
+
+Site: a residual block (``layout=plain``) or the whole torchvision ResNet
+(``layout=qlnet``). The QL block has no ReLU anywhere; the product is the nonlinearity:
+
+    y   = BN1(Conv1x1(x))                  inplanes -> 2*width
+    y   = y[:, :width] * y[:, width:]
+    y   = BN2(DWConv3x3_stride_s(y))       depthwise
+    y   = BN3(Conv1x1(y))                  -> outplanes, BN3.gamma = 0 at init
+    out = skip(x) + y                      skip = identity, or 1x1 conv (stride s) + BN
+    out = hardball(out)                    first block of stages 2-4
+
+hardball(x) = x where ||x|| <= r, else r·x/||x||, the norm over channels at each pixel and
+r = sqrt(C). It is computed as x · r / sqrt(max(||x||², r²)), so the backward pass never
+divides by a norm below r (a pixel whose channel vector is exactly 0 is harmless).
+
+Width. QLNet uses width = 4·inplanes while inplanes <= 256, else 2·inplanes, in a network
+with expansion 1 (the residual stream is as wide as the block). A plain conversion applies
+the same rule to the block's *narrowest* width: min(input channels, fewest output channels
+of any conv inside the block). On basic-block ResNets that is exactly QLNet's inplanes
+(plain resnet34 gets QLNet-10m's blocks, parameter for parameter); on bottleneck ResNets
+it is the bottleneck width, i.e. the stream width of the QLNet that has the same stages.
+Because a bottleneck's stream is 4x wider than that, resnet50's converted blocks cost more
+than its bottlenecks; ``--option expansion=K`` sets width = K x that same basis instead
+(K=1 is about cost-neutral on resnet50).
+
+Hardball placement. QLNet puts it after the first block of stages 2-4, which are its
+blocks with a skip conv and stride 2. In a plain conversion "a skip conv" also matches
+blocks that only change the channel count (resnet50's layer1.0, 64 -> 256), which are not
+where the paper puts it, so the default ``hardball=downsample`` picks the blocks with
+stride > 1 (in every ResNet, the first block of each stage after the first);
+``hardball=skip`` picks every block with a skip conv, ``hardball=none`` none.
+
+``layout=qlnet`` rebuilds a torchvision ResNet as QLNet: the ResNet stem (conv 7x7,
+BN, ReLU, max-pool), widths 64/128/256/512 with the baseline's number of blocks per stage
+(resnet50/resnet34: [3, 4, 6, 3], the paper's qlnet-10m: 10.06M params, 2.42 GMACs at
+224x224), expansion 1, a hardball before the pooling head, kaiming-normal (fan_out,
+linear) initialisation, and the baseline's number of classes.
+
+Continuous symmetry (paper, section on symmetry): with BN folded into the convs, a stage's
+residual stream can be rotated by any orthogonal Q — its writers (every conv3, and the skip
+conv that opens the stage) multiplied by Q, its readers (the next conv1s, the next skip
+conv, the classifier) by Qᵀ — without changing the output, because identity skips carry
+Q through and hardball (a function of the per-pixel norm) commutes with it.
+:func:`symmetry_transform` applies it, :func:`check_symmetry` measures it.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, fx, nn
+
+from autobuild.errors import AutobuildError
+from autobuild.rewrite.rewriter import Rewriter
+from autobuild.rewrite.sites import Site
+from autobuild.variants import register_variant
+from autobuild.variants.base import Option, Variant
+
+__all__ = ["Hardball", "MultiplicativeVariant", "QLBlock", "QLNet", "check_symmetry",
+           "ql_width", "symmetry_transform"]
+
+LAYOUTS = ("plain", "qlnet")
+HARDBALL_PLACEMENTS = ("downsample", "skip", "none")
+#: QLNet's stage widths (the residual stream, expansion 1).
+QLNET_WIDTHS = (64, 128, 256, 512)
+
+
+# ---- layers ---------------------------------------------------------------------------------
+class Hardball(nn.Module):
+    """Project each pixel's channel vector into the ball of radius sqrt(C) (QLNet)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        r2 = float(x.shape[1])
+        sq = (x * x).sum(dim=1, keepdim=True)
+        # r / max(||x||, r): 1 inside the ball, r/||x|| outside. Clamping the *squared* norm
+        # at r² keeps rsqrt away from 0, so no 0/0 reaches the backward pass.
+        return x * (math.sqrt(r2) * torch.rsqrt(sq.clamp_min(r2)))
+
+
+def ql_width(basis: int, expansion: str | float = "qlnet") -> int:
+    """QLNet's rule (4·basis while basis <= 256, else 2·basis), or ``expansion``·basis."""
+    if expansion == "qlnet":
+        return 4 * basis if basis <= 256 else 2 * basis
+    return max(1, round(float(expansion) * basis))
+
+
+def _kaiming_linear(conv: nn.Conv2d) -> None:
+    # QLNet's init: no ReLU follows any conv inside a block, hence the 'linear' gain.
+    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="linear")
+
+
+class QLBlock(nn.Module):
+    """One QL block (SPEC 1.2 / QLNet): conv1x1 -> product -> depthwise 3x3 -> conv1x1."""
+
+    def __init__(self, inplanes: int, outplanes: int, width: int, stride: int = 1,
+                 hardball: bool = False) -> None:
+        super().__init__()
+        self.inplanes, self.outplanes, self.width, self.stride = inplanes, outplanes, width, stride
+        self.conv1 = nn.Conv2d(inplanes, 2 * width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(2 * width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, groups=width, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, outplanes, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(outplanes)
+        self.skip: nn.Module = nn.Identity()
+        if stride != 1 or inplanes != outplanes:
+            self.skip = nn.Sequential(nn.Conv2d(inplanes, outplanes, 1, stride, bias=False),
+                                      nn.BatchNorm2d(outplanes))
+        self.hardball: nn.Module = Hardball() if hardball else nn.Identity()
+        self.reset_parameters()
+
+    @property
+    def has_skip_conv(self) -> bool:
+        return isinstance(self.skip, nn.Sequential)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                _kaiming_linear(m)
+            elif isinstance(m, nn.BatchNorm2d):
+                m.reset_parameters()
+        # The block starts as its skip path: y = BN3(.) = 0 (QLNet, like zero-init residuals).
+        self.bn3.weight.zero_()
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.bn1(self.conv1(x))
+        y = y[:, : self.width] * y[:, self.width:]
+        y = self.bn2(self.conv2(y))
+        y = self.bn3(self.conv3(y))
+        return self.hardball(self.skip(x) + y)
+
+    def extra_repr(self) -> str:
+        return (f"{self.inplanes}, {self.outplanes}, width={self.width}, stride={self.stride}, "
+                f"hardball={isinstance(self.hardball, Hardball)}")
+
+
+def _wants_hardball(placement: str, stride: int, skip_conv: bool) -> bool:
+    return (placement == "downsample" and stride > 1) or (placement == "skip" and skip_conv)
+
+
+class QLNet(nn.Module):
+    """QLNet (arXiv 2308.01621): the ResNet stem, four stages of QL blocks (expansion 1),
+    a hardball before global average pooling, and a linear classifier."""
+
+    def __init__(self, layers: Sequence[int] = (3, 4, 6, 3), num_classes: int = 1000,
+                 in_chans: int = 3, expansion: str | float = "qlnet",
+                 hardball: str = "downsample") -> None:
+        super().__init__()
+        if len(layers) != len(QLNET_WIDTHS):
+            raise AutobuildError(f"QLNet has {len(QLNET_WIDTHS)} stages, got layers={layers}")
+        self.conv1 = nn.Conv2d(in_chans, QLNET_WIDTHS[0], 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(QLNET_WIDTHS[0])
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        inplanes = QLNET_WIDTHS[0]
+        for i, (planes, n) in enumerate(zip(QLNET_WIDTHS, layers, strict=True)):
+            blocks = []
+            for j in range(n):
+                stride = 2 if i > 0 and j == 0 else 1
+                skip = stride != 1 or inplanes != planes
+                # The width follows the block's *input* channels (QLNet's inplanes).
+                blocks.append(QLBlock(inplanes, planes, ql_width(inplanes, expansion), stride,
+                                      _wants_hardball(hardball, stride, skip)))
+                inplanes = planes
+            self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
+        self.hardball = Hardball()
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(inplanes, num_classes)
+        _kaiming_linear(self.conv1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        x = self.avgpool(self.hardball(x))
+        return self.fc(torch.flatten(x, 1))
+
+
+# ---- the family -----------------------------------------------------------------------------
+def _block_basis(site: Site, module: nn.Module) -> int:
+    """The block's narrowest width: min(input channels, fewest outputs of any inner conv)."""
+    outs = [m.out_channels for m in module.modules() if isinstance(m, nn.Conv2d)]
+    return min([site.in_channels, *outs]) if outs else site.in_channels
+
+
+def _block_stride(site: Site) -> int:
+    """Stride from the shapes, rounding up (a stride-2 block maps 7x7 to 4x4)."""
+    if len(site.input_shape) != 3 or len(site.output_shape) != 3:
+        raise AutobuildError(f"site {site.name} is not a 2-d feature-map block (shapes "
+                             f"{site.input_shape} -> {site.output_shape}); choose conv blocks")
+    return max(1, -(-site.input_shape[-1] // site.output_shape[-1]))
+
+
+def _parse_expansion(value: Any) -> str | float:
+    if value == "qlnet":
+        return "qlnet"
+    try:
+        k = float(value)
+    except (TypeError, ValueError):
+        k = -1.0
+    if not k > 0 or math.isinf(k):
+        raise AutobuildError(f"option expansion={value!r} of multiplicative must be 'qlnet' or "
+                             "a positive number K (width = K x the block's narrowest width)")
+    return k
+
+
+class MultiplicativeVariant(Variant):
+    name = "multiplicative"
+    summary = "QLNet quadratic-linear blocks (product nonlinearity, no ReLU, hardball)"
+    paper = "QLNet (Yao Liu, arXiv 2308.01621)"
+    site_kinds = ("block", "network")
+    options = (
+        Option("layout", "plain", "plain: convert residual blocks in place (same in/out "
+               "channels and stride); qlnet: rebuild a torchvision ResNet as QLNet", LAYOUTS),
+        Option("hardball", "downsample", "which blocks end with a hardball: downsample "
+               "(stride > 1, the paper's first block of stages 2-4), skip (every block with a "
+               "skip conv) or none", HARDBALL_PLACEMENTS),
+        Option("expansion", "qlnet", "block width: 'qlnet' (4x the block's narrowest width, "
+               "2x above 256) or a number K (K x that width)"),
+    )
+    # A QL block replaces a whole block: it cannot compute a basic/bottleneck block's function.
+    inits = ("scratch",)
+    leaf_modules = (QLBlock, Hardball)
+    example_models = ("cifar_resnet20", "resnet18", "resnet50", "resnet34")
+
+    def contract_cases(self) -> list[tuple[str, dict[str, Any], list[str] | None]]:
+        cases: list[tuple[str, dict[str, Any], list[str] | None]] = [
+            ("cifar_resnet20", {"layout": "plain", "hardball": h}, None)
+            for h in HARDBALL_PLACEMENTS]
+        # layout=qlnet needs a torchvision ResNet; resnet18 gives the cheapest QLNet ([2]*4).
+        return cases + [("resnet18", {"layout": "qlnet"}, None)]
+
+    def accepts(self, site: Site, options: dict[str, Any]) -> bool:
+        return site.kind == ("network" if options["layout"] == "qlnet" else "block")
+
+    def default_sites(self, candidates: Sequence[Site], options: dict[str, Any]) -> list[Site]:
+        """Every block; a module that is itself one block holding another (a one-block
+        stage) yields to the inner one, so no block is converted twice."""
+        names = [s.name for s in candidates]
+        return [s for s in candidates
+                if not any(n != s.name and n.startswith(s.name + ".") for n in names)]
+
+    def check(self, sites: Sequence[Site], options: dict[str, Any], init: str) -> None:
+        super().check(sites, options, init)
+        _parse_expansion(options["expansion"])
+        names = [s.name for s in sites]
+        for s in sites:
+            inner = [n for n in names if n.startswith(s.name + ".")]
+            if inner:
+                raise AutobuildError(f"sites {s.name} and {inner[0]} are nested blocks; "
+                                     "choose one of them with --sites")
+
+    def apply(self, rewriter: Rewriter, sites: Sequence[Site], options: dict[str, Any],
+              init: str) -> None:
+        expansion = _parse_expansion(options["expansion"])
+        if options["layout"] == "qlnet":
+            rewriter.set_root(self._qlnet(rewriter.root_module, expansion, options["hardball"]),
+                              note="QLNet layout")
+            return
+        for site in sites:
+            rewriter.replace(site, self._block(site, rewriter.module(site), expansion,
+                                               options["hardball"]))
+
+    @staticmethod
+    def _block(site: Site, module: nn.Module, expansion: str | float,
+               placement: str) -> QLBlock:
+        stride = _block_stride(site)
+        h, w = site.input_shape[1:]
+        if ((h - 1) // stride + 1, (w - 1) // stride + 1) != tuple(site.output_shape[1:]):
+            raise AutobuildError(f"block {site.name} maps {site.input_shape} to "
+                                 f"{site.output_shape}, which a stride-{stride} 3x3 conv cannot "
+                                 "reproduce; leave it out with --sites")
+        skip = stride != 1 or site.in_channels != site.out_channels
+        block = QLBlock(site.in_channels, site.out_channels,
+                        ql_width(_block_basis(site, module), expansion), stride,
+                        _wants_hardball(placement, stride, skip))
+        param = next(module.parameters(), None)
+        return block.to(param.device, param.dtype) if param is not None else block
+
+    @staticmethod
+    def _qlnet(root: nn.Module, expansion: str | float, placement: str) -> QLNet:
+        from torchvision.models.resnet import ResNet
+
+        if not isinstance(root, ResNet):
+            raise AutobuildError(f"layout=qlnet rebuilds a torchvision ResNet (e.g. resnet50), "
+                                 f"not a {type(root).__name__}; use --option layout=plain")
+        layers = [len(getattr(root, f"layer{i}")) for i in range(1, 5)]
+        model = QLNet(layers, root.fc.out_features, root.conv1.in_channels, expansion, placement)
+        return model.to(root.fc.weight.device, root.fc.weight.dtype)
+
+
+# ---- the continuous symmetry ----------------------------------------------------------------
+def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """conv followed by eval-mode BN as one conv with a bias."""
+    folded = copy.deepcopy(conv)
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    folded.weight = nn.Parameter(conv.weight * scale.view(-1, 1, 1, 1))
+    folded.bias = nn.Parameter(bn.bias + (bias - bn.running_mean) * scale)
+    return folded
+
+
+@torch.no_grad()
+def _fold_block(block: QLBlock) -> None:
+    block.conv1, block.bn1 = _fold(block.conv1, block.bn1), nn.Identity()
+    block.conv2, block.bn2 = _fold(block.conv2, block.bn2), nn.Identity()
+    block.conv3, block.bn3 = _fold(block.conv3, block.bn3), nn.Identity()
+    if block.has_skip_conv:
+        block.skip = nn.Sequential(_fold(block.skip[0], block.skip[1]), nn.Identity())
+
+
+#: Ops a rotation of the channels passes through unchanged (they act per channel, or on
+#: the per-pixel norm, or only reshape when the spatial size is 1).
+_EQUIVARIANT_MODULES = (Hardball, nn.Identity, nn.Dropout, nn.AdaptiveAvgPool2d, nn.AvgPool2d)
+_EQUIVARIANT_CALLS = {torch.flatten, "flatten", "view", "reshape", "contiguous"}
+_HARMLESS_CALLS = {"size", "dim"}
+
+
+@dataclass
+class _Stream:
+    """One stage's residual stream: who writes it and who reads it."""
+
+    start: str
+    channels: int
+    writers: list[nn.Conv2d] = field(default_factory=list)
+    readers: list[nn.Module] = field(default_factory=list)
+
+
+def _stream(gm: fx.GraphModule, start: fx.Node) -> _Stream | None:
+    """Follow the stream a skip-conv QL block opens to everything that reads it; None when
+    something that does not commute with a rotation (a ReLU, the network output) reads it."""
+    block: QLBlock = gm.get_submodule(start.target)
+    s = _Stream(str(start.target), block.outplanes, [block.skip[0], block.conv3])
+    todo, seen = [start], set()
+    while todo:
+        node = todo.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        for user in node.users:
+            target = user.target
+            if user.op == "call_module":
+                m = gm.get_submodule(target)
+                if isinstance(m, QLBlock) and not m.has_skip_conv:  # same stream, continues
+                    s.readers.append(m.conv1)
+                    s.writers.append(m.conv3)
+                    todo.append(user)
+                elif isinstance(m, QLBlock):  # opens the next stream: reads this one
+                    s.readers += [m.conv1, m.skip[0]]
+                elif isinstance(m, _EQUIVARIANT_MODULES):
+                    todo.append(user)
+                elif isinstance(m, nn.Linear) and m.in_features == s.channels:
+                    s.readers.append(m)
+                elif isinstance(m, nn.Conv2d) and m.groups == 1 and m.in_channels == s.channels:
+                    s.readers.append(m)
+                else:
+                    return None
+            elif user.op in ("call_function", "call_method") and target in _EQUIVARIANT_CALLS:
+                todo.append(user)
+            elif user.op in ("call_function", "call_method") and target in _HARMLESS_CALLS:
+                continue
+            else:
+                return None
+    return s
+
+
+def _orthogonal(n: int, generator: torch.Generator) -> Tensor:
+    """A Haar-random orthogonal matrix (QR of a Gaussian, signs fixed), float64."""
+    q, r = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))
+    return q * torch.sign(torch.diagonal(r)).unsqueeze(0)
+
+
+@torch.no_grad()
+def _rotate(weight: Tensor, q: Tensor, *, side: str) -> Tensor:
+    w = weight.double()
+    out = (torch.einsum("oi,i...->o...", q, w) if side == "out"      # writer: Q·W
+           else torch.einsum("oi...,ji->oj...", w, q))              # reader: W·Qᵀ
+    return out.to(weight.dtype)
+
+
+def _streams(model: nn.Module, leaf_modules: Sequence[Any]) -> tuple[list[_Stream], int]:
+    from autobuild.rewrite.trace import trace
+
+    gm = trace(model, leaf_modules=leaf_modules)
+    starts, n_blocks = [], 0
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), QLBlock):
+            n_blocks += 1
+            if gm.get_submodule(node.target).has_skip_conv:
+                starts.append(node)
+    streams = [s for s in (_stream(gm, n) for n in starts) if s is not None]
+    return streams, n_blocks
+
+
+@torch.no_grad()
+def symmetry_transform(model: nn.Module, *, seed: int = 0) -> nn.Module:
+    """A new model computing the same function (eval mode): BN folded into the QL blocks'
+    convs, then each stage's residual stream rotated by a random orthogonal Q (seeded).
+
+    Stages whose stream reaches something that does not commute with a rotation (the
+    stream after the ResNet stem's ReLU, a non-QL block, the output itself) keep Q = I.
+    The result has folded convs, so it no longer matches its plan's state_dict.
+    """
+    new = copy.deepcopy(model).eval()
+    plan = getattr(model, "_autobuild_plan", None)
+    root_name = "" if plan is None else _plan_root(plan)
+    root = new.get_submodule(root_name) if root_name else new
+    blocks = [m for m in root.modules() if isinstance(m, QLBlock)]
+    if not blocks:
+        raise AutobuildError("the model has no QL blocks: convert it with --to multiplicative "
+                             "before checking the QLNet symmetry")
+    for b in blocks:
+        _fold_block(b)
+    streams, _ = _streams(root, list(plan.leaf_modules) if plan is not None else [])
+    generator = torch.Generator().manual_seed(seed)
+    for s in streams:
+        q = _orthogonal(s.channels, generator)
+        for conv in s.writers:
+            conv.weight.copy_(_rotate(conv.weight, q, side="out"))
+            conv.bias.copy_(_rotate(conv.bias, q, side="out"))
+        for m in s.readers:
+            m.weight.copy_(_rotate(m.weight, q, side="in"))
+    new._autobuild_symmetry_stages = len(streams)
+    return new
+
+
+def _plan_root(plan: Any) -> str:
+    if plan.model.startswith("custom:"):
+        return ""
+    from autobuild.models import get_model_entry
+
+    return get_model_entry(plan.model).trace_root
+
+
+@torch.no_grad()
+def check_symmetry(model: nn.Module, *, seed: int = 0,
+                   input_size: Sequence[int] | None = None) -> dict[str, Any]:
+    """Compare the logits of ``model`` and :func:`symmetry_transform` (model) in eval mode on
+    one random input; ``relative`` = max |difference| / max |output|."""
+    if input_size is None:
+        plan = getattr(model, "_autobuild_plan", None)
+        if plan is None or plan.input_size is None:
+            raise AutobuildError("check_symmetry needs input_size for a model without a plan")
+        input_size = plan.input_size
+    rotated = symmetry_transform(model, seed=seed)
+    original = copy.deepcopy(model).eval()  # eval() on a copy: the caller's modes stay
+    param = next(original.parameters())
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, *input_size, generator=generator).to(param.device, param.dtype)
+    y0, y1 = _flat(original(x)), _flat(rotated(x))
+    diff, scale = float((y0 - y1).abs().max()), float(y0.abs().max())
+    return {"max_abs_diff": diff, "max_abs_output": scale, "relative": diff / max(scale, 1e-12),
+            "stages": int(rotated._autobuild_symmetry_stages), "seed": seed}
+
+
+def _flat(y: Any) -> Tensor:
+    if isinstance(y, dict):
+        y = list(y.values())
+    if isinstance(y, (list, tuple)):
+        return torch.cat([_flat(t) for t in y])
+    return y.flatten()
+
+
+register_variant(MultiplicativeVariant)
