@@ -101,3 +101,25 @@ def test_preserve_contract(family: str, model: str, options: dict, sites: list |
     m.eval()
     with torch.no_grad():
         assert max_rel_diff(base.module(x), m(x)) <= 1e-4
+
+
+@pytest.mark.parametrize("model", ["cifar_resnet20", "cifar_vgg11", "resnet18", "ssd300_vgg16"])
+@pytest.mark.parametrize("family", [v.name for v in list_variants()])
+def test_every_family_on_every_kind_of_baseline(family: str, model: str) -> None:
+    """Each family converts each kind of baseline where its site kind exists; elsewhere
+    the error says so and names models it applies to."""
+    base = _baseline(model)
+    try:
+        converted = convert_model(base, family)
+    except AutobuildError as exc:
+        assert "applies to" in str(exc) or "no default site" in str(exc), str(exc)
+        return
+    m = converted.model
+    m.eval()
+    with torch.no_grad():
+        if model.startswith("ssd"):
+            out = m([torch.rand(3, 300, 300)])
+            assert out[0]["boxes"].shape[-1] == 4
+        else:
+            x = torch.randn(1, *base.input_size)
+            assert m(x).shape == base.module.eval()(x).shape
