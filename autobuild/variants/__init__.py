@@ -29,11 +29,7 @@ def _load_builtins() -> None:
         return
     _loaded = True
     for module in BUILTIN_FAMILIES:
-        try:
-            importlib.import_module(f"autobuild.variants.{module}")
-        except ModuleNotFoundError as exc:  # a family file not written yet
-            if exc.name != f"autobuild.variants.{module}":
-                raise
+        importlib.import_module(f"autobuild.variants.{module}")
 
 
 def list_variants() -> list[Variant]:
