@@ -180,7 +180,6 @@ def _cmd_sites(args: argparse.Namespace) -> int:
 def summarize(converted: Any, *, compare: bool = True) -> dict[str, Any]:
     """Counts before/after, per converted site, and (with ``compare`` and init=preserve)
     the largest output difference to the baseline."""
-    import torch
 
     from autobuild.counting import count
 
@@ -212,14 +211,8 @@ def summarize(converted: Any, *, compare: bool = True) -> dict[str, Any]:
         "max_abs_diff": None,
     }
     if plan.init == "preserve" and compare:
-        torch.manual_seed(0)
-        x = torch.randn(2, *base.input_size)
-        base_root.eval()
-        model_root.eval()
-        with torch.no_grad():
-            y0, y1 = _flat(base_root(x)), _flat(model_root(x))
-        result["max_abs_diff"] = float((y0 - y1).abs().max())
-        result["max_abs_output"] = float(y0.abs().max())
+        result["max_abs_diff"], result["max_abs_output"] = _output_difference(
+            base_root, model_root, base.input_size)
     return result
 
 
@@ -297,7 +290,7 @@ def _cmd_fold(args: argparse.Namespace) -> int:
     ensure_writable_dir(args.out, force=args.force)
     model = load(args.run_dir)
     folded = fold(model)
-    diff = _fold_difference(model, folded)
+    diff = _output_difference(model, folded, model._autobuild_plan.input_size)
     save(folded, args.out, force=True)
     result = {"run": args.run_dir, "out": args.out, "max_abs_diff": diff[0],
               "max_abs_output": diff[1]}
@@ -309,16 +302,17 @@ def _cmd_fold(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fold_difference(model: Any, folded: Any) -> tuple[float, float]:
+def _output_difference(reference: Any, other: Any, input_size: Sequence[int]
+                       ) -> tuple[float, float]:
+    """(max |other - reference|, max |reference|) on a fixed random input, in eval mode."""
     import torch
 
-    plan = model._autobuild_plan
     torch.manual_seed(0)
-    x = torch.randn(2, *plan.input_size)
-    model.eval()
-    folded.eval()
+    x = torch.randn(2, *input_size)
+    reference.eval()
+    other.eval()
     with torch.no_grad():
-        y0, y1 = _flat(model(x)), _flat(folded(x))
+        y0, y1 = _flat(reference(x)), _flat(other(x))
     return float((y0 - y1).abs().max()), float(y0.abs().max())
 
 
