@@ -63,9 +63,17 @@ def resolve_baseline(model_or_name: nn.Module | str, *, num_classes: int | None 
     from autobuild.models import build_model, get_model_entry
 
     entry = get_model_entry(model_or_name)
-    module = build_model(model_or_name, num_classes=num_classes, weights=weights)
-    return Baseline(module, model_or_name, _size(input_size or entry.input_size),
-                    entry.trace_root, num_classes, weights, leaves)
+    size = _size(input_size or entry.input_size)
+    # A dataset with other channels (e.g. grayscale) needs a stem built for them.
+    extra = {"in_chans": size[0]} if size[0] != entry.input_size[0] else {}
+    try:
+        module = build_model(model_or_name, num_classes=num_classes, weights=weights, **extra)
+    except TypeError as exc:
+        if not extra:
+            raise
+        raise AutobuildError(f"{model_or_name} is built for {entry.input_size[0]}-channel input "
+                             f"and cannot take {size[0]} channels") from exc
+    return Baseline(module, model_or_name, size, entry.trace_root, num_classes, weights, leaves)
 
 
 def _size(size: Sequence[int]) -> tuple[int, int, int]:

@@ -116,6 +116,12 @@ class _Quadratic(nn.Module):
             self.weight_sq.zero_()
         if self.qtype == "volterra":
             nn.init.uniform_(self.quad, -0.1 / fan_in, 0.1 / fan_in)
+        if self.qtype == "ours":
+            # The product term starts at zero (BN_a's gamma = 0, as residual nets zero their
+            # last BN): a product of two unit-variance branches at full scale squares any
+            # scale error layer after layer, which overflows a deep net in eval mode while
+            # its BN running statistics are still catching up. gamma_a learns the scale.
+            self._set_branch(0, 0.0, self.bn.weight)
 
     @torch.no_grad()
     def preserve(self, weight: Tensor, bias: Tensor | None) -> None:

@@ -1,0 +1,98 @@
+"""The resumable checkpoint: state dicts and RNG states, loadable with ``weights_only=True``."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from typing import Any
+
+import numpy as np
+import torch
+
+from autobuild.errors import AutobuildError
+
+__all__ = ["CHECKPOINT_FILE", "get_rng_state", "load_checkpoint", "prepare_run_dir",
+           "save_checkpoint", "set_rng_state"]
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def get_rng_state() -> dict[str, Any]:
+    """Python, numpy and torch (CPU + CUDA) RNG states, as plain lists and tensors only."""
+    version, state, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": [version, list(state), gauss],
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, values, gauss = state["python"]
+    random.setstate((version, tuple(values), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
+
+
+def save_checkpoint(path: str, state: dict[str, Any]) -> None:
+    """Write then rename: a crash mid-write leaves the previous checkpoint intact."""
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str) -> dict[str, Any]:
+    if not os.path.exists(path):
+        raise AutobuildError(f"no checkpoint at {path!r}: nothing to resume (train without "
+                             "--resume to start a run)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated, not a zip, unpickling refused...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise AutobuildError(f"corrupt checkpoint {path!r}: {first}") from exc
+    if not isinstance(state, dict) or "model" not in state or "epoch" not in state:
+        raise AutobuildError(f"corrupt checkpoint {path!r}: not an autobuild training checkpoint")
+    return state
+
+
+#: Files that mark a directory as holding a training run.
+RUN_MARKERS = (CHECKPOINT_FILE, "metrics.csv", "train.yaml")
+#: A directory `autobuild convert --out` wrote: training it in place keeps its weights.
+SAVED_MODEL = {"plan.yaml", "weights.safetensors"}
+INIT_WEIGHTS = "init.safetensors"
+
+
+def prepare_run_dir(path: str, *, force: bool = False, adopt: bool = False,
+                    dry_run: bool = False) -> None:
+    """Make ``path`` ready for a new run, never losing another run or a user's weights.
+
+    A directory holding a run (checkpoint, metrics) or anything else is refused unless
+    ``force``. With ``adopt`` (training a saved model in its own directory), a directory
+    holding just plan + weights is accepted and its weights are kept as ``init.safetensors``.
+    ``dry_run`` only checks.
+    """
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise AutobuildError(f"{path!r} exists and is not a directory")
+    entries = set(os.listdir(path)) if os.path.isdir(path) else set()
+    adopting = adopt and entries and entries <= SAVED_MODEL | {INIT_WEIGHTS}
+    if entries and not force and not adopting:
+        if entries & set(RUN_MARKERS):
+            raise AutobuildError(f"{path!r} holds another run; pass --resume to continue it or "
+                                 "--force to overwrite it (or choose another --out)")
+        raise AutobuildError(f"{path!r} is not empty; choose another --out or pass --force")
+    if dry_run:
+        return
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise AutobuildError(f"cannot create {path!r}: {exc.strerror}") from exc
+    weights = os.path.join(path, "weights.safetensors")
+    if adopting and os.path.exists(weights):
+        # A copy, not a move: other DDP ranks may still be loading these weights.
+        shutil.copyfile(weights, os.path.join(path, INIT_WEIGHTS))

@@ -1,0 +1,258 @@
+"""Datasets for training: ``cifar10``, ``cifar100``, ``imagefolder:PATH`` and ``synthetic``.
+
+:func:`build_data` turns a data spec into a :class:`Data`: train and val datasets with the
+standard augmentation and normalisation of that dataset, plus what the model must be built
+for (number of classes, input channels and image size), so that the data decides the
+model's ``--num-classes`` / ``--input-size`` rather than the other way round.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Subset
+
+from autobuild.errors import AutobuildError
+
+__all__ = ["DATA_SPECS", "Data", "build_data"]
+
+DATA_SPECS = "cifar10, cifar100, imagefolder:PATH or synthetic[:size=CxHxW,classes=N,train=N,val=N]"
+
+_STATS = {  # per-dataset channel mean / std of the training images
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "gray": ((0.5,), (0.25,)),
+}
+_CIFAR = {  # name: (folder, train files, test file, label key, classes)
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], "test_batch",
+                "labels", 10),
+    "cifar100": ("cifar-100-python", ["train"], "test", "fine_labels", 100),
+}
+#: Images at most this large (the longer side) train CIFAR-style at their own size;
+#: larger ones train ImageNet-style at 224.
+SMALL_IMAGE = 64
+
+
+@dataclass
+class Data:
+    """Train/val datasets plus the model shape they need."""
+
+    name: str
+    train: Dataset
+    val: Dataset
+    num_classes: int
+    input_size: tuple[int, int, int]
+    classes: list[str]
+    spec: str = ""
+    data_dir: str | None = None
+    train_subset: int | None = None
+
+
+def build_data(spec: str, data_dir: str | None = None, *, download: bool = False,
+               image_size: int | None = None, train_subset: int | None = None) -> Data:
+    """Build the datasets a spec names; every bad spec or missing file is an AutobuildError.
+
+    ``train_subset`` keeps a fixed random subset of that many training images (quick runs,
+    search trials); the val split is always whole, so accuracies stay comparable.
+    """
+    name, _, arg = spec.partition(":")
+    if name in _CIFAR and not arg:
+        data = _cifar(name, os.path.expanduser(data_dir or "data"), download)
+    elif name == "imagefolder" and arg:
+        data = _imagefolder(os.path.expanduser(arg), image_size)
+    elif name == "synthetic":
+        data = _synthetic(arg)
+    else:
+        raise AutobuildError(f"unknown data spec {spec!r}; valid: {DATA_SPECS}")
+    data.spec, data.data_dir = spec, data_dir
+    if train_subset is not None:
+        if not 1 <= train_subset <= len(data.train):  # type: ignore[arg-type]
+            raise AutobuildError(f"--train-subset must be in 1..{len(data.train)}, "  # type: ignore[arg-type]
+                                 f"got {train_subset}")
+        keep = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(0))
+        data.train = Subset(data.train, sorted(keep[:train_subset].tolist()))
+        data.train_subset = train_subset
+    return data
+
+
+# ---- transforms ---------------------------------------------------------------------------
+def _transforms(size: int, stats: tuple[Any, Any], small: bool) -> tuple[Callable, Callable]:
+    from torchvision import transforms as T
+
+    norm = [T.ToTensor(), T.Normalize(*stats)]
+    if small:  # CIFAR recipe: pad-4 random crop (scaled for other sizes) + flip
+        train = T.Compose([T.Resize(size), T.CenterCrop(size),  # no-ops at the native size
+                           T.RandomCrop(size, padding=max(1, size // 8)),
+                           T.RandomHorizontalFlip(), *norm])
+        return train, T.Compose([T.Resize(size), T.CenterCrop(size), *norm])
+    train = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), *norm])
+    # ImageNet evaluation: resize to 256/224 of the crop, then centre crop.
+    return train, T.Compose([T.Resize(round(size * 256 / 224)), T.CenterCrop(size), *norm])
+
+
+# ---- CIFAR (read from the pickle batches; torchvision only downloads) -------------------------
+class _NumpyUnpickler(pickle.Unpickler):
+    """The CIFAR batches hold dicts of numpy arrays: allow exactly that, nothing else."""
+
+    _ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray",
+                "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                ("_codecs", "encode")}  # how protocol 2 stores bytes under Python 3
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"forbidden global {module}.{name}")
+
+
+class _ArrayDataset(Dataset):
+    """uint8 HWC images in memory + integer labels, with a PIL transform."""
+
+    def __init__(self, images: np.ndarray, labels: list[int], transform: Callable) -> None:
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.images[i])), self.labels[i]
+
+
+def _read_batches(folder: str, files: list[str], key: str) -> tuple[np.ndarray, list[int]]:
+    images, labels = [], []
+    for name in files:
+        path = os.path.join(folder, name)
+        try:
+            with open(path, "rb") as f:
+                batch = _NumpyUnpickler(f, encoding="latin1").load()
+            images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            labels += [int(v) for v in batch[key]]
+        except (OSError, pickle.UnpicklingError, EOFError, KeyError, ValueError,
+                TypeError) as exc:
+            raise AutobuildError(f"corrupt CIFAR file {path!r}: {exc}") from exc
+    return np.concatenate(images).transpose(0, 2, 3, 1).copy(), labels
+
+
+def _cifar(name: str, root: str, download: bool) -> Data:
+    folder, train_files, test_file, key, n = _CIFAR[name]
+    path = os.path.join(root, folder)
+    expected = [*train_files, test_file]
+    missing = [f for f in expected if not os.path.exists(os.path.join(path, f))]
+    if missing and download:
+        import torchvision
+
+        cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+        try:
+            cls(root, train=True, download=True)
+        except Exception as exc:  # no network, full disk...
+            raise AutobuildError(f"cannot download {name} into {root!r}: {exc}") from exc
+        missing = [f for f in expected if not os.path.exists(os.path.join(path, f))]
+    if missing:
+        raise AutobuildError(
+            f"{name} not found: expected {', '.join(expected)} in {path!r} (missing "
+            f"{', '.join(missing)}); pass --data-dir DIR holding {folder}/, or --download")
+    train_x, train_y = _read_batches(path, train_files, key)
+    val_x, val_y = _read_batches(path, [test_file], key)
+    classes = _cifar_classes(path, name, n)
+    train_t, val_t = _transforms(32, _STATS[name], small=True)
+    return Data(name, _ArrayDataset(train_x, train_y, train_t),
+                _ArrayDataset(val_x, val_y, val_t), n, (3, 32, 32), classes)
+
+
+def _cifar_classes(path: str, name: str, n: int) -> list[str]:
+    meta = os.path.join(path, "batches.meta" if name == "cifar10" else "meta")
+    key = "label_names" if name == "cifar10" else "fine_label_names"
+    try:
+        with open(meta, "rb") as f:
+            names = [str(c) for c in _NumpyUnpickler(f, encoding="latin1").load()[key]]
+        if len(names) == n:
+            return names
+    except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError):
+        pass  # the class names are cosmetic: fall back to numbers
+    return [str(i) for i in range(n)]
+
+
+# ---- ImageFolder ---------------------------------------------------------------------------
+def _imagefolder(root: str, image_size: int | None) -> Data:
+    from PIL import Image
+    from torchvision.datasets import ImageFolder
+
+    for split in ("train", "val"):
+        if not os.path.isdir(os.path.join(root, split)):
+            raise AutobuildError(f"imagefolder:{root} needs {split}/ with one subfolder per "
+                                 f"class (the ImageNet layout); {os.path.join(root, split)!r} "
+                                 "does not exist")
+    try:
+        probe = ImageFolder(os.path.join(root, "train"))
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise AutobuildError(f"imagefolder:{root}: {exc}") from exc
+    # Channels and size come from the data: a grayscale folder trains 1-channel models.
+    with Image.open(probe.samples[0][0]) as first:
+        mode = "L" if first.mode in ("L", "I", "I;16", "1") else "RGB"
+        longest = max(first.size)
+    channels = 1 if mode == "L" else 3
+    small = longest <= SMALL_IMAGE
+    size = image_size or (longest if small else 224)
+    stats = _STATS["gray"] if channels == 1 else _STATS["imagenet"]
+    train_t, val_t = _transforms(size, stats, small)
+
+    def loader(path: str) -> Any:
+        with Image.open(path) as img:
+            return img.convert(mode)
+
+    train = ImageFolder(os.path.join(root, "train"), transform=train_t, loader=loader)
+    try:
+        val = ImageFolder(os.path.join(root, "val"), transform=val_t, loader=loader)
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise AutobuildError(f"imagefolder:{root}: {exc}") from exc
+    if val.classes != train.classes:
+        raise AutobuildError(f"imagefolder:{root}: train/ and val/ have different class "
+                             f"folders ({len(train.classes)} vs {len(val.classes)})")
+    return Data("imagefolder", train, val, len(train.classes), (channels, size, size),
+                list(train.classes))
+
+
+# ---- synthetic -----------------------------------------------------------------------------
+class _Synthetic(Dataset):
+    """Random images with a faint per-class pattern: learnable, and free to generate."""
+
+    def __init__(self, n: int, size: tuple[int, int, int], classes: int, seed: int) -> None:
+        self.n, self.size, self.classes, self.seed = n, size, classes, seed
+        g = torch.Generator().manual_seed(1234)  # patterns shared by train and val
+        self.patterns = torch.randn(classes, *size, generator=g)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)  # same image every epoch
+        label = int(torch.randint(self.classes, (1,), generator=g))
+        return self.patterns[label] * 0.5 + torch.randn(*self.size, generator=g), label
+
+
+def _synthetic(arg: str) -> Data:
+    opts = {"size": "3x32x32", "classes": "10", "train": "1024", "val": "256"}
+    for pair in filter(None, arg.split(",")):
+        key, sep, value = pair.partition("=")
+        if not sep or key not in opts:
+            raise AutobuildError(f"bad synthetic option {pair!r}; valid: {DATA_SPECS}")
+        opts[key] = value
+    try:
+        size = tuple(int(v) for v in opts["size"].split("x"))
+        classes, n_train, n_val = int(opts["classes"]), int(opts["train"]), int(opts["val"])
+    except ValueError:
+        raise AutobuildError(f"bad synthetic options {arg!r}; valid: {DATA_SPECS}") from None
+    if len(size) != 3 or min(size) < 1 or classes < 2 or min(n_train, n_val) < 1:
+        raise AutobuildError(f"bad synthetic options {arg!r}; valid: {DATA_SPECS}")
+    shape: tuple[int, int, int] = size  # type: ignore[assignment]
+    return Data("synthetic", _Synthetic(n_train, shape, classes, 0),
+                _Synthetic(n_val, shape, classes, 1), classes, shape,
+                [str(i) for i in range(classes)])

@@ -1,0 +1,83 @@
+"""Data specs: CIFAR pickles, ImageFolder trees, synthetic data and their error messages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from autobuild.errors import AutobuildError
+from autobuild.train import build_data
+from tests.train.conftest import write_fake_cifar10, write_imagefolder
+
+
+def test_cifar10_reads_the_real_pickle_format(tmp_path: Path) -> None:
+    root = write_fake_cifar10(tmp_path, per_batch=6)
+    data = build_data("cifar10", str(root))
+    assert (len(data.train), len(data.val)) == (30, 6)
+    assert data.num_classes == 10 and data.input_size == (3, 32, 32)
+    assert data.classes[0] == "airplane"
+    x, y = data.val[0]
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and 0 <= y < 10
+
+
+def test_missing_cifar_names_the_expected_files(tmp_path: Path) -> None:
+    with pytest.raises(AutobuildError, match=r"cifar10 not found: expected data_batch_1.*"
+                                             r"test_batch.*--data-dir.*--download"):
+        build_data("cifar10", str(tmp_path))
+
+
+def test_corrupt_cifar_file_is_a_one_line_error(tmp_path: Path) -> None:
+    root = write_fake_cifar10(tmp_path)
+    (root / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"not a pickle")
+    with pytest.raises(AutobuildError, match="corrupt CIFAR file .*data_batch_3"):
+        build_data("cifar10", str(root))
+
+
+def test_cifar_pickles_cannot_run_code(tmp_path: Path) -> None:
+    import os
+    import pickle
+
+    root = write_fake_cifar10(tmp_path)
+
+    class Evil:
+        def __reduce__(self):  # type: ignore[no-untyped-def]
+            return (os.system, ("echo pwned",))
+
+    with open(root / "cifar-10-batches-py" / "test_batch", "wb") as f:
+        pickle.dump({"data": Evil(), "labels": [0]}, f)
+    with pytest.raises(AutobuildError, match="forbidden global"):
+        build_data("cifar10", str(root))
+
+
+@pytest.mark.parametrize("spec", ["cifar11", "imagefolder", "imagenet:/x", "synthetic:size=3x8",
+                                  "synthetic:colour=red", "cifar10:extra"])
+def test_bad_specs_list_the_valid_ones(spec: str) -> None:
+    with pytest.raises(AutobuildError, match="cifar10, cifar100, imagefolder:PATH"):
+        build_data(spec)
+
+
+def test_imagefolder_takes_classes_channels_and_size_from_the_data(tmp_path: Path) -> None:
+    root = write_imagefolder(tmp_path / "gray", {"train": 3, "val": 2}, size=12, mode="L")
+    data = build_data(f"imagefolder:{root}")
+    assert data.num_classes == 2 and data.classes == ["bright", "dark"]
+    assert data.input_size == (1, 12, 12)
+    assert data.train[0][0].shape == (1, 12, 12) and data.val[0][0].shape == (1, 12, 12)
+    resized = build_data(f"imagefolder:{root}", image_size=8)
+    assert resized.input_size == (1, 8, 8) and resized.train[0][0].shape == (1, 8, 8)
+
+
+def test_imagefolder_needs_train_and_val(tmp_path: Path) -> None:
+    write_imagefolder(tmp_path / "d", {"train": 2})
+    with pytest.raises(AutobuildError, match=r"needs val/ .*ImageNet layout"):
+        build_data(f"imagefolder:{tmp_path / 'd'}")
+
+
+def test_synthetic_options_and_subset() -> None:
+    data = build_data("synthetic:size=1x16x16,classes=4,train=40,val=8", train_subset=10)
+    assert data.input_size == (1, 16, 16) and data.num_classes == 4
+    assert len(data.train) == 10 and len(data.val) == 8
+    assert torch.equal(data.val[3][0], data.val[3][0])  # the same image every time
+    with pytest.raises(AutobuildError, match="--train-subset must be in 1..40"):
+        build_data("synthetic:train=40", train_subset=41)

@@ -1,0 +1,40 @@
+"""The DDP code path: two gloo processes on CPU under torchrun, rank 0 writing the run."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_torchrun_two_processes(tmp_path: Path) -> None:
+    run = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--standalone", "-m", "autobuild", "train", "cifar_resnet20",
+           "--data", "synthetic:size=3x8x8,classes=4,train=64,val=20", "--epochs", "2",
+           "--batch-size", "8", "--device", "cpu", "--out", str(run),
+           "--no-progress"]
+    # A session of its own, so a hang kills torchrun's workers too, not just torchrun.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, cwd=Path(__file__).resolve().parents[2],
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=150)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    out = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.count("best val top-1") == 1  # only rank 0 reports
+    with open(run / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    # 64 images, 2 ranks x 4 batches of 8 per epoch; val is sharded exactly, summed over ranks.
+    assert all(float(r["val_top1"]) * 20 / 100 == round(float(r["val_top1"]) * 20 / 100)
+               for r in rows)
+    assert (run / "weights.safetensors").exists() and (run / "checkpoint.pt").exists()

@@ -1,0 +1,154 @@
+"""The training loop end to end on generated data: it learns, resumes exactly, evaluates
+what it recorded, stops on divergence and never overwrites another run."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from autobuild.cli import main
+from autobuild.errors import AutobuildError
+from autobuild.train import DivergedError, TrainConfig, build_data, train
+
+FAST = ["--batch-size", "16", "--device", "cpu", "--no-progress", "--workers", "0"]
+
+
+def _rows(run: str) -> list[dict[str, str]]:
+    with open(os.path.join(run, "metrics.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+def test_learns_an_easy_task_and_evaluate_reproduces_it(easy_folder: str, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    run = str(tmp_path / "run")
+    assert main(["train", "cifar_resnet20", "--data", f"imagefolder:{easy_folder}",
+                 "--epochs", "2", "--out", run, *FAST]) == 0
+    assert {"plan.yaml", "weights.safetensors", "last.safetensors", "checkpoint.pt",
+            "metrics.csv", "train.yaml"} <= set(os.listdir(run))
+    rows = _rows(run)
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert {"train_loss", "train_acc", "val_loss", "val_top1", "val_top5", "lr",
+            "images_per_s", "seconds", "peak_mem_mb"} <= set(rows[0])
+    best = max(float(r["val_top1"]) for r in rows)
+    assert best >= 85.0  # chance is 50%
+    capsys.readouterr()
+    assert main(["evaluate", run, "--json", "--device", "cpu"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["images"] == 64
+    assert result["val_top1"] == pytest.approx(best, abs=1e-3)
+
+
+def test_resume_matches_an_uninterrupted_run(easy_folder: str, tmp_path: Path) -> None:
+    args = ["cifar_resnet20", "--to", "quadratic", "--data", f"imagefolder:{easy_folder}",
+            "--epochs", "2", *FAST]
+    full = str(tmp_path / "full")
+    assert main(["train", *args, "--out", full]) == 0
+    # The same run stopped after epoch 1 (as a search prunes it), then resumed by the CLI.
+    from autobuild.cli import build_parser, converted_from_args
+    from autobuild.train.commands import _fit_to_data
+
+    ns = build_parser().parse_args(["train", *args])
+    data = build_data(f"imagefolder:{easy_folder}")
+    _fit_to_data(ns, data)
+    part = str(tmp_path / "part")
+    cfg = TrainConfig(epochs=2, batch_size=16, device="cpu", workers=0)
+    torch.manual_seed(0)  # as the CLI does before building the model (--seed 0)
+    stopped = train(converted_from_args(ns, allow_baseline=True).model, data, cfg,
+                    out_dir=part, callback=lambda m: m.epoch < 1)
+    assert stopped.stopped_early and len(stopped.history) == 1
+    assert main(["train", "--resume", part, "--device", "cpu", "--no-progress"]) == 0
+    a, b = load_file(os.path.join(full, "last.safetensors")), \
+        load_file(os.path.join(part, "last.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    ra, rb = _rows(full), _rows(part)
+    for key in ("epoch", "train_loss", "val_loss", "val_top1", "lr"):
+        assert [r[key] for r in ra] == [r[key] for r in rb], key
+
+
+def test_one_channel_data_flows_into_the_model(tmp_path: Path) -> None:
+    run = str(tmp_path / "gray")
+    spec = "synthetic:size=1x16x16,classes=3,train=32,val=16"
+    assert main(["train", "cifar_resnet20", "--to", "quadratic", "--data", spec, "--epochs",
+                 "1", "--out", run, *FAST]) == 0
+    plan = open(os.path.join(run, "plan.yaml")).read()
+    assert "num_classes: 3" in plan and "- 1\n- 16\n- 16" in plan
+
+
+def test_recipe_options_run(tmp_path: Path) -> None:
+    """AdamW, EMA, label smoothing, bf16 autocast and fp16 + GradScaler all run on CPU."""
+    spec = "synthetic:size=3x8x8,classes=4,train=32,val=16"
+    for extra in (["--optimizer", "adamw", "--ema", "0.9", "--label-smoothing", "0.1",
+                   "--amp"], ["--amp", "--amp-dtype", "fp16", "--clip-grad", "1.0"]):
+        run = str(tmp_path / extra[1])
+        assert main(["train", "cifar_resnet20", "--data", spec, "--epochs", "1", "--out", run,
+                     *FAST, *extra]) == 0
+        assert len(_rows(run)) == 1
+
+
+class _NaNNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3 * 8 * 8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.flatten(1)) * float("nan")
+
+
+def test_divergence_stops_the_run() -> None:
+    data = build_data("synthetic:size=3x8x8,classes=4,train=32,val=8")
+    with pytest.raises(DivergedError, match="non-finite loss in epoch 1") as info:
+        train(_NaNNet(), data, TrainConfig(epochs=1, batch_size=8, device="cpu"))
+    assert info.value.exit_code == 3
+
+
+def test_divergence_exit_code_is_3(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code = main(["train", "cifar_resnet20", "--data", "synthetic:size=3x8x8,classes=4,train=32,"
+                 "val=8", "--epochs", "1", "--lr", "1e30", "--clip-grad", "0",
+                 "--warmup-epochs", "0", "--out", str(tmp_path / "d"), *FAST])
+    assert code == 3
+    assert "diverged" in capsys.readouterr().err
+
+
+def test_run_dir_collision_and_corrupt_checkpoint(tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    run = tmp_path / "taken"
+    run.mkdir()
+    (run / "metrics.csv").write_text("epoch\n1\n")
+    args = ["train", "cifar_resnet20", "--data", "synthetic:size=3x8x8,classes=4,train=16,val=8",
+            "--epochs", "1", "--out", str(run), *FAST]
+    assert main(args) == 2
+    assert "holds another run; pass --resume" in capsys.readouterr().err
+    assert (run / "metrics.csv").read_text() == "epoch\n1\n"  # untouched
+    assert main([*args, "--force"]) == 0
+    (run / "checkpoint.pt").write_bytes(b"\x00garbage")
+    assert main(["train", "--resume", str(run)]) == 2
+    assert "corrupt checkpoint" in capsys.readouterr().err
+    assert main(["train", "--resume", str(tmp_path / "nothing")]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_user_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    cases = [
+        (["train", "cifar_resnet20", "--device", "cpu"], "--data is required"),
+        (["train", "cifar_resnet20", "--data", "bogus"], "unknown data spec 'bogus'"),
+        (["train", "cifar_resnet20", "--data", "cifar10", "--data-dir", str(tmp_path)],
+         "cifar10 not found"),
+        (["train", "cifar_resnet20", "--data", "synthetic:classes=4", "--num-classes", "10"],
+         "--num-classes 10 but synthetic:classes=4 has 4 classes"),
+        (["evaluate", str(tmp_path / "missing"), "--data", "synthetic"], "not a saved model"),
+    ]
+    for argv, message in cases:
+        assert main([*argv, "--out", str(tmp_path / "x")] if argv[0] == "train" else argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    with pytest.raises(AutobuildError, match="--optimizer must be sgd or adamw"):
+        TrainConfig(optimizer="lamb")
