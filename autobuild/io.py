@@ -41,7 +41,9 @@ def save(model: nn.Module, directory: str, *, force: bool = False,
     ensure_writable_dir(directory, force=force)
     weights = os.path.join(directory, weights_name)
     tmp = weights + ".tmp"
-    save_model(model, tmp)  # handles shared tensors; written then renamed, never half-written
+    # save_model handles shared tensors; force_contiguous takes channels_last weights as
+    # they are. Written to a temporary name, then renamed: never half-written.
+    save_model(model, tmp, force_contiguous=True)
     os.replace(tmp, weights)
     plan.save(os.path.join(directory, PLAN_FILE))
     return directory

@@ -67,3 +67,14 @@ def test_plan_survives_deepcopy_and_state_dict_round_trip() -> None:
     assert autobuild.plan_of(clone).to_dict() == autobuild.plan_of(m).to_dict()
     fresh = autobuild.apply_plan(autobuild.plan_of(m)).model
     fresh.load_state_dict(m.state_dict())
+
+
+def test_channels_last_model_saves_and_loads(tmp_path) -> None:
+    m = _model().to(memory_format=torch.channels_last)
+    autobuild.save(m, str(tmp_path / "run"))
+    loaded = autobuild.load(str(tmp_path / "run"))
+    x = torch.randn(1, 3, 32, 32)
+    m.eval()
+    loaded.eval()
+    with torch.no_grad():
+        assert torch.allclose(m(x), loaded(x), atol=1e-6)
