@@ -8,11 +8,11 @@ directory: ``plan.yaml``, ``weights.safetensors`` (best epoch), ``last.safetenso
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import os
 import random
 import resource
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -181,9 +181,16 @@ def _channels_last(cfg: TrainConfig, device: torch.device) -> bool:
 def _save_weights(model: nn.Module, out: str, name: str) -> None:
     from autobuild.io import save
 
-    # safetensors wants contiguous CPU tensors; channels_last/CUDA weights are copied first.
-    cpu = copy.deepcopy(model).to("cpu").to(memory_format=torch.contiguous_format)
-    save(cpu, out, force=True, weights_name=name)
+    # No model copy: safetensors moves CUDA tensors to the CPU itself, and autobuild.save
+    # writes channels_last weights contiguously (force_contiguous).
+    save(model, out, force=True, weights_name=name)
+
+
+def _copy_weights(out: str, src: str, dst: str) -> None:
+    """The best epoch is the epoch just saved: copy its file rather than serialise again."""
+    tmp = os.path.join(out, dst + ".tmp")
+    shutil.copyfile(os.path.join(out, src), tmp)
+    os.replace(tmp, os.path.join(out, dst))
 
 
 def evaluate(model: nn.Module, data: Data | str, config: TrainConfig | None = None
@@ -387,7 +394,7 @@ def train(model: nn.Module, data: Data | str, config: TrainConfig | None = None,
         if out_dir and dist.is_main:
             _save_weights(eval_model, out_dir, LAST_WEIGHTS)
             if improved:
-                _save_weights(eval_model, out_dir, BEST_WEIGHTS)
+                _copy_weights(out_dir, LAST_WEIGHTS, BEST_WEIGHTS)
             save_checkpoint(ckpt_path, {
                 "epoch": epoch, "model": base.state_dict(), "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
