@@ -11,6 +11,7 @@ from autobuild.models.registry import (
     list_models,
     load_weights,
     register_model,
+    set_builtin_loader,
 )
 
 __all__ = [
@@ -21,3 +22,10 @@ __all__ = [
     "load_weights",
     "register_model",
 ]
+
+
+def _load_builtin_models() -> None:
+    from autobuild.models import cifar, torchvision_models  # noqa: F401  (they register)
+
+
+set_builtin_loader(_load_builtin_models)

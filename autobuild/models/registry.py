@@ -41,7 +41,14 @@ class ModelEntry:
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
-_BUILTINS_LOADED = False
+#: Called once before the first look-up: imports the built-in baselines (set by the
+#: package, so that this module does not depend on the modules that register into it).
+_builtin_loader: Callable[[], None] | None = None
+
+
+def set_builtin_loader(loader: Callable[[], None]) -> None:
+    global _builtin_loader
+    _builtin_loader = loader
 
 
 def register_model(
@@ -65,11 +72,10 @@ def register_model(
 
 
 def _load_builtins() -> None:
-    global _BUILTINS_LOADED
-    if _BUILTINS_LOADED:
-        return
-    _BUILTINS_LOADED = True
-    from autobuild.models import cifar, torchvision_models  # noqa: F401  (they register)
+    global _builtin_loader
+    loader, _builtin_loader = _builtin_loader, None
+    if loader is not None:
+        loader()
 
 
 def list_models(source: str | None = None) -> list[ModelEntry]:

@@ -38,13 +38,13 @@ from autobuild.train.config import TrainConfig
 from autobuild.train.data import Data, build_data
 from autobuild.train.distributed import Dist, init_distributed
 from autobuild.train.metrics import EpochMetrics, write_csv
+from autobuild.train.runs import RUN_FILE
 
 __all__ = ["BEST_WEIGHTS", "LAST_WEIGHTS", "Callback", "DivergedError", "Result",
            "check_fits", "evaluate", "resolve_device", "train"]
 
 BEST_WEIGHTS = "weights.safetensors"  # what autobuild.load() and `evaluate` read
 LAST_WEIGHTS = "last.safetensors"
-RUN_FILE = "train.yaml"
 
 #: Called after every epoch (on every rank, with the same metrics); returning False stops
 #: the run after that epoch (pruning by a search).

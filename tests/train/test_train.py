@@ -51,8 +51,9 @@ def test_resume_matches_an_uninterrupted_run(easy_folder: str, tmp_path: Path) -
     full = str(tmp_path / "full")
     assert main(["train", *args, "--out", full]) == 0
     # The same run stopped after epoch 1 (as a search prunes it), then resumed by the CLI.
-    from autobuild.cli import build_parser, converted_from_args
-    from autobuild.train.commands import _fit_to_data
+    from autobuild.cli import build_parser
+    from autobuild.cli._common import converted_from_args
+    from autobuild.cli.train import _fit_to_data
 
     ns = build_parser().parse_args(["train", *args])
     data = build_data(f"imagefolder:{easy_folder}")

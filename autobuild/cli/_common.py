@@ -1,0 +1,140 @@
+"""What the commands share: the parser class, argument groups, value parsers and printing."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from autobuild.errors import AutobuildError
+
+__all__ = ["Parser", "add_conversion_arguments", "converted_from_args", "human", "parse_options",
+           "parse_size", "print_json", "print_summary", "table"]
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, like every other bad input
+        raise AutobuildError(f"{self.prog}: {message}")
+
+
+# ---- value parsers ----------------------------------------------------------------------
+def parse_size(text: str) -> tuple[int, int, int]:
+    try:
+        size = tuple(int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        raise AutobuildError(f"--input-size must be C,H,W (e.g. 3,32,32), got {text!r}") from None
+    if len(size) != 3:
+        raise AutobuildError(f"--input-size must be C,H,W (e.g. 3,32,32), got {text!r}")
+    return size  # type: ignore[return-value]
+
+
+def parse_options(pairs: Sequence[str] | None) -> dict[str, str]:
+    options = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise AutobuildError(f"--option takes name=value, got {pair!r}")
+        options[key.strip()] = value.strip()
+    return options
+
+
+# ---- the conversion flags (convert, train) ----------------------------------------------
+def add_conversion_arguments(p: argparse.ArgumentParser, *, model_required: bool = True) -> None:
+    """The flags that say which converted model to build (shared by convert and train)."""
+    p.add_argument("model", nargs=None if model_required else "?",
+                   help="baseline name (see `autobuild models`), or a saved run/plan directory")
+    p.add_argument("--to", dest="family", help="family (see `autobuild variants`)")
+    p.add_argument("--option", action="append", metavar="NAME=VALUE",
+                   help="family option, repeatable (e.g. type=ours)")
+    p.add_argument("--sites", nargs="+", metavar="GLOB",
+                   help="site name patterns (default: the family's default sites)")
+    p.add_argument("--plan", help="build the model a plan file describes")
+    p.add_argument("--init", choices=("scratch", "preserve"), default=None,
+                   help="scratch (fresh weights) or preserve (start as the baseline's function)")
+    p.add_argument("--num-classes", type=int, help="classifier outputs")
+    p.add_argument("--input-size", type=parse_size, help="C,H,W used for shapes and counts")
+    p.add_argument("--weights", help="baseline weights: a file, or torchvision weights name")
+
+
+def converted_from_args(args: argparse.Namespace, *, allow_baseline: bool = False) -> Any:
+    """Build the :class:`~autobuild.rewrite.Converted` the conversion flags describe.
+
+    ``args.model`` may be a saved directory (plan + weights) as well as a baseline name.
+    With ``allow_baseline`` and no ``--to``, the result is the unconverted baseline (a plan
+    with no conversions), which training uses for reference runs.
+    """
+    from autobuild.io import load
+    from autobuild.rewrite import Converted, Plan, apply_plan, convert_model, resolve_baseline
+
+    if args.plan or (args.model and os.path.isdir(args.model)):
+        if args.family or args.sites or args.option:
+            raise AutobuildError("--to/--sites/--option cannot be combined with a plan or a "
+                                 "saved run; edit the plan instead")
+        if args.plan:
+            plan = Plan.load(args.plan)
+            if args.model and args.model != plan.model:
+                raise AutobuildError(f"--plan is for {plan.model!r}, not {args.model!r}")
+            return apply_plan(plan)
+        model = load(args.model)
+        plan = model._autobuild_plan
+        base = resolve_baseline(plan.model, num_classes=plan.num_classes,
+                                input_size=plan.input_size)
+        return Converted(model, plan, base, [], [])
+    if not args.model:
+        raise AutobuildError("name a baseline model or a saved run directory")
+    base = resolve_baseline(args.model, num_classes=args.num_classes, input_size=args.input_size,
+                            weights=args.weights)
+    if not args.family:
+        if not allow_baseline:
+            raise AutobuildError("--to FAMILY is required (see `autobuild variants`)")
+        if args.sites or args.option:
+            raise AutobuildError("--sites/--option need --to FAMILY")
+        plan = Plan(base.name, [], "scratch", base.num_classes, base.input_size, base.weights)
+        model = copy.deepcopy(base.module)
+        model._autobuild_plan = plan
+        return Converted(model, plan, base, [], [])
+    return convert_model(base, args.family, sites=args.sites,
+                         options=parse_options(args.option), init=args.init or "scratch")
+
+
+# ---- printing ---------------------------------------------------------------------------
+def human(n: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths, strict=True)).rstrip()]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+              for r in rows]
+    return "\n".join(lines)
+
+
+def print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    rows = [[s["site"], f"{s['before']} -> {s['after']}",
+             f"{human(s['params']['before'])} -> {human(s['params']['after'])}",
+             f"{human(s['macs']['before'])} -> {human(s['macs']['after'])}"]
+            for s in summary["sites"]]
+    if rows:
+        print(table(rows, ["site", "module", "params", "MACs"]))
+    opts = ", ".join(f"{k}={v}" for k, v in summary["options"].items())
+    print(f"\n{summary['model']} -> {summary['family']} ({opts}), init={summary['init']}, "
+          f"{len(rows)} sites, counted on {summary['counted']} at "
+          f"{'x'.join(map(str, summary['input_size']))}")
+    for key in ("params", "macs", "flops"):
+        b, a = summary[key]["before"], summary[key]["after"]
+        print(f"  {key:6s} {human(b):>9s} -> {human(a):>9s}  ({a / max(b, 1):.2f}x)")
+    if summary["max_abs_diff"] is not None:
+        print(f"  max |output - baseline| = {summary['max_abs_diff']:.3g} "
+              f"(largest baseline output {summary['max_abs_output']:.3g})")

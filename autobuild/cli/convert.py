@@ -1,0 +1,42 @@
+"""``autobuild convert``: build a converted model, print what changed, optionally save it."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from autobuild.cli._common import (
+    add_conversion_arguments,
+    converted_from_args,
+    print_json,
+    print_summary,
+)
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("convert", help="convert a baseline; print counts; optionally save")
+    add_conversion_arguments(p, model_required=False)
+    p.add_argument("--out", help="directory for plan.yaml + weights.safetensors")
+    p.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from autobuild.io import ensure_writable_dir, save
+    from autobuild.summary import summarize
+
+    if args.out:  # refuse before the (possibly slow) conversion
+        ensure_writable_dir(args.out, force=args.force)
+    converted = converted_from_args(args)
+    summary = summarize(converted)
+    if args.out:
+        save(converted.model, args.out, force=True)
+        summary["out"] = args.out
+    if args.json:
+        print_json(summary)
+    else:
+        print_summary(summary)
+        if args.out:
+            print(f"saved plan + weights to {args.out}")
+    return 0

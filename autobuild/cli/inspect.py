@@ -1,0 +1,35 @@
+"""``autobuild inspect``: load a saved model and print its summary."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from autobuild.cli._common import print_json, print_summary
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("inspect", help="load a saved model and print its summary")
+    p.add_argument("run_dir", metavar="RUN", help="a saved model directory")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from autobuild.io import load
+    from autobuild.rewrite import apply_plan, plan_of
+    from autobuild.summary import summarize
+
+    model = load(args.run_dir)
+    plan = plan_of(model)
+    # The plan rebuilt from the baseline gives the per-site record; weights come from disk.
+    # The preservation error is only meaningful against the baseline's own weights.
+    converted = apply_plan(plan, load_baseline_weights=bool(plan.weights))
+    converted.model = model
+    summary = summarize(converted, compare=bool(plan.weights))
+    summary["run"] = args.run_dir
+    if args.json:
+        print_json(summary)
+    else:
+        print_summary(summary)
+    return 0

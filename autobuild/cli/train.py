@@ -1,0 +1,167 @@
+"""``autobuild train``: train a baseline, a conversion or a saved model; resume a run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import fields
+from typing import Any
+
+from autobuild.cli._common import add_conversion_arguments, converted_from_args
+from autobuild.errors import AutobuildError
+
+_S = argparse.SUPPRESS  # absent flags stay absent: a resumed run keeps its saved recipe
+
+
+def add_data_arguments(p: argparse.ArgumentParser) -> None:
+    from autobuild.train.data import DATA_SPECS
+
+    p.add_argument("--data", default=None, help=DATA_SPECS)
+    p.add_argument("--data-dir", default=None,
+                   help="folder holding cifar-10-batches-py/ or cifar-100-python/ (default ./data)")
+    p.add_argument("--download", action="store_true", help="download CIFAR if it is missing")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="imagefolder crop size (default: the images' own size up to 64, else 224)")
+    p.add_argument("--train-subset", type=int, default=None, metavar="N",
+                   help="train on a fixed random subset of N images (val stays whole)")
+
+
+def _add_recipe_arguments(p: argparse.ArgumentParser) -> None:
+    from autobuild.train import TrainConfig
+
+    d = TrainConfig.__dataclass_fields__
+    g = p.add_argument_group("recipe (defaults: " + ", ".join(
+        f"{k}={d[k].default}" for k in ("epochs", "batch_size", "optimizer", "warmup_epochs",
+                                        "clip_grad")) + ")")
+    g.add_argument("--epochs", type=int, default=_S, help="training epochs")
+    g.add_argument("--batch-size", type=int, default=_S, help="per process (per GPU)")
+    g.add_argument("--optimizer", choices=("sgd", "adamw"), default=_S, help="optimizer")
+    g.add_argument("--lr", type=float, default=_S,
+                   help="peak lr (default 0.1 SGD / 1e-3 AdamW, times batch-size/128)")
+    g.add_argument("--momentum", type=float, default=_S, help="SGD momentum (default 0.9)")
+    g.add_argument("--no-nesterov", dest="nesterov", action="store_false", default=_S,
+                   help="plain momentum instead of Nesterov's")
+    g.add_argument("--weight-decay", type=float, default=_S,
+                   help="default 5e-4 SGD / 0.05 AdamW; never on norms, biases, Dirac alpha/beta")
+    g.add_argument("--warmup-epochs", type=float, default=_S, help="linear warm-up length")
+    g.add_argument("--label-smoothing", type=float, default=_S, help="in [0, 1)")
+    g.add_argument("--clip-grad", default=_S,
+                   help="max grad norm; auto = 0.5 for quadratic/multiplicative; 0 = off")
+    g.add_argument("--amp", action="store_true", default=_S,
+                   help="mixed precision (bf16 autocast by default)")
+    g.add_argument("--amp-dtype", choices=("bf16", "fp16"), default=_S,
+                   help="fp16 uses a GradScaler")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=_S,
+                   help="default: on for CUDA")
+    g.add_argument("--compile", action="store_true", default=_S, help="torch.compile the model")
+    g.add_argument("--ema", type=float, default=_S, metavar="DECAY",
+                   help="keep an EMA of the weights (e.g. 0.9999); it is evaluated and saved")
+    g.add_argument("--seed", type=int, default=_S, help="seed of weights, data order, augmentation")
+    g.add_argument("--deterministic", action="store_true", default=_S,
+                   help="deterministic algorithms (slower)")
+    g.add_argument("--sync-bn", action="store_true", default=_S, help="SyncBatchNorm under DDP")
+    g.add_argument("--device", default=_S, help="auto (default), cpu, cuda, cuda:N")
+    g.add_argument("--workers", type=int, default=_S, help="data loader processes")
+    g.add_argument("--log-interval", type=int, default=_S,
+                   help="steps between loss checks and progress updates")
+    g.add_argument("--no-progress", dest="progress", action="store_false", default=True,
+                   help="no progress bar or per-epoch lines")
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "train", help="train a baseline, a conversion or a saved model",
+        description="Train MODEL (a baseline name, with --to for a conversion, or a saved "
+                    "directory) on --data; `train --resume RUN` continues a run.")
+    add_conversion_arguments(p, model_required=False)
+    add_data_arguments(p)
+    p.add_argument("--out", help="run directory (default: runs/MODEL-FAMILY, or a saved "
+                                 "MODEL directory itself)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out (or in MODEL, a run directory)")
+    p.add_argument("--force", action="store_true", help="overwrite a run directory")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    _add_recipe_arguments(p)
+    p.set_defaults(run=run)
+
+
+def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The recipe fields the user gave on the command line."""
+    from autobuild.train import TrainConfig
+
+    return {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+
+
+def _fit_to_data(args: argparse.Namespace, data: Any) -> None:
+    """The data decides the classifier width and the input shape of a new model."""
+    if args.num_classes is not None and args.num_classes != data.num_classes:
+        raise AutobuildError(f"--num-classes {args.num_classes} but {data.spec} has "
+                             f"{data.num_classes} classes")
+    if args.input_size is not None and tuple(args.input_size) != data.input_size:
+        raise AutobuildError(f"--input-size {','.join(map(str, args.input_size))} but "
+                             f"{data.spec} gives {','.join(map(str, data.input_size))} "
+                             "(use --image-size to change the crop)")
+    args.num_classes, args.input_size = data.num_classes, data.input_size
+
+
+def _data(args: argparse.Namespace, record: dict[str, Any] | None) -> Any:
+    from autobuild.train.runs import data_for_run
+
+    return data_for_run(args.data, record, data_dir=args.data_dir, download=args.download,
+                        image_size=args.image_size, train_subset=args.train_subset)
+
+
+def run(args: argparse.Namespace) -> int:
+    from autobuild.train import TrainConfig, load_checkpoint, prepare_run_dir, train
+    from autobuild.train.checkpoint import CHECKPOINT_FILE
+    from autobuild.train.data import DATA_SPECS
+    from autobuild.train.runs import is_main_process
+
+    overrides = config_overrides(args)
+    if args.resume:
+        run_dir = args.out or args.model
+        if not run_dir:
+            raise AutobuildError("--resume needs the run directory: train --resume RUN")
+        if args.family or args.sites or args.option or args.plan:
+            raise AutobuildError("--resume continues a run as it was built; it takes no "
+                                 "--to/--sites/--option/--plan")
+        state = load_checkpoint(os.path.join(run_dir, CHECKPOINT_FILE))
+        cfg = TrainConfig.from_dict({**state["config"], **overrides})
+        data = _data(args, state.get("data"))
+        from autobuild.rewrite import Plan, apply_plan
+
+        model = apply_plan(Plan.load(run_dir), load_baseline_weights=False).model
+        result = train(model, data, cfg, out_dir=run_dir, resume=True)
+    else:
+        if not args.data:
+            raise AutobuildError(f"--data is required ({DATA_SPECS})")
+        model_dir = bool(args.model and os.path.isdir(args.model))
+        run_dir = args.out or (args.model if model_dir else os.path.join(
+            "runs", f"{args.model}-{args.family or 'baseline'}"))
+        adopt = model_dir and os.path.abspath(run_dir) == os.path.abspath(args.model)
+        prepare_run_dir(run_dir, force=args.force, adopt=adopt, dry_run=True)
+        data = _data(args, None)
+        if not (model_dir or args.plan):
+            _fit_to_data(args, data)
+        cfg = TrainConfig(**overrides)
+        import torch
+
+        torch.manual_seed(cfg.seed)  # the initial weights are part of a reproducible run
+        model = converted_from_args(args, allow_baseline=True).model
+        if is_main_process():  # only rank 0 touches the run directory
+            prepare_run_dir(run_dir, force=args.force, adopt=adopt)
+        result = train(model, data, cfg, out_dir=run_dir)
+    if not is_main_process():
+        return 0
+    last = result.last
+    summary = {"run": run_dir, "epochs": last.epoch if last else 0,
+               "best_top1": result.best_top1, "best_epoch": result.best_epoch,
+               "last": last.to_dict() if last else None,
+               "stopped_early": result.stopped_early, "seconds": result.seconds}
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(f"best val top-1 {result.best_top1:.2f}% (epoch {result.best_epoch}); "
+              f"{len(result.history)} epochs in {result.seconds:.0f}s; saved to {run_dir}")
+    return 0
