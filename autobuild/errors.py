@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
-__all__ = ["AutobuildError", "unknown_name"]
+__all__ = ["AutobuildError", "InfeasiblePlacement", "unknown_name"]
 
 
 class AutobuildError(Exception):
@@ -15,6 +15,11 @@ class AutobuildError(Exception):
     """
 
     exit_code = 2
+
+
+class InfeasiblePlacement(AutobuildError, ValueError):
+    """A placement that cannot be built: overlapping or conflicting choices, a site the
+    baseline does not have, or a site a family refuses. Raised before anything is built."""
 
 
 def unknown_name(what: str, name: str, valid: Iterable[str], hint: str = "") -> AutobuildError:

@@ -1,78 +1,345 @@
-"""Saved models: a directory with ``plan.yaml`` and ``weights.safetensors``, never a pickle."""
+"""Files: atomic writes for the whole project, plan files, and saved models (a directory with
+``plan.yaml`` and ``weights.safetensors``, never a pickle).
+
+Every file is written to a temporary name in its own directory, flushed, fsynced and renamed
+over the destination, so a reader sees the old file or the new one, never half of one. A
+saved model (several files) is written into a staging directory that is then swapped with
+the destination in one step, so the destination holds the complete old model or the
+complete new one at every instant.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import glob
 import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from typing import IO, Any
 
+import torch
 from torch import nn
 
 from autobuild.errors import AutobuildError
-from autobuild.rewrite.apply import apply_plan, plan_of
-from autobuild.rewrite.plan import Plan
+from autobuild.rewrite import Placement, Plan, plan_of, record_of, set_record
 
-__all__ = ["PLAN_FILE", "WEIGHTS_FILE", "ensure_writable_dir", "load", "save"]
+__all__ = ["PLAN_FILE", "WEIGHTS_FILE", "atomic_copy", "atomic_file", "atomic_torch_save",
+           "atomic_write_text", "ensure_writable_dir", "load", "load_placement", "load_plan",
+           "read_weights", "save", "save_plan", "save_weights", "staged_directory"]
 
 PLAN_FILE = "plan.yaml"
 WEIGHTS_FILE = "weights.safetensors"
+_TMP = ".tmp-"
+#: Test hook: called with a step name at each step of :func:`save` (fault injection).
+_fault_hook: Callable[[str], None] | None = None
 
 
+def _step(name: str) -> None:
+    if _fault_hook is not None:
+        _fault_hook(name)
+
+
+def _fsync_dir(path: str) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _temp_name(path: str) -> str:
+    directory, base = os.path.split(os.path.abspath(path))
+    return os.path.join(directory, f".{base}{_TMP}{os.getpid()}-{os.urandom(4).hex()}")
+
+
+def _writable(path: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path)) or "."
+    if not os.path.isdir(directory):
+        raise AutobuildError(f"cannot write {path!r}: {directory!r} is not a directory")
+
+
+@contextlib.contextmanager
+def atomic_file(path: str, mode: str = "w") -> Iterator[IO[Any]]:
+    """Write ``path`` atomically: yields a file object on a temporary name in the same
+    directory; on success it is flushed, fsynced and renamed over ``path``."""
+    _writable(path)
+    tmp = _temp_name(path)
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise AutobuildError(f"cannot write {path!r}: {exc.strerror or exc}") from exc
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    with atomic_file(path, "w") as f:
+        f.write(text)
+
+
+def _atomic_by_name(path: str, write: Callable[[str], None]) -> None:
+    """Atomic write for libraries that take a file name (safetensors, torch.save)."""
+    _writable(path)
+    tmp = _temp_name(path)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise AutobuildError(f"cannot write {path!r}: {exc.strerror or exc}") from exc
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def atomic_copy(src: str, dst: str) -> None:
+    """Copy ``src`` to ``dst`` atomically."""
+    _atomic_by_name(dst, lambda tmp: shutil.copyfile(src, tmp))
+
+
+def atomic_torch_save(obj: Any, path: str) -> None:
+    """``torch.save`` to ``path`` atomically."""
+    _atomic_by_name(path, lambda tmp: torch.save(obj, tmp))
+
+
+# ---- directories ---------------------------------------------------------------------------
 def ensure_writable_dir(path: str, *, force: bool = False) -> None:
-    """Create ``path``; refuse a non-empty one unless ``force`` (nothing is lost silently)."""
+    """Refuse a non-empty ``path`` unless ``force`` (nothing is lost silently); refuse a file
+    or a directory that cannot be written. Creates nothing."""
+    if not isinstance(path, str) or not path.strip():
+        raise AutobuildError(f"an output directory must be a non-empty path, got {path!r}")
     if os.path.exists(path) and not os.path.isdir(path):
         raise AutobuildError(f"{path!r} exists and is not a directory")
-    if os.path.isdir(path) and os.listdir(path) and not force:
+    if os.path.isdir(path) and _entries(path) and not force:
         raise AutobuildError(f"{path!r} is not empty; choose another --out or pass --force to "
                              "overwrite it")
+    parent = os.path.dirname(os.path.abspath(path))
+    probe = path if os.path.isdir(path) else _existing_ancestor(parent)
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise AutobuildError(f"cannot write to {path!r}: {probe!r} is not writable")
+
+
+def _existing_ancestor(path: str) -> str:
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def _entries(path: str) -> list[str]:
+    return [e for e in os.listdir(path) if _TMP not in e]
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False if unsupported."""
     try:
-        os.makedirs(path, exist_ok=True)
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _clean_stale(dest: str) -> None:
+    """Remove staging/backup directories a killed save left beside ``dest``."""
+    directory, base = os.path.split(os.path.abspath(dest))
+    for stale in glob.glob(os.path.join(glob.escape(directory), f".{glob.escape(base)}{_TMP}*")):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_directory(dest: str, *, force: bool = False) -> Iterator[str]:
+    """Yield a staging directory beside ``dest``; when the block succeeds it replaces
+    ``dest`` in one step (the old content, if any, is removed afterwards). Refuses a
+    non-empty ``dest`` unless ``force``."""
+    ensure_writable_dir(dest, force=force)
+    dest = os.path.abspath(dest)
+    parent = os.path.dirname(dest)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        _clean_stale(dest)
+        staging = tempfile.mkdtemp(prefix=f".{os.path.basename(dest)}{_TMP}", dir=parent)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o777 & ~umask)
     except OSError as exc:
-        raise AutobuildError(f"cannot create {path!r}: {exc.strerror}") from exc
+        raise AutobuildError(f"cannot write {dest!r}: {exc.strerror or exc}") from exc
+    try:
+        yield staging
+        _step("staged")
+        _fsync_dir(staging)
+        if not os.path.exists(dest):
+            os.rename(staging, dest)
+        elif _exchange(staging, dest):
+            _step("exchanged")
+            shutil.rmtree(staging, ignore_errors=True)  # now holds the old content
+        else:  # no atomic exchange: the old directory is parked, then removed
+            backup = _temp_name(dest)
+            os.rename(dest, backup)
+            os.rename(staging, dest)
+            shutil.rmtree(backup, ignore_errors=True)
+        _fsync_dir(parent)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise AutobuildError(f"cannot write {dest!r}: {exc.strerror or exc}") from exc
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
-def save(model: nn.Module, directory: str, *, force: bool = False,
-         weights_name: str = WEIGHTS_FILE) -> str:
-    """Write ``plan.yaml`` + weights into ``directory``; returns the directory."""
+# ---- plans -----------------------------------------------------------------------------
+def save_plan(plan: Plan, path: str) -> None:
+    atomic_write_text(path, plan.dumps("json" if path.endswith(".json") else "yaml"))
+
+
+def load_plan(path: str) -> Plan:
+    """A plan from a file, or from a directory holding plan.yaml/plan.json."""
+    if not isinstance(path, str) or not path:
+        raise AutobuildError(f"a plan is a file or directory path, got {path!r}")
+    if os.path.isdir(path):
+        for name in ("plan.yaml", "plan.yml", "plan.json"):
+            if os.path.exists(os.path.join(path, name)):
+                path = os.path.join(path, name)
+                break
+        else:
+            raise AutobuildError(f"{path!r} holds no plan.yaml or plan.json")
+    if not os.path.exists(path):
+        raise AutobuildError(f"plan file {path!r} does not exist")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AutobuildError(f"corrupt plan {path!r}: {exc}") from exc
+    return Plan.loads(text, fmt="json" if path.endswith(".json") else "yaml", source=repr(path))
+
+
+def load_placement(path: str) -> Placement:
+    """A placement file: YAML/JSON mapping site -> choice (optionally under a top-level
+    ``placement:`` key), or a plan file (its placement)."""
+    import yaml
+
+    if not isinstance(path, str) or not os.path.isfile(path):
+        raise AutobuildError(f"placement file {path!r} does not exist")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)  # JSON is YAML
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise AutobuildError(f"corrupt placement file {path!r}: {first}") from exc
+    if isinstance(data, dict) and "autobuild_plan" in data:
+        return Plan.from_dict(data, repr(path)).placement
+    if isinstance(data, dict) and set(data) == {"placement"}:
+        data = data["placement"]
+    if not isinstance(data, dict) or not data:
+        raise AutobuildError(f"placement file {path!r} must map site names to choices, e.g. "
+                             "'layer1.0.conv1: quadratic:ours'")
+    try:
+        return Placement(data)
+    except AutobuildError as exc:
+        raise type(exc)(f"placement file {path!r}: {exc}") from exc
+
+
+# ---- models ----------------------------------------------------------------------------
+def save_weights(model: nn.Module, path: str) -> None:
+    """The model's state as safetensors at ``path``, atomically (shared tensors once,
+    channels_last weights written contiguously)."""
     from safetensors.torch import save_model
 
+    _atomic_by_name(path, lambda tmp: save_model(model, tmp, force_contiguous=True))
+
+
+def save(model: nn.Module, directory: str, *, force: bool = False) -> str:
+    """Write ``plan.yaml`` + ``weights.safetensors`` as ``directory`` (replacing it
+    completely with ``force``); returns the directory."""
     plan = plan_of(model)
     if plan is None:
         raise AutobuildError("this model has no plan: build it with autobuild.convert() or "
                              "autobuild.load() so it can be saved as plan + weights")
-    ensure_writable_dir(directory, force=force)
-    weights = os.path.join(directory, weights_name)
-    tmp = weights + ".tmp"
-    # save_model handles shared tensors; force_contiguous takes channels_last weights as
-    # they are. Written to a temporary name, then renamed: never half-written.
-    save_model(model, tmp, force_contiguous=True)
-    os.replace(tmp, weights)
-    plan.save(os.path.join(directory, PLAN_FILE))
+    with staged_directory(directory, force=force) as staging:
+        save_weights(model, os.path.join(staging, WEIGHTS_FILE))
+        _step("weights")
+        save_plan(plan, os.path.join(staging, PLAN_FILE))
+        _step("plan")
     return directory
+
+
+def read_weights(path: str) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise AutobuildError(f"corrupt weights {path!r}: {first}") from exc
+
+
+def _load_state(model: nn.Module, state: dict[str, torch.Tensor], path: str, *,
+                assign: bool) -> None:
+    expected = model.state_dict(keep_vars=True)
+    # safetensors stores a tied (shared) tensor once: an alias the file lacks is not missing.
+    names_of: dict[int, list[str]] = {}
+    for name, t in expected.items():
+        names_of.setdefault(id(t), []).append(name)
+    missing = sorted(k for k in expected if k not in state
+                     and not any(n in state for n in names_of[id(expected[k])]))
+    unexpected = sorted(k for k in state if k not in expected)
+    mismatched = sorted(k for k in state if k in expected and
+                        tuple(state[k].shape) != tuple(expected[k].shape))
+    if missing or unexpected or mismatched:
+        raise AutobuildError(f"weights {path!r} do not match the plan: {len(missing)} missing "
+                             f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. "
+                             f"{unexpected[:3]}), {len(mismatched)} of another shape (e.g. "
+                             f"{mismatched[:3]})")
+    model.load_state_dict(state, strict=False, assign=assign)
+
+
+def _has_meta(model: nn.Module) -> bool:
+    return any(t.device.type == "meta" for t in (*model.parameters(), *model.buffers()))
 
 
 def load(directory: str, *, baseline: nn.Module | None = None,
          weights_name: str = WEIGHTS_FILE) -> nn.Module:
-    """Rebuild a saved model: apply its plan, then load its weights (strictly)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_model
+    """Rebuild a saved model: the structure from its plan (on the meta device: nothing is
+    initialised only to be overwritten), then its weights, assigned from the file."""
+    from autobuild.api import build_plan
 
-    if not os.path.isdir(directory):
+    if not isinstance(directory, str) or not os.path.isdir(directory):
         raise AutobuildError(f"{directory!r} is not a saved model directory")
-    plan = Plan.load(directory)
-    model = apply_plan(plan, baseline, load_baseline_weights=False).model
-    weights = os.path.join(directory, weights_name)
-    if not os.path.exists(weights):
+    plan = load_plan(directory)
+    path = os.path.join(directory, weights_name)
+    if not os.path.exists(path):
         raise AutobuildError(f"{directory!r} has a plan but no {weights_name}")
-    try:
-        missing, unexpected = load_model(model, weights, strict=False)
-    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if "size mismatch" in first or "Error(s) in loading" in first:
-            raise AutobuildError(f"weights {weights!r} do not match the plan: {first}") from exc
-        raise AutobuildError(f"corrupt weights {weights!r}: {first}") from exc
-    if missing or unexpected:
-        missing, unexpected = sorted(missing), sorted(unexpected)
-        raise AutobuildError(f"weights {weights!r} do not match the plan: "
-                             f"{len(missing)} missing (e.g. {missing[:3]}), "
-                             f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
-    model._autobuild_plan = plan
+    state = read_weights(path)
+    model = None
+    if baseline is None:
+        with contextlib.suppress(AutobuildError, RuntimeError, NotImplementedError, TypeError,
+                                 ValueError):
+            model = build_plan(plan, load_baseline_weights=False, device="meta")
+    if model is not None:
+        record = record_of(model)
+        _load_state(model, state, path, assign=True)
+        if _has_meta(model):  # a buffer the file does not hold (not persistent): build for real
+            model = None
+        else:
+            set_record(model, record)
+    if model is None:
+        model = build_plan(plan, baseline, load_baseline_weights=False)
+        _load_state(model, state, path, assign=False)
     return model

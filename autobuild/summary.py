@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from autobuild.rewrite import Analysis, count_module, param_count, record_of, root_of
+
 __all__ = ["flat_output", "output_difference", "summarize"]
 
 
@@ -45,40 +47,44 @@ def output_difference(reference: nn.Module, other: nn.Module, input_size: Sequen
     return float((y0 - y1).abs().max()), float(y0.abs().max())
 
 
-def summarize(converted: Any, *, compare: bool = True) -> dict[str, Any]:
-    """Counts before/after, per converted site, and (with ``compare`` and init=preserve)
-    the largest output difference to the baseline, for a
-    :class:`~autobuild.rewrite.Converted`."""
-    from autobuild.counting import count
-
-    plan, base = converted.plan, converted.baseline
-    root = base.root
-    model_root = converted.model.get_submodule(root) if root else converted.model
-    base_root = base.module.get_submodule(root) if root else base.module
-    before, after = count(base_root, base.input_size), count(model_root, base.input_size)
-    local = (lambda name: name[len(root) + 1:]) if root else (lambda name: name)
+def summarize(model: nn.Module, analysis: Analysis, *, compare: bool = True) -> dict[str, Any]:
+    """Counts of the baseline (``analysis``) and of the built ``model``, one row per
+    converted site, and, with ``compare`` and init=preserve, the largest output difference
+    to the baseline (whose weights ``analysis`` holds)."""
+    record = record_of(model)
+    plan = record.plan
+    base = analysis.baseline
+    root = root_of(model)
+    after = count_module(root, base.input_size)
+    local = (lambda path: path[len(base.root) + 1:] if path.startswith(base.root + ".")
+             else "") if base.root else (lambda path: path)
     sites = []
-    for change in converted.changes:
-        name = local(change.site.split("#")[0]) if change.site != "network" else ""
-        sites.append({"site": change.site, "family": change.family, "before": change.before,
-                      "after": change.after,
-                      "params": {"before": change.params_before, "after": change.params_after},
-                      "macs": {"before": before.module_macs.get(name, 0),
-                               "after": after.module_macs.get(name, 0)}})
+    for name, choice in plan.placement.items():
+        site = analysis.site(name)
+        path = record.site_modules.get(name, site.target)
+        module = model.get_submodule(path) if path else model
+        sites.append({"site": name, "family": choice.family, "choice": choice.short(),
+                      "before": site.module_type, "after": type(module).__name__,
+                      "params": {"before": site.params, "after": param_count(module)},
+                      "macs": {"before": site.macs,
+                               "after": after.module_macs.get(local(path), 0)}})
     result: dict[str, Any] = {
         "model": plan.model,
         "family": plan.family,
+        "placement": plan.placement.summary(),
+        "placement_key": plan.placement.key,
         "options": plan.conversions[0].options if len(plan.conversions) == 1 else {},
         "init": plan.init,
         "input_size": list(base.input_size),
-        "counted": root or "model",
+        "counted": base.root or "model",
         "sites": sites,
-        "params": {"before": before.params, "after": after.params},
-        "macs": {"before": before.macs, "after": after.macs},
-        "flops": {"before": before.flops, "after": after.flops},
+        "changes": [vars(c) for c in record.changes],
+        "params": {"before": analysis.counts.params, "after": after.params},
+        "macs": {"before": analysis.counts.macs, "after": after.macs},
+        "flops": {"before": analysis.counts.flops, "after": after.flops},
         "max_abs_diff": None,
     }
     if plan.init == "preserve" and compare:
         result["max_abs_diff"], result["max_abs_output"] = output_difference(
-            base_root, model_root, base.input_size)
+            base.root_module, root, base.input_size)
     return result

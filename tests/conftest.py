@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
+from torch import nn
+
+from autobuild.rewrite import Analysis, Baseline, record_of
 
 torch.set_num_threads(2)
 
@@ -10,3 +16,33 @@ torch.set_num_threads(2)
 def max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     """Largest absolute difference relative to the largest magnitude of ``a``."""
     return float((a - b).abs().max() / a.abs().max().clamp_min(1e-12))
+
+
+@dataclass
+class Converted:
+    """A conversion as the tests inspect it: the model, its plan, its record of changes and
+    the analysis of its baseline."""
+
+    model: nn.Module
+    plan: Any
+    changes: list
+    analysis: Analysis
+
+    @property
+    def sites(self) -> list:
+        """The converted sites."""
+        return [self.analysis.site(name) for name in self.plan.placement]
+
+
+def convert_baseline(base: Baseline, family: str, *, sites: Any = None, options: Any = None,
+                     init: str = "scratch") -> Converted:
+    """Convert a resolved baseline with one family (sites/options as autobuild.convert)."""
+    analysis = Analysis(base)
+    model = analysis.build(analysis.select(family, sites, options), init)
+    record = record_of(model)
+    return Converted(model, record.plan, record.changes, analysis)
+
+
+def all_sites(base: Baseline) -> list:
+    """Every site of every kind of a resolved baseline."""
+    return Analysis(base).sites()

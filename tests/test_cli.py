@@ -116,3 +116,33 @@ def test_console_script_entry_point() -> None:
     proc = subprocess.run([sys.executable, "-m", "autobuild", "convert", "nope", "--to", "x"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.startswith("autobuild: error: unknown model")
+
+
+def test_convert_with_a_mixed_placement_file(tmp_path, capsys) -> None:
+    placement = tmp_path / "placement.yaml"
+    placement.write_text("layer1.0.conv1: quadratic:ours\nlayer2.0: multiplicative\n"
+                         "layer3: pde-global\n")
+    out = str(tmp_path / "run")
+    assert main(["convert", "cifar_resnet20", "--placement", str(placement), "--out", out,
+                 "--json"]) == 0
+    result = _json(capsys)
+    assert result["family"] == "mixed"
+    assert [s["site"] for s in result["sites"]] == ["layer1.0.conv1", "layer2.0", "layer3"]
+    assert main(["inspect", out, "--json"]) == 0
+    assert _json(capsys)["placement_key"] == result["placement_key"]
+    placement.write_text("layer1.0.conv1: quadratic:ours\nlayer1.0: multiplicative\n")
+    assert main(["convert", "cifar_resnet20", "--placement", str(placement)]) == 2
+    err = capsys.readouterr().err
+    assert "layer1.0.conv1" in err and "layer1.0 " in err and "overlap" in err
+
+
+def test_sites_of_every_family(capsys) -> None:
+    assert main(["sites", "cifar_resnet20", "--to", "all", "--json"]) == 0
+    sites = {s["name"]: s for s in _json(capsys)}
+    assert set(sites["network"]["families"]) == {"pde-global", "dirac"}  # qlnet: torchvision
+    assert "quadratic" in sites["layer1.0.conv1"]["default_for"]
+    assert "quadratic" not in sites["conv1"]["default_for"]  # the stem is not a default
+    assert {"multiplicative"} <= set(sites["layer1.0"]["families"])
+    assert main(["sites", "cifar_resnet20"]) == 0
+    out = capsys.readouterr().out
+    assert "layer3" in out and "pde-global*" in out

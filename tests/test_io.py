@@ -34,8 +34,11 @@ def test_refuses_non_empty_dir_unless_forced(tmp_path) -> None:
     (tmp_path / "keep.txt").write_text("mine")
     with pytest.raises(AutobuildError, match="not empty"):
         autobuild.save(m, str(tmp_path))
+    assert (tmp_path / "keep.txt").read_text() == "mine"  # refused: nothing touched
+    # --force replaces the directory as a whole: no stale file of an older run stays beside
+    # the new model.
     autobuild.save(m, str(tmp_path), force=True)
-    assert (tmp_path / "keep.txt").read_text() == "mine"
+    assert sorted(os.listdir(tmp_path)) == ["plan.yaml", "weights.safetensors"]
 
 
 def test_unplanned_model_cannot_be_saved(tmp_path) -> None:
@@ -65,7 +68,7 @@ def test_plan_survives_deepcopy_and_state_dict_round_trip() -> None:
     m = _model()
     clone = copy.deepcopy(m)
     assert autobuild.plan_of(clone).to_dict() == autobuild.plan_of(m).to_dict()
-    fresh = autobuild.apply_plan(autobuild.plan_of(m)).model
+    fresh = autobuild.build_plan(autobuild.plan_of(m))
     fresh.load_state_dict(m.state_dict())
 
 

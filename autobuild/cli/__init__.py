@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from autobuild.cli._common import Parser
 from autobuild.errors import AutobuildError
 
-__all__ = ["COMMANDS", "build_parser", "main"]
+__all__ = ["COMMANDS", "build_parser", "import_user_module", "main"]
 
 #: The command modules, in the order ``autobuild --help`` lists them.
 COMMANDS = ("models", "variants", "sites", "convert", "inspect", "fold", "symmetry", "train",
@@ -29,10 +29,35 @@ def build_parser() -> argparse.ArgumentParser:
                     description="Convert vision networks into quadratic, multiplicative, "
                                 "parameter-free, PDE-Global or Dirac variants; count, train "
                                 "and search them.")
+    parser.add_argument("--import", dest="imports", action="append", default=[],
+                        metavar="MODULE", help="import a module (name or .py path) that "
+                        "registers families or models first; repeatable")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     for name in COMMANDS:
         importlib.import_module(f"autobuild.cli.{name}").add_parser(sub)
     return parser
+
+
+def import_user_module(spec: str) -> None:
+    """Import a module by dotted name or by ``.py`` path (a user's families or models)."""
+    import importlib.util
+
+    try:
+        if spec.endswith(".py") or os.sep in spec:
+            if not os.path.isfile(spec):
+                raise AutobuildError(f"--import {spec}: no such file")
+            name = os.path.splitext(os.path.basename(spec))[0]
+            module_spec = importlib.util.spec_from_file_location(name, spec)
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[name] = module
+            module_spec.loader.exec_module(module)
+        else:
+            importlib.import_module(spec)
+    except AutobuildError:
+        raise
+    except Exception as exc:  # the user's code failed to import
+        raise AutobuildError(f"--import {spec} failed: {type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -40,6 +65,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = os.environ.get("AUTOBUILD_DEBUG") not in (None, "", "0")
     try:
         args = build_parser().parse_args(argv)
+        for spec in args.imports:
+            import_user_module(spec)
         return int(args.run(args) or 0)
     except AutobuildError as exc:
         if debug:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 from collections.abc import Sequence
@@ -11,7 +10,7 @@ from typing import Any
 
 from autobuild.errors import AutobuildError
 
-__all__ = ["Parser", "add_conversion_arguments", "converted_from_args", "human", "parse_options",
+__all__ = ["Parser", "add_conversion_arguments", "human", "model_from_args", "parse_options",
            "parse_size", "print_json", "print_summary", "table"]
 
 
@@ -51,6 +50,8 @@ def add_conversion_arguments(p: argparse.ArgumentParser, *, model_required: bool
                    help="family option, repeatable (e.g. type=ours)")
     p.add_argument("--sites", nargs="+", metavar="GLOB",
                    help="site name patterns (default: the family's default sites)")
+    p.add_argument("--placement", metavar="FILE",
+                   help="a YAML/JSON file mapping sites to choices (families may be mixed)")
     p.add_argument("--plan", help="build the model a plan file describes")
     p.add_argument("--init", choices=("scratch", "preserve"), default=None,
                    help="scratch (fresh weights) or preserve (start as the baseline's function)")
@@ -59,45 +60,56 @@ def add_conversion_arguments(p: argparse.ArgumentParser, *, model_required: bool
     p.add_argument("--weights", help="baseline weights: a file, or torchvision weights name")
 
 
-def converted_from_args(args: argparse.Namespace, *, allow_baseline: bool = False) -> Any:
-    """Build the :class:`~autobuild.rewrite.Converted` the conversion flags describe.
+def model_from_args(args: argparse.Namespace, *, allow_baseline: bool = False
+                    ) -> tuple[Any, Any]:
+    """(model, analysis of its baseline) as the conversion flags describe.
 
     ``args.model`` may be a saved directory (plan + weights) as well as a baseline name.
-    With ``allow_baseline`` and no ``--to``, the result is the unconverted baseline (a plan
-    with no conversions), which training uses for reference runs.
+    With ``allow_baseline`` and no ``--to``/``--placement``, the model is the unconverted
+    baseline (an empty placement), which training uses for reference runs.
     """
-    from autobuild.io import load
-    from autobuild.rewrite import Converted, Plan, apply_plan, convert_model, resolve_baseline
+    from autobuild.api import analyze, plan_baseline
+    from autobuild.io import load, load_placement, load_plan
+    from autobuild.rewrite import Analysis, Placement, plan_of
 
+    converting = args.family or args.sites or args.option or args.placement
     if args.plan or (args.model and os.path.isdir(args.model)):
-        if args.family or args.sites or args.option:
-            raise AutobuildError("--to/--sites/--option cannot be combined with a plan or a "
-                                 "saved run; edit the plan instead")
+        if converting:
+            raise AutobuildError("--to/--sites/--option/--placement cannot be combined with a "
+                                 "plan or a saved run; edit the plan instead")
         if args.plan:
-            plan = Plan.load(args.plan)
+            plan = load_plan(args.plan)
             if args.model and args.model != plan.model:
                 raise AutobuildError(f"--plan is for {plan.model!r}, not {args.model!r}")
-            return apply_plan(plan)
+            given = {"--num-classes": args.num_classes, "--input-size": args.input_size,
+                     "--init": args.init, "--weights": args.weights}
+            named = [flag for flag, value in given.items() if value is not None]
+            if named:
+                raise AutobuildError(f"{', '.join(named)} cannot be combined with --plan: the "
+                                     "plan records them; edit the plan instead")
+            analysis = Analysis(plan_baseline(plan))
+            return analysis.build(plan.placement, plan.init), analysis
         model = load(args.model)
-        plan = model._autobuild_plan
-        base = resolve_baseline(plan.model, num_classes=plan.num_classes,
-                                input_size=plan.input_size)
-        return Converted(model, plan, base, [], [])
+        return model, Analysis(plan_baseline(plan_of(model), device="meta"))
     if not args.model:
         raise AutobuildError("name a baseline model or a saved run directory")
-    base = resolve_baseline(args.model, num_classes=args.num_classes, input_size=args.input_size,
-                            weights=args.weights)
+    analysis = analyze(args.model, num_classes=args.num_classes, input_size=args.input_size,
+                       weights=args.weights)
+    init = args.init or "scratch"
+    if args.placement:
+        if args.family or args.sites or args.option:
+            raise AutobuildError("--placement names every choice; it takes no --to/--sites/"
+                                 "--option")
+        return analysis.build(load_placement(args.placement), init), analysis
     if not args.family:
         if not allow_baseline:
-            raise AutobuildError("--to FAMILY is required (see `autobuild variants`)")
+            raise AutobuildError("--to FAMILY or --placement FILE is required (see "
+                                 "`autobuild variants`)")
         if args.sites or args.option:
             raise AutobuildError("--sites/--option need --to FAMILY")
-        plan = Plan(base.name, [], "scratch", base.num_classes, base.input_size, base.weights)
-        model = copy.deepcopy(base.module)
-        model._autobuild_plan = plan
-        return Converted(model, plan, base, [], [])
-    return convert_model(base, args.family, sites=args.sites,
-                         options=parse_options(args.option), init=args.init or "scratch")
+        return analysis.build(Placement(), init), analysis
+    placement = analysis.select(args.family, args.sites, parse_options(args.option))
+    return analysis.build(placement, init), analysis
 
 
 # ---- printing ---------------------------------------------------------------------------
@@ -122,15 +134,15 @@ def print_json(obj: Any) -> None:
 
 
 def print_summary(summary: dict[str, Any]) -> None:
-    rows = [[s["site"], f"{s['before']} -> {s['after']}",
+    rows = [[s["site"], s["choice"], f"{s['before']} -> {s['after']}",
              f"{human(s['params']['before'])} -> {human(s['params']['after'])}",
              f"{human(s['macs']['before'])} -> {human(s['macs']['after'])}"]
             for s in summary["sites"]]
     if rows:
-        print(table(rows, ["site", "module", "params", "MACs"]))
-    opts = ", ".join(f"{k}={v}" for k, v in summary["options"].items())
-    print(f"\n{summary['model']} -> {summary['family']} ({opts}), init={summary['init']}, "
-          f"{len(rows)} sites, counted on {summary['counted']} at "
+        print(table(rows, ["site", "choice", "module", "params", "MACs"]))
+    n = len(rows)
+    print(f"\n{summary['model']} -> {summary['placement']}, init={summary['init']}, "
+          f"{n} site{'s' if n != 1 else ''}, counted on {summary['counted']} at "
           f"{'x'.join(map(str, summary['input_size']))}")
     for key in ("params", "macs", "flops"):
         b, a = summary[key]["before"], summary[key]["after"]

@@ -7,7 +7,7 @@ from typing import Any
 
 from autobuild.cli._common import (
     add_conversion_arguments,
-    converted_from_args,
+    model_from_args,
     print_json,
     print_summary,
 )
@@ -28,10 +28,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.out:  # refuse before the (possibly slow) conversion
         ensure_writable_dir(args.out, force=args.force)
-    converted = converted_from_args(args)
-    summary = summarize(converted)
+    model, analysis = model_from_args(args)
+    summary = summarize(model, analysis)
     if args.out:
-        save(converted.model, args.out, force=True)
+        save(model, args.out, force=args.force)
         summary["out"] = args.out
     if args.json:
         print_json(summary)

@@ -16,17 +16,18 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from autobuild.api import plan_baseline
     from autobuild.io import load
-    from autobuild.rewrite import apply_plan, plan_of
+    from autobuild.rewrite import Analysis, plan_of
     from autobuild.summary import summarize
 
     model = load(args.run_dir)
     plan = plan_of(model)
-    # The plan rebuilt from the baseline gives the per-site record; weights come from disk.
-    # The preservation error is only meaningful against the baseline's own weights.
-    converted = apply_plan(plan, load_baseline_weights=bool(plan.weights))
-    converted.model = model
-    summary = summarize(converted, compare=bool(plan.weights))
+    # The preservation error is only meaningful against the baseline's own weights; without
+    # them the baseline's structure (on the meta device) gives the counts.
+    real = bool(plan.weights)
+    analysis = Analysis(plan_baseline(plan, device=None if real else "meta"))
+    summary = summarize(model, analysis, compare=real)
     summary["run"] = args.run_dir
     if args.json:
         print_json(summary)

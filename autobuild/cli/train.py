@@ -8,7 +8,7 @@ import os
 from dataclasses import fields
 from typing import Any
 
-from autobuild.cli._common import add_conversion_arguments, converted_from_args
+from autobuild.cli._common import add_conversion_arguments, model_from_args
 from autobuild.errors import AutobuildError
 
 _S = argparse.SUPPRESS  # absent flags stay absent: a resumed run keeps its saved recipe
@@ -129,9 +129,10 @@ def run(args: argparse.Namespace) -> int:
         state = load_checkpoint(os.path.join(run_dir, CHECKPOINT_FILE))
         cfg = TrainConfig.from_dict({**state["config"], **overrides})
         data = _data(args, state.get("data"))
-        from autobuild.rewrite import Plan, apply_plan
+        from autobuild.api import build_plan
+        from autobuild.io import load_plan
 
-        model = apply_plan(Plan.load(run_dir), load_baseline_weights=False).model
+        model = build_plan(load_plan(run_dir), load_baseline_weights=False)
         result = train(model, data, cfg, out_dir=run_dir, resume=True)
     else:
         if not args.data:
@@ -148,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         torch.manual_seed(cfg.seed)  # the initial weights are part of a reproducible run
-        model = converted_from_args(args, allow_baseline=True).model
+        model = model_from_args(args, allow_baseline=True)[0]
         if is_main_process():  # only rank 0 touches the run directory
             prepare_run_dir(run_dir, force=args.force, adopt=adopt)
         result = train(model, data, cfg, out_dir=run_dir)

@@ -4,6 +4,7 @@ converted) and ``timm:<name>`` when timm is installed."""
 
 from __future__ import annotations
 
+from autobuild.models.baseline import resolve_baseline
 from autobuild.models.registry import (
     ModelEntry,
     build_model,
@@ -21,6 +22,7 @@ __all__ = [
     "list_models",
     "load_weights",
     "register_model",
+    "resolve_baseline",
 ]
 
 

@@ -1,24 +1,39 @@
 """Plans: the contract between the CLI, the search and saved models.
 
-A plan names a baseline, how to build it, and a list of conversions (family + options +
-site names). Applying the same plan to the same baseline always yields the same module
-structure, so a saved model is a plan plus a safetensors file of weights.
+A plan names a baseline, how to build it (classes, input size, weights, leaf modules), the
+init, and a :class:`~autobuild.rewrite.placement.Placement`. Building the same plan always
+yields the same module structure, so a saved model is a plan plus a safetensors file.
+
+Written form (``autobuild_plan: 2``), sites grouped by identical choice::
+
+    autobuild_plan: 2
+    model: resnet50
+    init: preserve
+    conversions:
+    - family: quadratic
+      options: {type: ours, ...}      # every option, defaults included
+      sites: [layer1.0.conv1, ...]
+
+Version 1 plans (the same shape, applied in order) are read as one placement; a site named
+twice is refused. Reading and writing files is :mod:`autobuild.io`'s job.
 """
 
 from __future__ import annotations
 
 import json
-import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
-from autobuild.errors import AutobuildError
+from autobuild.errors import AutobuildError, InfeasiblePlacement
+from autobuild.rewrite.placement import Choice, Placement
 
-__all__ = ["PLAN_VERSION", "Conversion", "Plan"]
+__all__ = ["INITS", "PLAN_VERSION", "Conversion", "Plan"]
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2
+INITS = ("scratch", "preserve")
 
 
 @dataclass
@@ -30,27 +45,69 @@ class Conversion:
     sites: list[str] = field(default_factory=list)
 
 
-@dataclass
+def _placement_of(conversions: Sequence[Conversion]) -> Placement:
+    choices: dict[str, Choice] = {}
+    for conv in conversions:
+        choice = Choice.of(conv.family, conv.options)
+        for site in conv.sites:
+            if site in choices:
+                raise InfeasiblePlacement(f"site {site} is named twice ({choices[site]} and "
+                                          f"{choice}); a site takes one choice")
+            choices[site] = choice
+    return Placement(choices)
+
+
 class Plan:
-    model: str
-    conversions: list[Conversion] = field(default_factory=list)
-    init: str = "scratch"
-    num_classes: int | None = None
-    input_size: tuple[int, int, int] | None = None
-    weights: str | None = None
-    #: Class names or qualified names of modules fx keeps opaque (untraceable code).
-    leaf_modules: list[str] = field(default_factory=list)
-    version: int = PLAN_VERSION
+    """A baseline + a placement + the init: everything needed to rebuild a converted model."""
+
+    def __init__(self, model: str, placement: Placement | Mapping[str, Any] |
+                 Sequence[Conversion] | None = None, init: str = "scratch",
+                 num_classes: int | None = None, input_size: Sequence[int] | None = None,
+                 weights: str | None = None, leaf_modules: Sequence[str] = (),
+                 version: int = PLAN_VERSION) -> None:
+        if isinstance(placement, Placement):
+            self.placement = placement
+        elif placement is None or isinstance(placement, Mapping):
+            self.placement = Placement(placement or {})
+        else:
+            self.placement = _placement_of(placement)
+        if init not in INITS:
+            raise AutobuildError(f"unknown init {init!r}; valid: {', '.join(INITS)}")
+        self.model = model
+        self.init = init
+        self.num_classes = num_classes
+        self.input_size = tuple(int(v) for v in input_size) if input_size else None
+        self.weights = weights
+        self.leaf_modules = [str(m) for m in leaf_modules]
+        self.version = PLAN_VERSION
+
+    @property
+    def conversions(self) -> list[Conversion]:
+        """The placement grouped by identical choice, in canonical order."""
+        return [Conversion(choice.family, choice.opts, sites)
+                for choice, sites in self.placement.groups()]
 
     @property
     def family(self) -> str:
         """The family of a single-family plan ("mixed" otherwise, "" for none)."""
-        families = {c.family for c in self.conversions}
+        families = self.placement.families
         return families.pop() if len(families) == 1 else ("mixed" if families else "")
 
     @property
     def sites(self) -> list[str]:
-        return [s for c in self.conversions for s in c.sites]
+        return list(self.placement)
+
+    def replace(self, **changes: Any) -> Plan:
+        data = {"model": self.model, "placement": self.placement, "init": self.init,
+                "num_classes": self.num_classes, "input_size": self.input_size,
+                "weights": self.weights, "leaf_modules": self.leaf_modules, **changes}
+        return Plan(**data)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Plan) and self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        return f"Plan({self.model!r}, {self.placement.summary()}, init={self.init})"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -70,52 +127,69 @@ class Plan:
         try:
             if not isinstance(data, dict) or "autobuild_plan" not in data:
                 raise ValueError("not an autobuild plan (no 'autobuild_plan' key)")
-            if int(data["autobuild_plan"]) > PLAN_VERSION:
-                raise ValueError(f"plan version {data['autobuild_plan']} is newer than this "
-                                 f"autobuild understands ({PLAN_VERSION})")
-            convs = [Conversion(str(c["family"]), dict(c.get("options") or {}),
-                                [str(s) for s in c.get("sites") or []])
-                     for c in data.get("conversions") or []]
+            version = data["autobuild_plan"]
+            if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+                raise ValueError(f"autobuild_plan must be a positive integer, got {version!r}")
+            if version > PLAN_VERSION:
+                raise ValueError(f"plan version {version} is newer than this autobuild "
+                                 f"understands ({PLAN_VERSION})")
+            known = {"autobuild_plan", "model", "num_classes", "input_size", "weights", "init",
+                     "leaf_modules", "conversions"}
+            unknown = sorted(set(data) - known)
+            if unknown:
+                raise ValueError(f"unknown key {unknown[0]!r}; valid: {', '.join(sorted(known))}")
+            model = data.get("model")
+            if not isinstance(model, str) or not model:
+                raise ValueError("'model' must be a baseline name")
+            convs = data.get("conversions") or []
+            if not isinstance(convs, list):
+                raise ValueError("'conversions' must be a list")
+            conversions = [_conversion(c, i) for i, c in enumerate(convs)]
+            num_classes = data.get("num_classes")
+            if num_classes is not None and (not isinstance(num_classes, int)
+                                            or isinstance(num_classes, bool) or num_classes < 1):
+                raise ValueError(f"'num_classes' must be a positive integer, got {num_classes!r}")
             size = data.get("input_size")
-            return cls(model=str(data["model"]), conversions=convs,
-                       init=str(data.get("init", "scratch")),
-                       num_classes=data.get("num_classes"),
-                       input_size=tuple(int(v) for v in size) if size else None,
-                       weights=data.get("weights"),
-                       leaf_modules=[str(m) for m in data.get("leaf_modules") or []],
-                       version=int(data["autobuild_plan"]))
+            if size is not None and not (isinstance(size, list) and len(size) == 3 and all(
+                    isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)):
+                raise ValueError(f"'input_size' must be [C, H, W] positive integers, got {size!r}")
+            weights = data.get("weights")
+            if weights is not None and not isinstance(weights, str):
+                raise ValueError("'weights' must be a path or a weights name")
+            init = data.get("init", "scratch")
+            leaves = data.get("leaf_modules") or []
+            if not isinstance(leaves, list) or not all(isinstance(m, str) for m in leaves):
+                raise ValueError("'leaf_modules' must be a list of names")
+            return cls(model, conversions, init, num_classes, size, weights, leaves)
+        except AutobuildError as exc:
+            raise type(exc)(f"plan {source}: {exc}") from exc
         except (KeyError, TypeError, ValueError) as exc:
             raise AutobuildError(f"corrupt plan {source}: {exc}") from exc
 
-    # ---- files ----------------------------------------------------------------------
+    # ---- text ------------------------------------------------------------------------
     def dumps(self, fmt: str = "yaml") -> str:
         if fmt == "json":
             return json.dumps(self.to_dict(), indent=2) + "\n"
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
-    def save(self, path: str) -> None:
-        fmt = "json" if path.endswith(".json") else "yaml"
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(self.dumps(fmt))
-        os.replace(tmp, path)
-
     @classmethod
-    def load(cls, path: str) -> Plan:
-        if os.path.isdir(path):
-            for name in ("plan.yaml", "plan.yml", "plan.json"):
-                if os.path.exists(os.path.join(path, name)):
-                    path = os.path.join(path, name)
-                    break
-            else:
-                raise AutobuildError(f"{path!r} holds no plan.yaml or plan.json")
-        if not os.path.exists(path):
-            raise AutobuildError(f"plan file {path!r} does not exist")
+    def loads(cls, text: str, *, fmt: str = "yaml", source: str = "plan") -> Plan:
         try:
-            with open(path) as f:
-                text = f.read()
-            data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as exc:
+            data = json.loads(text) if fmt == "json" else yaml.safe_load(text)
+        except (json.JSONDecodeError, yaml.YAMLError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise AutobuildError(f"corrupt plan {path!r}: {first}") from exc
-        return cls.from_dict(data, repr(path))
+            raise AutobuildError(f"corrupt plan {source}: {first}") from exc
+        return cls.from_dict(data, source)
+
+
+def _conversion(data: Any, index: int) -> Conversion:
+    if not isinstance(data, dict):
+        raise ValueError(f"conversions[{index}] must be a mapping with family/options/sites")
+    family, options, sites = data.get("family"), data.get("options") or {}, data.get("sites")
+    if not isinstance(family, str):
+        raise ValueError(f"conversions[{index}].family must be a family name")
+    if not isinstance(options, dict):
+        raise ValueError(f"conversions[{index}].options must be a mapping")
+    if not isinstance(sites, list) or not all(isinstance(s, str) for s in sites):
+        raise ValueError(f"conversions[{index}].sites must be a list of site names")
+    return Conversion(family, dict(options), list(sites))

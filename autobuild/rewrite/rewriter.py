@@ -1,116 +1,186 @@
-"""The object a family's pass edits: swaps modules at call sites, and switches to an fx
-graph only when code (not just modules) has to change."""
+"""The object a family's pass edits, and the only way families change a model.
+
+A site whose module is called once is converted by swapping the module
+(``set_submodule``): the model keeps its class and its state_dict keys. A site that is one
+of several calls of a shared module (torchvision's single ReLU, say) gets its own new module
+``<target>_<k>``, which needs the graph; so does any pass that changes code. The graph is
+the analysis' traced graph, copied, never traced again. The rewriter records every change
+and where each site ended up (:attr:`site_modules`).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import copy
 from typing import Any
 
 from torch import fx, nn
 
 from autobuild.errors import AutobuildError
-from autobuild.rewrite.sites import Site, call_site_nodes
+from autobuild.rewrite.cost import param_count
+from autobuild.rewrite.record import Change
+from autobuild.rewrite.sites import Site
 from autobuild.rewrite.trace import trace
 
-__all__ = ["Change", "Rewriter"]
+__all__ = ["Rewriter"]
 
 
-@dataclass
-class Change:
-    """One entry of a pass's record: what replaced what, where."""
-
-    site: str
-    family: str
-    before: str
-    after: str
-    params_before: int = 0
-    params_after: int = 0
-    note: str = ""
-
-
-@dataclass
 class Rewriter:
-    """Holds the model being converted.
+    """Holds the model being built. ``root`` is the traced submodule ("" = the model);
+    ``graph_source`` the analysis graph the rewriter copies when code must change."""
 
-    A site whose module is called once is converted by swapping the module
-    (``set_submodule``): the model keeps its class and its state_dict keys. A site that
-    is one of several calls of a shared module (torchvision's single ReLU, say) gets its
-    own new module ``<target>_<k>``, which needs the traced graph; so does any pass that
-    changes code, through :meth:`graph`. ``root`` is the traced submodule ("" = all).
-    """
+    def __init__(self, model: nn.Module, root: str = "", *,
+                 graph_source: fx.Graph | None = None, family: str = "",
+                 leaf_modules: tuple[Any, ...] = (), analysis: Any = None) -> None:
+        self.model = model
+        #: The :class:`~autobuild.rewrite.Analysis` of the baseline (its sites and blocks).
+        self.analysis = analysis
+        self.root = root
+        self.family = family
+        self.leaf_modules = leaf_modules
+        #: Whether modules were swapped: the analysis graph no longer describes the model.
+        self._swapped = False
+        self.changes: list[Change] = []
+        self.site_modules: dict[str, str] = {}
+        self._graph_source = graph_source
+        self._gm: fx.GraphModule | None = None
 
-    model: nn.Module
-    root: str = ""
-    family: str = ""
-    changes: list[Change] = field(default_factory=list)
-    leaf_modules: tuple[Any, ...] = ()
-    _gm: fx.GraphModule | None = None
-    _nodes: dict[str, fx.Node] = field(default_factory=dict)
-
-    def module(self, site: Site) -> nn.Module:
-        return self.model.get_submodule(site.target) if site.target else self.root_module
-
+    # ---- where things are -----------------------------------------------------------
     @property
     def root_module(self) -> nn.Module:
         return self.model.get_submodule(self.root) if self.root else self.model
 
+    def module(self, site: Site) -> nn.Module:
+        """The module now at ``site`` (the root for a network site)."""
+        return self.model.get_submodule(site.target) if site.target else self.root_module
+
+    def local(self, path: str) -> str:
+        """``path`` relative to the root."""
+        return path[len(self.root) + 1:] if self.root and path.startswith(self.root + ".") \
+            else path
+
+    def full(self, local: str) -> str:
+        return f"{self.root}.{local}" if self.root and local else (local or self.root)
+
+    # ---- the graph, for passes that change code --------------------------------------
     def graph(self) -> fx.GraphModule:
-        """The traced root as a GraphModule installed in the model, created on first use.
-        Edit ``graph().graph`` and call ``recompile()`` afterwards."""
+        """The root as a GraphModule installed in the model (created on first use from the
+        analysis graph). Edit ``graph().graph``; the rewriter recompiles at the end."""
         if self._gm is None:
-            gm = trace(self.root_module, leaf_modules=self.leaf_modules)
-            self._nodes = call_site_nodes(gm)
-            self._set_root(gm)
+            if self._graph_source is not None and not self._swapped:
+                graph = copy.deepcopy(self._graph_source)
+            else:  # modules were swapped since the analysis: trace what is there now
+                graph = trace(self.root_module, leaf_modules=self.leaf_modules).graph
+            gm = fx.GraphModule(self.root_module, graph, type(self.root_module).__name__)
+            self._install_root(gm)
             self._gm = gm
         return self._gm
 
-    def _set_root(self, new_root: nn.Module) -> None:
-        plan = getattr(self.model, "_autobuild_plan", None)
+    def node(self, name: str) -> fx.Node:
+        """The graph node called ``name`` in the analysis graph."""
+        gm = self.graph()
+        for node in gm.graph.nodes:
+            if node.name == name:
+                return node
+        raise AutobuildError(f"node {name!r} is not in the graph of this model")
+
+    def _install_root(self, new_root: nn.Module) -> None:
         if self.root:
             self.model.set_submodule(self.root, new_root)
         else:
             self.model = new_root
-        if plan is not None:
-            self.model._autobuild_plan = plan
 
-    def set_root(self, new_root: nn.Module, *, note: str = "") -> None:
-        """Replace the whole traced root (families that rebuild the network)."""
-        before = self.root_module
-        self._set_root(new_root)
-        self._gm = None
-        self.changes.append(Change(self.root or "network", self.family, type(before).__name__,
-                                   type(new_root).__name__, _params(before), _params(new_root),
-                                   note))
-
-    def _local(self, target: str) -> str:
-        return target[len(self.root) + 1:] if self.root else target
-
+    # ---- edits ----------------------------------------------------------------------
     def replace(self, site: Site, new: nn.Module, *, note: str = "") -> None:
-        """Put ``new`` at ``site`` (a module call site)."""
+        """Put ``new`` at ``site`` (a module call site, or the root for a network site)."""
         if not site.target:
-            self.set_root(new, note=note)
+            self.set_root(site, new, note=note)
             return
         old = self.module(site)
         if site.call < 0:
             self.model.set_submodule(site.target, new)
+            self._swapped = True
+            path = site.target
         else:
             gm = self.graph()
-            local = self._local(site.name)
-            node = self._nodes.get(local)
-            if node is None:
-                raise AutobuildError(f"site {site.name!r} is not a call site of this model")
-            new_name = f"{self._local(site.target)}_{site.call}"
-            gm.add_submodule(new_name, new)
-            node.target = new_name
-            gm.recompile()
+            node = self.node_of_call(site)
+            local = f"{self.local(site.target)}_{site.call}"
+            gm.add_submodule(local, new)
+            node.target = local
+            path = self.full(local)
+        self.site_modules[site.name] = path
         self.changes.append(Change(site.name, self.family, type(old).__name__,
-                                   type(new).__name__, _params(old), _params(new), note))
+                                   type(new).__name__, param_count(old), param_count(new), note))
 
-    def recompile(self) -> None:
+    def node_of_call(self, site: Site) -> fx.Node:
+        """The call_module node of a (possibly shared) call site."""
+        gm = self.graph()
+        target = self.local(site.target)
+        calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == target]
+        index = max(site.call, 0)
+        if index >= len(calls):
+            raise AutobuildError(f"site {site.name!r} is not a call site of this model")
+        return calls[index]
+
+    def replace_module(self, path: str, new: nn.Module, *, site: str = "",
+                       note: str = "") -> None:
+        """Swap the module at ``path`` (inside a site's region, e.g. the BN after a conv)."""
+        old = self.model.get_submodule(path)
+        self.model.set_submodule(path, new)
+        self._swapped = True
+        self.changes.append(Change(path, self.family, type(old).__name__, type(new).__name__,
+                                   param_count(old), param_count(new),
+                                   note or (f"part of site {site}" if site else "")))
+
+    def remove_residual(self, add: str, branch: str) -> None:
+        """Replace the residual addition node ``add`` by its ``branch`` operand (node names
+        of the analysis graph); :meth:`prune` then drops the shortcut."""
+        add_node, branch_node = self.node(add), self.node(branch)
+        add_node.replace_all_uses_with(branch_node)
+        self.graph().graph.erase_node(add_node)
+
+    def insert_before(self, node: fx.Node, local_name: str, module: nn.Module) -> fx.Node:
+        """Call ``module`` (added as ``local_name`` under the root) on ``node``'s first input,
+        and feed its output to ``node`` instead."""
+        gm = self.graph()
+        gm.add_submodule(local_name, module)
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_module(local_name, (node.args[0],))
+        node.args = (new, *node.args[1:])
+        return new
+
+    def set_root(self, site: Site, new_root: nn.Module, *, note: str = "") -> None:
+        """Replace the whole traced root (families that rebuild the network)."""
+        before = self.root_module
+        self._install_root(new_root)
+        self._gm = None
+        self._swapped = True
+        self.site_modules[site.name] = self.root
+        self.changes.append(Change(site.name, self.family, type(before).__name__,
+                                   type(new_root).__name__, param_count(before),
+                                   param_count(new_root), note))
+
+    def record_site(self, site: Site, path: str | None = None) -> None:
+        """Note where ``site`` ended up (passes that edit the graph directly)."""
+        self.site_modules[site.name] = self.root if path is None else path
+
+    def record(self, site: str, before: str, after: str, params_before: int,
+               params_after: int, note: str = "") -> None:
+        self.changes.append(Change(site, self.family, before, after, params_before,
+                                   params_after, note))
+
+    def prune(self) -> None:
+        """Drop the graph's dead code and the submodules it no longer calls (after a pass
+        rewired the graph, e.g. removed skip connections)."""
+        gm = self.graph()
+        gm.graph.eliminate_dead_code()
+        gm.delete_all_unused_submodules()
+
+    def finish(self) -> nn.Module:
+        """Recompile the edited graph (if any) and return the model."""
         if self._gm is not None:
             self._gm.graph.lint()
             self._gm.recompile()
+        return self.model
 
-
-def _params(m: nn.Module) -> int:
-    return sum(p.numel() for p in m.parameters())
+    def __repr__(self) -> str:
+        return f"Rewriter(root={self.root!r}, changes={len(self.changes)})"

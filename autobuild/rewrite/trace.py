@@ -13,20 +13,27 @@ from torch import fx, nn
 
 from autobuild.errors import AutobuildError
 
-__all__ = ["AutobuildTracer", "leaf_module_types", "shape_propagate", "trace"]
+__all__ = ["AutobuildTracer", "leaf_module_types", "register_leaf_module", "trace"]
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 
+#: Module classes fx must not trace into: every family's layers, registered by the family
+#: (as timm's ``register_notrace_module``), so that a converted model traces again and its
+#: converted layers are recognised as such.
+_LEAF_TYPES: list[type[nn.Module]] = []
+
+
+def register_leaf_module(cls: type[nn.Module]) -> type[nn.Module]:
+    """Keep ``cls`` opaque to torch.fx in every trace (usable as a class decorator)."""
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(f"register_leaf_module takes an nn.Module class, got {cls!r}")
+    if cls not in _LEAF_TYPES:
+        _LEAF_TYPES.append(cls)
+    return cls
+
 
 def leaf_module_types() -> tuple[type[nn.Module], ...]:
-    """Modules fx must not trace into: every registered family's layers (so a converted
-    model can be traced again and its converted layers are recognised as such)."""
-    from autobuild.variants import list_variants
-
-    types: list[type[nn.Module]] = []
-    for variant in list_variants():
-        types.extend(variant.leaf_modules)
-    return tuple(types)
+    return tuple(_LEAF_TYPES)
 
 
 class AutobuildTracer(fx.Tracer):
@@ -95,28 +102,3 @@ def _describe_failure(exc: Exception, tracer: AutobuildTracer, model_name: str) 
     return (f"cannot trace {model_name} with torch.fx{module}{where}: {reason}. Fix: keep "
             f"{remedy_target} opaque with leaf_modules=[...] (Python API), or convert a "
             "traceable submodule instead (for detectors, the 'backbone')")
-
-
-@torch.no_grad()
-def shape_propagate(gm: fx.GraphModule, input_size: tuple[int, ...]) -> None:
-    """Record ``tensor_meta`` (shape, dtype) on every node by running a random input.
-
-    Runs in eval mode so that batch-norm statistics are neither needed nor changed.
-    """
-    from torch.fx.passes.shape_prop import ShapeProp
-
-    modes = {m: m.training for m in gm.modules()}
-    gm.eval()
-    try:
-        param = next(iter(gm.parameters()), None)
-        device = param.device if param is not None else "cpu"
-        x = torch.randn(1, *input_size, device=device)
-        ShapeProp(gm).propagate(x)
-    except AutobuildError:
-        raise
-    except Exception as exc:
-        raise AutobuildError(f"the model does not run on input size {tuple(input_size)}: "
-                             f"{str(exc).splitlines()[0]} (pass --input-size C,H,W)") from exc
-    finally:
-        for m, mode in modes.items():
-            m.training = mode

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 from typing import Any
 
 import numpy as np
@@ -41,10 +40,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(path: str, state: dict[str, Any]) -> None:
-    """Write then rename: a crash mid-write leaves the previous checkpoint intact."""
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """Written atomically: a crash mid-write leaves the previous checkpoint intact."""
+    from autobuild.io import atomic_torch_save
+
+    atomic_torch_save(state, path)
 
 
 def load_checkpoint(path: str) -> dict[str, Any]:
@@ -94,5 +93,7 @@ def prepare_run_dir(path: str, *, force: bool = False, adopt: bool = False,
         raise AutobuildError(f"cannot create {path!r}: {exc.strerror}") from exc
     weights = os.path.join(path, "weights.safetensors")
     if adopting and os.path.exists(weights):
+        from autobuild.io import atomic_copy
+
         # A copy, not a move: other DDP ranks may still be loading these weights.
-        shutil.copyfile(weights, os.path.join(path, INIT_WEIGHTS))
+        atomic_copy(weights, os.path.join(path, INIT_WEIGHTS))

@@ -12,7 +12,6 @@ import math
 import os
 import random
 import resource
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,8 +24,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from autobuild.errors import AutobuildError
+from autobuild.io import PLAN_FILE, atomic_copy, atomic_write_text, save_plan, save_weights
 from autobuild.optim import param_groups
-from autobuild.rewrite.apply import plan_of
+from autobuild.rewrite import plan_of, record_of, set_record
 from autobuild.train.checkpoint import (
     CHECKPOINT_FILE,
     get_rng_state,
@@ -179,18 +179,14 @@ def _channels_last(cfg: TrainConfig, device: torch.device) -> bool:
 
 
 def _save_weights(model: nn.Module, out: str, name: str) -> None:
-    from autobuild.io import save
-
-    # No model copy: safetensors moves CUDA tensors to the CPU itself, and autobuild.save
+    # No model copy: safetensors moves CUDA tensors to the CPU itself, and save_weights
     # writes channels_last weights contiguously (force_contiguous).
-    save(model, out, force=True, weights_name=name)
+    save_weights(model, os.path.join(out, name))
 
 
 def _copy_weights(out: str, src: str, dst: str) -> None:
     """The best epoch is the epoch just saved: copy its file rather than serialise again."""
-    tmp = os.path.join(out, dst + ".tmp")
-    shutil.copyfile(os.path.join(out, src), tmp)
-    os.replace(tmp, os.path.join(out, dst))
+    atomic_copy(os.path.join(out, src), os.path.join(out, dst))
 
 
 def evaluate(model: nn.Module, data: Data | str, config: TrainConfig | None = None
@@ -268,9 +264,10 @@ def train(model: nn.Module, data: Data | str, config: TrainConfig | None = None,
     if cfg.sync_bn and device.type != "cuda":
         raise AutobuildError("--sync-bn needs CUDA (torch's SyncBatchNorm is GPU-only)")
     if dist.enabled and cfg.sync_bn:
+        record = record_of(model)
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        if plan is not None:
-            model._autobuild_plan = plan
+        if record is not None:
+            set_record(model, record)
     base = model  # the module that is saved and evaluated; `net` is what trains
     net: nn.Module = model
     if dist.enabled:
@@ -323,6 +320,7 @@ def train(model: nn.Module, data: Data | str, config: TrainConfig | None = None,
         set_rng_state(state["rng"])
     if out_dir and dist.is_main:
         os.makedirs(out_dir, exist_ok=True)
+        save_plan(plan, os.path.join(out_dir, PLAN_FILE))
         _write_run_file(out_dir, data, cfg)
 
     eval_model = ema.module if ema is not None else base
@@ -422,8 +420,5 @@ def _data_record(data: Data) -> dict[str, Any]:
 
 def _write_run_file(out_dir: str, data: Data, cfg: TrainConfig) -> None:
     """A human-readable record of the recipe (the checkpoint holds the same, for resume)."""
-    path = os.path.join(out_dir, RUN_FILE)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        yaml.safe_dump({"data": _data_record(data), "config": cfg.to_dict()}, f, sort_keys=False)
-    os.replace(tmp, path)
+    atomic_write_text(os.path.join(out_dir, RUN_FILE), yaml.safe_dump(
+        {"data": _data_record(data), "config": cfg.to_dict()}, sort_keys=False))

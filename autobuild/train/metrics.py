@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 from dataclasses import asdict, dataclass, fields
 
 __all__ = ["EpochMetrics", "write_csv"]
@@ -50,7 +49,6 @@ def write_csv(path: str, history: list[EpochMetrics]) -> None:
     for m in history:
         writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v)
                          for k, v in m.to_dict().items()})
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(buf.getvalue())
-    os.replace(tmp, path)
+    from autobuild.io import atomic_write_text
+
+    atomic_write_text(path, buf.getvalue())

@@ -45,26 +45,43 @@ from __future__ import annotations
 import copy
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 from torch.nn.modules.utils import _pair
 
-from autobuild.errors import AutobuildError
-from autobuild.rewrite.plan import Plan
-from autobuild.rewrite.rewriter import Change, Rewriter
-from autobuild.rewrite.sites import Site, find_sites
-from autobuild.variants import register_variant
-from autobuild.variants.base import Option, Variant
+from autobuild.errors import AutobuildError, InfeasiblePlacement
+from autobuild.rewrite import (
+    BuildRecord,
+    Change,
+    Choice,
+    Counts,
+    Option,
+    Placement,
+    Region,
+    Site,
+    Variant,
+    param_count,
+    record_of,
+    register_family,
+    root_of,
+    set_record,
+    trace,
+)
+from autobuild.rewrite.cost import meta_twin
+from autobuild.rewrite.graph import ancestors
+from autobuild.variants.base import count_replacement
+
+if TYPE_CHECKING:
+    from autobuild.rewrite import Analysis, Rewriter
 
 __all__ = ["DiracConv2d", "DiracVariant", "dirac_delta", "fold"]
 
 SCOPES = ("network", "convs")
 #: Paper v2's initial identity and filter scales.
 ALPHA_INIT, BETA_INIT = 1.0, 0.1
-_ADDS = {"add", "add_", "iadd"}
 
 
 def dirac_delta(out_channels: int, in_channels: int, kernel_size: tuple[int, int],
@@ -82,6 +99,8 @@ class DiracConv2d(nn.Module):
 
     #: α and β are scales, not filters: the paper trains them without weight decay.
     no_weight_decay_params: tuple[str, ...] = ("alpha", "beta")
+    #: autobuild.masked(): only the identity term diag(α)·δ is applied (the filter is off).
+    masked: bool = False
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int | Sequence[int] = 3,
                  dilation: int | Sequence[int] = 1, groups: int = 1, bias: bool = False) -> None:
@@ -143,8 +162,9 @@ class DiracConv2d(nn.Module):
         return torch.addcmul(self.beta.view(shape) * w, self.alpha.view(shape), self.delta)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.conv2d(x, self.effective_weight(), self.bias, 1, self.padding, self.dilation,
-                        self.groups)
+        weight = (self.alpha.view(-1, 1, 1, 1) * self.delta if self.masked
+                  else self.effective_weight())
+        return F.conv2d(x, weight, self.bias, 1, self.padding, self.dilation, self.groups)
 
     @torch.no_grad()
     def folded(self, bn: nn.modules.batchnorm._BatchNorm | None = None) -> nn.Conv2d:
@@ -193,128 +213,91 @@ def dirac_problem(conv: nn.Module, *, strided_ok: bool = False) -> str:
 
 
 # ---- network scope: ResNet -> DiracNet ------------------------------------------------------
-def _is_add(node: fx.Node) -> bool:
-    name = getattr(node.target, "__name__", str(node.target))
-    return node.op in ("call_function", "call_method") and name in _ADDS
+def _branch_convs(analysis: Analysis) -> list[fx.Node]:
+    """The conv calls on the residual branches of every block (what becomes Dirac convs;
+    the shortcuts, projection convs included, disappear with the skip connections)."""
+    branch_nodes: set[fx.Node] = set()
+    for block in analysis.blocks.values():
+        branch_nodes |= ancestors(block.branch, {block.input}) & block.members
+    gm = analysis.gm
+    return [n for n in gm.graph.nodes if n in branch_nodes and n.op == "call_module"
+            and isinstance(gm.get_submodule(n.target), nn.Conv2d)]
 
 
-def _members(gm: fx.GraphModule) -> dict[str, set[fx.Node]]:
-    """Module path -> the graph nodes traced inside it (at any depth)."""
-    out: dict[str, set[fx.Node]] = {}
-    for node in gm.graph.nodes:
-        for path, _ in node.meta.get("nn_module_stack", {}).values():
-            out.setdefault(path, set()).add(node)
-    return out
-
-
-def _inside_ancestors(node: fx.Node, inside: set[fx.Node]) -> int:
-    """How many nodes of the block lie on the way from its input to ``node``."""
-    seen: set[fx.Node] = set()
-    todo = [node]
-    while todo:
-        n = todo.pop()
-        if n in seen or n not in inside:
-            continue
-        seen.add(n)
-        todo.extend(n.all_input_nodes)
-    return len(seen)
-
-
-def _remove_skip(gm: fx.GraphModule, block: str, inside: set[fx.Node]) -> None:
-    """Replace the block's residual ``add(branch, shortcut)`` by ``branch``."""
-    outputs = [n for n in inside if any(u not in inside for u in n.users)]
-    if len(outputs) != 1:
-        raise AutobuildError(f"residual block {block} has {len(outputs)} outputs; scope=network "
-                             "needs single-output blocks (use --option scope=convs)")
-    add = outputs[0]
-    if not _is_add(add) and add.all_input_nodes:  # act(add(...)), as the site finder allows
-        add = add.all_input_nodes[0]
-    operands = [a for a in add.args[:2] if isinstance(a, fx.Node)] if _is_add(add) else []
-    if len(operands) != 2:
-        raise AutobuildError(f"cannot find the residual addition of block {block}; "
-                             "use --option scope=convs")
-    a, b = operands
-    # The branch is the operand with the longer path through the block (as the site finder
-    # decides it); the shortcut, an identity or a projection, is the other one.
-    branch = a if _inside_ancestors(a, inside) >= _inside_ancestors(b, inside) else b
-    add.replace_all_uses_with(branch)
-    gm.graph.erase_node(add)
-
-
-def _diracnet(rewriter: Rewriter, site: Site, init: str) -> None:
-    """Remove every residual block's skip connection and make its convs Dirac convs."""
-    if init == "preserve":  # check() refuses it first; this guards direct callers
-        raise AutobuildError("dirac scope=network cannot preserve the baseline (skips removed)")
-    root = rewriter.root_module
-    if not site.input_shape:
-        raise AutobuildError("the network's input shape is unknown; pass --input-size C,H,W")
-    blocks = [s.name for s in find_sites(root, site.input_shape,
-                                         leaf_modules=rewriter.leaf_modules)
-              if s.kind == "block"]
-    # A block nested in a block (a one-block stage) is the same residual add: keep the inner.
-    blocks = [b for b in blocks if not any(o.startswith(b + ".") for o in blocks)]
-    if not blocks:
-        raise AutobuildError(f"{type(root).__name__} has no residual blocks for scope=network "
-                             "to remove (a DiracNet is a ResNet without its skip connections; "
-                             "it applies to e.g. cifar_resnet20, resnet18, resnet34); use "
-                             "--option scope=convs to Dirac-parametrise single convs")
-    params_before = sum(p.numel() for p in root.parameters())
-    gm = rewriter.graph()
-    members = _members(gm)
-    for block in blocks:
-        _remove_skip(gm, block, members.get(block, set()))
-    gm.graph.eliminate_dead_code()  # the shortcut branches, now unused
-    gm.delete_all_unused_submodules()  # ... and their projection convs and BNs
-
-    in_blocks = set().union(*(members.get(b, set()) for b in blocks))
-    calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
-    convs = [n for n in gm.graph.nodes if n in in_blocks and n.op == "call_module"
-             and isinstance(gm.get_submodule(n.target), nn.Conv2d)]
-    for node in convs:
-        conv = gm.get_submodule(node.target)
-        problem = dirac_problem(conv, strided_ok=True)
+def _network_problem(analysis: Analysis) -> str:
+    if not analysis.blocks:
+        return (f"{analysis.baseline.name} has no residual blocks to remove (a DiracNet is a "
+                "ResNet without its skip connections; it applies to e.g. cifar_resnet20, "
+                "resnet18, resnet34); use --option scope=convs to Dirac-parametrise single convs")
+    calls = Counter(n.target for n in analysis.gm.graph.nodes if n.op == "call_module")
+    for node in _branch_convs(analysis):
+        problem = dirac_problem(analysis.gm.get_submodule(node.target), strided_ok=True)
         if calls[node.target] > 1:
             problem = "it is called more than once (shared weights)"
         if problem:
-            raise AutobuildError(f"scope=network cannot turn conv {node.target} into a Dirac "
-                                 f"conv: {problem}; use --option scope=convs")
+            return f"conv {node.target} cannot become a Dirac conv: {problem}; use " \
+                   "--option scope=convs"
+    return ""
+
+
+def _diracnet(rewriter: Rewriter, site: Site, options: dict[str, Any]) -> None:
+    """Remove every residual block's skip connection and make its branch convs Dirac convs;
+    a strided conv becomes a max-pool + the stride-1 Dirac conv."""
+    analysis = rewriter.analysis
+    params_before = param_count(rewriter.root_module)
+    for block in analysis.blocks.values():
+        rewriter.remove_residual(block.add.name, block.branch.name)
+    rewriter.prune()  # the shortcut branches, projection convs and BNs included
+    gm = rewriter.graph()
+    pairs = []
+    for conv_node in _branch_convs(analysis):
+        node = rewriter.node(conv_node.name)
+        conv = gm.get_submodule(node.target)
         layer = DiracConv2d.from_conv(conv, strided_ok=True)
         note = ""
         if max(conv.stride) > 1:
             # DiracNet down-samples with max-pooling between groups, never with strides.
             stride = tuple(conv.stride)
-            pool_name = f"{node.target}_pool"
-            gm.add_submodule(pool_name, nn.MaxPool2d(stride, stride, ceil_mode=True))
-            with gm.graph.inserting_before(node):
-                pool = gm.graph.call_module(pool_name, (node.args[0],))
-            node.args = (pool, *node.args[1:])
+            rewriter.insert_before(node, f"{node.target}_pool",
+                                   nn.MaxPool2d(stride, stride, ceil_mode=True))
             note = f"stride {stride[0]} -> max-pool {stride[0]} + stride 1"
-        gm.set_submodule(node.target, layer)
-        rewriter.changes.append(Change(_full(rewriter, node.target), rewriter.family,
-                                       type(conv).__name__, type(layer).__name__,
-                                       _params(conv), _params(layer), note))
-    rewriter.recompile()
-    rewriter.changes.append(Change(rewriter.root or "network", rewriter.family,
-                                   type(root).__name__, "DiracNet", params_before,
-                                   sum(p.numel() for p in gm.parameters()),
-                                   f"{len(blocks)} skip connections removed"))
+        path = rewriter.full(str(node.target))
+        rewriter.replace_module(path, layer, site=site.name, note=note)
+        pairs.append((path, _folding_bn(analysis, path)))
+    rewriter.record_site(site)
+    rewriter.record(site.name, type(analysis.baseline.root_module).__name__, "DiracNet",
+                    params_before, param_count(rewriter.root_module),
+                    f"{len(analysis.blocks)} skip connections removed")
+    if options["folded"]:
+        for conv_path, bn_path in pairs:
+            _fold_one(rewriter, conv_path, bn_path, site.name)
 
 
-def _full(rewriter: Rewriter, local: str) -> str:
-    return f"{rewriter.root}.{local}" if rewriter.root else local
+def _folding_bn(analysis: Analysis, conv_path: str) -> str | None:
+    """The BN folded into the conv at ``conv_path``: its only user, called once."""
+    bn = analysis.site(conv_path).extra.get("bn") if conv_path in {
+        s.name for s in analysis.sites()} else None
+    if bn and len(analysis.call_nodes(bn)) == 1:
+        module = analysis.baseline.module.get_submodule(bn)
+        if getattr(module, "running_var", None) is not None:
+            return bn
+    return None
 
 
-def _params(m: nn.Module) -> int:
-    return sum(p.numel() for p in m.parameters())
+def _fold_one(rewriter: Rewriter, conv_path: str, bn_path: str | None, site: str) -> None:
+    dirac = rewriter.model.get_submodule(conv_path)
+    bn = rewriter.model.get_submodule(bn_path) if bn_path else None
+    rewriter.replace_module(conv_path, dirac.folded(bn), site=site,
+                            note=f"folded with {bn_path}" if bn_path else "folded")
+    if bn_path:
+        rewriter.replace_module(bn_path, nn.Identity(), site=site, note=f"folded into {conv_path}")
 
 
-# ---- folding --------------------------------------------------------------------------------
+# ---- folding a trained model ----------------------------------------------------------------
 @torch.no_grad()
 def _fold_in_place(root: nn.Module, leaf_modules: Iterable[Any] = ()) -> list[Change]:
     """Swap every Dirac conv of ``root`` for the plain conv it computes, folding in the BN
     that is its only user (its module then becomes ``nn.Identity``)."""
-    from autobuild.rewrite.trace import trace
-
     gm = trace(root, leaf_modules=leaf_modules)
     calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
     changes: list[Change] = []
@@ -338,17 +321,10 @@ def _fold_in_place(root: nn.Module, leaf_modules: Iterable[Any] = ()) -> list[Ch
         if bn_name is not None:
             root.set_submodule(bn_name, nn.Identity())
         changes.append(Change(str(node.target), "dirac", "DiracConv2d", "Conv2d",
-                              _params(dirac) + (_params(bn) if bn is not None else 0),
-                              _params(conv), f"folded with {bn_name}" if bn_name else "folded"))
+                              param_count(dirac) + (param_count(bn) if bn is not None else 0),
+                              param_count(conv), f"folded with {bn_name}" if bn_name
+                              else "folded"))
     return changes
-
-
-def _plan_root(plan: Plan) -> str:
-    if plan.model.startswith("custom:"):
-        return ""
-    from autobuild.models import get_model_entry
-
-    return get_model_entry(plan.model).trace_root
 
 
 def fold(model: nn.Module) -> nn.Module:
@@ -356,22 +332,20 @@ def fold(model: nn.Module) -> nn.Module:
     (BN in eval mode, i.e. its running statistics): the plain ReLU → conv chain of the
     released DiracNets, equal to ``model`` in eval mode to float precision. Its plan is
     ``model``'s with ``folded=true``, so it saves and loads as plan + weights."""
-    from autobuild.rewrite.apply import plan_of
-
-    plan = plan_of(model)
+    record = record_of(model)
     new = copy.deepcopy(model)
-    root_name = _plan_root(plan) if plan is not None else ""
-    root = new.get_submodule(root_name) if root_name else new
-    changes = _fold_in_place(root, plan.leaf_modules if plan is not None else ())
+    plan = record.plan if record is not None else None
+    changes = _fold_in_place(root_of(new), plan.leaf_modules if plan is not None else ())
     if not changes:
         raise AutobuildError("the model has no Dirac convs to fold; convert it with --to dirac "
                              "first (a folded model is already plain)")
-    if plan is not None:
-        folded_plan = copy.deepcopy(plan)
-        for conversion in folded_plan.conversions:
-            if conversion.family == DiracVariant.name:
-                conversion.options = {**conversion.options, "folded": True}
-        new._autobuild_plan = folded_plan
+    if record is not None:
+        placement = Placement({
+            site: Choice.of(choice.family, {**choice.opts, "folded": True})
+            if choice.family == DiracVariant.name else choice
+            for site, choice in plan.placement.items()})
+        set_record(new, BuildRecord(plan.replace(placement=placement), record.site_modules,
+                                    record.changes + changes, record.root))
     return new
 
 
@@ -389,9 +363,12 @@ class DiracVariant(Variant):
         Option("folded", False, "build the inference form: each Dirac conv and its BN as one "
                "plain conv with bias (what `autobuild fold` saves)", type=bool),
     )
+    primary_option = "scope"
     inits = ("scratch", "preserve")
     leaf_modules = (DiracConv2d,)
     example_models = ("cifar_resnet20", "resnet18", "resnet34", "cifar_vgg16")
+    mask_effect = ("each Dirac conv's filter term β·W/‖W‖: the conv applies only its identity "
+                   "term α·δ (folded convs have nothing to mask)")
 
     def contract_cases(self) -> list[tuple[str, dict[str, Any], list[str] | None]]:
         model = self.example_models[0]
@@ -406,40 +383,58 @@ class DiracVariant(Variant):
                 and site.call < 0 and all(k % 2 == 1 for k in site.kernel_size)
                 and site.input_shape[1:] == site.output_shape[1:])
 
+    def refusal(self, site: Site, options: dict[str, Any], analysis: Analysis) -> str:
+        if options["scope"] == "network":
+            return _network_problem(analysis)
+        return dirac_problem(analysis.module(site))
+
     def default_sites(self, candidates: Sequence[Site], options: dict[str, Any]) -> list[Site]:
         """scope=convs: every candidate but the stem (DiracNet's stem is a plain conv; an
         identity from 3 image channels means nothing)."""
         return [s for s in candidates if not s.extra.get("stem")]
 
-    def check(self, sites: Sequence[Site], options: dict[str, Any], init: str) -> None:
-        super().check(sites, options, init)
+    def check(self, sites: Sequence[Site], options: dict[str, Any], init: str,
+              analysis: Analysis) -> None:
+        super().check(sites, options, init, analysis)
         if init == "preserve" and options["scope"] == "network":
-            raise AutobuildError("dirac scope=network removes the skip connections, which "
-                                 "changes the function, so --init preserve is impossible; use "
-                                 "--init scratch, or --option scope=convs --init preserve")
+            raise InfeasiblePlacement(
+                "dirac scope=network removes the skip connections, which changes the function, "
+                "so --init preserve is impossible; use --init scratch, or --option scope=convs "
+                "--init preserve")
 
-    def apply(self, rewriter: Rewriter, sites: Sequence[Site], options: dict[str, Any],
-              init: str) -> None:
+    def region(self, site: Site, options: dict[str, Any], analysis: Analysis) -> Region:
+        region = analysis.region(site.name)
+        bn = _folding_bn(analysis, site.name) if site.kind == "conv" else None
+        if options["folded"] and bn:
+            region = region | Region(analysis.call_nodes(bn), frozenset({bn}))
+        return region
+
+    def cost(self, site: Site, options: dict[str, Any], analysis: Analysis) -> Counts:
         if options["scope"] == "network":
-            _diracnet(rewriter, sites[0], init)
-        else:
-            for site in sites:
-                rewriter.replace(site, self.build(site, rewriter.module(site), options, init))
+            return analysis.applied_cost(self, site, options)
+        bn = _folding_bn(analysis, site.name) if options["folded"] else None
+        with torch.device("meta"):
+            layer = self.build(site, analysis.meta_module(site), options, "scratch")
+            if options["folded"]:
+                bn_module = meta_twin(analysis.baseline.module.get_submodule(bn)) if bn else None
+                layer = layer.folded(bn_module)
+        return count_replacement(layer, site.input_shape)
+
+    def apply(self, rewriter: Rewriter, site: Site, options: dict[str, Any], init: str) -> None:
+        if options["scope"] == "network":
+            _diracnet(rewriter, site, options)
+            return
+        rewriter.replace(site, self.build(site, rewriter.module(site), options, init))
         if options["folded"]:
-            changes = _fold_in_place(rewriter.root_module, rewriter.leaf_modules)
-            for c in changes:
-                c.site = _full(rewriter, c.site)
-            rewriter.changes.extend(changes)
+            _fold_one(rewriter, site.target, _folding_bn(rewriter.analysis, site.name),
+                      site.name)
 
     def build(self, site: Site, module: nn.Module, options: dict[str, Any],
               init: str) -> nn.Module:
-        if not isinstance(module, nn.Conv2d):
-            raise AutobuildError(f"site {site.name} is a {type(module).__name__}; dirac "
-                                 "scope=convs converts nn.Conv2d sites")
         layer = DiracConv2d.from_conv(module)
         if init == "preserve":
             layer.preserve(module.weight, module.bias)
         return layer
 
 
-register_variant(DiracVariant)
+register_family(DiracVariant)

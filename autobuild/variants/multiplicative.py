@@ -51,16 +51,17 @@ import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, fx, nn
 
 from autobuild.errors import AutobuildError
-from autobuild.rewrite.rewriter import Rewriter
-from autobuild.rewrite.sites import Site
-from autobuild.variants import register_variant
-from autobuild.variants.base import Option, Variant
+from autobuild.rewrite import Counts, Option, Site, Variant, plan_of, register_family, root_of
+from autobuild.variants.base import count_replacement
+
+if TYPE_CHECKING:
+    from autobuild.rewrite import Analysis, Rewriter
 
 __all__ = ["Hardball", "MultiplicativeVariant", "QLBlock", "QLNet", "check_symmetry",
            "ql_width", "symmetry_transform"]
@@ -98,6 +99,9 @@ def _kaiming_linear(conv: nn.Conv2d) -> None:
 class QLBlock(nn.Module):
     """One QL block (SPEC 1.2 / QLNet): conv1x1 -> product -> depthwise 3x3 -> conv1x1."""
 
+    #: autobuild.masked(): the residual branch is off, the block is its skip path.
+    masked: bool = False
+
     def __init__(self, inplanes: int, outplanes: int, width: int, stride: int = 1,
                  hardball: bool = False) -> None:
         super().__init__()
@@ -130,6 +134,8 @@ class QLBlock(nn.Module):
         self.bn3.weight.zero_()
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.masked:
+            return self.hardball(self.skip(x))
         y = self.bn1(self.conv1(x))
         y = y[:, : self.width] * y[:, self.width:]
         y = self.bn2(self.conv2(y))
@@ -226,7 +232,9 @@ class MultiplicativeVariant(Variant):
     )
     # A QL block replaces a whole block: it cannot compute a basic/bottleneck block's function.
     inits = ("scratch",)
+    primary_option = "layout"
     leaf_modules = (QLBlock, Hardball)
+    mask_effect = "the residual branch of each QL block: the block computes hardball(skip(x))"
     example_models = ("cifar_resnet20", "resnet18", "resnet50", "resnet34")
 
     def contract_cases(self) -> list[tuple[str, dict[str, Any], list[str] | None]]:
@@ -236,8 +244,32 @@ class MultiplicativeVariant(Variant):
         # layout=qlnet needs a torchvision ResNet; resnet18 gives the cheapest QLNet ([2]*4).
         return cases + [("resnet18", {"layout": "qlnet"}, None)]
 
+    def parse_options(self, raw: Any) -> dict[str, Any]:
+        options = super().parse_options(raw)
+        _parse_expansion(options["expansion"])  # refuse a bad width rule up front
+        return options
+
     def accepts(self, site: Site, options: dict[str, Any]) -> bool:
         return site.kind == ("network" if options["layout"] == "qlnet" else "block")
+
+    def refusal(self, site: Site, options: dict[str, Any], analysis: Analysis) -> str:
+        if options["layout"] == "qlnet":
+            from torchvision.models.resnet import ResNet
+
+            module = analysis.module(site)
+            if not isinstance(module, ResNet):
+                return (f"layout=qlnet rebuilds a torchvision ResNet (e.g. resnet50), not a "
+                        f"{type(module).__name__}; use --option layout=plain")
+            return ""
+        if len(site.input_shape) != 3 or len(site.output_shape) != 3:
+            return (f"it is not a 2-d feature-map block (shapes {site.input_shape} -> "
+                    f"{site.output_shape})")
+        stride = _block_stride(site)
+        h, w = site.input_shape[1:]
+        if ((h - 1) // stride + 1, (w - 1) // stride + 1) != tuple(site.output_shape[1:]):
+            return (f"it maps {site.input_shape} to {site.output_shape}, which a stride-{stride} "
+                    "3x3 conv cannot reproduce")
+        return ""
 
     def default_sites(self, candidates: Sequence[Site], options: dict[str, Any]) -> list[Site]:
         """Every block; a module that is itself one block holding another (a one-block
@@ -246,50 +278,33 @@ class MultiplicativeVariant(Variant):
         return [s for s in candidates
                 if not any(n != s.name and n.startswith(s.name + ".") for n in names)]
 
-    def check(self, sites: Sequence[Site], options: dict[str, Any], init: str) -> None:
-        super().check(sites, options, init)
-        _parse_expansion(options["expansion"])
-        names = [s.name for s in sites]
-        for s in sites:
-            inner = [n for n in names if n.startswith(s.name + ".")]
-            if inner:
-                raise AutobuildError(f"sites {s.name} and {inner[0]} are nested blocks; "
-                                     "choose one of them with --sites")
-
-    def apply(self, rewriter: Rewriter, sites: Sequence[Site], options: dict[str, Any],
-              init: str) -> None:
-        expansion = _parse_expansion(options["expansion"])
+    def cost(self, site: Site, options: dict[str, Any], analysis: Analysis) -> Counts:
         if options["layout"] == "qlnet":
-            rewriter.set_root(self._qlnet(rewriter.root_module, expansion, options["hardball"]),
-                              note="QLNet layout")
-            return
-        for site in sites:
-            rewriter.replace(site, self._block(site, rewriter.module(site), expansion,
-                                               options["hardball"]))
+            return analysis.applied_cost(self, site, options)
+        with torch.device("meta"):
+            block = self.build(site, analysis.meta_module(site), options, "scratch")
+        return count_replacement(block, site.input_shape)
 
-    @staticmethod
-    def _block(site: Site, module: nn.Module, expansion: str | float,
-               placement: str) -> QLBlock:
+    def apply(self, rewriter: Rewriter, site: Site, options: dict[str, Any], init: str) -> None:
+        if options["layout"] == "qlnet":
+            expansion = _parse_expansion(options["expansion"])
+            rewriter.set_root(site, self._qlnet(rewriter.root_module, expansion,
+                                                options["hardball"]), note="QLNet layout")
+            return
+        rewriter.replace(site, self.build(site, rewriter.module(site), options, init))
+
+    def build(self, site: Site, module: nn.Module, options: dict[str, Any],
+              init: str) -> nn.Module:
         stride = _block_stride(site)
-        h, w = site.input_shape[1:]
-        if ((h - 1) // stride + 1, (w - 1) // stride + 1) != tuple(site.output_shape[1:]):
-            raise AutobuildError(f"block {site.name} maps {site.input_shape} to "
-                                 f"{site.output_shape}, which a stride-{stride} 3x3 conv cannot "
-                                 "reproduce; leave it out with --sites")
         skip = stride != 1 or site.in_channels != site.out_channels
-        block = QLBlock(site.in_channels, site.out_channels,
-                        ql_width(_block_basis(site, module), expansion), stride,
-                        _wants_hardball(placement, stride, skip))
+        width = ql_width(_block_basis(site, module), _parse_expansion(options["expansion"]))
+        block = QLBlock(site.in_channels, site.out_channels, width, stride,
+                        _wants_hardball(options["hardball"], stride, skip))
         param = next(module.parameters(), None)
         return block.to(param.device, param.dtype) if param is not None else block
 
     @staticmethod
     def _qlnet(root: nn.Module, expansion: str | float, placement: str) -> QLNet:
-        from torchvision.models.resnet import ResNet
-
-        if not isinstance(root, ResNet):
-            raise AutobuildError(f"layout=qlnet rebuilds a torchvision ResNet (e.g. resnet50), "
-                                 f"not a {type(root).__name__}; use --option layout=plain")
         layers = [len(getattr(root, f"layer{i}")) for i in range(1, 5)]
         model = QLNet(layers, root.fc.out_features, root.conv1.in_channels, expansion, placement)
         return model.to(root.fc.weight.device, root.fc.weight.dtype)
@@ -297,13 +312,11 @@ class MultiplicativeVariant(Variant):
 
 # ---- the continuous symmetry ----------------------------------------------------------------
 def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
-    """conv followed by eval-mode BN as one conv with a bias."""
-    folded = copy.deepcopy(conv)
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-    folded.weight = nn.Parameter(conv.weight * scale.view(-1, 1, 1, 1))
-    folded.bias = nn.Parameter(bn.bias + (bias - bn.running_mean) * scale)
-    return folded
+    """conv followed by eval-mode BN as one conv with a bias (always with a bias: the
+    rotation writes it)."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    return fuse_conv_bn_eval(conv.eval(), bn.eval())
 
 
 @torch.no_grad()
@@ -398,7 +411,6 @@ def _streams(model: nn.Module, leaf_modules: Sequence[Any]) -> tuple[list[_Strea
     return streams, n_blocks
 
 
-@torch.no_grad()
 def symmetry_transform(model: nn.Module, *, seed: int = 0) -> nn.Module:
     """A new model computing the same function (eval mode): BN folded into the QL blocks'
     convs, then each stage's residual stream rotated by a random orthogonal Q (seeded).
@@ -407,10 +419,14 @@ def symmetry_transform(model: nn.Module, *, seed: int = 0) -> nn.Module:
     stream after the ResNet stem's ReLU, a non-QL block, the output itself) keep Q = I.
     The result has folded convs, so it no longer matches its plan's state_dict.
     """
+    return _symmetry(model, seed)[0]
+
+
+@torch.no_grad()
+def _symmetry(model: nn.Module, seed: int) -> tuple[nn.Module, int]:
     new = copy.deepcopy(model).eval()
-    plan = getattr(model, "_autobuild_plan", None)
-    root_name = "" if plan is None else _plan_root(plan)
-    root = new.get_submodule(root_name) if root_name else new
+    plan = plan_of(model)
+    root = root_of(new)
     blocks = [m for m in root.modules() if isinstance(m, QLBlock)]
     if not blocks:
         raise AutobuildError("the model has no QL blocks: convert it with --to multiplicative "
@@ -426,16 +442,7 @@ def symmetry_transform(model: nn.Module, *, seed: int = 0) -> nn.Module:
             conv.bias.copy_(_rotate(conv.bias, q, side="out"))
         for m in s.readers:
             m.weight.copy_(_rotate(m.weight, q, side="in"))
-    new._autobuild_symmetry_stages = len(streams)
-    return new
-
-
-def _plan_root(plan: Any) -> str:
-    if plan.model.startswith("custom:"):
-        return ""
-    from autobuild.models import get_model_entry
-
-    return get_model_entry(plan.model).trace_root
+    return new, len(streams)
 
 
 @torch.no_grad()
@@ -444,27 +451,16 @@ def check_symmetry(model: nn.Module, *, seed: int = 0,
     """Compare the logits of ``model`` and :func:`symmetry_transform` (model) in eval mode on
     one random input; ``relative`` = max |difference| / max |output|."""
     if input_size is None:
-        plan = getattr(model, "_autobuild_plan", None)
+        plan = plan_of(model)
         if plan is None or plan.input_size is None:
             raise AutobuildError("check_symmetry needs input_size for a model without a plan")
         input_size = plan.input_size
-    rotated = symmetry_transform(model, seed=seed)
-    original = copy.deepcopy(model).eval()  # eval() on a copy: the caller's modes stay
-    param = next(original.parameters())
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, *input_size, generator=generator).to(param.device, param.dtype)
-    y0, y1 = _flat(original(x)), _flat(rotated(x))
-    diff, scale = float((y0 - y1).abs().max()), float(y0.abs().max())
+    from autobuild.summary import output_difference
+
+    rotated, stages = _symmetry(model, seed)
+    diff, scale = output_difference(model, rotated, input_size, seed=seed)
     return {"max_abs_diff": diff, "max_abs_output": scale, "relative": diff / max(scale, 1e-12),
-            "stages": int(rotated._autobuild_symmetry_stages), "seed": seed}
+            "stages": stages, "seed": seed}
 
 
-def _flat(y: Any) -> Tensor:
-    if isinstance(y, dict):
-        y = list(y.values())
-    if isinstance(y, (list, tuple)):
-        return torch.cat([_flat(t) for t in y])
-    return y.flatten()
-
-
-register_variant(MultiplicativeVariant)
+register_family(MultiplicativeVariant)

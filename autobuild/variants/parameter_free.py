@@ -44,16 +44,18 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from autobuild.errors import AutobuildError
-from autobuild.rewrite.rewriter import Change, Rewriter
-from autobuild.rewrite.sites import Site
-from autobuild.variants import register_variant
-from autobuild.variants.base import Option, Variant
+from autobuild.rewrite import Counts, Option, Region, Site, Variant, register_family
+from autobuild.variants.base import count_replacement
+
+if TYPE_CHECKING:
+    from autobuild.rewrite import Analysis, Rewriter
 
 __all__ = ["LAYOUTS", "ParameterFreeLayer", "ParameterFreeVariant"]
 
@@ -63,6 +65,9 @@ LAYOUTS = ("max", "hybrid")
 class ParameterFreeLayer(nn.Module):
     """A pool, optionally followed by a conv (a 1x1 channel map, or the stride-1 conv of the
     hybrid layout). Replaces one Conv2d call; the BN/activation after it stay where they are."""
+
+    #: autobuild.masked(): the layer outputs zeros (the replaced conv's output is off).
+    masked: bool = False
 
     def __init__(self, pool: nn.Module, conv: nn.Conv2d | None = None,
                  pad: tuple[int, int] = (0, 0)) -> None:
@@ -74,6 +79,11 @@ class ParameterFreeLayer(nn.Module):
         self.pad = pad
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.masked:
+            return torch.zeros_like(self._forward(x))
+        return self._forward(x)
+
+    def _forward(self, x: Tensor) -> Tensor:
         if self.pad != (0, 0):
             ph, pw = self.pad
             x = F.pad(x, (pw, pw, ph, ph), value=float("-inf"))
@@ -93,33 +103,52 @@ def _out_size(n: int, k: int, s: int, p: int, d: int, ceil: bool = False) -> int
     return (math.ceil(span / s) if ceil else span // s) + 1
 
 
-def build_layer(site: Site, conv: nn.Conv2d, layout: str) -> tuple[ParameterFreeLayer, bool]:
-    """The replacement of ``conv`` and whether the BN after it must go (pool only)."""
+def layer_problem(site: Site, conv: nn.Module, layout: str) -> str:
+    """Why ``conv`` at ``site`` cannot become a parameter-free layer ("" when it can)."""
+    if not isinstance(conv, nn.Conv2d):
+        return f"it is a {type(conv).__name__}, not a Conv2d"
     if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
-        raise AutobuildError(f"parameter-free converts zero-padded convs with numeric padding; "
-                             f"site {site.name} has padding={conv.padding!r}, padding_mode="
-                             f"{conv.padding_mode!r}; leave it out with --sites")
+        return (f"it has padding={conv.padding!r}, padding_mode={conv.padding_mode!r} (only "
+                "zero-padded convs with numeric padding are converted)")
     k, s = _pair(conv.kernel_size), _pair(conv.stride)
     p, d = _pair(conv.padding), _pair(conv.dilation)
-    if layout == "hybrid" and max(s) > 1:
-        # PfLayer's EffBottleneck: down-sample first, then the same conv at stride 1.
-        kept = copy.deepcopy(conv)
-        kept.stride = (1, 1)
-        layer = ParameterFreeLayer(nn.AvgPool2d(s, s, ceil_mode=True), kept)
+    if _hybrid(layout, conv):
         if len(site.input_shape) == 3 and len(site.output_shape) == 3:
             got = tuple(_out_size(_out_size(n, si, si, 0, 1, ceil=True), ki, 1, pi, di)
                         for n, ki, si, pi, di in zip(site.input_shape[1:], k, s, p, d,
                                                      strict=True))
             if got != tuple(site.output_shape[1:]):
-                raise AutobuildError(
-                    f"parameter-free layout=hybrid would change the output size of site "
-                    f"{site.name} ({tuple(site.output_shape[1:])} -> {got}: its conv is not "
-                    "'same'-padded); use layout=max or leave it out with --sites")
-        return layer, False
+                return (f"layout=hybrid would change its output size "
+                        f"({tuple(site.output_shape[1:])} -> {got}: the conv is not "
+                        "'same'-padded); use layout=max")
+        return ""
     if any(2 * pi > di * (ki - 1) for pi, ki, di in zip(p, k, d, strict=True)):
-        raise AutobuildError(f"parameter-free cannot pool like site {site.name} (padding {p} "
-                             f"exceeds half its kernel {k} at dilation {d}); leave it out "
-                             "with --sites")
+        return f"its padding {p} exceeds half its kernel {k} at dilation {d}"
+    return ""
+
+
+def _hybrid(layout: str, conv: nn.Conv2d) -> bool:
+    """Whether the site keeps its conv behind an AvgPool2d (hybrid layout, strided site)."""
+    return layout == "hybrid" and max(_pair(conv.stride)) > 1
+
+
+def drops_bn(conv: nn.Conv2d, layout: str) -> bool:
+    """A lone max-pool replaces conv + BN (PfLayer's MaxBottleneck has no BN after the pool)."""
+    return not _hybrid(layout, conv) and conv.in_channels == conv.out_channels
+
+
+def build_layer(site: Site, conv: nn.Conv2d, layout: str) -> tuple[ParameterFreeLayer, bool]:
+    """The replacement of ``conv`` and whether the BN after it must go (pool only)."""
+    problem = layer_problem(site, conv, layout)
+    if problem:
+        raise AutobuildError(f"parameter-free cannot convert site {site.name}: {problem}")
+    k, s = _pair(conv.kernel_size), _pair(conv.stride)
+    p, d = _pair(conv.padding), _pair(conv.dilation)
+    if _hybrid(layout, conv):
+        # PfLayer's EffBottleneck: down-sample first, then the same conv at stride 1.
+        kept = copy.deepcopy(conv)
+        kept.stride = (1, 1)
+        return ParameterFreeLayer(nn.AvgPool2d(s, s, ceil_mode=True), kept), False
     # MaxPool2d pads with -inf itself up to half its kernel; dilated convs (SSD's fc6:
     # 3x3, dilation 6, padding 6) need the padding done explicitly.
     inline = all(pi <= ki // 2 for pi, ki in zip(p, k, strict=True))
@@ -144,33 +173,41 @@ class ParameterFreeVariant(Variant):
                "keep AvgPool2d + stride-1 conv, the rest max-pool (R50-hybrid)", LAYOUTS),
     )
     inits = ("scratch",)
+    primary_option = "layout"
     leaf_modules = (ParameterFreeLayer,)
+    mask_effect = ("the pooling layer's output (zeros): the site contributes nothing, e.g. a "
+                   "residual block computes its shortcut plus the rest of its branch on zeros")
     example_models = ("cifar_resnet20", "resnet50", "resnet18", "cifar_vgg16", "ssd300_vgg16")
 
     def accepts(self, site: Site, options: dict[str, Any]) -> bool:
         return site.kind == "conv" and max(site.kernel_size, default=1) > 1
 
+    def refusal(self, site: Site, options: dict[str, Any], analysis: Analysis) -> str:
+        return layer_problem(site, analysis.module(site), options["layout"])
+
     def default_sites(self, candidates: Sequence[Site], options: dict[str, Any]) -> list[Site]:
         """Every spatial conv except the stem (for ResNet-50: the 16 bottleneck 3x3 convs)."""
         return [s for s in candidates if not s.extra.get("stem")]
 
-    def apply(self, rewriter: Rewriter, sites: Sequence[Site], options: dict[str, Any],
-              init: str) -> None:
-        for site in sites:
-            conv = rewriter.module(site)
-            if not isinstance(conv, nn.Conv2d):
-                raise AutobuildError(f"site {site.name} is a {type(conv).__name__}, not a "
-                                     "Conv2d; parameter-free converts Conv2d calls only")
-            layer, drop_bn = build_layer(site, conv, options["layout"])
-            rewriter.replace(site, layer, note=f"layout={options['layout']}")
-            bn = site.extra.get("bn")
-            if drop_bn and bn:
-                old = rewriter.model.get_submodule(bn)
-                rewriter.model.set_submodule(bn, nn.Identity())
-                rewriter.changes.append(Change(
-                    bn, self.name, type(old).__name__, "Identity",
-                    sum(p.numel() for p in old.parameters()), 0,
-                    f"no BN after the max-pool of {site.name} (PfLayer)"))
+    def region(self, site: Site, options: dict[str, Any], analysis: Analysis) -> Region:
+        region = analysis.region(site.name)
+        bn = site.extra.get("bn")
+        if bn and drops_bn(analysis.module(site), options["layout"]):
+            region = region | Region(analysis.call_nodes(bn), frozenset({bn}))
+        return region
+
+    def cost(self, site: Site, options: dict[str, Any], analysis: Analysis) -> Counts:
+        with torch.device("meta"):
+            layer, _ = build_layer(site, analysis.meta_module(site), options["layout"])
+        return count_replacement(layer, site.input_shape)
+
+    def apply(self, rewriter: Rewriter, site: Site, options: dict[str, Any], init: str) -> None:
+        layer, drop_bn = build_layer(site, rewriter.module(site), options["layout"])
+        rewriter.replace(site, layer, note=f"layout={options['layout']}")
+        bn = site.extra.get("bn")
+        if drop_bn and bn:
+            rewriter.replace_module(bn, nn.Identity(), site=site.name,
+                                    note=f"no BN after the max-pool of {site.name} (PfLayer)")
 
 
-register_variant(ParameterFreeVariant)
+register_family(ParameterFreeVariant)

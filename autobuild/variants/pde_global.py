@@ -51,17 +51,18 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock
 
-from autobuild.errors import AutobuildError
-from autobuild.rewrite.rewriter import Rewriter
-from autobuild.rewrite.sites import Site
-from autobuild.variants import register_variant
-from autobuild.variants.base import Option, Variant
+from autobuild.errors import AutobuildError, InfeasiblePlacement
+from autobuild.rewrite import Counts, Option, Region, Site, Variant, register_family
+from autobuild.variants.base import count_replacement
+
+if TYPE_CHECKING:
+    from autobuild.rewrite import Analysis, Rewriter
 
 __all__ = ["COEFFS", "LAYOUTS", "GlobalLayer", "PdeGlobalVariant", "ResNetGlobal", "pde_steps"]
 
@@ -114,6 +115,9 @@ class GlobalLayer(nn.Module):
     """Kag & Saligrama's Global layer (``GlobalFeatureBlock_Diffusion`` of the official code,
     with its defaults: identity init block, no residual, H^-1 = f)."""
 
+    #: autobuild.masked(): the layer is the identity (its stage is just its first block).
+    masked: bool = False
+
     def __init__(self, channels: int, steps: int = 1, dt: float = 0.2, coeffs: str = "dwconv",
                  dx: int = 1, dy: int = 1) -> None:
         super().__init__()
@@ -133,6 +137,8 @@ class GlobalLayer(nn.Module):
         self.bn_out = nn.BatchNorm2d(channels)
 
     def forward(self, f: Tensor) -> Tensor:
+        if self.masked:
+            return f
         h = f  # the official default init block is the identity: H^0 = h = f
         u = self.u(h) if self.u is not None else None
         v = self.v(h) if self.v is not None else None
@@ -207,13 +213,15 @@ class PdeGlobalVariant(Variant):
                "paper: the official CIFAR ResNet-Global (cifar_resnet* only)", LAYOUTS),
         Option("coeffs", "dwconv", "velocity/diffusivity: depthwise conv+BN+ReLU of h, "
                "constant (D=1, v=0), or constant_diffusivity (official --constant_Dxy)", COEFFS),
-        Option("K", 1, "PDE steps per Global layer", None, int),
-        Option("dt", 0.2, "PDE time step", None, float),
+        Option("K", 1, "PDE steps per Global layer", None, int, min=1),
+        Option("dt", 0.2, "PDE time step", None, float, min=0.0, min_inclusive=False),
         Option("blocks", 1, "basic blocks per stage of layout=paper (official -m: 1 = "
-               "ResNet-32-Global, 2 = ResNet-56-Global)", None, int),
+               "ResNet-32-Global, 2 = ResNet-56-Global)", None, int, min=1),
     )
     inits = ("scratch",)
+    primary_option = "layout"
     leaf_modules = (GlobalLayer,)
+    mask_effect = "the Global layer (it becomes the identity: the stage is its first block)"
     example_models = ("cifar_resnet20", "cifar_resnet32", "resnet18", "resnet50")
 
     def contract_cases(self) -> list[tuple[str, dict[str, Any], list[str] | None]]:
@@ -226,42 +234,54 @@ class PdeGlobalVariant(Variant):
     def accepts(self, site: Site, options: dict[str, Any]) -> bool:
         return site.kind == ("network" if options["layout"] == "paper" else "stage")
 
-    def check(self, sites: Sequence[Site], options: dict[str, Any], init: str) -> None:
-        super().check(sites, options, init)
-        if options["K"] < 1 or not (options["dt"] > 0 and math.isfinite(options["dt"])):
-            raise AutobuildError(f"pde-global needs K >= 1 and a finite dt > 0 (got "
-                                 f"K={options['K']}, dt={options['dt']}); e.g. --option K=1 "
-                                 "--option dt=0.2")
-        if options["blocks"] < 1:
-            raise AutobuildError(f"option blocks of pde-global must be >= 1, got "
-                                 f"{options['blocks']}")
-        if options["layout"] != "paper":
-            if options["blocks"] != 1:
-                raise AutobuildError("option blocks of pde-global applies to layout=paper "
-                                     "only; add --option layout=paper or drop it")
-            return
-        for site in sites:
-            if site.module_type != "CifarResNet":
-                raise AutobuildError(f"pde-global layout=paper builds the CIFAR ResNet-Global "
-                                     f"and replaces a cifar_resnet* baseline, not a "
-                                     f"{site.module_type}; use layout=plain for other ResNets")
+    def refusal(self, site: Site, options: dict[str, Any], analysis: Analysis) -> str:
+        if options["layout"] == "paper" and site.module_type != "CifarResNet":
+            return (f"layout=paper builds the CIFAR ResNet-Global and replaces a cifar_resnet* "
+                    f"baseline, not a {site.module_type}; use layout=plain for other ResNets")
+        return ""
 
-    def apply(self, rewriter: Rewriter, sites: Sequence[Site], options: dict[str, Any],
-              init: str) -> None:
+    def check(self, sites: Sequence[Site], options: dict[str, Any], init: str,
+              analysis: Analysis) -> None:
+        super().check(sites, options, init, analysis)
+        if not math.isfinite(options["dt"]) or options["dt"] <= 0:
+            raise InfeasiblePlacement(f"pde-global needs a finite dt > 0 (got dt="
+                                      f"{options['dt']}); e.g. --option dt=0.2")
+        if options["layout"] != "paper" and options["blocks"] != 1:
+            raise InfeasiblePlacement("option blocks of pde-global applies to layout=paper "
+                                      "only; add --option layout=paper or drop it")
+
+    def region(self, site: Site, options: dict[str, Any], analysis: Analysis) -> Region:
+        """layout=plain replaces the stage's blocks after the first (which stays, and may
+        itself be converted by another choice)."""
+        if options["layout"] == "paper":
+            return analysis.region(site.name)
+        rest = [f"{site.name}.{child}" for child, _ in
+                list(analysis.module(site).named_children())[1:]]
+        return Region(frozenset().union(*(analysis.region(b).nodes for b in rest)),
+                      frozenset(rest))
+
+    def cost(self, site: Site, options: dict[str, Any], analysis: Analysis) -> Counts:
+        if options["layout"] == "paper":
+            return analysis.applied_cost(self, site, options)
+        with torch.device("meta"):
+            layer = GlobalLayer(site.out_channels, options["K"], options["dt"],
+                                options["coeffs"])
+        return count_replacement(layer, site.output_shape)
+
+    def apply(self, rewriter: Rewriter, site: Site, options: dict[str, Any], init: str) -> None:
         steps, dt, coeffs = options["K"], options["dt"], options["coeffs"]
         if options["layout"] == "paper":
             root = rewriter.root_module
             net = ResNetGlobal(root.fc.out_features, root.conv1.in_channels,
                                blocks=options["blocks"], steps=steps, dt=dt, coeffs=coeffs)
-            rewriter.set_root(_like(net, root), note="official CIFAR ResNet-Global")
+            rewriter.set_root(site, _like(net, root), note="official CIFAR ResNet-Global")
             return
-        for site in sites:
-            stage = rewriter.module(site)
-            first = next(iter(stage.children()))
-            layer = _like(GlobalLayer(site.out_channels, steps, dt, coeffs), first)
-            # Named "pde", not "global": fx generates Python code with child names in it.
-            rewriter.replace(site, nn.Sequential(OrderedDict([("0", first), ("pde", layer)])),
-                             note=f"block 0 kept, {len(stage) - 1} block(s) -> Global layer")
+        stage = rewriter.module(site)
+        first = next(iter(stage.children()))
+        layer = _like(GlobalLayer(site.out_channels, steps, dt, coeffs), first)
+        # Named "pde", not "global": fx generates Python code with child names in it.
+        rewriter.replace(site, nn.Sequential(OrderedDict([("0", first), ("pde", layer)])),
+                         note=f"block 0 kept, {len(stage) - 1} block(s) -> Global layer")
 
 
-register_variant(PdeGlobalVariant)
+register_family(PdeGlobalVariant)

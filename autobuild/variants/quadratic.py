@@ -21,16 +21,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from autobuild.errors import AutobuildError
-from autobuild.rewrite.sites import Site
-from autobuild.variants import register_variant
-from autobuild.variants.base import Option, Variant
+from autobuild.errors import AutobuildError, InfeasiblePlacement
+from autobuild.rewrite import Option, Site, Variant, register_family
+
+if TYPE_CHECKING:
+    from autobuild.rewrite import Analysis
 
 __all__ = ["QUADRATIC_TYPES", "QuadraticConv2d", "QuadraticLinear", "QuadraticVariant"]
 
@@ -48,6 +49,8 @@ class _Quadratic(nn.Module):
     in_channels: int
     out_channels: int
     groups: int = 1
+    #: autobuild.masked(): the second-order part is switched off (see QuadraticVariant).
+    masked: bool = False
 
     def __init__(self, qtype: str, in_channels: int, out_channels: int, fan_in_shape: Sequence[int],
                  bias: bool) -> None:
@@ -159,17 +162,16 @@ class _Quadratic(nn.Module):
 
     def _combine(self, y: Tensor, x_sq_term: Tensor | None, dim: int) -> Tensor:
         q = self.qtype
-        if q in ("t2",):
-            return y
-        if q == "t3":
-            return y.square()
+        if q in ("t2", "t3"):
+            # Masked: these types are all second-order, so the whole output is off.
+            return torch.zeros_like(y) if self.masked else (y if q == "t2" else y.square())
         parts = self._branches(y, dim)
         if q == "t4":
-            return parts[0] * parts[1]
+            return torch.zeros_like(parts[0]) if self.masked else parts[0] * parts[1]
         if q == "ours":
-            return torch.addcmul(parts[2], parts[0], parts[1])
+            return parts[2] if self.masked else torch.addcmul(parts[2], parts[0], parts[1])
         if q == "fan":
-            return torch.addcmul(x_sq_term, parts[0], parts[1])
+            return x_sq_term if self.masked else torch.addcmul(x_sq_term, parts[0], parts[1])
         raise AssertionError(q)
 
     def extra_repr(self) -> str:
@@ -232,6 +234,8 @@ class QuadraticConv2d(_Quadratic):
         lin = torch.matmul(self.weight.view(self.out_channels, d), p)  # B, O, L
         if self.bias is not None:
             lin = lin + self.bias.view(1, -1, 1)
+        if self.masked:
+            return lin.view(b, self.out_channels, ho, wo)
         ap = torch.matmul(self.quad.view(self.out_channels * d, d), p)  # B, O*D, L
         quad = (ap.view(b, self.out_channels, d, -1) * p.unsqueeze(1)).sum(2)
         return (lin + quad).view(b, self.out_channels, ho, wo)
@@ -254,6 +258,8 @@ class QuadraticLinear(_Quadratic):
     def forward(self, x: Tensor) -> Tensor:
         if self.qtype == "volterra":
             lin = F.linear(x, self.weight, self.bias)
+            if self.masked:
+                return lin
             ap = F.linear(x, self.quad.view(-1, self.in_channels))
             return lin + (ap.unflatten(-1, (self.out_channels, self.in_channels))
                           * x.unsqueeze(-2)).sum(-1)
@@ -287,10 +293,13 @@ class QuadraticVariant(Variant):
     options = (
         Option("type", "ours", "neuron type", tuple(QUADRATIC_TYPES)),
         Option("volterra_max_params", VOLTERRA_MAX_PARAMS,
-               "largest volterra layer (parameters) that is built", None, int),
+               "largest volterra layer (parameters) that is built", None, int, min=1),
     )
+    primary_option = "type"
     leaf_modules = (QuadraticConv2d, QuadraticLinear)
     example_models = ("cifar_resnet20", "resnet50", "cifar_vgg16", "ssd300_vgg16")
+    mask_effect = ("the second-order term: ours/fan keep their linear branch (BN_c(W_c x), "
+                   "W_c(x⊙x)), volterra its linear part; t2/t3/t4 output zero")
 
     def contract_cases(self) -> list[tuple[str, dict[str, Any], list[str] | None]]:
         cases = super().contract_cases()
@@ -303,34 +312,42 @@ class QuadraticVariant(Variant):
         larger site explicitly is refused with its size)."""
         sites = [s for s in candidates if s.kind == "conv" and not s.extra.get("stem")]
         if options["type"] == "volterra":
-            sites = [s for s in sites if s.groups == 1 and quadratic_params(s, "volterra")
+            sites = [s for s in sites if quadratic_params(s, "volterra")
                      <= options["volterra_max_params"]]
             if not sites:
-                raise AutobuildError("no default site is small enough for volterra (limit "
-                                     f"{options['volterra_max_params']:,} parameters); name "
-                                     "sites with --sites or raise --option volterra_max_params")
+                raise InfeasiblePlacement(
+                    "no default site is small enough for volterra (limit "
+                    f"{options['volterra_max_params']:,} parameters); name sites with --sites "
+                    "or raise --option volterra_max_params")
         return sites
 
-    def check(self, sites: Sequence[Site], options: dict[str, Any], init: str) -> None:
-        super().check(sites, options, init)
+    def refusal(self, site: Site, options: dict[str, Any], analysis: Analysis) -> str:
+        module = analysis.module(site)
+        if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
+            return f"it pads with padding_mode={module.padding_mode!r} (only zeros is supported)"
+        if options["type"] != "volterra":
+            return ""
+        if site.groups != 1:
+            return f"volterra converts dense convs only and it has groups={site.groups}"
+        if isinstance(module, nn.Conv2d) and isinstance(module.padding, str):
+            return f"volterra needs numeric padding, not padding={module.padding!r}"
+        size, limit = quadratic_params(site, "volterra"), options["volterra_max_params"]
+        if size > limit:
+            return (f"volterra would have {size:,} parameters (A_o is (C·k²)² = "
+                    f"{size // max(site.out_channels, 1):,} per output channel), over the "
+                    f"limit of {limit:,}; choose smaller sites or raise --option "
+                    "volterra_max_params")
+        return ""
+
+    def check(self, sites: Sequence[Site], options: dict[str, Any], init: str,
+              analysis: Analysis) -> None:
+        super().check(sites, options, init, analysis)
         qtype = options["type"]
         if init == "preserve" and qtype not in PRESERVING_TYPES:
-            raise AutobuildError(f"quadratic type {qtype} has no first-order term and cannot "
-                                 "preserve the baseline (--init preserve); use --init scratch "
-                                 f"or type {'/'.join(PRESERVING_TYPES)}")
-        if qtype == "volterra":
-            limit = options["volterra_max_params"]
-            for s in sites:
-                if s.groups != 1:
-                    raise AutobuildError(f"volterra converts dense convs only; site {s.name} "
-                                         f"has groups={s.groups}")
-                size = quadratic_params(s, qtype)
-                if size > limit:
-                    raise AutobuildError(
-                        f"volterra at site {s.name} would have {size:,} parameters (A_o is "
-                        f"(C·k²)² = {(size // max(s.out_channels, 1)):,} per output channel), "
-                        f"over the limit of {limit:,}; choose smaller sites with --sites or "
-                        "raise --option volterra_max_params")
+            raise InfeasiblePlacement(
+                f"quadratic type {qtype} has no first-order term and cannot preserve the "
+                f"baseline (--init preserve); use --init scratch or type "
+                f"{'/'.join(PRESERVING_TYPES)}")
 
     def build(self, site: Site, module: nn.Module, options: dict[str, Any],
               init: str) -> nn.Module:
@@ -345,4 +362,4 @@ class QuadraticVariant(Variant):
         return layer
 
 
-register_variant(QuadraticVariant)
+register_family(QuadraticVariant)

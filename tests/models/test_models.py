@@ -7,7 +7,8 @@ import torch
 
 import autobuild
 from autobuild.errors import AutobuildError
-from autobuild.models import build_model, list_models
+from autobuild.models import build_model, list_models, resolve_baseline
+from tests.conftest import convert_baseline
 
 
 @pytest.mark.parametrize("depth,params", [(20, 0.27e6), (32, 0.46e6), (44, 0.66e6),
@@ -84,10 +85,8 @@ def test_weights_file(tmp_path) -> None:
                                   "regnet_x_400mf", "mnasnet0_5", "resnext50_32x4d"])
 def test_torchvision_classifiers_convert(name: str) -> None:
     torch.manual_seed(0)
-    from autobuild.rewrite import convert_model, resolve_baseline
-
     base = resolve_baseline(name)
-    converted = convert_model(base, "quadratic", options={"type": "fan"}, init="preserve")
+    converted = convert_baseline(base, "quadratic", options={"type": "fan"}, init="preserve")
     assert converted.changes
     x = torch.randn(1, *base.input_size)
     base.module.eval()

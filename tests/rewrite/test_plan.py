@@ -6,7 +6,8 @@ import pytest
 
 import autobuild
 from autobuild.errors import AutobuildError
-from autobuild.rewrite import Conversion, Plan, apply_plan
+from autobuild.io import load_plan, save_plan
+from autobuild.rewrite import Conversion, Plan, record_of
 
 
 def _plan() -> Plan:
@@ -17,23 +18,23 @@ def _plan() -> Plan:
 @pytest.mark.parametrize("name", ["plan.yaml", "plan.json"])
 def test_round_trip(tmp_path, name: str) -> None:
     path = str(tmp_path / name)
-    _plan().save(path)
-    assert Plan.load(path).to_dict() == _plan().to_dict()
-    assert Plan.load(str(tmp_path)).model == "cifar_resnet20"
+    save_plan(_plan(), path)
+    assert load_plan(path).to_dict() == _plan().to_dict()
+    assert load_plan(str(tmp_path)).model == "cifar_resnet20"
 
 
 def test_apply_plan_builds_what_it_names() -> None:
-    converted = apply_plan(_plan())
-    assert [c.site for c in converted.changes] == ["layer1.0.conv1"]
-    assert type(converted.model.layer1[0].conv1).__name__ == "QuadraticConv2d"
-    assert converted.plan.family == "quadratic"
+    model = autobuild.build_plan(_plan())
+    assert [c.site for c in record_of(model).changes] == ["layer1.0.conv1"]
+    assert type(model.layer1[0].conv1).__name__ == "QuadraticConv2d"
+    assert autobuild.plan_of(model).family == "quadratic"
 
 
 def test_plan_naming_a_missing_site_fails_clearly() -> None:
-    plan = _plan()
-    plan.conversions[0].sites = ["layer9.conv1"]
-    with pytest.raises(AutobuildError, match="does not have"):
-        apply_plan(plan)
+    plan = Plan("cifar_resnet20", [Conversion("quadratic", {"type": "t4"}, ["layer9.conv1"])],
+                "scratch", 10, (3, 32, 32))
+    with pytest.raises(AutobuildError, match="has no site 'layer9.conv1'"):
+        autobuild.build_plan(plan)
 
 
 @pytest.mark.parametrize("text", ["model: [unclosed", "just a string", "autobuild_plan: 1\n",
@@ -42,14 +43,14 @@ def test_corrupt_plans(tmp_path, text: str) -> None:
     path = tmp_path / "plan.yaml"
     path.write_text(text)
     with pytest.raises(AutobuildError, match="corrupt plan"):
-        Plan.load(str(path))
+        load_plan(str(path))
 
 
-def test_mixed_plan_applies_conversions_in_order() -> None:
+def test_mixed_plan_is_one_placement() -> None:
     plan = Plan("cifar_resnet20", [
         Conversion("quadratic", {"type": "t4"}, ["layer1.0.conv1"]),
         Conversion("quadratic", {"type": "ours"}, ["layer2.0.conv1"]),
     ], "scratch", 10, (3, 32, 32))
-    m = apply_plan(plan).model
+    m = autobuild.build_plan(plan)
     assert m.layer1[0].conv1.qtype == "t4" and m.layer2[0].conv1.qtype == "ours"
     assert autobuild.plan_of(m).family == "quadratic"

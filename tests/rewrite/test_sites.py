@@ -8,7 +8,12 @@ from torch import nn
 
 import autobuild
 from autobuild.errors import AutobuildError
-from autobuild.rewrite import find_sites, resolve_baseline, select_sites
+from autobuild.models import resolve_baseline
+from autobuild.rewrite import select_sites
+
+
+def find_sites(module, input_size):
+    return autobuild.analyze(module, input_size=input_size).sites()
 
 
 def _kinds(sites):

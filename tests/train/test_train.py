@@ -52,7 +52,7 @@ def test_resume_matches_an_uninterrupted_run(easy_folder: str, tmp_path: Path) -
     assert main(["train", *args, "--out", full]) == 0
     # The same run stopped after epoch 1 (as a search prunes it), then resumed by the CLI.
     from autobuild.cli import build_parser
-    from autobuild.cli._common import converted_from_args
+    from autobuild.cli._common import model_from_args
     from autobuild.cli.train import _fit_to_data
 
     ns = build_parser().parse_args(["train", *args])
@@ -61,7 +61,7 @@ def test_resume_matches_an_uninterrupted_run(easy_folder: str, tmp_path: Path) -
     part = str(tmp_path / "part")
     cfg = TrainConfig(epochs=2, batch_size=16, device="cpu", workers=0)
     torch.manual_seed(0)  # as the CLI does before building the model (--seed 0)
-    stopped = train(converted_from_args(ns, allow_baseline=True).model, data, cfg,
+    stopped = train(model_from_args(ns, allow_baseline=True)[0], data, cfg,
                     out_dir=part, callback=lambda m: m.epoch < 1)
     assert stopped.stopped_early and len(stopped.history) == 1
     assert main(["train", "--resume", part, "--device", "cpu", "--no-progress"]) == 0

@@ -8,9 +8,10 @@ import torch
 
 import autobuild
 from autobuild.errors import AutobuildError
-from autobuild.rewrite import apply_plan, convert_model, find_sites, resolve_baseline, trace
+from autobuild.models import resolve_baseline
+from autobuild.rewrite import trace
 from autobuild.variants import list_variants
-from tests.conftest import max_rel_diff
+from tests.conftest import convert_baseline, max_rel_diff
 
 CASES = [
     pytest.param(v.name, model, options, sites,
@@ -40,10 +41,11 @@ def test_every_builtin_family_is_registered() -> None:
 def test_contract(family: str, model: str, options: dict, sites: list | None, tmp_path) -> None:
     base = _baseline(model)
     torch.manual_seed(0)
-    converted = convert_model(base, family, sites=sites, options=options)
+    converted = convert_baseline(base, family, sites=sites, options=options)
     m = converted.model
     assert converted.changes, "the conversion changed nothing"
     assert autobuild.plan_of(m) is converted.plan
+    assert autobuild.plan_of(m) == converted.analysis.plan(converted.plan.placement)
     x = torch.randn(2, *base.input_size)
 
     # Shapes: same output as the baseline.
@@ -63,13 +65,13 @@ def test_contract(family: str, model: str, options: dict, sites: list | None, tm
 
     # A converted model can be traced again (its layers are leaves) and re-sited.
     trace(m)
-    find_sites(m, base.input_size, root=base.root)
+    autobuild.analyze(m, input_size=base.input_size) if not base.root else None
 
     # The plan rebuilds the same structure; save/load reproduces outputs bit for bit.
     m.eval()
     with torch.no_grad():
         y_eval = m(x)
-    rebuilt = apply_plan(converted.plan, load_baseline_weights=False).model
+    rebuilt = autobuild.build_plan(converted.plan, load_baseline_weights=False)
     rebuilt.load_state_dict(m.state_dict())
     rebuilt.eval()
     autobuild.save(m, str(tmp_path / "run"))
@@ -89,10 +91,10 @@ def test_preserve_contract(family: str, model: str, options: dict, sites: list |
     base = _baseline(model)
     if "preserve" not in variant.inits:
         with pytest.raises(AutobuildError, match="preserve"):
-            convert_model(base, family, sites=sites, options=options, init="preserve")
+            convert_baseline(base, family, sites=sites, options=options, init="preserve")
         return
     try:
-        m = convert_model(base, family, sites=sites, options=options, init="preserve").model
+        m = convert_baseline(base, family, sites=sites, options=options, init="preserve").model
     except AutobuildError as exc:
         assert "preserve" in str(exc)
         return
@@ -110,7 +112,7 @@ def test_every_family_on_every_kind_of_baseline(family: str, model: str) -> None
     the error says so and names models it applies to."""
     base = _baseline(model)
     try:
-        converted = convert_model(base, family)
+        converted = convert_baseline(base, family)
     except AutobuildError as exc:
         assert "applies to" in str(exc) or "no default site" in str(exc), str(exc)
         return

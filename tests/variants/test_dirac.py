@@ -13,9 +13,10 @@ from torch import nn
 import autobuild
 from autobuild.cli import main
 from autobuild.errors import AutobuildError
-from autobuild.rewrite import convert_model, resolve_baseline, trace
+from autobuild.models import resolve_baseline
+from autobuild.rewrite import trace
 from autobuild.variants.dirac import DiracConv2d, dirac_delta, fold
-from tests.conftest import max_rel_diff
+from tests.conftest import convert_baseline, max_rel_diff
 
 
 def _reference_dirac_conv(x: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor,
@@ -136,7 +137,7 @@ def test_resnet18_becomes_a_plain_dirac_chain() -> None:
 def test_network_scope_on_other_resnets(name: str) -> None:
     size = (3, 32, 32) if name.startswith("cifar") else (3, 64, 64)
     base = resolve_baseline(name, input_size=size)
-    converted = convert_model(base, "dirac")
+    converted = convert_baseline(base, "dirac")
     x = torch.randn(2, *size)
     y = converted.model(x)
     assert y.shape == base.module(x).shape and torch.isfinite(y).all()
@@ -147,7 +148,7 @@ def test_network_scope_on_other_resnets(name: str) -> None:
 
 def test_convs_scope_preserves_and_skips_what_delta_cannot_be() -> None:
     base = resolve_baseline("resnet18", input_size=(3, 64, 64))
-    converted = convert_model(base, "dirac", options={"scope": "convs"}, init="preserve")
+    converted = convert_baseline(base, "dirac", options={"scope": "convs"}, init="preserve")
     names = {c.site for c in converted.changes}
     assert "conv1" not in names  # the stem is not a default site
     assert not any("downsample" in n for n in names)  # 1x1 stride 2

@@ -13,7 +13,7 @@ from torch import nn
 import autobuild
 from autobuild.cli import main
 from autobuild.errors import AutobuildError
-from autobuild.rewrite import find_sites, resolve_baseline
+from autobuild.models import resolve_baseline
 from autobuild.variants.multiplicative import (
     Hardball,
     QLBlock,
@@ -22,7 +22,7 @@ from autobuild.variants.multiplicative import (
     ql_width,
     symmetry_transform,
 )
-from tests.conftest import max_rel_diff
+from tests.conftest import all_sites, max_rel_diff
 
 
 def _randomize_bn(model: nn.Module, seed: int = 1) -> None:
@@ -134,7 +134,7 @@ def test_width_rule() -> None:
 # ---- plain conversions ------------------------------------------------------------------------
 def test_plain_cifar_resnet20_keeps_every_blocks_interface() -> None:
     base = resolve_baseline("cifar_resnet20")
-    sites = {s.name: s for s in find_sites(base.module, base.input_size) if s.kind == "block"}
+    sites = {s.name: s for s in all_sites(base) if s.kind == "block"}
     m = autobuild.convert("cifar_resnet20", "multiplicative")
     blocks = _blocks(m)
     assert set(blocks) == set(sites) and len(blocks) == 9

@@ -11,9 +11,10 @@ from torchvision.models.resnet import Bottleneck, ResNet
 
 import autobuild
 from autobuild.errors import AutobuildError
-from autobuild.rewrite import Baseline, convert_model, resolve_baseline
+from autobuild.models import resolve_baseline
+from autobuild.rewrite import Baseline
 from autobuild.variants.parameter_free import ParameterFreeLayer
-from tests.conftest import max_rel_diff
+from tests.conftest import convert_baseline, max_rel_diff
 
 
 def _bn(m: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
@@ -62,7 +63,7 @@ def test_resnet50_counts_reproduce_pflayer(resnet50: Baseline, layout: str, pape
                                            paper_gmacs: float) -> None:
     base = autobuild.count(resnet50.module, (3, 224, 224))
     assert abs(base.params - 25.56e6) <= 0.01 * 25.56e6 and round(base.macs / 1e9, 1) == 4.1
-    conv = convert_model(resnet50, "parameter-free", options={"layout": layout})
+    conv = convert_baseline(resnet50, "parameter-free", options={"layout": layout})
     c = autobuild.count(conv.model, (3, 224, 224))
     # Exactly the baseline minus the bottleneck 3x3 convs (+BN) PfLayer removes...
     kept = layout == "hybrid"
@@ -103,7 +104,7 @@ def test_bottleneck_network_matches_pflayer(layout: str) -> None:
     net = ResNet(Bottleneck, [1, 2, 1, 1], num_classes=7)
     _randomize_bn(net)
     base = resolve_baseline(net, input_size=(3, 64, 64))
-    m = convert_model(base, "parameter-free", options={"layout": layout}).model.eval()
+    m = convert_baseline(base, "parameter-free", options={"layout": layout}).model.eval()
     net.eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
@@ -122,7 +123,7 @@ def test_basic_block_matches_hand_written_reference() -> None:
     torch.manual_seed(0)
     base = resolve_baseline("cifar_resnet20")
     _randomize_bn(base.module)
-    m = convert_model(base, "parameter-free").model.eval()
+    m = convert_baseline(base, "parameter-free").model.eval()
     blk = m.layer2[0]  # 16 -> 32 channels, stride 2, option-A shortcut
     assert blk.conv1.conv.kernel_size == (1, 1) and isinstance(blk.bn1, nn.BatchNorm2d)
     assert blk.conv2.conv is None and isinstance(blk.bn2, nn.Identity)
@@ -137,7 +138,7 @@ def test_basic_block_matches_hand_written_reference() -> None:
 
 def test_vgg_every_conv_but_the_stem() -> None:
     base = resolve_baseline("cifar_vgg11")
-    conv = convert_model(base, "parameter-free")
+    conv = convert_baseline(base, "parameter-free")
     layers = [m for m in conv.model.modules() if isinstance(m, ParameterFreeLayer)]
     assert len(layers) == 7 and isinstance(conv.model.features[0], nn.Conv2d)
     # Channel-changing convs get a 1x1 map (and keep their BN); the others are pools only.
@@ -151,7 +152,7 @@ def test_vgg_every_conv_but_the_stem() -> None:
 
 def test_resnet18_hybrid_keeps_strided_convs() -> None:
     base = resolve_baseline("resnet18", input_size=(3, 64, 64))
-    m = convert_model(base, "parameter-free", options={"layout": "hybrid"}).model
+    m = convert_baseline(base, "parameter-free", options={"layout": "hybrid"}).model
     assert isinstance(m.layer2[0].conv1.pool, nn.AvgPool2d) and m.layer2[0].conv1.conv.stride == (
         1, 1)
     assert isinstance(m.layer2[1].conv1.pool, nn.MaxPool2d)
@@ -160,7 +161,7 @@ def test_resnet18_hybrid_keeps_strided_convs() -> None:
 
 def test_ssd300_backbone_converts_and_detector_runs() -> None:
     base = resolve_baseline("ssd300_vgg16", num_classes=3)
-    conv = convert_model(base, "parameter-free", options={"layout": "hybrid"})
+    conv = convert_baseline(base, "parameter-free", options={"layout": "hybrid"})
     assert conv.sites and all(s.name.startswith("backbone.") for s in conv.sites)
     m = conv.model.eval()
     with torch.no_grad():
@@ -181,7 +182,7 @@ class _Detector(nn.Module):
 
 def test_bn_of_a_rooted_model_is_found() -> None:
     base = Baseline(_Detector(), "custom:_Detector", (3, 32, 32), root="backbone")
-    m = convert_model(base, "parameter-free", sites=["backbone.layer1.0.conv2"]).model
+    m = convert_baseline(base, "parameter-free", sites=["backbone.layer1.0.conv2"]).model
     assert isinstance(m.backbone.layer1[0].bn2, nn.Identity)
     assert isinstance(m.backbone.layer1[0].conv2, ParameterFreeLayer)
 
@@ -190,15 +191,15 @@ def test_bn_of_a_rooted_model_is_found() -> None:
 def test_refusals() -> None:
     base = resolve_baseline("cifar_resnet20")
     with pytest.raises(AutobuildError, match="preserve"):
-        convert_model(base, "parameter-free", init="preserve")
+        convert_baseline(base, "parameter-free", init="preserve")
     with pytest.raises(AutobuildError, match="layout"):
-        convert_model(base, "parameter-free", options={"layout": "avg"})
+        convert_baseline(base, "parameter-free", options={"layout": "avg"})
     valid = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, 2, padding=0),
                           nn.Conv2d(8, 8, 3, padding="same"))
     custom = resolve_baseline(valid, input_size=(3, 16, 16))
     with pytest.raises(AutobuildError, match="output size"):
-        convert_model(custom, "parameter-free", sites=["1"], options={"layout": "hybrid"})
+        convert_baseline(custom, "parameter-free", sites=["1"], options={"layout": "hybrid"})
     with pytest.raises(AutobuildError, match="numeric padding"):
-        convert_model(custom, "parameter-free", sites=["2"])
-    assert convert_model(custom, "parameter-free", sites=["1"]).model(
+        convert_baseline(custom, "parameter-free", sites=["2"])
+    assert convert_baseline(custom, "parameter-free", sites=["1"]).model(
         torch.randn(1, 3, 16, 16)).shape == (1, 8, 7, 7)

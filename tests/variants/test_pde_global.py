@@ -11,9 +11,10 @@ from torch import nn
 
 import autobuild
 from autobuild.errors import AutobuildError
+from autobuild.models import resolve_baseline
 from autobuild.models.cifar import CifarResNet
-from autobuild.rewrite import convert_model, resolve_baseline
 from autobuild.variants.pde_global import COEFFS, GlobalLayer, ResNetGlobal
+from tests.conftest import convert_baseline
 
 
 # ---- a NumPy Global layer, straight from the formulas ---------------------------------------
@@ -119,7 +120,7 @@ def test_channels_never_mix() -> None:
 def test_stage_conversion_matches_reference() -> None:
     torch.manual_seed(0)
     base = resolve_baseline("cifar_resnet20")
-    conv = convert_model(base, "pde-global")
+    conv = convert_baseline(base, "pde-global")
     assert conv.plan.sites == ["layer1", "layer2", "layer3"]
     m = conv.model.eval()
     # The first block keeps the baseline's weights.
@@ -139,7 +140,7 @@ def test_stage_conversion_matches_reference() -> None:
 
 def test_plain_counts_on_cifar_resnet32() -> None:
     base = resolve_baseline("cifar_resnet32")
-    m = convert_model(base, "pde-global").model
+    m = convert_baseline(base, "pde-global").model
     before = autobuild.count(base.module, (3, 32, 32))
     after = autobuild.count(m, (3, 32, 32))
     dropped = sum(p.numel() for stage in (base.module.layer1, base.module.layer2,
@@ -153,10 +154,10 @@ def test_plain_counts_on_cifar_resnet32() -> None:
 
 def test_one_block_stages_get_a_global_layer_and_resnet18_converts() -> None:
     base = resolve_baseline(CifarResNet(8), input_size=(3, 32, 32))
-    m = convert_model(base, "pde-global").model
+    m = convert_baseline(base, "pde-global").model
     assert all(isinstance(getattr(m, n)[1], GlobalLayer) for n in ("layer1", "layer2", "layer3"))
     r18 = resolve_baseline("resnet18", input_size=(3, 64, 64))
-    m18 = convert_model(r18, "pde-global", options={"coeffs": "constant"}).model
+    m18 = convert_baseline(r18, "pde-global", options={"coeffs": "constant"}).model
     assert [len(getattr(m18, f"layer{i}")) for i in range(1, 5)] == [2, 2, 2, 2]
     assert m18(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
 
@@ -164,7 +165,7 @@ def test_one_block_stages_get_a_global_layer_and_resnet18_converts() -> None:
 # ---- paper layout: the official ResNet-Global ----------------------------------------------
 def test_paper_layout_reproduces_resnet_global_counts() -> None:
     base = resolve_baseline("cifar_resnet32", num_classes=100)
-    conv = convert_model(base, "pde-global", options={"layout": "paper"})
+    conv = convert_baseline(base, "pde-global", options={"layout": "paper"})
     m = conv.model
     assert isinstance(m, ResNetGlobal) and conv.plan.sites == ["network"]
     assert [m.get_submodule(f"layer{i}")[0].conv2.out_channels for i in range(1, 5)] == [
@@ -174,7 +175,7 @@ def test_paper_layout_reproduces_resnet_global_counts() -> None:
     assert m.fc.out_features == 100  # num_classes follows the baseline
     c = autobuild.count(resolve_baseline("cifar_resnet32").module, (3, 32, 32))
     assert abs(c.params - 473e3) <= 0.05 * 473e3 and abs(c.macs - 70e6) <= 0.05 * 70e6
-    ten = convert_model(resolve_baseline("cifar_resnet32"), "pde-global",
+    ten = convert_baseline(resolve_baseline("cifar_resnet32"), "pde-global",
                         options={"layout": "paper"}).model
     c = autobuild.count(ten, (3, 32, 32))
     assert c.params == 161_402  # the official code's 161K
@@ -197,16 +198,16 @@ def test_stencil_flops_are_counted() -> None:
 def test_refusals() -> None:
     with pytest.raises(AutobuildError, match=r"^pde-global converts stage sites and cifar_vgg16 "
                                              r"has none; it applies to e\.g\. cifar_resnet20"):
-        convert_model(resolve_baseline("cifar_vgg16"), "pde-global")
+        convert_baseline(resolve_baseline("cifar_vgg16"), "pde-global")
     r20 = resolve_baseline("cifar_resnet20")
-    with pytest.raises(AutobuildError, match="K >= 1"):
-        convert_model(r20, "pde-global", options={"K": "0"})
-    with pytest.raises(AutobuildError, match="dt > 0"):
-        convert_model(r20, "pde-global", options={"dt": "-0.1"})
+    with pytest.raises(AutobuildError, match="K=0 of pde-global must be >= 1"):
+        convert_baseline(r20, "pde-global", options={"K": "0"})
+    with pytest.raises(AutobuildError, match="dt=-0.1 of pde-global must be > 0"):
+        convert_baseline(r20, "pde-global", options={"dt": "-0.1"})
     with pytest.raises(AutobuildError, match="layout=paper only"):
-        convert_model(r20, "pde-global", options={"blocks": "2"})
+        convert_baseline(r20, "pde-global", options={"blocks": "2"})
     with pytest.raises(AutobuildError, match="preserve"):
-        convert_model(r20, "pde-global", init="preserve")
+        convert_baseline(r20, "pde-global", init="preserve")
     r18 = resolve_baseline("resnet18", input_size=(3, 64, 64))
     with pytest.raises(AutobuildError, match="cifar_resnet"):
-        convert_model(r18, "pde-global", options={"layout": "paper"})
+        convert_baseline(r18, "pde-global", options={"layout": "paper"})

@@ -10,9 +10,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import autobuild
 from autobuild.errors import AutobuildError
-from autobuild.rewrite import convert_model, resolve_baseline
+from autobuild.models import resolve_baseline
 from autobuild.variants.quadratic import QUADRATIC_TYPES, QuadraticConv2d, QuadraticLinear
-from tests.conftest import max_rel_diff
+from tests.conftest import convert_baseline, max_rel_diff
 
 
 def _reference_conv(q: QuadraticConv2d, x: torch.Tensor) -> torch.Tensor:
@@ -146,7 +146,7 @@ def test_branches_share_one_conv(qtype: str, convs: int) -> None:
 def test_preserve_resnet50(qtype: str) -> None:
     torch.manual_seed(0)
     base = resolve_baseline("resnet50")
-    m = convert_model(base, "quadratic", options={"type": qtype}, init="preserve").model
+    m = convert_baseline(base, "quadratic", options={"type": qtype}, init="preserve").model
     x = torch.randn(2, 3, 224, 224)
     base.module.eval()
     m.eval()
@@ -157,7 +157,7 @@ def test_preserve_resnet50(qtype: str) -> None:
 def test_preserve_volterra_small_model() -> None:
     torch.manual_seed(0)
     base = resolve_baseline("cifar_resnet20")
-    m = convert_model(base, "quadratic", sites=["layer1.*"], options={"type": "volterra"},
+    m = convert_baseline(base, "quadratic", sites=["layer1.*"], options={"type": "volterra"},
                       init="preserve").model
     x = torch.randn(2, 3, 32, 32)
     base.module.eval()
@@ -174,7 +174,8 @@ def test_types_without_linear_term_refuse_preserve(qtype: str) -> None:
 
 
 def test_volterra_refuses_oversized_sites_with_the_size() -> None:
-    with pytest.raises(AutobuildError, match=r"layer3.0.conv2 would have 21,[\d,]+ parameters"):
+    with pytest.raises(AutobuildError,
+                       match=r"layer3.0.conv2: volterra would have 21,[\d,]+ parameters"):
         autobuild.convert("cifar_resnet20", "quadratic", options={"type": "volterra"},
                           sites=["layer3.0.conv2"])
     # By default volterra takes only the sites under the limit.

@@ -1,0 +1,186 @@
+"""The library's front door: analyse a baseline, convert it, list its sites, rebuild a plan.
+
+These functions resolve baseline names through the model registry and hand the work to the
+engine (:class:`~autobuild.rewrite.Analysis`); they hold no conversion logic of their own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from autobuild.errors import AutobuildError, InfeasiblePlacement
+from autobuild.models import get_model_entry, resolve_baseline
+from autobuild.rewrite import (
+    INITS,
+    Analysis,
+    Baseline,
+    BuildRecord,
+    Placement,
+    Plan,
+    Site,
+    get_family,
+    plan_of,
+    record_of,
+    set_record,
+)
+from autobuild.rewrite.sites import Region
+
+__all__ = ["analyze", "build_plan", "convert", "sites"]
+
+
+def analyze(model_or_name: nn.Module | str, *, num_classes: int | None = None,
+            input_size: Sequence[int] | None = None, weights: str | None = None,
+            leaf_modules: Iterable[Any] = ()) -> Analysis:
+    """Trace a baseline (a registered name or any traceable nn.Module) once: shapes, costs
+    and every site of every kind. ``leaf_modules`` (classes, class names or qualified names)
+    are kept opaque by torch.fx, for code it cannot trace."""
+    return Analysis(resolve_baseline(model_or_name, num_classes=num_classes,
+                                     input_size=input_size, weights=weights,
+                                     leaf_modules=_leaves(leaf_modules)))
+
+
+def _leaves(leaf_modules: Any) -> tuple[Any, ...]:
+    if isinstance(leaf_modules, (str, type)):
+        return (leaf_modules,)
+    try:
+        leaves = tuple(leaf_modules)
+    except TypeError:
+        raise AutobuildError(f"leaf_modules must be a list of classes or names, got "
+                             f"{leaf_modules!r}") from None
+    for m in leaves:
+        if not (isinstance(m, str) or (isinstance(m, type) and issubclass(m, nn.Module))):
+            raise AutobuildError(f"leaf_modules takes nn.Module classes or names, got {m!r}")
+    return leaves
+
+
+def _check_init(init: Any) -> str:
+    if init not in INITS:
+        raise AutobuildError(f"unknown init {init!r}; valid: {', '.join(INITS)}")
+    return init
+
+
+def _placement(analysis: Analysis, to: str | None, sites: Any, options: Any,
+               placement: Placement | Mapping[str, Any] | None) -> Placement:
+    if placement is not None:
+        if to is not None or sites is not None or options is not None:
+            raise AutobuildError("pass either placement= or to=/sites=/options=, not both")
+        return placement if isinstance(placement, Placement) else Placement(placement)
+    if to is None:
+        raise AutobuildError("name a family with to= (see `autobuild variants`) or pass a "
+                             "placement=")
+    if sites is not None and not isinstance(sites, (str, list, tuple)):
+        raise AutobuildError(f"sites must be a glob pattern or a list of them, got "
+                             f"{type(sites).__name__}")
+    if options is not None and not isinstance(options, Mapping):
+        raise AutobuildError(f"options must be a mapping name -> value, got "
+                             f"{type(options).__name__}")
+    return analysis.select(to, sites, options)
+
+
+def convert(model_or_name: nn.Module | str, to: str | None = None, *,
+            sites: Iterable[str] | str | None = None, options: Mapping[str, Any] | None = None,
+            placement: Placement | Mapping[str, Any] | None = None, init: str = "scratch",
+            num_classes: int | None = None, input_size: Sequence[int] | None = None,
+            weights: str | None = None, leaf_modules: Iterable[Any] = ()) -> nn.Module:
+    """Convert a baseline with family ``to`` (on the sites matching the glob patterns
+    ``sites``, default the family's default sites, with ``options``) or with a mixed
+    ``placement``. ``init`` is "scratch" or "preserve" (the converted model computes the
+    baseline's function). A model autobuild already converted is converted further: its
+    plan then holds both conversions. The result carries its plan (:func:`plan_of`)."""
+    _check_init(init)
+    if isinstance(model_or_name, nn.Module) and plan_of(model_or_name) is not None:
+        if any(v is not None for v in (num_classes, input_size, weights)):
+            raise AutobuildError("num_classes/input_size/weights describe a baseline; a "
+                                 "converted model keeps those of its plan")
+        return _convert_again(model_or_name, to, sites, options, placement, init)
+    analysis = analyze(model_or_name, num_classes=num_classes, input_size=input_size,
+                       weights=weights, leaf_modules=leaf_modules)
+    return analysis.build(_placement(analysis, to, sites, options, placement), init)
+
+
+def _trace_root(plan: Plan) -> str:
+    return "" if plan.model.startswith("custom:") else get_model_entry(plan.model).trace_root
+
+
+def _convert_again(model: nn.Module, to: str | None, sites: Any, options: Any,
+                   placement: Any, init: str) -> nn.Module:
+    """Convert more sites of a converted model, on the model as it is (its weights kept)."""
+    record = record_of(model)
+    plan = record.plan
+    base = Baseline(model, plan.model, plan.input_size or (3, 224, 224), _trace_root(plan),
+                    plan.num_classes, plan.weights, tuple(plan.leaf_modules))
+    named = [sites] if isinstance(sites, str) else list(sites or [])
+    named += list(placement or {})
+    for name in named:
+        if name in plan.placement:
+            raise InfeasiblePlacement(f"site {name} is already converted "
+                                      f"({plan.placement[name].short()})")
+    analysis = Analysis(base)
+    new = _placement(analysis, to, sites, options, placement)
+    converted = set(record.site_modules.values())
+    for name, choice in new.items():
+        region = get_family(choice.family).region(analysis.site(name), choice.opts, analysis)
+        hit = _converted_inside(region, converted, analysis)
+        if hit:
+            old = next(s for s, p in record.site_modules.items() if p == hit)
+            raise InfeasiblePlacement(f"sites {old} ({plan.placement[old].short()}) and {name} "
+                                      f"({choice.short()}) overlap: {old} lies inside what "
+                                      f"{name} replaces; a placement takes one of them")
+    merged = plan.placement.merged(new)
+    built = analysis.build(new, init)
+    added = record_of(built)
+    both = "preserve" if init == plan.init == "preserve" else "scratch"
+    set_record(built, BuildRecord(plan.replace(placement=merged, init=both),
+                                  {**record.site_modules, **added.site_modules},
+                                  record.changes + added.changes, record.root))
+    return built
+
+
+def _converted_inside(region: Region, converted: set[str], analysis: Analysis) -> str:
+    for path in converted:
+        for m in region.modules:
+            if m == "" or m == path or path.startswith(m + ".") or m.startswith(path + "."):
+                return path
+    return ""
+
+
+def sites(model_or_name: nn.Module | str, to: str | None = None, *,
+          options: Mapping[str, Any] | None = None, num_classes: int | None = None,
+          input_size: Sequence[int] | None = None,
+          leaf_modules: Iterable[Any] = ()) -> list[Site]:
+    """The sites of a baseline that family ``to`` can convert (every site without ``to``),
+    with shapes and costs."""
+    analysis = analyze(model_or_name, num_classes=num_classes, input_size=input_size,
+                       leaf_modules=leaf_modules)
+    return analysis.sites(to, options)
+
+
+def plan_baseline(plan: Plan, baseline: nn.Module | None = None, *,
+                  load_baseline_weights: bool = True, device: str | None = None) -> Baseline:
+    """The baseline a plan names (custom baselines must be passed as ``baseline``)."""
+    if plan.model.startswith("custom:"):
+        if baseline is None:
+            raise AutobuildError(f"plan is for a custom model ({plan.model}); pass the baseline "
+                                 "module (autobuild.load(dir, baseline=module))")
+        return resolve_baseline(baseline, num_classes=plan.num_classes,
+                                input_size=plan.input_size, leaf_modules=plan.leaf_modules)
+    weights = plan.weights if load_baseline_weights else None
+    return resolve_baseline(plan.model, num_classes=plan.num_classes, input_size=plan.input_size,
+                            weights=weights, leaf_modules=plan.leaf_modules, device=device)
+
+
+def build_plan(plan: Plan, baseline: nn.Module | None = None, *,
+               load_baseline_weights: bool = True, device: str | None = None) -> nn.Module:
+    """Rebuild the model a plan describes. ``device="meta"`` builds the structure only (no
+    weights allocated or initialised), for loading saved weights into it."""
+    base = plan_baseline(plan, baseline, load_baseline_weights=load_baseline_weights,
+                         device=device)
+    analysis = Analysis(base)
+    where = torch.device(device) if device else contextlib.nullcontext()
+    with where:
+        return analysis.build(plan.placement, plan.init)

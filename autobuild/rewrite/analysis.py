@@ -1,0 +1,360 @@
+"""One analysis per baseline: the traced graph with shapes and per-node costs, every site of
+every kind with its region, the residual blocks and stages. Every family, every check, cost
+and build of a placement reuses it; nothing is traced or shape-propagated twice.
+
+    a = Analysis(baseline)
+    a.sites("quadratic")           # what a family may convert, with costs
+    a.check(p)                     # InfeasiblePlacement before anything is built
+    a.cost(p)                      # Counts predicted without building the model
+    a.build(p, init="preserve")    # the converted model; plan_of(model) is a.plan(p, init)
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.fx.node import map_aggregate
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
+
+from autobuild.errors import AutobuildError, InfeasiblePlacement
+from autobuild.rewrite.cost import CostCounter, Counts, count_module, meta_twin, run_on_meta
+from autobuild.rewrite.family import Variant, get_family
+from autobuild.rewrite.graph import Block, find_blocks
+from autobuild.rewrite.placement import Choice, Placement
+from autobuild.rewrite.plan import INITS, Plan
+from autobuild.rewrite.record import BuildRecord, set_record
+from autobuild.rewrite.rewriter import Rewriter
+from autobuild.rewrite.sites import Region, Site, find_sites, select_sites
+from autobuild.rewrite.trace import trace
+
+__all__ = ["Analysis", "Baseline"]
+
+
+@dataclass
+class Baseline:
+    """A baseline module plus what a plan needs to rebuild it."""
+
+    module: nn.Module
+    name: str
+    input_size: tuple[int, int, int]
+    #: The submodule that is traced and converted ("" = the model; detectors: "backbone").
+    root: str = ""
+    num_classes: int | None = None
+    weights: str | None = None
+    #: Module classes (or class names / qualified names) fx keeps opaque.
+    leaf_modules: tuple[Any, ...] = ()
+
+    @property
+    def root_module(self) -> nn.Module:
+        return self.module.get_submodule(self.root) if self.root else self.module
+
+    def leaf_names(self) -> list[str]:
+        return [m.__name__ if isinstance(m, type) else str(m) for m in self.leaf_modules]
+
+
+class _Annotator(fx.Interpreter):
+    """Runs the graph once, recording each node's output shape and its own MACs/FLOPs."""
+
+    def __init__(self, gm: fx.GraphModule, counter: CostCounter) -> None:
+        super().__init__(gm)
+        self.counter = counter
+
+    def run_node(self, n: fx.Node) -> Any:
+        self.counter.stack = [n.name]
+        try:
+            result = super().run_node(n)
+        finally:
+            self.counter.stack = []
+        meta = map_aggregate(result, lambda v: _extract_tensor_metadata(v)
+                             if isinstance(v, torch.Tensor) else v)
+        if isinstance(result, torch.Tensor) or (isinstance(result, (tuple, list)) and any(
+                isinstance(v, torch.Tensor) for v in result)):
+            n.meta["tensor_meta"] = meta
+        return result
+
+
+def _annotate(gm: fx.GraphModule, input_size: Sequence[int]) -> dict[str, tuple[int, int]]:
+    """Shapes on every node of ``gm`` and (MACs, FLOPs) per node name, from one run on the
+    meta device (or, for a model that cannot run there, one real run with batch 1)."""
+
+    def run(module: nn.Module, x: torch.Tensor) -> tuple[dict, CostCounter]:
+        counter = CostCounter()
+        with counter, torch.no_grad():
+            _Annotator(module, counter).run(x)
+        return {n.name: n.meta.get("tensor_meta") for n in module.graph.nodes}, counter
+
+    try:
+        shapes, counter = run_on_meta(gm, input_size, run)
+    except AutobuildError:
+        raise
+    except Exception as exc:
+        raise AutobuildError(f"the model does not run on input size {tuple(input_size)}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                             " (pass --input-size C,H,W)") from exc
+    for node in gm.graph.nodes:
+        if shapes.get(node.name) is not None:
+            node.meta["tensor_meta"] = shapes[node.name]
+    return {name: (counter.macs.get(name, 0), counter.flops.get(name, 0))
+            for name in shapes}
+
+
+def _prefixed(site: Site, region: Region, root: str) -> tuple[Site, Region]:
+    if not root:
+        return site, region
+    from dataclasses import replace
+
+    extra = dict(site.extra)
+    for key in ("bn", "act"):  # module names; functions ("fn:relu") stay as they are
+        if extra.get(key) and not extra[key].startswith("fn:"):
+            extra[key] = f"{root}.{extra[key]}"
+    if site.kind == "network":
+        return replace(site, target=root), Region(region.nodes, frozenset({root}))
+    modules = frozenset(f"{root}.{m}" if m else root for m in region.modules)
+    return (replace(site, name=f"{root}.{site.name}", target=f"{root}.{site.target}",
+                    extra=extra), Region(region.nodes, modules))
+
+
+class Analysis:
+    """Everything autobuild knows about one baseline (see the module docstring)."""
+
+    def __init__(self, baseline: Baseline) -> None:
+        self.baseline = baseline
+        root = baseline.root_module
+        self.gm = trace(root, leaf_modules=baseline.leaf_modules, name=baseline.name)
+        costs = _annotate(self.gm, baseline.input_size)
+        node_of = {n.name: n for n in self.gm.graph.nodes}
+        self.blocks: dict[str, Block] = {b.path: b for b in find_blocks(self.gm)}
+        self._node_costs = costs
+        pairs = find_sites(self.gm, root, list(self.blocks.values()),
+                           {node_of[k]: v for k, v in costs.items()})
+        self._sites: dict[str, Site] = {}
+        self._regions: dict[str, Region] = {}
+        for site, region in pairs:
+            site, region = _prefixed(site, region, baseline.root)
+            self._sites[site.name] = site
+            self._regions[site.name] = region
+        network = self._sites["network"]
+        self.counts = Counts(network.params, network.macs, network.flops)
+        self._cost_cache: dict[tuple[str, Choice], Counts] = {}
+        self._param_sets: dict[str, dict[int, int]] = {}
+
+    def __repr__(self) -> str:
+        kinds: dict[str, int] = {}
+        for s in self._sites.values():
+            kinds[s.kind] = kinds.get(s.kind, 0) + 1
+        return f"Analysis({self.baseline.name}, {kinds})"
+
+    # ---- sites ------------------------------------------------------------------------
+    def sites(self, family: str | None = None, options: Mapping[str, Any] | None = None
+              ) -> list[Site]:
+        """Every site (no ``family``), or the sites ``family`` can convert with ``options``."""
+        if family is None:
+            return list(self._sites.values())
+        variant = get_family(family)
+        opts = variant.parse_options(dict(options or {}))
+        return [s for s in self._sites.values()
+                if variant.accepts(s, opts) and not variant.refusal(s, opts, self)]
+
+    def site(self, name: str) -> Site:
+        if name not in self._sites:
+            from autobuild.rewrite.family import close_names
+
+            close = close_names(name, list(self._sites))
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise InfeasiblePlacement(f"{self.baseline.name} has no site {name!r}{hint}; "
+                                      f"`autobuild sites {self.baseline.name} --to all` lists "
+                                      "them")
+        return self._sites[name]
+
+    def region(self, name: str) -> Region:
+        """The graph nodes and modules of site ``name``."""
+        self.site(name)
+        return self._regions[name]
+
+    def module(self, site: Site) -> nn.Module:
+        """The baseline's module at ``site`` (the root for the network)."""
+        return self.baseline.module.get_submodule(site.target) if site.target \
+            else self.baseline.root_module
+
+    def meta_module(self, site: Site) -> nn.Module:
+        """A copy of the site's module on the meta device (no data copied)."""
+        return meta_twin(self.module(site))
+
+    def call_nodes(self, module: str) -> frozenset[str]:
+        """Names of the graph nodes that call the module at ``module`` (a full path)."""
+        root = self.baseline.root
+        local = module[len(root) + 1:] if root and module.startswith(root + ".") else module
+        return frozenset(n.name for n in self.gm.graph.nodes
+                         if n.op == "call_module" and n.target == local)
+
+    def node_costs(self, nodes: Iterable[str]) -> tuple[int, int]:
+        """(MACs, FLOPs) of the given graph nodes."""
+        macs = flops = 0
+        for name in nodes:
+            m, f = self._node_costs.get(name, (0, 0))
+            macs, flops = macs + m, flops + f
+        return macs, flops
+
+    def select(self, family: str, sites: Iterable[str] | str | None = None,
+               options: Mapping[str, Any] | None = None) -> Placement:
+        """The placement ``family`` (with ``options``) on the sites matching the glob
+        patterns ``sites`` (default: the family's default sites)."""
+        variant = get_family(family)
+        opts = variant.parse_options(dict(options or {}) if isinstance(options, Mapping)
+                                     else options)
+        candidates = self.sites(variant.name, opts)
+        name = self.baseline.name
+        # Sites named explicitly are matched among every site of the family's kinds, so that
+        # one it cannot convert is refused with its reason, not reported as unknown.
+        accepted = [s for s in self._sites.values() if variant.accepts(s, opts)]
+        if not accepted:
+            kinds = "/".join(variant.site_kinds)
+            examples = ", ".join(variant.example_models)
+            raise InfeasiblePlacement(f"{variant.name} converts {kinds} sites and {name} has "
+                                      f"none; it applies to e.g. {examples}")
+        if sites is None and not candidates:
+            first = accepted[0]
+            raise InfeasiblePlacement(f"{variant.name} cannot convert site {first.name} of "
+                                      f"{name}: {variant.refusal(first, opts, self)}")
+        if sites is None:
+            chosen = variant.default_sites(candidates, opts)
+            if not chosen:
+                shown = ", ".join(s.name for s in candidates[:20])
+                raise InfeasiblePlacement(f"{variant.name} has no default site in {name}; name "
+                                          f"sites with --sites (candidates: {shown})")
+        else:
+            patterns = [sites] if isinstance(sites, str) else list(sites)
+            if not patterns:
+                raise AutobuildError("sites is an empty list; name at least one site pattern "
+                                     "or pass None for the family's default sites")
+            chosen = select_sites(accepted, patterns, family=variant.name, model=name)
+        choice = Choice.of(variant.name, opts)
+        return Placement({s.name: choice for s in chosen})
+
+    # ---- placements ----------------------------------------------------------------
+    def _items(self, placement: Placement) -> list[tuple[Site, Choice, Variant, Region]]:
+        items = []
+        for name, choice in placement.items():
+            site = self.site(name)
+            variant = get_family(choice.family)
+            opts = choice.opts
+            if not variant.accepts(site, opts):
+                raise InfeasiblePlacement(
+                    f"{variant.name} ({choice}) does not convert site {name}, a {site.kind} "
+                    f"site; it converts {'/'.join(variant.site_kinds)} sites")
+            reason = variant.refusal(site, opts, self)
+            if reason:
+                raise InfeasiblePlacement(f"{variant.name} cannot convert site {name}: {reason}")
+            items.append((site, choice, variant, variant.region(site, opts, self)))
+        return items
+
+    def check(self, placement: Placement | Mapping[str, Any], init: str = "scratch") -> None:
+        """Raise :class:`InfeasiblePlacement` for a placement that cannot be built: an
+        unknown site, a family that refuses a site, two choices that overlap, or a family's
+        own refusal of the combination (e.g. ``init`` it cannot honour)."""
+        placement = _as_placement(placement)
+        if init not in INITS:
+            raise AutobuildError(f"unknown init {init!r}; valid: {', '.join(INITS)}")
+        items = self._items(placement)
+        for (s1, c1, _, r1), (s2, c2, _, r2) in itertools.combinations(items, 2):
+            if r1.overlaps(r2):
+                inner, outer = (s1, s2) if s1.depth > s2.depth else (s2, s1)
+                ci, co = (c1, c2) if inner is s1 else (c2, c1)
+                relation = ("lies inside" if self._regions[inner.name].nodes
+                            <= self._regions[outer.name].nodes else "overlaps")
+                raise InfeasiblePlacement(
+                    f"sites {inner.name} ({ci.short()}) and {outer.name} ({co.short()}) "
+                    f"overlap: {inner.name} {relation} what {outer.name} replaces; a placement "
+                    "takes one of them")
+        for choice, names in placement.groups():
+            variant = get_family(choice.family)
+            variant.check([self._sites[n] for n in names], choice.opts, init, self)
+
+    def cost(self, placement: Placement | Mapping[str, Any]) -> Counts:
+        """Params, MACs and FLOPs of the built placement, predicted without building it:
+        the baseline's counts, minus each choice's region, plus what replaces it. Equal to
+        ``count(build(placement))`` (of the traced root: the backbone of a detector)."""
+        placement = _as_placement(placement)
+        self.check(placement)
+        params, macs, flops = self.counts.params, self.counts.macs, self.counts.flops
+        for site, choice, variant, region in self._items(placement):
+            new = self._choice_cost(site, choice, variant)
+            rm_macs, rm_flops = self.node_costs(region.nodes)
+            params += new.params - self.params_of(region.modules)
+            macs += new.macs - rm_macs
+            flops += new.flops - rm_flops
+        return Counts(params, macs, flops)
+
+    def _choice_cost(self, site: Site, choice: Choice, variant: Variant) -> Counts:
+        key = (site.name, choice)
+        if key not in self._cost_cache:
+            self._cost_cache[key] = variant.cost(site, choice.opts, self)
+        return self._cost_cache[key]
+
+    def params_of(self, modules: Iterable[str]) -> int:
+        """Parameters of the given module subtrees ("" or the root = all), each once."""
+        seen: dict[int, int] = {}
+        for path in modules:
+            if path not in self._param_sets:
+                m = self.baseline.module.get_submodule(path) if path else \
+                    self.baseline.root_module
+                self._param_sets[path] = {id(p): p.numel() for p in m.parameters()}
+            seen.update(self._param_sets[path])
+        return sum(seen.values())
+
+    def applied_cost(self, variant: Variant, site: Site, options: dict[str, Any]) -> Counts:
+        """What replaces ``site``'s region, measured by applying the choice to a meta-device
+        copy of the baseline and counting the whole root (for passes that edit the graph or
+        rebuild the network)."""
+        rewriter = self._rewriter(meta_twin(self.baseline.module))
+        rewriter.family = variant.name
+        with torch.device("meta"):
+            variant.apply(rewriter, site, options, "scratch")
+        model = rewriter.finish()
+        root = model.get_submodule(self.baseline.root) if self.baseline.root else model
+        after = count_module(root, self.baseline.input_size, per_module=False)
+        region = variant.region(site, options, self)
+        rm_macs, rm_flops = self.node_costs(region.nodes)
+        rm_params = self.params_of(region.modules)
+        return Counts(after.params - self.counts.params + rm_params,
+                      after.macs - self.counts.macs + rm_macs,
+                      after.flops - self.counts.flops + rm_flops)
+
+    def _rewriter(self, model: nn.Module) -> Rewriter:
+        return Rewriter(model, self.baseline.root, graph_source=self.gm.graph,
+                        leaf_modules=tuple(self.baseline.leaf_modules), analysis=self)
+
+    def plan(self, placement: Placement | Mapping[str, Any], init: str = "scratch") -> Plan:
+        b = self.baseline
+        return Plan(b.name, _as_placement(placement), init, b.num_classes, b.input_size,
+                    b.weights, b.leaf_names())
+
+    def build(self, placement: Placement | Mapping[str, Any], init: str = "scratch", *,
+              model: nn.Module | None = None) -> nn.Module:
+        """The converted model (a copy; the baseline is untouched). ``model``: build on this
+        module instead of a copy of the baseline (it must have the baseline's structure)."""
+        placement = _as_placement(placement)
+        self.check(placement, init)
+        target = copy.deepcopy(self.baseline.module) if model is None else model
+        rewriter = self._rewriter(target)
+        # Module swaps first (innermost first); the passes that need the graph (shared
+        # calls, network rewrites) last, so the graph they copy still describes the model.
+        order = sorted(self._items(placement), key=lambda it: (
+            it[0].kind == "network", it[0].call >= 0, -it[0].depth, it[0].name))
+        for site, choice, variant, _ in order:
+            rewriter.family = variant.name
+            variant.apply(rewriter, site, choice.opts, init)
+        built = rewriter.finish()
+        set_record(built, BuildRecord(self.plan(placement, init), rewriter.site_modules,
+                                      rewriter.changes, self.baseline.root))
+        return built
+
+
+def _as_placement(placement: Placement | Mapping[str, Any]) -> Placement:
+    return placement if isinstance(placement, Placement) else Placement(placement)

@@ -1,0 +1,298 @@
+"""What a family is, for the engine: typed options, which sites it takes, what region of the
+network a conversion replaces and what that costs, how it is built, and how its higher-order
+part is switched off. Families subclass :class:`Variant` and register themselves here; the
+engine finds them by name and never imports them.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from autobuild.errors import AutobuildError, InfeasiblePlacement, unknown_name
+from autobuild.rewrite.cost import Counts, count_module, param_count
+from autobuild.rewrite.sites import Region, Site
+from autobuild.rewrite.trace import register_leaf_module
+
+# The analysis and the rewriter import this module; families see them through these names
+# (autobuild.rewrite.Analysis and autobuild.rewrite.Rewriter) without an import cycle.
+Analysis = Any
+Rewriter = Any
+
+__all__ = ["Option", "Variant", "add_family_loader", "get_family", "list_families",
+           "register_family"]
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+@dataclass(frozen=True)
+class Option:
+    """One ``--option name=value`` of a family: its type, default, allowed values or bounds.
+
+    Strings (from the CLI or YAML) are converted; a value of the wrong type is refused,
+    never reinterpreted (``K=2.5`` for an int option is an error, not 2).
+    """
+
+    name: str
+    default: Any
+    help: str = ""
+    choices: tuple[Any, ...] | None = None
+    type: type = str
+    min: float | None = None
+    max: float | None = None
+    #: False: the value must be strictly above ``min`` (a time step, a scale).
+    min_inclusive: bool = True
+
+    def parse(self, value: Any, family: str) -> Any:
+        value = self._convert(value, family)
+        if self.choices is not None and value not in self.choices:
+            raise AutobuildError(f"option {self.name}={value!r} of {family} is not valid; valid:"
+                                 f" {', '.join(map(str, self.choices))}")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            low = self.min is not None and (value < self.min or (
+                not self.min_inclusive and value == self.min))
+            high = self.max is not None and value > self.max
+            if low or high or (isinstance(value, float) and not math.isfinite(value)):
+                raise AutobuildError(f"option {self.name}={value!r} of {family} must be "
+                                     f"{self.bounds()}")
+        return value
+
+    def bounds(self) -> str:
+        """The allowed range in words ("finite" when unbounded)."""
+        low = ">=" if self.min_inclusive else ">"
+        if self.min is not None and self.max is not None:
+            return f"in {'[' if self.min_inclusive else '('}{self.min}, {self.max}]"
+        if self.min is not None:
+            return f"{low} {self.min}"
+        if self.max is not None:
+            return f"<= {self.max}"
+        return "finite"
+
+    def _convert(self, value: Any, family: str) -> Any:
+        kind = {bool: "true or false", int: "an integer", float: "a number",
+                str: "a string"}.get(self.type, f"a {self.type.__name__}")
+        shown = value if isinstance(value, str) else repr(value)
+        bad = AutobuildError(f"option {self.name}={shown} of {family} must be {kind}")
+        if self.type is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+                return value.lower() in _TRUE
+            raise bad
+        if self.type is int:
+            if isinstance(value, bool):
+                raise bad
+            if isinstance(value, int):
+                return value
+            if isinstance(value, str):
+                try:
+                    return int(value.strip())
+                except ValueError:
+                    raise bad from None
+            raise bad
+        if self.type is float:
+            if isinstance(value, bool):
+                raise bad
+            if isinstance(value, (int, float)):
+                return float(value)
+            if isinstance(value, str):
+                try:
+                    return float(value.strip())
+                except ValueError:
+                    raise bad from None
+            raise bad
+        if self.type is str:
+            if isinstance(value, str):
+                return value
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return str(value)
+            raise bad
+        try:
+            return self.type(value)
+        except (TypeError, ValueError):
+            raise bad from None
+
+
+class Variant:
+    """Base class of a family. Subclasses set the class attributes and implement
+    :meth:`build` (one site -> one replacement module) or override :meth:`apply`.
+
+    The engine calls, for each (site, options) of a placement: :meth:`accepts` and
+    :meth:`refusal` (can the family take this site?), :meth:`region` (what it replaces),
+    :meth:`cost` (what the replacement costs, without building the model), :meth:`apply`
+    (the edit) and :meth:`mask_modules` (which layers switch their higher-order part off).
+    """
+
+    name: ClassVar[str]
+    summary: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    site_kinds: ClassVar[tuple[str, ...]] = ()
+    options: ClassVar[tuple[Option, ...]] = ()
+    #: The option a short choice names: "quadratic:t4" means type=t4.
+    primary_option: ClassVar[str | None] = None
+    inits: ClassVar[tuple[str, ...]] = ("scratch", "preserve")
+    #: Module types fx must treat as opaque, so converted models can be traced again.
+    leaf_modules: ClassVar[tuple[type[nn.Module], ...]] = ()
+    #: Baselines the family applies to (named in errors); the first is the contract-test model.
+    example_models: ClassVar[tuple[str, ...]] = ("cifar_resnet20",)
+    #: What :func:`autobuild.masked` switches off, in words (docs and `autobuild variants`).
+    mask_effect: ClassVar[str] = ""
+
+    def contract_cases(self) -> list[tuple[str, dict[str, Any], list[str] | None]]:
+        """(model, options, site patterns) the registry-driven contract tests run: by
+        default every choice of every option that has choices, on ``example_models[0]``."""
+        cases: list[tuple[str, dict[str, Any], list[str] | None]] = []
+        for option in self.options:
+            for choice in option.choices or ():
+                cases.append((self.example_models[0], {option.name: choice}, None))
+        return cases or [(self.example_models[0], {}, None)]
+
+    # ---- options --------------------------------------------------------------------
+    def parse_options(self, raw: Any) -> dict[str, Any]:
+        """Validate and type ``raw`` (strings from the CLI are fine); fill in defaults."""
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise AutobuildError(f"options of {self.name} must be a mapping name -> value, "
+                                 f"got {type(raw).__name__}")
+        known = {o.name: o for o in self.options}
+        for key in raw:
+            if key not in known:
+                raise unknown_name(f"option of {self.name}", str(key), known or ["(none)"])
+        return {o.name: o.parse(raw[o.name], self.name) if o.name in raw else o.default
+                for o in self.options}
+
+    # ---- sites ----------------------------------------------------------------------
+    def accepts(self, site: Site, options: dict[str, Any]) -> bool:
+        """Whether this family converts sites like ``site`` (default: by site kind)."""
+        return site.kind in self.site_kinds
+
+    def refusal(self, site: Site, options: dict[str, Any], analysis: Analysis) -> str:
+        """Why this family cannot convert this particular accepted site ("" when it can)."""
+        return ""
+
+    def default_sites(self, candidates: Sequence[Site], options: dict[str, Any]) -> list[Site]:
+        """The sites converted when the user names none (default: every candidate)."""
+        return list(candidates)
+
+    def check(self, sites: Sequence[Site], options: dict[str, Any], init: str,
+              analysis: Analysis) -> None:
+        """Refuse, before anything is built, what this family cannot do with ``sites``
+        together (raise :class:`InfeasiblePlacement`)."""
+        if init not in self.inits:
+            raise InfeasiblePlacement(f"{self.name} does not support --init {init}; valid: "
+                                      f"{', '.join(self.inits)}")
+
+    # ---- region and cost ------------------------------------------------------------
+    def region(self, site: Site, options: dict[str, Any], analysis: Analysis) -> Region:
+        """What converting ``site`` replaces (default: the site itself)."""
+        return analysis.region(site.name)
+
+    def cost(self, site: Site, options: dict[str, Any], analysis: Analysis) -> Counts:
+        """Params/MACs/FLOPs of what replaces :meth:`region`, without building the model:
+        by default the family's :meth:`build` on the meta device, counted on the site's
+        input shape. Families that override :meth:`apply` count the edited network."""
+        if type(self).apply is not Variant.apply or site.kind == "network":
+            return analysis.applied_cost(self, site, options)
+        module = analysis.meta_module(site)
+        with torch.device("meta"):
+            new = self.build(site, module, options, "scratch")
+        return count_replacement(new, site.input_shape)
+
+    # ---- the pass -------------------------------------------------------------------
+    def apply(self, rewriter: Rewriter, site: Site, options: dict[str, Any], init: str) -> None:
+        """Convert ``site`` in the rewriter's model (default: one module for the site)."""
+        rewriter.replace(site, self.build(site, rewriter.module(site), options, init))
+
+    def build(self, site: Site, module: nn.Module, options: dict[str, Any],
+              init: str) -> nn.Module:
+        raise NotImplementedError(f"{type(self).__name__} must implement build() or apply()")
+
+    # ---- masking --------------------------------------------------------------------
+    def mask_modules(self, module: nn.Module, options: dict[str, Any]) -> list[nn.Module]:
+        """The layers whose ``masked`` flag switches this site's higher-order part off
+        (default: every layer of the family's leaf types inside ``module``)."""
+        return [m for m in module.modules()
+                if isinstance(m, self.leaf_modules) and hasattr(m, "masked")]
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "summary": self.summary,
+            "paper": self.paper,
+            "site_kinds": list(self.site_kinds),
+            "inits": list(self.inits),
+            "mask": self.mask_effect,
+            "options": [{"name": o.name, "default": o.default, "choices": list(o.choices)
+                         if o.choices else None, "type": o.type.__name__, "min": o.min,
+                         "max": o.max, "help": o.help} for o in self.options],
+        }
+
+
+def count_replacement(module: nn.Module, input_shape: Sequence[int]) -> Counts:
+    """Totals of a replacement module on one input (no per-module breakdown)."""
+    counts = count_module(module, input_shape, per_module=False)
+    return Counts(param_count(module), counts.macs, counts.flops)
+
+
+# ---- the registry ---------------------------------------------------------------------
+_FAMILIES: dict[str, Variant] = {}
+_loaders: list[Callable[[], None]] = []
+
+
+def add_family_loader(loader: Callable[[], None]) -> None:
+    """Run ``loader`` (which imports and registers families) before the first look-up."""
+    _loaders.append(loader)
+
+
+def _run_loaders() -> None:
+    while _loaders:
+        _loaders.pop(0)()
+
+
+def register_family(variant: Variant | type[Variant], *, replace: bool = False) -> Variant:
+    """Register a family (an instance or a class); returns the instance. A second family of
+    the same name is refused unless ``replace``."""
+    instance = variant() if isinstance(variant, type) else variant
+    if not isinstance(instance, Variant):
+        raise AutobuildError(f"register_variant takes a Variant subclass or instance, got "
+                             f"{type(instance).__name__}")
+    name = getattr(instance, "name", "")
+    if not isinstance(name, str) or not name or name != name.strip() or ":" in name:
+        raise AutobuildError(f"a family needs a non-empty name without ':' (got {name!r})")
+    if name in _FAMILIES and not replace and type(_FAMILIES[name]) is not type(instance):
+        raise AutobuildError(f"family {name!r} is already registered (by "
+                             f"{type(_FAMILIES[name]).__module__}); pass replace=True to "
+                             "replace it")
+    for cls in instance.leaf_modules:
+        register_leaf_module(cls)
+    _FAMILIES[name] = instance
+    return instance
+
+
+def list_families() -> list[Variant]:
+    _run_loaders()
+    return list(_FAMILIES.values())
+
+
+def get_family(name: Any) -> Variant:
+    if not isinstance(name, str):
+        raise AutobuildError(f"a family is named by a string, got {name!r}")
+    _run_loaders()
+    key = name.replace("_", "-")
+    if key in _FAMILIES:
+        return _FAMILIES[key]
+    if name in _FAMILIES:
+        return _FAMILIES[name]
+    raise unknown_name("family", name, _FAMILIES, "`autobuild variants` describes them")
+
+
+def close_names(name: str, valid: Sequence[str]) -> list[str]:
+    return difflib.get_close_matches(name, list(valid), n=3, cutoff=0.6)
