@@ -47,6 +47,7 @@ __all__ = [
     "convert",
     "count",
     "fold",
+    "importance",
     "load",
     "masked",
     "param_groups",
@@ -69,3 +70,20 @@ def fold(model: nn.Module) -> nn.Module:
 
     return _fold(model)
 
+
+def importance(model: nn.Module, data: object, **kwargs: object) -> object:
+    """RI importance of every converted site of a trained model on ``data`` (a data spec or
+    an :class:`autobuild.train.Data`), as a pandas DataFrame sorted by RI; see
+    :func:`autobuild.search.importance`."""
+    from autobuild.search.importance import importance as _importance
+
+    return _importance(model, data, **kwargs)
+
+
+def __getattr__(name: str) -> object:
+    # ``autobuild.search`` and ``autobuild.train`` without importing Optuna at import time.
+    if name in ("search", "train"):
+        import importlib
+
+        return importlib.import_module(f"autobuild.{name}")
+    raise AttributeError(f"module 'autobuild' has no attribute {name!r}")

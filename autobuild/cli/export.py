@@ -1,0 +1,27 @@
+"""``autobuild export``: a trial's model as a saved directory, ready for ``autobuild train``."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from autobuild.cli.report import add_study_arguments, open_study
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("export", help="a trial's plan (and weights if kept) as a model dir")
+    add_study_arguments(p)
+    p.add_argument("--trial", type=int, required=True, help="trial number")
+    p.add_argument("--out", required=True, help="directory to write")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from autobuild.search.export import export_trial
+
+    result = export_trial(open_study(args), args.trial, args.out, force=args.force)
+    print(f"trial {args.trial} ({result['placement']}) -> {args.out}: plan + "
+          f"{'trained' if result['trained_weights'] else 'freshly initialised'} weights; "
+          f"`autobuild train {args.out} --data ...` trains it")
+    return 0

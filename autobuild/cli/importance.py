@@ -1,0 +1,48 @@
+"""``autobuild importance``: RI of every converted site of a trained model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from autobuild.cli._common import human, table
+
+
+def add_parser(sub: Any) -> None:
+    from autobuild.cli.train import add_data_arguments
+
+    p = sub.add_parser("importance", help="RI importance of a trained model's converted sites")
+    p.add_argument("run_dir", metavar="RUN", help="a run or saved model directory")
+    add_data_arguments(p)
+    p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--csv", help="also write the table as CSV to this file")
+    p.add_argument("--json", action="store_true", help="print the table as JSON")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from autobuild.io import atomic_write_text, load
+    from autobuild.search.importance import importance
+    from autobuild.train.runs import data_for_run, read_run_record
+
+    record = read_run_record(args.run_dir)
+    data = data_for_run(args.data, (record or {}).get("data"), data_dir=args.data_dir,
+                        download=args.download, image_size=args.image_size)
+    frame = importance(load(args.run_dir), data, batch_size=args.batch_size, device=args.device,
+                       progress=not args.json)
+    if args.csv:
+        atomic_write_text(args.csv, frame.to_csv(index=False))
+    if args.json:
+        print(json.dumps({"run": args.run_dir, **frame.attrs,
+                          "sites": frame.to_dict(orient="records")}, indent=2))
+        return 0
+    rows = [[r.site, r.choice, human(r.params), human(r.macs), f"{100 * r.p_params:.1f}%",
+             f"{100 * r.p_macs:.1f}%", f"{r.delta_top1:+.2f}", f"{r.ri:.3g}"]
+            for r in frame.itertuples()]
+    print(table(rows, ["site", "choice", "params", "MACs", "P_M", "P_W", "dtop-1 (pp)", "RI"]))
+    print(f"\nval top-1 {frame.attrs['top1']:.2f}% on {frame.attrs['val_images']} images; "
+          f"RI = P_M·P_W / max(dtop-1, ε), ε = 1/{frame.attrs['val_images']}; high RI = revert "
+          "first")
+    return 0

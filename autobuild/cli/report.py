@@ -1,0 +1,43 @@
+"""``autobuild report``: trials.csv, report.md, pareto.png, ri.csv and the hypervolume."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+
+def add_study_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--study", required=True, help="study name")
+    p.add_argument("--storage", help="database URL (default: sqlite:///studies/<study>.db)")
+
+
+def open_study(args: argparse.Namespace) -> Any:
+    from autobuild.search.dashboard import resolve_storage
+    from autobuild.search.study import load_study, open_storage
+
+    url = resolve_storage(args.storage, args.study)
+    return load_study(args.study, open_storage(url, heartbeat=False), url)
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("report", help="write a study's report (CSV, markdown, Pareto plot)")
+    add_study_arguments(p)
+    p.add_argument("--out", help="report directory (default: reports/<study>)")
+    p.add_argument("--json", action="store_true", help="print what was written as JSON")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import os
+
+    from autobuild.search.report import write_report
+
+    result = write_report(open_study(args), args.out or os.path.join("reports", args.study))
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    with open(os.path.join(result["out"], "report.md")) as f:
+        print(f.read())
+    print(f"wrote {', '.join(result['files'])} to {result['out']}")
+    return 0

@@ -1,0 +1,42 @@
+"""``autobuild search``: run (or continue) a placement search."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("search", help="search where the new blocks go (Optuna)",
+                       description="Run a placement search described by a YAML search space "
+                                   "(see search_spaces/ and docs/search.md).")
+    p.add_argument("space", help="search space YAML file")
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="KEY=VALUE", help="override a key of the space, e.g. "
+                   "budget.epochs=1 (repeatable)")
+    p.add_argument("--n-trials", type=int, help="the study's number of finished trials "
+                   "(shorthand for --set n_trials=N)")
+    p.add_argument("--study", help="study name (default: the space's name)")
+    p.add_argument("--storage", help="database URL (default: sqlite:///studies/<study>.db)")
+    p.add_argument("--artifacts", help="artifact directory every worker can reach (default: "
+                   "beside the SQLite file, or studies/<study>-artifacts)")
+    p.add_argument("--resume", action="store_true", help="continue the study where it stopped")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N (default: the space's)")
+    p.add_argument("--quiet", action="store_true", help="no per-trial progress lines")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from autobuild.search import load_space
+    from autobuild.search import run as run_search
+    from autobuild.search.report import pareto_trials
+
+    space = load_space(args.space, args.overrides)
+    study = run_search(space, storage=args.storage, study_name=args.study, resume=args.resume,
+                       n_trials=args.n_trials, device=args.device, quiet=args.quiet,
+                       artifacts=args.artifacts)
+    front = pareto_trials(study)
+    print(f"study {study.study_name}: {len(study.trials)} trials, Pareto front: "
+          f"{', '.join(str(t.number) for t in front) or 'none'}; "
+          f"`autobuild report --study {study.study_name}` writes the report")
+    return 0

@@ -1,0 +1,334 @@
+"""One trial of a placement search: sample a placement, cost it, refuse it if it breaks a
+constraint, reuse an identical placement's result, else train it (stopping it early when
+other trials dominate it) and record everything on the trial."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+import torch
+
+from autobuild.errors import AutobuildError
+from autobuild.rewrite import Analysis, Choice, Placement, Region
+from autobuild.search.pruning import Curve, should_stop
+from autobuild.search.space import OBJECTIVES, SearchSpace
+
+__all__ = ["Objective", "ResolvedGroup", "resolve_groups"]
+
+#: Trial user attributes every trial gets (the report and the dashboard read them).
+ATTR_KEY = "placement_key"
+REUSE_POLL_S = 2.0
+
+
+@dataclass
+class ResolvedGroup:
+    """A space group matched against the baseline: its sites and parsed choices."""
+
+    name: str
+    sites: list[str]
+    labels: list[str]
+    choices: list[Choice | None]
+    per_site: bool
+
+
+def resolve_groups(space: SearchSpace, analysis: Analysis) -> list[ResolvedGroup]:
+    """Match each group's patterns against the baseline's sites (every pattern must match a
+    site some choice of the group can take) and parse its choices."""
+    import fnmatch
+
+    groups = []
+    names = [s.name for s in analysis.sites()]
+    for i, group in enumerate(space.groups):
+        label = group.name or f"g{i}"
+        # A mapping choice is kept as its JSON text (Optuna's categorical values are scalars).
+        choices = [Choice.parse(json.loads(c) if c.startswith("{") else c, where=label)
+                   for c in group.choices]
+        sites: list[str] = []
+        for pattern in group.sites:
+            hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+            if not hits:
+                raise AutobuildError(f"search space groups[{i}].sites: pattern {pattern!r} "
+                                     f"matches no site of {analysis.baseline.name}")
+            sites += [n for n in hits if n not in sites]
+        groups.append(ResolvedGroup(label, sites, list(group.choices), choices, group.per_site))
+    if all(c is None for g in groups for c in g.choices):
+        raise AutobuildError("search space has nothing to search: every group's only choice "
+                             "is keep")
+    return groups
+
+
+@dataclass
+class _Sampled:
+    placement: Placement
+    regions: list[Region] = field(default_factory=list)
+
+
+class Objective:
+    """The callable ``study.optimize`` runs: see the module docstring."""
+
+    def __init__(self, space: SearchSpace, analysis: Analysis, data: Any, config: Any, *,
+                 artifact_store: Any = None, quiet: bool = False,
+                 weights_dir: str | None = None) -> None:
+        self.space, self.analysis, self.data, self.config = space, analysis, data, config
+        self.groups = resolve_groups(space, analysis)
+        self.constraints = space.parsed_constraints()
+        self.artifact_store = artifact_store
+        self.quiet = quiet
+        self.weights_dir = weights_dir
+        self.baseline = {"params": analysis.counts.params, "macs": analysis.counts.macs,
+                         "flops": analysis.counts.flops}
+        self.needs_latency = "latency_ms" in space.objectives or any(
+            c.metric == "latency_ms" for c in self.constraints)
+        if self.needs_latency:
+            self.baseline["latency_ms"] = _latency_ms(analysis.baseline.module,
+                                                      analysis.baseline.input_size,
+                                                      config.device)
+        #: Set after each trial that trained: the trained model (seeding uses it for RI).
+        self.last_model: torch.nn.Module | None = None
+        #: The number of the trial running now (an interrupt re-queues it).
+        self.current: int | None = None
+
+    # ---- the placement a trial proposes ---------------------------------------------
+    def placement(self, trial: optuna.Trial) -> Placement:
+        """Decide the groups in order (define-by-run); a site that overlaps a conversion
+        an earlier group made is not asked about (it is part of that conversion)."""
+        chosen: dict[str, Choice] = {}
+        regions: list[Region] = []
+        for group in self.groups:
+            if group.per_site:
+                for site in group.sites:
+                    free = self._takers(group, [site], regions)
+                    if free:
+                        label = trial.suggest_categorical(f"site:{site}", group.labels)
+                        self._apply(group, label, free, chosen, regions)
+            else:
+                free = self._takers(group, group.sites, regions)
+                if free:
+                    label = trial.suggest_categorical(group.name, group.labels)
+                    self._apply(group, label, free, chosen, regions)
+        return Placement(chosen)
+
+    def _takers(self, group: ResolvedGroup, sites: list[str], regions: list[Region]
+                ) -> list[str]:
+        """The sites of ``sites`` some choice can take and no earlier conversion covers."""
+        out = []
+        for name in sites:
+            region = self.analysis.region(name)
+            if not any(region.overlaps(r) for r in regions) and any(
+                    c is not None and self._can_take(c, name) for c in group.choices):
+                out.append(name)
+        return out
+
+    def _can_take(self, choice: Choice, site: str) -> bool:
+        from autobuild.rewrite import get_family
+
+        variant, s = get_family(choice.family), self.analysis.site(site)
+        return variant.accepts(s, choice.opts) and not variant.refusal(s, choice.opts,
+                                                                          self.analysis)
+
+    def _apply(self, group: ResolvedGroup, label: str, sites: list[str],
+               chosen: dict[str, Choice], regions: list[Region]) -> None:
+        choice = group.choices[group.labels.index(label)]
+        if choice is None:
+            return
+        from autobuild.rewrite import get_family
+
+        variant = get_family(choice.family)
+        for name in sites:
+            if not self._can_take(choice, name):
+                continue
+            region = variant.region(self.analysis.site(name), choice.opts, self.analysis)
+            if any(region.overlaps(r) for r in regions):
+                continue  # e.g. a block nested in another block of the same group
+            chosen[name] = choice
+            regions.append(region)
+
+    # ---- one trial ------------------------------------------------------------------
+    def __call__(self, trial: optuna.Trial) -> tuple[float, ...]:
+        self.current = trial.number
+        start = time.perf_counter()
+        placement = self.placement(trial)
+        trial.set_user_attr(ATTR_KEY, placement.key)
+        trial.set_user_attr("placement", placement.summary())
+        trial.set_user_attr("placement_json", json.dumps(
+            {s: str(c) for s, c in placement.items()}))
+        trial.set_user_attr("seed", self.space.seed)
+        trial.set_user_attr("device", str(self.config.device))
+        self.analysis.check(placement, self.space.init)
+        costs = self.analysis.cost(placement).to_dict()
+        for key in ("params", "macs", "flops"):
+            trial.set_user_attr(key, costs[key])
+        reused = self._reuse(trial, placement.key)
+        if reused is not None:
+            return reused
+        model = None
+        if self.needs_latency:
+            model = self.analysis.build(placement, self.space.init)
+            costs["latency_ms"] = _latency_ms(model, self.analysis.baseline.input_size,
+                                              self.config.device)
+            trial.set_user_attr("latency_ms", costs["latency_ms"])
+        violations = {c.text: c.violation(costs, self.baseline) for c in self.constraints}
+        for text, value in violations.items():
+            trial.set_constraint(text, value)
+        trial.set_user_attr("constraints", violations)
+        feasible = all(v <= 0 for v in violations.values())
+        trial.set_user_attr("feasible", feasible)
+        self._upload_plan(trial, placement)
+        if not feasible:
+            trial.set_user_attr("trained", False)
+            self._say(f"trial {trial.number}: {placement.summary()} is over a constraint "
+                      f"({', '.join(t for t, v in violations.items() if v > 0)}): not trained")
+            # Never trained: top-1 0 (Optuna ranks it below every feasible trial anyway).
+            return self._values({**costs, "top1": 0.0})
+        if model is None:
+            model = self.analysis.build(placement, self.space.init)
+        top1 = self._train(trial, model, placement, costs)
+        trial.set_user_attr("trained", True)
+        trial.set_user_attr("wall_time_s", time.perf_counter() - start)
+        if self.space.keep_weights:
+            self._upload_weights(trial, model)
+        self.last_model = model
+        return self._values({**costs, "top1": top1})
+
+    def _values(self, metrics: dict[str, float]) -> tuple[float, ...]:
+        return tuple(float(metrics[name]) for name in self.space.objectives)
+
+    # ---- training with early stopping ----------------------------------------------------
+    def _train(self, trial: optuna.Trial, model: torch.nn.Module, placement: Placement,
+               costs: dict[str, float]) -> float:
+        from autobuild.train import DivergedError, train
+
+        history: list[float] = []
+        cost_keys = [o for o in self.space.objectives if OBJECTIVES[o] == "minimize"]
+        mine = Curve(history, [costs[k] for k in cost_keys])
+        single = len(self.space.objectives) == 1
+        pruned = {"stop": False}
+
+        def on_epoch(metrics: Any) -> bool:
+            history.append(float(metrics.val_top1))
+            trial.set_user_attr("top1_per_epoch", list(history))
+            self._say(f"trial {trial.number}: {placement.summary()} epoch {metrics.epoch}/"
+                      f"{self.config.epochs} top-1 {metrics.val_top1:.2f}% "
+                      f"MACs {costs['macs'] / 1e6:.1f}M")
+            if single:
+                trial.report(metrics.val_top1, metrics.epoch)
+                pruned["stop"] = trial.should_prune()
+            else:
+                others = _curves(trial, cost_keys)
+                pruned["stop"] = should_stop(mine, others, metrics.epoch, self.space.pruning)
+            return not pruned["stop"]
+
+        try:
+            result = train(model, self.data, self.config, callback=on_epoch)
+        except DivergedError as exc:
+            trial.set_user_attr("fail_reason", str(exc))
+            self._say(f"trial {trial.number}: {placement.summary()} failed: {exc}")
+            raise
+        trial.set_user_attr("best_epoch", result.best_epoch)
+        if pruned["stop"] and result.stopped_early:
+            trial.set_user_attr("pruned_at_epoch", len(history))
+            raise optuna.TrialPruned(f"dominated at epoch {len(history)}")
+        return float(result.best_top1)
+
+    # ---- identical placements ---------------------------------------------------------
+    def _reuse(self, trial: optuna.Trial, key: str) -> tuple[float, ...] | None:
+        """The values of an earlier trial with the same placement (waiting for one that is
+        running now, whoever runs it); None when this trial must train."""
+        study = trial.study
+        while True:
+            same = [t for t in study.get_trials(deepcopy=False)
+                    if t.number != trial.number and t.user_attrs.get(ATTR_KEY) == key]
+            done = [t for t in same if t.state == optuna.trial.TrialState.COMPLETE]
+            if done:
+                source = min(done, key=lambda t: t.number)
+                for name, value in source.user_attrs.items():
+                    if name not in trial.user_attrs and name != "reused_from":
+                        trial.set_user_attr(name, value)
+                for name, value in source.system_attrs.items():
+                    if name.startswith("constraints:"):
+                        trial.set_constraint(name.removeprefix("constraints:"), value)
+                trial.set_user_attr("reused_from", source.number)
+                self._say(f"trial {trial.number}: same placement as trial {source.number}: "
+                          "its result is reused")
+                return tuple(source.values)
+            running = [t for t in same if t.state == optuna.trial.TrialState.RUNNING
+                       and t.number < trial.number]
+            if not running:
+                return None
+            time.sleep(REUSE_POLL_S)
+
+    # ---- records ----------------------------------------------------------------------
+    def _upload_plan(self, trial: optuna.Trial, placement: Placement) -> None:
+        if self.artifact_store is None:
+            return
+        from optuna.artifacts import upload_artifact
+
+        from autobuild.io import save_plan
+
+        plan = self.analysis.plan(placement, self.space.init)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "plan.yaml")
+            save_plan(plan, path)
+            trial.set_user_attr("plan_artifact", upload_artifact(
+                artifact_store=self.artifact_store, file_path=path, study_or_trial=trial))
+
+    def _upload_weights(self, trial: optuna.Trial, model: torch.nn.Module) -> None:
+        if self.artifact_store is None:
+            return
+        from optuna.artifacts import upload_artifact
+
+        from autobuild.io import save_weights
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "weights.safetensors")
+            save_weights(model, path)
+            trial.set_user_attr("weights_artifact", upload_artifact(
+                artifact_store=self.artifact_store, file_path=path, study_or_trial=trial))
+
+    def _say(self, line: str) -> None:
+        if not self.quiet:
+            print(line, file=sys.stderr, flush=True)
+
+
+def _curves(trial: optuna.Trial, cost_keys: list[str]) -> list[Curve]:
+    """The learning curves of the study's other trials that trained."""
+    done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    out = []
+    for t in trial.study.get_trials(deepcopy=False, states=done):
+        curve = t.user_attrs.get("top1_per_epoch")
+        if curve and t.number != trial.number and all(k in t.user_attrs for k in cost_keys):
+            out.append(Curve(curve, [t.user_attrs[k] for k in cost_keys]))
+    return out
+
+
+@torch.no_grad()
+def _latency_ms(model: torch.nn.Module, input_size: Any, device: str, repeats: int = 10
+                ) -> float:
+    """Median forward time of one image in eval mode on ``device`` (after warm-up)."""
+    import copy
+    import statistics
+
+    from autobuild.train.loop import resolve_device
+
+    dev = resolve_device(device)
+    net = copy.deepcopy(model).to(dev).eval()
+    x = torch.randn(1, *input_size, device=dev)
+    for _ in range(3):
+        net(x)
+    times = []
+    for _ in range(repeats):
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        net(x)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        times.append(1000 * (time.perf_counter() - t0))
+    return statistics.median(times)

@@ -1,0 +1,184 @@
+"""Reports of a study: ``trials.csv`` (pandas, explicit columns), ``report.md`` (the Pareto
+front as a table), ``pareto.png`` (matplotlib: feasible, infeasible, dominated and pruned
+trials distinguished, the baseline marked), ``ri.csv`` and the hypervolume of the front.
+
+Hypervolume. Each feasible finished trial is the point (1 - top1/100, cost/baseline cost)
+for the study's first cost objective, both to minimise; the reference point is (1, 2):
+0% top-1 and twice the baseline's cost. The hypervolume is the area those points dominate
+inside the reference box (Optuna's own WFG implementation): 0 for nothing useful, larger
+is better, comparable across studies of the same baseline.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import optuna
+
+from autobuild.errors import AutobuildError
+
+__all__ = ["REFERENCE_POINT", "hypervolume", "pareto_trials", "trials_frame", "write_report"]
+
+REFERENCE_POINT = (1.0, 2.0)
+_COLUMNS = ["number", "state", "placement", "top1", "params", "macs", "flops", "latency_ms",
+            "feasible", "trained", "pruned_at_epoch", "reused_from", "seed_kind",
+            "wall_time_s", "placement_key"]
+
+
+def _cost_name(study: optuna.Study) -> str:
+    names = study.metric_names or []
+    return next((n for n in names if n != "top1"), "macs")
+
+
+def _row(t: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    a = t.user_attrs
+    return {"number": t.number, "state": t.state.name, "placement": a.get("placement"),
+            "top1": None,
+            **{k: a.get(k) for k in ("params", "macs", "flops", "latency_ms", "feasible",
+                                     "trained", "pruned_at_epoch", "reused_from", "seed_kind",
+                                     "wall_time_s")},
+            "placement_key": a.get("placement_key")}
+
+
+def trials_frame(study: optuna.Study) -> Any:
+    """One row per trial with the columns of ``_COLUMNS`` (top-1 of pruned trials: the last
+    epoch reached)."""
+    import pandas as pd
+
+    names = study.metric_names or ["top1"]
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        row = _row(t)
+        values = dict(zip(names, t.values or [], strict=False))
+        row["top1"] = values.get("top1")
+        if row["top1"] is None and t.user_attrs.get("top1_per_epoch"):
+            row["top1"] = t.user_attrs["top1_per_epoch"][-1]
+        if t.user_attrs.get("trained") is False:
+            row["top1"] = None  # never trained: no accuracy to show
+        rows.append(row)
+    return pd.DataFrame(rows, columns=_COLUMNS)
+
+
+def pareto_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """Feasible trials on the Pareto front (Optuna's best_trials), by cost."""
+    if len(study.directions) == 1:
+        done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        return [study.best_trial] if done else []
+    cost = _cost_name(study)
+    return sorted(study.best_trials, key=lambda t: t.user_attrs.get(cost, 0))
+
+
+def hypervolume(study: optuna.Study) -> float:
+    """See the module docstring."""
+    import numpy as np
+    from optuna._hypervolume import compute_hypervolume
+
+    baseline = study.user_attrs.get("baseline") or {}
+    cost = _cost_name(study)
+    points = []
+    for t in pareto_trials(study):
+        top1 = t.values[(study.metric_names or ["top1"]).index("top1")] \
+            if "top1" in (study.metric_names or ["top1"]) else None
+        if top1 is None or not baseline.get(cost):
+            continue
+        p = (1 - top1 / 100, t.user_attrs[cost] / baseline[cost])
+        if p[0] < REFERENCE_POINT[0] and p[1] < REFERENCE_POINT[1]:
+            points.append(p)
+    if not points:
+        return 0.0
+    return float(compute_hypervolume(np.array(points), np.array(REFERENCE_POINT)))
+
+
+def _markdown(study: optuna.Study, frame: Any) -> str:
+    baseline = study.user_attrs.get("baseline") or {}
+    cost = _cost_name(study)
+    lines = [f"# Study {study.study_name}", "",
+             f"{len(frame)} trials: " + ", ".join(f"{n} {s.lower()}" for s, n in
+                                                   frame["state"].value_counts().items()), "",
+             f"Baseline: {baseline.get('params', 0) / 1e6:.3f}M params, "
+             f"{baseline.get('macs', 0) / 1e6:.2f}M MACs.", "",
+             "## Pareto front", "",
+             "| trial | top-1 (%) | params | MACs | vs baseline MACs | placement |",
+             "|---|---|---|---|---|---|"]
+    for t in pareto_trials(study):
+        a = t.user_attrs
+        top1 = dict(zip(study.metric_names or ["top1"], t.values, strict=False)).get("top1")
+        ratio = a.get("macs", 0) / max(baseline.get("macs", 1), 1)
+        lines.append(f"| {t.number} | {top1:.2f} | {a.get('params', 0) / 1e6:.3f}M | "
+                     f"{a.get('macs', 0) / 1e6:.2f}M | {ratio:.2f}x | "
+                     f"{a.get('placement', '')} |")
+    lines += ["", f"Hypervolume (reference: 0% top-1, 2x the baseline's {cost}): "
+                  f"{hypervolume(study):.4f}", ""]
+    return "\n".join(lines)
+
+
+def _plot(study: optuna.Study, frame: Any, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    baseline = study.user_attrs.get("baseline") or {}
+    cost = _cost_name(study)
+    front = {t.number for t in pareto_trials(study)}
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    trained = frame[frame["top1"].notna() & frame[cost].notna()]
+    groups = {
+        "Pareto front": trained[trained["number"].isin(front)],
+        "dominated": trained[~trained["number"].isin(front) & (trained["state"] == "COMPLETE")],
+        "stopped early (last epoch)": trained[trained["state"] == "PRUNED"],
+    }
+    styles = {"Pareto front": dict(c="tab:red", marker="o", s=40, zorder=3),
+              "dominated": dict(c="tab:gray", marker="o", s=20, alpha=0.7),
+              "stopped early (last epoch)": dict(c="tab:orange", marker="x", s=25)}
+    for label, sub in groups.items():
+        if len(sub):
+            ax.scatter(sub[cost] / 1e6, sub["top1"], label=label, **styles[label])
+    infeasible = frame[frame["feasible"] == False]  # noqa: E712 (pandas elementwise)
+    if len(infeasible):
+        ax.scatter(infeasible[cost] / 1e6, [0] * len(infeasible), c="black", marker="v",
+                   s=20, label="infeasible (not trained)")
+    front_df = groups["Pareto front"].sort_values(cost)
+    if len(front_df):
+        ax.plot(front_df[cost] / 1e6, front_df["top1"], c="tab:red", lw=1, zorder=2)
+    if baseline.get(cost):
+        ax.axvline(baseline[cost] / 1e6, c="tab:blue", ls="--", lw=1, label="baseline cost")
+        base_rows = trained[trained["seed_kind"] == "baseline"]
+        if len(base_rows):
+            ax.scatter(base_rows[cost] / 1e6, base_rows["top1"], c="tab:blue", marker="*",
+                       s=120, zorder=4, label="baseline")
+    ax.set_xlabel(f"{cost} (millions)")
+    ax.set_ylabel("val top-1 (%)")
+    ax.set_title(f"{study.study_name}: top-1 vs {cost}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_report(study: optuna.Study, out: str) -> dict[str, Any]:
+    """Write the report files into ``out`` (atomically, each); returns what was written."""
+    import pandas as pd
+
+    from autobuild.io import atomic_write_text
+
+    if not study.get_trials(deepcopy=False):
+        raise AutobuildError(f"study {study.study_name!r} has no trials yet")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as exc:
+        raise AutobuildError(f"cannot create {out!r}: {exc.strerror}") from exc
+    frame = trials_frame(study)
+    atomic_write_text(os.path.join(out, "trials.csv"), frame.to_csv(index=False))
+    atomic_write_text(os.path.join(out, "report.md"), _markdown(study, frame))
+    png = os.path.join(out, "pareto.png")
+    tmp = png + ".tmp.png"
+    _plot(study, frame, tmp)
+    os.replace(tmp, png)
+    ri = pd.DataFrame(study.user_attrs.get("ri") or [])
+    atomic_write_text(os.path.join(out, "ri.csv"), ri.to_csv(index=False))
+    return {"out": out, "files": ["trials.csv", "report.md", "pareto.png", "ri.csv"],
+            "trials": len(frame), "pareto": len(pareto_trials(study)),
+            "hypervolume": hypervolume(study)}

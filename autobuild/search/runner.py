@@ -1,0 +1,240 @@
+"""Running a search: build the data and the analysis once, create (or continue) the study,
+enqueue its seed trials, then run trials until the study holds ``n_trials`` finished ones."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, fields
+from typing import Any
+
+import optuna
+
+from autobuild.errors import AutobuildError
+from autobuild.search.objective import Objective
+from autobuild.search.space import SearchSpace, load_space
+from autobuild.search.study import (
+    artifact_dir,
+    default_storage,
+    finished,
+    load_study,
+    open_storage,
+    running_elsewhere,
+    wait_for_others,
+)
+
+__all__ = ["Search", "prepare", "run"]
+
+
+@dataclass
+class Search:
+    """Everything a worker needs: the space, its study, and the objective."""
+
+    space: SearchSpace
+    study: optuna.Study
+    objective: Objective
+    storage_url: str
+    artifacts: str
+
+
+def _sampler(space: SearchSpace) -> optuna.samplers.BaseSampler:
+    s = space.sampler
+    if s == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=space.seed)
+    if s == "tpe":
+        return optuna.samplers.TPESampler(seed=space.seed)
+    if s == "random":
+        return optuna.samplers.RandomSampler(seed=space.seed)
+    if s == "bruteforce":
+        return optuna.samplers.BruteForceSampler(seed=space.seed)
+    # Optuna's default: TPE for one objective, NSGA-II for several.
+    return (optuna.samplers.TPESampler(seed=space.seed) if len(space.objectives) == 1
+            else optuna.samplers.NSGAIISampler(seed=space.seed))
+
+
+def _config(space: SearchSpace, device: str | None) -> Any:
+    from autobuild.train import TrainConfig
+
+    known = {f.name for f in fields(TrainConfig)}
+    extra = {k: v for k, v in space.budget.model_dump().items()
+             if k not in ("train_subset", "image_size")}
+    unknown = sorted(set(extra) - known)
+    if unknown:
+        raise AutobuildError(f"search space budget.{unknown[0]}: unknown key; valid: "
+                             f"{', '.join(sorted(known | {'train_subset', 'image_size'}))}")
+    return TrainConfig(**{**extra, "seed": space.seed, "device": device or space.device,
+                          "progress": False})
+
+
+def _seed_params(search_groups: list, how: str) -> dict[str, str]:
+    params = {}
+    for group in search_groups:
+        label = "keep"
+        if how == "all_converted":
+            label = next((lab for lab, c in zip(group.labels, group.choices, strict=True)
+                          if c is not None), "keep")
+        for name in ([f"site:{s}" for s in group.sites] if group.per_site else [group.name]):
+            params[name] = label
+    return params
+
+
+def prepare(space: SearchSpace, *, storage: str | None = None, study_name: str | None = None,
+            resume: bool = False, attach: bool = False, device: str | None = None,
+            quiet: bool = False, artifacts: str | None = None) -> Search:
+    """Open the storage, create the study (``resume``/``attach``: continue an existing one
+    made from the same space) and the objective. Nothing is trained."""
+    from optuna.artifacts import FileSystemArtifactStore
+
+    from autobuild.api import analyze
+    from autobuild.train import build_data
+
+    name = study_name or space.name
+    url = storage or default_storage(name)
+    store = open_storage(url)
+    config = _config(space, device)
+    exists = name in optuna.study.get_all_study_names(store)
+    if exists and not (resume or attach):
+        raise AutobuildError(f"study {name!r} already exists in {url.split('?')[0]}; pass "
+                             "--resume to continue it, or --study NEW for a new one")
+    if resume and not exists:
+        raise AutobuildError(f"no study {name!r} to resume in {url.split('?')[0]}")
+    data = build_data(space.data, space.data_dir, image_size=space.budget.image_size,
+                      train_subset=space.budget.train_subset)
+    analysis = analyze(space.baseline, num_classes=space.num_classes or data.num_classes,
+                       input_size=space.input_size or data.input_size)
+    folder = artifact_dir(url, name, artifacts)
+    import os
+
+    os.makedirs(folder, exist_ok=True)
+    objective = Objective(space, analysis, data, config,
+                          artifact_store=FileSystemArtifactStore(folder), quiet=quiet)
+    if exists:
+        study = load_study(name, store, url)
+        recorded = study.user_attrs.get("space_fingerprint")
+        if recorded != space.fingerprint():
+            raise AutobuildError(f"study {name!r} was made from another search space "
+                                 f"(fingerprint {recorded} vs {space.fingerprint()}); --resume "
+                                 "continues the same space only: use --study NEW")
+    else:
+        study = optuna.create_study(study_name=name, storage=store,
+                                    directions=space.directions(), sampler=_sampler(space))
+        study.set_metric_names(list(space.objectives))
+        study.set_user_attr("space", space.model_dump(mode="json"))
+        study.set_user_attr("space_fingerprint", space.fingerprint())
+        study.set_user_attr("baseline", {**objective.baseline, "top1": None})
+        b = analysis.baseline
+        study.set_user_attr("baseline_spec", {"model": b.name, "num_classes": b.num_classes,
+                                              "input_size": list(b.input_size),
+                                              "init": space.init})
+        # Enqueued once, by the process that creates the study.
+        if space.seeding.baseline:
+            study.enqueue_trial(_seed_params(objective.groups, "baseline"),
+                                user_attrs={"seed_kind": "baseline"})
+        if space.seeding.all_converted:
+            study.enqueue_trial(_seed_params(objective.groups, "all_converted"),
+                                user_attrs={"seed_kind": "all_converted"})
+    study.sampler = _sampler(space)
+    return Search(space, study, objective, url, folder)
+
+
+def _after_trial(search: Search) -> Any:
+    """After the all-converted seed trial trained: RI on its network, recorded on the study,
+    and placements that revert the top-RI sites enqueued."""
+
+    def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if (trial.user_attrs.get("seed_kind") != "all_converted" or not trial.user_attrs.get(
+                "trained") or "ri" in study.user_attrs or search.objective.last_model is None):
+            return
+        from autobuild.search.importance import importance
+
+        k = search.space.seeding.revert_top_ri
+        table = importance(search.objective.last_model, search.objective.data,
+                           device=str(search.objective.config.device), progress=False)
+        study.set_user_attr("ri", table.to_dict(orient="records"))
+        # Pin every parameter: those the all-converted trial was not asked (sites inside a
+        # conversion) start at keep, so a revert goes back to the baseline there too.
+        base = {name: "keep" for name in _seed_params(search.objective.groups, "baseline")}
+        base.update(trial.params)
+        for top in range(1, min(k, len(table)) + 1):
+            params = dict(base)
+            for site in table["site"][:top]:
+                for group in search.objective.groups:
+                    if site in group.sites:
+                        params[f"site:{site}" if group.per_site else group.name] = "keep"
+            study.enqueue_trial(params, user_attrs={"seed_kind": f"revert_top_ri_{top}"})
+
+    return callback
+
+
+def _pareto_line(search: Search) -> Any:
+    def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if search.objective.quiet:
+            return
+        front = len(study.best_trials) if len(study.directions) > 1 else 1
+        print(f"trial {trial.number} {trial.state.name.lower()}: {finished(study)}/"
+              f"{search.space.n_trials} finished, Pareto front {front}", file=sys.stderr,
+              flush=True)
+
+    return callback
+
+
+def work(search: Search, n_trials: int) -> None:
+    """Run trials until the study holds ``n_trials`` finished (complete or pruned) ones;
+    a trial another worker is running counts, a failed one does not."""
+    from autobuild.train import DivergedError
+
+    callbacks = [_after_trial(search), _pareto_line(search)]
+    failures = 0
+    while finished(search.study) < n_trials:
+        if finished(search.study) + running_elsewhere(search.study) >= n_trials:
+            waiting = search.study.get_trials(
+                deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+            if not waiting:
+                wait_for_others(search.study)
+                continue
+        before = finished(search.study)
+        try:
+            search.study.optimize(search.objective, n_trials=1, callbacks=callbacks,
+                                  catch=(DivergedError,))
+        except KeyboardInterrupt:
+            requeue_interrupted(search.study, search.objective.current)
+            raise
+        if finished(search.study) == before:
+            failures += 1
+            if failures > n_trials:
+                raise AutobuildError(f"{failures} trials failed (see their fail_reason); "
+                                     "stopping the search")
+
+
+def requeue_interrupted(study: optuna.Study, number: int | None) -> None:
+    """Put trial ``number`` (failed by an interrupt) back in the queue with the same
+    parameters, so that ``--resume`` (or another worker) trains it."""
+    if number is None:
+        return
+    trial = study.get_trials(deepcopy=False)[number]
+    if trial.state != optuna.trial.TrialState.FAIL or "fail_reason" in trial.user_attrs:
+        return
+    if any(t.user_attrs.get("requeued_from") == number for t in study.get_trials(deepcopy=False)):
+        return
+    study.enqueue_trial(trial.params, user_attrs={
+        "requeued_from": number, **{k: v for k, v in trial.user_attrs.items()
+                                    if k == "seed_kind"}})
+
+
+def run(space: SearchSpace | str | dict, *, overrides: tuple[str, ...] = (),
+        storage: str | None = None, study_name: str | None = None, resume: bool = False,
+        n_trials: int | None = None, device: str | None = None, quiet: bool = False,
+        artifacts: str | None = None) -> optuna.Study:
+    """Run (or continue) a placement search; returns the study. ``space`` is a
+    :class:`SearchSpace`, a YAML path or a dict; ``overrides`` are ``key.sub=value``."""
+    if not isinstance(space, SearchSpace):
+        space = load_space(space, overrides)
+    elif overrides:
+        space = load_space(space.model_dump(mode="json"), overrides)
+    if n_trials is not None:
+        if n_trials < 1:
+            raise AutobuildError(f"--n-trials must be at least 1, got {n_trials}")
+        space = space.model_copy(update={"n_trials": n_trials})
+    search = prepare(space, storage=storage, study_name=study_name, resume=resume,
+                     device=device, quiet=quiet, artifacts=artifacts)
+    work(search, space.n_trials)
+    return search.study

@@ -1,0 +1,252 @@
+"""Search spaces: a YAML file (``search_spaces/*.yaml``) validated by pydantic.
+
+    name: cifar10-resnet20-quadratic
+    baseline: cifar_resnet20
+    data: imagefolder:../shared/data/cifar10-mini
+    groups:                          # decided in order; each group is one choice...
+      - sites: "layer1.*.conv*"
+        choices: [keep, quadratic:ours, quadratic:t4]
+      - sites: ["layer3.*.conv*"]
+        choices: [keep, quadratic:ours]
+        per_site: true                # ...or one choice per matching site
+    objectives: [top1, macs]         # top1 (max); macs, params, flops, latency_ms (min)
+    constraints: ["macs <= 1.2 * baseline"]
+    budget: {epochs: 3, batch_size: 128, train_subset: 2000}   # any `autobuild train` recipe key
+    sampler: nsga2                   # default (Optuna's), nsga2, tpe, random, bruteforce
+    seed: 0
+    n_trials: 20
+
+Every key is checked with its type and bounds; an error names the key (``budget.epochs``)
+and what is allowed. ``--set key.sub=value`` overrides any key before validation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from autobuild.errors import AutobuildError
+
+__all__ = ["OBJECTIVES", "Constraint", "Group", "SearchSpace", "load_space"]
+
+#: Objective name -> direction.
+OBJECTIVES = {"top1": "maximize", "macs": "minimize", "params": "minimize",
+              "flops": "minimize", "latency_ms": "minimize"}
+SAMPLERS = ("default", "nsga2", "tpe", "random", "bruteforce")
+_CONSTRAINT = re.compile(r"^\s*(macs|params|flops|latency_ms)\s*(<=|>=)\s*"
+                         r"(?:([0-9.eE+]+)\s*\*\s*)?(baseline|[0-9.eE+]+)\s*$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Group(_Strict):
+    """Sites (glob patterns) and the choices they may take (``keep`` is always added)."""
+
+    sites: list[str] = Field(min_length=1)
+    choices: list[str] = Field(min_length=1)
+    per_site: bool = False
+    name: str | None = None
+
+    @field_validator("sites", mode="before")
+    @classmethod
+    def _one_pattern(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("choices", mode="before")
+    @classmethod
+    def _choices(cls, value: Any) -> Any:
+        if not isinstance(value, list):
+            return value
+        out = ["keep"] + [v for v in value if v != "keep"]  # keep always, and first
+        return [str(v) if not isinstance(v, dict) else json.dumps(v, sort_keys=True)
+                for v in out]
+
+
+class Constraint(_Strict):
+    """``metric <= value`` or ``metric <= k * baseline`` (also >=)."""
+
+    metric: Literal["macs", "params", "flops", "latency_ms"]
+    op: Literal["<=", ">="]
+    factor: float
+    relative: bool
+    text: str
+
+    @classmethod
+    def parse(cls, text: str) -> Constraint:
+        m = _CONSTRAINT.match(text)
+        if not m:
+            raise ValueError(f"constraint {text!r} must look like 'macs <= 1.2 * baseline' or "
+                             "'params <= 5e6' (metrics: macs, params, flops, latency_ms)")
+        metric, op, factor, rhs = m.groups()
+        relative = rhs == "baseline"
+        value = float(factor or 1.0) if relative else float(rhs) * float(factor or 1.0)
+        return cls(metric=metric, op=op, factor=value, relative=relative, text=text.strip())
+
+    def bound(self, baseline: dict[str, float]) -> float:
+        return self.factor * baseline[self.metric] if self.relative else self.factor
+
+    def violation(self, values: dict[str, float], baseline: dict[str, float]) -> float:
+        """Optuna's convention: <= 0 is feasible (relative to the bound, so it is scale-free)."""
+        bound = self.bound(baseline)
+        excess = values[self.metric] - bound if self.op == "<=" else bound - values[self.metric]
+        return excess / max(abs(bound), 1e-12)
+
+
+class Seeding(_Strict):
+    """The first trials, enqueued before the sampler proposes any."""
+
+    baseline: bool = True
+    all_converted: bool = True
+    #: Revert the top-k sites by RI (from a short importance run on the all-converted net).
+    revert_top_ri: int = Field(default=3, ge=0, le=64)
+    #: Epochs of the all-converted training run that RI is measured on.
+    importance_epochs: int = Field(default=1, ge=1, le=1000)
+
+
+class Pruning(_Strict):
+    """Early stopping of weak trials (see :mod:`autobuild.search.pruning`)."""
+
+    enabled: bool = True
+    warmup_epochs: int = Field(default=1, ge=0)
+    #: A trial stops when at least this many finished trials dominate it at the same epoch.
+    min_dominators: int = Field(default=2, ge=1)
+    #: Accuracy slack (percentage points) before another trial counts as better.
+    margin: float = Field(default=0.0, ge=0.0, le=100.0)
+
+
+class Budget(_Strict):
+    """Per-trial training budget: any ``autobuild train`` recipe key, plus the data subset."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    epochs: int = Field(default=3, ge=1, le=10_000)
+    batch_size: int = Field(default=128, ge=1, le=65_536)
+    train_subset: int | None = Field(default=None, ge=1)
+    image_size: int | None = Field(default=None, ge=8, le=4096)
+
+
+class SearchSpace(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+    baseline: str = Field(min_length=1)
+    num_classes: int | None = Field(default=None, ge=1)
+    input_size: tuple[int, int, int] | None = None
+    data: str = Field(min_length=1)
+    data_dir: str | None = None
+    groups: list[Group] = Field(min_length=1)
+    objectives: list[str] = Field(default=["top1", "macs"], min_length=1, max_length=4)
+    constraints: list[str] = Field(default_factory=list)
+    budget: Budget = Budget()
+    init: Literal["scratch", "preserve"] = "scratch"
+    sampler: str = "default"
+    seed: int = Field(default=0, ge=0)
+    n_trials: int = Field(default=20, ge=1, le=100_000)
+    seeding: Seeding = Seeding()
+    pruning: Pruning = Pruning()
+    keep_weights: bool = False
+    device: str = "auto"
+
+    @field_validator("objectives")
+    @classmethod
+    def _objectives(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if name not in OBJECTIVES:
+                raise ValueError(f"unknown objective {name!r}; valid: {', '.join(OBJECTIVES)}")
+        if len(set(value)) != len(value):
+            raise ValueError("objectives are listed twice")
+        return value
+
+    @field_validator("constraints")
+    @classmethod
+    def _constraints(cls, value: list[str]) -> list[str]:
+        for text in value:
+            Constraint.parse(text)
+        return value
+
+    @field_validator("sampler")
+    @classmethod
+    def _sampler(cls, value: str) -> str:
+        if value not in SAMPLERS:
+            raise ValueError(f"unknown sampler {value!r}; valid: {', '.join(SAMPLERS)}")
+        return value
+
+    def parsed_constraints(self) -> list[Constraint]:
+        return [Constraint.parse(t) for t in self.constraints]
+
+    def directions(self) -> list[str]:
+        return [OBJECTIVES[o] for o in self.objectives]
+
+    def fingerprint(self) -> str:
+        """What defines the study's trials (the space minus run-time settings): a study
+        refuses to be continued with a different one."""
+        data = self.model_dump(mode="json", exclude={"n_trials", "device"})
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _set(data: dict[str, Any], assignment: str) -> None:
+    key, sep, value = assignment.partition("=")
+    if not sep or not key.strip():
+        raise AutobuildError(f"--set takes key.sub=value, got {assignment!r}")
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise AutobuildError(f"--set {key}: {part!r} is not a mapping in the space")
+        node = child
+    try:
+        node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as exc:
+        raise AutobuildError(f"--set {key}: value {value!r} is not valid YAML") from exc
+
+
+def _first_error(exc: ValidationError, source: str) -> AutobuildError:
+    err = exc.errors()[0]
+    key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif err["type"] == "missing":
+        msg = "is required"
+    return AutobuildError(f"search space {source}: {key}: {msg}")
+
+
+def load_space(path_or_data: str | dict[str, Any], overrides: list[str] | tuple[str, ...] = ()
+               ) -> SearchSpace:
+    """A validated search space from a YAML file (or a dict), with ``key.sub=value``
+    overrides applied first. Relative ``data``/``data_dir`` paths in a file are resolved
+    against the current directory and recorded absolute."""
+    source = "(dict)"
+    if isinstance(path_or_data, str):
+        source = repr(path_or_data)
+        if not os.path.isfile(path_or_data):
+            raise AutobuildError(f"search space {path_or_data!r} does not exist")
+        try:
+            with open(path_or_data, encoding="utf-8") as f:
+                data = yaml.safe_load(f)
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise AutobuildError(f"search space {source} is not valid YAML: {first}") from exc
+    else:
+        data = json.loads(json.dumps(path_or_data))
+    if not isinstance(data, dict):
+        raise AutobuildError(f"search space {source} must be a mapping of keys (name, baseline, "
+                             "data, groups, ...)")
+    for assignment in overrides:
+        _set(data, assignment)
+    if isinstance(data.get("data"), str) and data["data"].startswith("imagefolder:"):
+        data["data"] = "imagefolder:" + os.path.abspath(data["data"][len("imagefolder:"):])
+    if isinstance(data.get("data_dir"), str):
+        data["data_dir"] = os.path.abspath(os.path.expanduser(data["data_dir"]))
+    try:
+        return SearchSpace.model_validate(data)
+    except ValidationError as exc:
+        raise _first_error(exc, source) from None

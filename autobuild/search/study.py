@@ -1,0 +1,113 @@
+"""Studies: where they are stored, how they are created, seeded, continued and run.
+
+Storage is any SQLAlchemy URL Optuna's RDB storage takes; the default is an embedded SQLite
+file ``studies/<name>.db`` (one worker). Trials' plans (and weights, when the space keeps
+them) go to a file-system artifact store beside it, ``studies/<name>-artifacts/``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from typing import Any
+
+import optuna
+
+from autobuild.errors import AutobuildError
+
+__all__ = ["artifact_dir", "default_storage", "finished", "load_study", "mask_url",
+           "open_storage"]
+
+DONE = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+#: Heartbeats: a running trial whose worker has not written for GRACE_S is failed and
+#: re-queued with the same parameters (RetryHeartbeatStaleTrialCallback).
+HEARTBEAT_S, GRACE_S = 10, 60
+
+
+def quiet_optuna() -> None:
+    """Optuna's INFO lines, its tracebacks of failed trials and experimental-feature warnings
+    would drown the progress lines; autobuild prints its own (and records fail reasons)."""
+    import warnings
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+def mask_url(url: str) -> str:
+    """The URL with its password replaced by ***."""
+    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+
+
+def default_storage(name: str) -> str:
+    return f"sqlite:///{os.path.abspath(os.path.join('studies', name + '.db'))}"
+
+
+def artifact_dir(storage_url: str, study_name: str, given: str | None = None) -> str:
+    """The artifact directory: ``given``, else beside a SQLite file, else
+    ``studies/<study>-artifacts`` (every worker must reach it: see docs/search.md)."""
+    if given:
+        return os.path.abspath(given)
+    if storage_url.startswith("sqlite:///"):
+        path = storage_url[len("sqlite:///"):]
+        return os.path.splitext(os.path.abspath(path))[0] + "-artifacts"
+    return os.path.abspath(os.path.join("studies", f"{study_name}-artifacts"))
+
+
+def open_storage(url: str, *, heartbeat: bool = True) -> optuna.storages.RDBStorage:
+    """Optuna's RDB storage on ``url``, with heartbeats and the retry of stale trials; one
+    line naming the URL (password masked) when it cannot be opened."""
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+
+    quiet_optuna()
+    if not isinstance(url, str) or "://" not in url:
+        raise AutobuildError(f"--storage must be a database URL such as sqlite:///studies/x.db "
+                             f"or postgresql+psycopg://user@host/db, got {url!r}")
+    if url.startswith("sqlite:///"):
+        path = url[len("sqlite:///"):]
+        if path and path != ":memory:":
+            try:
+                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            except OSError as exc:
+                raise AutobuildError(f"cannot create the folder of {url}: {exc.strerror}") from exc
+    kwargs: dict[str, Any] = {}
+    if heartbeat:
+        kwargs = {"heartbeat_interval": HEARTBEAT_S, "grace_period": GRACE_S,
+                  "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback()}
+    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {
+        "pool_pre_ping": True}
+    try:
+        return RDBStorage(url, engine_kwargs=engine, **kwargs)
+    except ModuleNotFoundError as exc:
+        raise AutobuildError(f"storage {mask_url(url)} needs the driver {exc.name!r}: pip "
+                             "install 'autobuild[search]' (psycopg for postgresql+psycopg)"
+                             ) from exc
+    except Exception as exc:  # sqlalchemy/psycopg: unreachable host, bad password, ...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise AutobuildError(f"cannot open storage {mask_url(url)}: {first}") from exc
+
+
+def load_study(name: str, storage: optuna.storages.BaseStorage, url: str) -> optuna.Study:
+    names = optuna.study.get_all_study_names(storage)
+    if name not in names:
+        shown = ", ".join(sorted(names)) or "(none)"
+        raise AutobuildError(f"no study named {name!r} in {mask_url(url)}; studies there: "
+                             f"{shown}")
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def finished(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=DONE))
+
+
+def running_elsewhere(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
+
+
+def wait_for_others(study: optuna.Study, poll_s: float = 2.0) -> None:
+    """Sleep a little while other workers' trials run, failing (and so re-queueing) any
+    whose worker stopped sending heartbeats."""
+    from optuna.storages import fail_stale_trials
+
+    time.sleep(poll_s)
+    fail_stale_trials(study)

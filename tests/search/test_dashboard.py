@@ -1,0 +1,57 @@
+"""`autobuild dashboard` serves a study: its trials and a trial's plan artifact through
+optuna-dashboard's HTTP API."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from autobuild.search import load_space, run
+from autobuild.search.dashboard import free_port
+from tests.search.conftest import tiny_space
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _get(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.read()
+
+
+def test_dashboard_serves_the_study_and_its_artifacts(in_tmp) -> None:
+    study = run(load_space(tiny_space(n_trials=1, seeding={"baseline": True,
+                                                           "all_converted": False})),
+                quiet=True)
+    trial = study.trials[0]
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "autobuild", "dashboard", "--study", "tiny",
+                             "--port", str(port)], cwd=in_tmp, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 120
+        while True:
+            try:
+                studies = json.loads(_get(f"{base}/api/studies"))["study_summaries"]
+                break
+            except OSError:
+                assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
+                time.sleep(0.5)
+        summary = next(s for s in studies if s["study_name"] == "tiny")
+        assert summary["directions"] == ["maximize", "minimize"]
+        detail = json.loads(_get(f"{base}/api/studies/{summary['study_id']}"))
+        assert len(detail["trials"]) == 1
+        assert detail["objective_names"] == ["top1", "macs"]
+        served = detail["trials"][0]
+        artifact = trial.user_attrs["plan_artifact"]
+        body = _get(f"{base}/artifacts/{summary['study_id']}/{served['trial_id']}/{artifact}")
+        assert b"autobuild_plan: 2" in body
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -1,0 +1,189 @@
+"""A real (tiny) study on SQLite: attributes, seeding, reuse, constraints, reports, export,
+resume, errors and Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+
+from autobuild.cli import main
+from autobuild.errors import AutobuildError
+from autobuild.search import load_space, run
+from autobuild.search.report import pareto_trials
+from tests.search.conftest import tiny_space
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _trials(study):
+    return study.get_trials(deepcopy=False)
+
+
+def test_a_four_trial_study_records_everything(in_tmp) -> None:
+    study = run(load_space(tiny_space()), quiet=True)
+    trials = _trials(study)
+    assert len([t for t in trials if t.state.is_finished()]) == 4
+    assert study.metric_names == ["top1", "macs"]
+    kinds = [t.user_attrs.get("seed_kind") for t in trials]
+    assert kinds[:3] == ["baseline", "all_converted", "revert_top_ri_1"]
+    assert study.user_attrs["ri"] and {"site", "ri"} <= set(study.user_attrs["ri"][0])
+    for t in trials:
+        a = t.user_attrs
+        for key in ("placement_key", "placement", "params", "macs", "flops", "seed", "device",
+                    "plan_artifact", "constraints", "feasible", "trained"):
+            assert key in a, (t.number, key)
+        if a["trained"]:
+            assert len(a["top1_per_epoch"]) <= 2 and "wall_time_s" in a
+    base = trials[0]
+    assert base.user_attrs["placement"] == "baseline" and base.values[1] == base.user_attrs["macs"]
+    store = optuna.artifacts.FileSystemArtifactStore("studies/tiny-artifacts")
+    with store.open_reader(trials[1].user_attrs["plan_artifact"]) as f:
+        plan = f.read().decode()
+    assert "autobuild_plan: 2" in plan and "pde-global" in plan
+
+
+def test_identical_placements_are_trained_once(in_tmp) -> None:
+    space = load_space(tiny_space(seeding={"baseline": True, "all_converted": True,
+                                           "revert_top_ri": 0}, n_trials=3))
+    from autobuild.search import prepare
+
+    search = prepare(space, quiet=True)
+    search.study.enqueue_trial({"stage3": "keep", "convs": "keep"})  # = the baseline seed
+    from autobuild.search.runner import work
+
+    work(search, 3)
+    trials = _trials(search.study)
+    assert trials[2].user_attrs["reused_from"] == 0
+    assert trials[2].values == trials[0].values
+    assert "top1_per_epoch" in trials[2].user_attrs  # the record is carried over
+
+
+def test_a_placement_over_a_constraint_is_never_trained(in_tmp) -> None:
+    space = load_space(tiny_space(constraints=["macs <= 1.1 * baseline"], n_trials=2,
+                                  groups=[{"name": "convs", "sites": "layer*.*.conv*",
+                                           "choices": ["keep", "quadratic:ours"]}]))
+    study = run(space, quiet=True)
+    converted = _trials(study)[1]
+    assert converted.user_attrs["seed_kind"] == "all_converted"
+    assert converted.user_attrs["trained"] is False and converted.user_attrs["feasible"] is False
+    assert "top1_per_epoch" not in converted.user_attrs
+    assert converted.user_attrs["constraints"]["macs <= 1.1 * baseline"] > 0
+    assert converted.number not in {t.number for t in pareto_trials(study)}
+
+
+def test_report_export_and_resume_through_the_cli(in_tmp, capsys) -> None:
+    space = in_tmp / "space.yaml"
+    import yaml
+
+    space.write_text(yaml.safe_dump(tiny_space(n_trials=3)))
+    assert main(["search", str(space), "--quiet"]) == 0
+    assert main(["search", str(space), "--quiet"]) == 2  # exists: --resume or a new --study
+    assert "--resume" in capsys.readouterr().err
+    assert main(["search", str(space), "--resume", "--n-trials", "4", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["report", "--study", "tiny", "--out", "rep", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["trials"] == 4 and result["hypervolume"] >= 0
+    for name in ("trials.csv", "report.md", "pareto.png", "ri.csv"):
+        assert (in_tmp / "rep" / name).stat().st_size > 0
+    import matplotlib.image
+
+    png = in_tmp / "rep" / "pareto.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert matplotlib.image.imread(str(png)).shape[2] in (3, 4)
+    assert "## Pareto front" in (in_tmp / "rep" / "report.md").read_text()
+    assert main(["export", "--study", "tiny", "--trial", "1", "--out", "best"]) == 0
+    assert "freshly initialised weights" in capsys.readouterr().out
+    assert sorted(os.listdir(in_tmp / "best")) == ["plan.yaml", "weights.safetensors"]
+    assert main(["inspect", "best", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["placement"].startswith(("parameter-free",
+                                                                        "pde-global",
+                                                                        "quadratic"))
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["report", "--study", "nope"], "no study database"),
+    (["report", "--study", "nope", "--storage", "sqlite:///studies/x.db"],
+     "no study named 'nope'"),
+    (["search", "missing.yaml"], "does not exist"),
+    (["search", "space.yaml", "--storage", "postgresql+psycopg://u:secret@127.0.0.1:1/x"],
+     "cannot open storage postgresql+psycopg://u:***@127.0.0.1:1/x"),
+    (["search", "space.yaml", "--storage", "nonsense"], "must be a database URL"),
+    (["search", "space.yaml", "--resume"], "no study 'tiny' to resume"),
+    (["search", "space.yaml", "--n-trials", "0"], "--n-trials must be at least 1"),
+    (["export", "--study", "tiny", "--trial", "9", "--out", "x"], "has no trial 9"),
+])
+def test_errors_are_one_line(in_tmp, capsys, argv, needle) -> None:
+    import yaml
+
+    (in_tmp / "space.yaml").write_text(yaml.safe_dump(tiny_space(n_trials=1)))
+    if argv[0] == "export":
+        assert main(["search", "space.yaml", "--quiet"]) == 0
+        capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1 and "secret" not in err
+
+
+def test_a_study_from_another_space_is_not_mixed(in_tmp) -> None:
+    run(load_space(tiny_space(n_trials=1)), quiet=True)
+    other = load_space(tiny_space(n_trials=1, budget={"epochs": 1, "batch_size": 32}))
+    with pytest.raises(AutobuildError, match="made from another search space"):
+        run(other, resume=True, quiet=True)
+
+
+def test_nothing_to_search_is_refused(in_tmp) -> None:
+    with pytest.raises(AutobuildError, match="nothing to search"):
+        run(load_space(tiny_space(groups=[{"sites": "layer1.0.conv1", "choices": ["keep"]}])),
+            quiet=True)
+    with pytest.raises(AutobuildError, match="matches no site"):
+        run(load_space(tiny_space(groups=[{"sites": "nope*", "choices": ["quadratic"]}])),
+            quiet=True)
+
+
+def test_ctrl_c_stops_cleanly_and_resume_finishes(in_tmp) -> None:
+    import yaml
+
+    space = in_tmp / "space.yaml"
+    space.write_text(yaml.safe_dump(tiny_space(n_trials=3, budget={"epochs": 6,
+                                                                     "batch_size": 8})))
+    cmd = [sys.executable, "-m", "autobuild", "search", str(space)]
+    # A job runner may start the tests with SIGINT ignored, and Python keeps an ignored SIGINT
+    # ignored: give the child the default disposition, as in a terminal.
+    proc = subprocess.Popen(cmd, cwd=in_tmp, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    for line in proc.stderr:  # interrupt in the middle of the first trial's training
+        if "epoch 1/6" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    study = optuna.load_study(study_name="tiny", storage="sqlite:///studies/tiny.db")
+    states = [t.state for t in study.trials]
+    assert optuna.trial.TrialState.RUNNING not in states
+    assert optuna.trial.TrialState.WAITING in states  # the interrupted trial is queued again
+    assert main(["search", str(space), "--resume", "--quiet"]) == 0
+    study = optuna.load_study(study_name="tiny", storage="sqlite:///studies/tiny.db")
+    done = [t for t in study.trials if t.state.is_finished() and t.state.name != "FAIL"]
+    assert len(done) == 3
+    again = [t for t in done if t.user_attrs.get("requeued_from") == 0]
+    assert again and again[0].user_attrs["seed_kind"] == "baseline"  # the seed was trained
+
+
+def test_diverging_trials_fail_with_their_reason_and_the_study_goes_on(in_tmp) -> None:
+    space = load_space(tiny_space(n_trials=1, budget={"epochs": 1, "batch_size": 32,
+                                                      "lr": 1e38, "clip_grad": 0}))
+    with pytest.raises(AutobuildError, match="trials failed"):
+        run(space, quiet=True)
+    study = optuna.load_study(study_name="tiny", storage="sqlite:///studies/tiny.db")
+    failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
+    assert len(failed) >= 2  # the study went on after the first failure
+    assert all("diverged" in t.user_attrs["fail_reason"] for t in failed)

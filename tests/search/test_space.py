@@ -1,0 +1,65 @@
+"""Search spaces: validation names the key; --set overrides; every shipped space loads."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import pytest
+
+from autobuild.errors import AutobuildError
+from autobuild.search.space import Constraint, load_space
+from tests.search.conftest import tiny_space
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "search_spaces",
+                                                               "*.yaml"))))
+def test_shipped_spaces_are_valid(path) -> None:
+    space = load_space(path)
+    assert space.groups and space.objectives[0] == "top1"
+
+
+def test_overrides_and_defaults() -> None:
+    space = load_space(tiny_space(), ["budget.epochs=1", "n_trials=7", "sampler=random",
+                                      "constraints=[macs <= 1.5 * baseline]"])
+    assert space.budget.epochs == 1 and space.n_trials == 7 and space.sampler == "random"
+    assert space.groups[0].choices[0] == "keep"
+    c = space.parsed_constraints()[0]
+    assert c.bound({"macs": 100}) == 150 and c.violation({"macs": 300}, {"macs": 100}) == 1.0
+    assert load_space(tiny_space()).fingerprint() == load_space(
+        tiny_space(), ["n_trials=99"]).fingerprint()  # run-time settings are not the space
+    assert load_space(tiny_space()).fingerprint() != load_space(
+        tiny_space(), ["budget.epochs=9"]).fingerprint()
+
+
+@pytest.mark.parametrize("change,needle", [
+    ({"objectives": ["top1", "speed"]}, "objectives: unknown objective 'speed'"),
+    ({"budget": {"epochs": 0}}, "budget.epochs: Input should be greater than or equal to 1"),
+    ({"groups": []}, "groups: List should have at least 1 item"),
+    ({"constraints": ["macs < 3"]}, "constraints: constraint 'macs < 3' must look like"),
+    ({"sampler": "cmaes"}, "sampler: unknown sampler 'cmaes'"),
+    ({"colour": "red"}, "colour: unknown key"),
+    ({"name": "a b"}, "name: String should match pattern"),
+    ({"groups": [{"sites": "x"}]}, "groups.0.choices: is required"),
+])
+def test_bad_spaces_name_the_key(change, needle) -> None:
+    with pytest.raises(AutobuildError, match=needle.replace("(", r"\(").replace("[", r"\[")):
+        load_space(tiny_space(**change))
+
+
+def test_bad_files_and_overrides(tmp_path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed")
+    with pytest.raises(AutobuildError, match="is not valid YAML"):
+        load_space(str(bad))
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(AutobuildError, match="must be a mapping"):
+        load_space(str(bad))
+    with pytest.raises(AutobuildError, match="does not exist"):
+        load_space(str(tmp_path / "missing.yaml"))
+    with pytest.raises(AutobuildError, match="--set takes key.sub=value"):
+        load_space(tiny_space(), ["budget.epochs"])
+    with pytest.raises(ValueError, match="must look like"):
+        Constraint.parse("latency <= 3")
