@@ -14,9 +14,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -e ".[dev,search]"
 	touch $(STAMP)
 
+# The tests that need PostgreSQL get a throw-away server on 127.0.0.1 (scripts/postgres.sh),
+# stopped afterwards whatever the outcome; where no server binaries exist they are skipped.
 test: $(STAMP)
 	$(BIN)/ruff check autobuild tests scripts
-	$(BIN)/python -m pytest
+	@pg=$$(mktemp -d /tmp/autobuild-pg.XXXXXX); \
+	eval "$$(scripts/postgres.sh start $$pg)"; \
+	status=0; $(BIN)/python -m pytest || status=$$?; \
+	scripts/postgres.sh stop $$pg; exit $$status
 
 lint: $(STAMP)
 	$(BIN)/ruff check autobuild tests scripts

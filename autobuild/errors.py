@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
-__all__ = ["AutobuildError", "InfeasiblePlacement", "unknown_name"]
+__all__ = ["AutobuildError", "InfeasiblePlacement", "Terminated", "unknown_name"]
 
 
 class AutobuildError(Exception):
@@ -20,6 +20,10 @@ class AutobuildError(Exception):
 class InfeasiblePlacement(AutobuildError, ValueError):
     """A placement that cannot be built: overlapping or conflicting choices, a site the
     baseline does not have, or a site a family refuses. Raised before anything is built."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler preempting a worker): handled like Ctrl-C, exit code 143."""
 
 
 def unknown_name(what: str, name: str, valid: Iterable[str], hint: str = "") -> AutobuildError:

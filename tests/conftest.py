@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
+import pytest
 import torch
 from torch import nn
 
@@ -46,3 +49,20 @@ def convert_baseline(base: Baseline, family: str, *, sites: Any = None, options:
 def all_sites(base: Baseline) -> list:
     """Every site of every kind of a resolved baseline."""
     return Analysis(base).sites()
+
+
+@pytest.fixture
+def postgres_url() -> str:
+    """A fresh database on the throw-away PostgreSQL server `make test` starts
+    (scripts/postgres.sh); the test is skipped, saying so, where there is none."""
+    server = os.environ.get("AUTOBUILD_TEST_POSTGRES")
+    if not server:
+        pytest.skip("no PostgreSQL server: `make test` starts one with scripts/postgres.sh "
+                    "(PostgreSQL server binaries needed), or set AUTOBUILD_TEST_POSTGRES")
+    import psycopg
+
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server.replace("postgresql+psycopg", "postgresql"),
+                         autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    return server.rsplit("/", 1)[0] + "/" + name

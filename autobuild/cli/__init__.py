@@ -2,7 +2,7 @@
 ``run(args) -> int``; argument parsing and printing only, the work is the library's.
 
 Exit codes: 0 success, 2 bad input (one line on stderr; ``AUTOBUILD_DEBUG=1`` shows the
-traceback), 3 a diverged training run, 130 interrupted.
+traceback), 3 a diverged training run, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM).
 """
 
 from __future__ import annotations
@@ -15,13 +15,14 @@ import traceback
 from collections.abc import Sequence
 
 from autobuild.cli._common import Parser
-from autobuild.errors import AutobuildError
+from autobuild.errors import AutobuildError, Terminated
 
 __all__ = ["COMMANDS", "build_parser", "import_user_module", "main"]
 
 #: The command modules, in the order ``autobuild --help`` lists them.
 COMMANDS = ("models", "variants", "sites", "convert", "inspect", "fold", "symmetry", "train",
-            "evaluate", "importance", "search", "report", "export", "dashboard")
+            "evaluate", "importance", "search", "worker", "status", "report", "export",
+            "dashboard")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,9 +74,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"autobuild: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("autobuild: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, Terminated)
+        print(f"autobuild: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        return 143 if terminated else 130
 
 
 if __name__ == "__main__":  # pragma: no cover

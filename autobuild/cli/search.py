@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from autobuild.cli.worker import add_heartbeat_arguments, heartbeat
+
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("search", help="search where the new blocks go (Optuna)",
@@ -21,8 +23,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--artifacts", help="artifact directory every worker can reach (default: "
                    "beside the SQLite file, or studies/<study>-artifacts)")
     p.add_argument("--resume", action="store_true", help="continue the study where it stopped")
+    p.add_argument("--join", action="store_true", help="create the study unless it exists, "
+                   "then work on it (start this on every GPU/machine; PostgreSQL only)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N (default: the space's)")
     p.add_argument("--quiet", action="store_true", help="no per-trial progress lines")
+    add_heartbeat_arguments(p)
     p.set_defaults(run=run)
 
 
@@ -33,8 +38,8 @@ def run(args: argparse.Namespace) -> int:
 
     space = load_space(args.space, args.overrides)
     study = run_search(space, storage=args.storage, study_name=args.study, resume=args.resume,
-                       n_trials=args.n_trials, device=args.device, quiet=args.quiet,
-                       artifacts=args.artifacts)
+                       join=args.join, n_trials=args.n_trials, device=args.device,
+                       quiet=args.quiet, artifacts=args.artifacts, heartbeat=heartbeat(args))
     front = pareto_trials(study)
     print(f"study {study.study_name}: {len(study.trials)} trials, Pareto front: "
           f"{', '.join(str(t.number) for t in front) or 'none'}; "

@@ -20,11 +20,17 @@ from autobuild.rewrite import Analysis, Choice, Placement, Region
 from autobuild.search.pruning import Curve, should_stop
 from autobuild.search.space import OBJECTIVES, SearchSpace
 
-__all__ = ["Objective", "ResolvedGroup", "resolve_groups"]
+__all__ = ["Objective", "ResolvedGroup", "SurplusTrial", "resolve_groups"]
 
 #: Trial user attributes every trial gets (the report and the dashboard read them).
 ATTR_KEY = "placement_key"
 REUSE_POLL_S = 2.0
+
+
+class SurplusTrial(Exception):
+    """Two workers started the study's last trial at once: the later one stands down
+    (recorded FAIL with ``surplus``; it counts for nothing) so the study ends with exactly
+    ``n_trials`` finished trials."""
 
 
 @dataclass
@@ -94,6 +100,13 @@ class Objective:
         self.last_model: torch.nn.Module | None = None
         #: The number of the trial running now (an interrupt re-queues it).
         self.current: int | None = None
+        #: The study's target of finished trials (set by the worker loop) and whether the
+        #: last trial stood down because it was beyond it.
+        self.n_trials: int | None = None
+        self.surplus = False
+        import socket
+
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
 
     # ---- the placement a trial proposes ---------------------------------------------
     def placement(self, trial: optuna.Trial) -> Placement:
@@ -153,6 +166,9 @@ class Objective:
     # ---- one trial ------------------------------------------------------------------
     def __call__(self, trial: optuna.Trial) -> tuple[float, ...]:
         self.current = trial.number
+        self.surplus = False
+        trial.set_user_attr("worker", self.worker)
+        self._claim(trial)
         start = time.perf_counter()
         placement = self.placement(trial)
         trial.set_user_attr(ATTR_KEY, placement.key)
@@ -197,6 +213,20 @@ class Objective:
         self.last_model = model
         return self._values({**costs, "top1": top1})
 
+    def _claim(self, trial: optuna.Trial) -> None:
+        """Stand down if this trial is beyond the study's ``n_trials``: trials that finished
+        or run now are ranked by number (the storage hands numbers out atomically), and only
+        the first ``n_trials`` may run."""
+        if self.n_trials is None:
+            return
+        states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
+                  optuna.trial.TrialState.RUNNING)
+        live = sorted(t.number for t in trial.study.get_trials(deepcopy=False, states=states))
+        if trial.number in live and live.index(trial.number) >= self.n_trials:
+            self.surplus = True
+            trial.set_user_attr("surplus", True)
+            raise SurplusTrial(f"trial {trial.number} is beyond the study's {self.n_trials}")
+
     def _values(self, metrics: dict[str, float]) -> tuple[float, ...]:
         return tuple(float(metrics[name]) for name in self.space.objectives)
 
@@ -232,6 +262,7 @@ class Objective:
             self._say(f"trial {trial.number}: {placement.summary()} failed: {exc}")
             raise
         trial.set_user_attr("best_epoch", result.best_epoch)
+        trial.set_user_attr("train_s", result.seconds)
         if pruned["stop"] and result.stopped_early:
             trial.set_user_attr("pruned_at_epoch", len(history))
             raise optuna.TrialPruned(f"dominated at epoch {len(history)}")

@@ -17,12 +17,13 @@ from autobuild.search.study import (
     default_storage,
     finished,
     load_study,
+    mask_url,
     open_storage,
     running_elsewhere,
     wait_for_others,
 )
 
-__all__ = ["Search", "prepare", "run"]
+__all__ = ["SQLITE_ONE_WORKER", "Search", "attach", "prepare", "run", "run_worker", "work"]
 
 
 @dataclass
@@ -78,62 +79,139 @@ def _seed_params(search_groups: list, how: str) -> dict[str, str]:
 
 
 def prepare(space: SearchSpace, *, storage: str | None = None, study_name: str | None = None,
-            resume: bool = False, attach: bool = False, device: str | None = None,
-            quiet: bool = False, artifacts: str | None = None) -> Search:
-    """Open the storage, create the study (``resume``/``attach``: continue an existing one
-    made from the same space) and the objective. Nothing is trained."""
-    from optuna.artifacts import FileSystemArtifactStore
+            resume: bool = False, join: bool = False, device: str | None = None,
+            quiet: bool = False, artifacts: str | None = None,
+            heartbeat: tuple[int, int] | None = None) -> Search:
+    """Open the storage, create the study (``resume``: continue an existing one made from
+    the same space; ``join``: create it unless another process has, then work on it) and
+    the objective. Nothing is trained."""
 
     from autobuild.api import analyze
     from autobuild.train import build_data
 
     name = study_name or space.name
     url = storage or default_storage(name)
-    store = open_storage(url)
+    if join and url.startswith("sqlite"):
+        raise AutobuildError(SQLITE_ONE_WORKER)
+    store = open_storage(url, heartbeat=heartbeat)
     config = _config(space, device)
     exists = name in optuna.study.get_all_study_names(store)
-    if exists and not (resume or attach):
-        raise AutobuildError(f"study {name!r} already exists in {url.split('?')[0]}; pass "
-                             "--resume to continue it, or --study NEW for a new one")
+    if exists and not (resume or join):
+        raise AutobuildError(f"study {name!r} already exists in {mask_url(url)}; pass --resume "
+                             "to continue it, --join to add a worker, or --study NEW")
     if resume and not exists:
-        raise AutobuildError(f"no study {name!r} to resume in {url.split('?')[0]}")
+        raise AutobuildError(f"no study {name!r} to resume in {mask_url(url)}")
     data = build_data(space.data, space.data_dir, image_size=space.budget.image_size,
                       train_subset=space.budget.train_subset)
     analysis = analyze(space.baseline, num_classes=space.num_classes or data.num_classes,
                        input_size=space.input_size or data.input_size)
     folder = artifact_dir(url, name, artifacts)
-    import os
-
-    os.makedirs(folder, exist_ok=True)
     objective = Objective(space, analysis, data, config,
-                          artifact_store=FileSystemArtifactStore(folder), quiet=quiet)
-    if exists:
+                          artifact_store=artifact_store(folder), quiet=quiet)
+    study = None if exists else _create(space, name, store, objective)
+    if study is None:  # it existed, or another process created it a moment ago
         study = load_study(name, store, url)
-        recorded = study.user_attrs.get("space_fingerprint")
+        recorded = _fingerprint(study)
         if recorded != space.fingerprint():
             raise AutobuildError(f"study {name!r} was made from another search space "
                                  f"(fingerprint {recorded} vs {space.fingerprint()}); --resume "
                                  "continues the same space only: use --study NEW")
-    else:
-        study = optuna.create_study(study_name=name, storage=store,
-                                    directions=space.directions(), sampler=_sampler(space))
-        study.set_metric_names(list(space.objectives))
-        study.set_user_attr("space", space.model_dump(mode="json"))
-        study.set_user_attr("space_fingerprint", space.fingerprint())
-        study.set_user_attr("baseline", {**objective.baseline, "top1": None})
-        b = analysis.baseline
-        study.set_user_attr("baseline_spec", {"model": b.name, "num_classes": b.num_classes,
-                                              "input_size": list(b.input_size),
-                                              "init": space.init})
-        # Enqueued once, by the process that creates the study.
-        if space.seeding.baseline:
-            study.enqueue_trial(_seed_params(objective.groups, "baseline"),
-                                user_attrs={"seed_kind": "baseline"})
-        if space.seeding.all_converted:
-            study.enqueue_trial(_seed_params(objective.groups, "all_converted"),
-                                user_attrs={"seed_kind": "all_converted"})
+        if url.startswith("sqlite"):
+            refuse_second_sqlite_worker(study)
+    if heartbeat is not None:  # `status` judges staleness with the workers' grace period
+        study.set_user_attr("heartbeat", list(heartbeat))
     study.sampler = _sampler(space)
     return Search(space, study, objective, url, folder)
+
+
+def _fingerprint(study: optuna.Study, wait_s: float = 60.0) -> str | None:
+    """The study's space fingerprint; a study another worker created a moment ago gets a
+    little time to have it written."""
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        recorded = study.user_attrs.get("space_fingerprint")
+        if recorded is not None or time.monotonic() > deadline:
+            return recorded
+        time.sleep(0.5)
+
+
+SQLITE_ONE_WORKER = ("SQLite takes one worker: it lacks the row locks Optuna's enqueued trials "
+                     "need, and concurrent workers fail with \"Cannot tell a COMPLETE trial\" "
+                     "(Optuna's FAQ); use PostgreSQL (--storage postgresql+psycopg://...) for "
+                     "several workers, see docs/search.md")
+
+
+def refuse_second_sqlite_worker(study: optuna.Study) -> None:
+    """Refuse to work on a SQLite study while another worker's trial is alive."""
+    from autobuild.search.study import live_trials
+
+    alive = live_trials(study)
+    if alive:
+        worker = alive[0].user_attrs.get("worker", "another process")
+        raise AutobuildError(f"study {study.study_name!r} is being worked on by {worker} "
+                             f"(trial {alive[0].number} is running); {SQLITE_ONE_WORKER}")
+
+
+def artifact_store(folder: str) -> Any:
+    """A file-system artifact store (a folder every worker can reach), or S3 through
+    Optuna's Boto3ArtifactStore for ``s3://bucket/prefix``."""
+    if folder.startswith("s3://"):
+        try:
+            from optuna.artifacts import Boto3ArtifactStore
+        except ImportError as exc:  # pragma: no cover - boto3 missing
+            raise AutobuildError("s3:// artifacts need boto3: pip install boto3") from exc
+        bucket = folder[len("s3://"):].split("/", 1)[0]
+        return Boto3ArtifactStore(bucket)
+    import os
+
+    from optuna.artifacts import FileSystemArtifactStore
+
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        raise AutobuildError(f"cannot create the artifact directory {folder!r}: "
+                             f"{exc.strerror}") from exc
+    return FileSystemArtifactStore(folder)
+
+
+def _create(space: SearchSpace, name: str, store: Any, objective: Objective
+            ) -> optuna.Study | None:
+    """Create the study and enqueue its seeds (once: only the process whose create_study
+    succeeds does it); None when another process created it first."""
+    try:
+        study = optuna.create_study(study_name=name, storage=store,
+                                    directions=space.directions(), sampler=_sampler(space))
+    except optuna.exceptions.DuplicatedStudyError:
+        return None
+    study.set_metric_names(list(space.objectives))
+    study.set_user_attr("space", space.model_dump(mode="json"))
+    study.set_user_attr("space_fingerprint", space.fingerprint())
+    study.set_user_attr("baseline", {**objective.baseline, "top1": None})
+    b = objective.analysis.baseline
+    study.set_user_attr("baseline_spec", {"model": b.name, "num_classes": b.num_classes,
+                                          "input_size": list(b.input_size), "init": space.init})
+    if space.seeding.baseline:
+        study.enqueue_trial(_seed_params(objective.groups, "baseline"),
+                            user_attrs={"seed_kind": "baseline"})
+    if space.seeding.all_converted:
+        study.enqueue_trial(_seed_params(objective.groups, "all_converted"),
+                            user_attrs={"seed_kind": "all_converted"})
+    return study
+
+
+def attach(storage: str, study_name: str, *, device: str | None = None, quiet: bool = False,
+           artifacts: str | None = None, heartbeat: tuple[int, int] | None = None) -> Search:
+    """A worker for an existing study: its space is read from the study itself."""
+    if storage.startswith("sqlite"):
+        raise AutobuildError(SQLITE_ONE_WORKER)
+    study = load_study(study_name, open_storage(storage, heartbeat=heartbeat), storage)
+    if "space" not in study.user_attrs:
+        raise AutobuildError(f"study {study_name!r} was not made by autobuild search")
+    space = SearchSpace.model_validate(study.user_attrs["space"])
+    return prepare(space, storage=storage, study_name=study_name, join=True, device=device,
+                   quiet=quiet, artifacts=artifacts, heartbeat=heartbeat)
 
 
 def _after_trial(search: Search) -> Any:
@@ -178,31 +256,47 @@ def _pareto_line(search: Search) -> Any:
 
 
 def work(search: Search, n_trials: int) -> None:
-    """Run trials until the study holds ``n_trials`` finished (complete or pruned) ones;
-    a trial another worker is running counts, a failed one does not."""
+    """Run trials until the study holds ``n_trials`` finished (complete or pruned) ones.
+    Trials other workers are running count; a failed one does not (its retry runs). Stale
+    trials (a worker that stopped sending heartbeats) are failed and re-queued here too."""
+    import signal
+    import threading
+
+    from optuna.storages import fail_stale_trials
+
+    from autobuild.errors import Terminated
+    from autobuild.search.objective import SurplusTrial
     from autobuild.train import DivergedError
 
+    def on_term(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, on_term) if main else None
+    search.objective.n_trials = n_trials
     callbacks = [_after_trial(search), _pareto_line(search)]
     failures = 0
-    while finished(search.study) < n_trials:
-        if finished(search.study) + running_elsewhere(search.study) >= n_trials:
-            waiting = search.study.get_trials(
-                deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
-            if not waiting:
-                wait_for_others(search.study)
+    fail_stale_trials(search.study)  # even when no other worker is left to do it
+    try:
+        while finished(search.study) < n_trials:
+            if finished(search.study) + running_elsewhere(search.study) >= n_trials:
+                wait_for_others(search.study)  # the last trials run elsewhere (or went stale)
                 continue
-        before = finished(search.study)
-        try:
-            search.study.optimize(search.objective, n_trials=1, callbacks=callbacks,
-                                  catch=(DivergedError,))
-        except KeyboardInterrupt:
-            requeue_interrupted(search.study, search.objective.current)
-            raise
-        if finished(search.study) == before:
-            failures += 1
-            if failures > n_trials:
-                raise AutobuildError(f"{failures} trials failed (see their fail_reason); "
-                                     "stopping the search")
+            before = finished(search.study)
+            try:
+                search.study.optimize(search.objective, n_trials=1, callbacks=callbacks,
+                                      catch=(DivergedError, SurplusTrial))
+            except KeyboardInterrupt:
+                requeue_interrupted(search.study, search.objective.current)
+                raise
+            if finished(search.study) == before and not search.objective.surplus:
+                failures += 1
+                if failures > n_trials:
+                    raise AutobuildError(f"{failures} trials failed (see their fail_reason); "
+                                         "stopping the search")
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def requeue_interrupted(study: optuna.Study, number: int | None) -> None:
@@ -211,7 +305,8 @@ def requeue_interrupted(study: optuna.Study, number: int | None) -> None:
     if number is None:
         return
     trial = study.get_trials(deepcopy=False)[number]
-    if trial.state != optuna.trial.TrialState.FAIL or "fail_reason" in trial.user_attrs:
+    if trial.state != optuna.trial.TrialState.FAIL or "fail_reason" in trial.user_attrs \
+            or trial.user_attrs.get("surplus"):
         return
     if any(t.user_attrs.get("requeued_from") == number for t in study.get_trials(deepcopy=False)):
         return
@@ -222,10 +317,12 @@ def requeue_interrupted(study: optuna.Study, number: int | None) -> None:
 
 def run(space: SearchSpace | str | dict, *, overrides: tuple[str, ...] = (),
         storage: str | None = None, study_name: str | None = None, resume: bool = False,
-        n_trials: int | None = None, device: str | None = None, quiet: bool = False,
-        artifacts: str | None = None) -> optuna.Study:
-    """Run (or continue) a placement search; returns the study. ``space`` is a
-    :class:`SearchSpace`, a YAML path or a dict; ``overrides`` are ``key.sub=value``."""
+        join: bool = False, n_trials: int | None = None, device: str | None = None,
+        quiet: bool = False, artifacts: str | None = None,
+        heartbeat: tuple[int, int] | None = None) -> optuna.Study:
+    """Run (or continue, or join) a placement search; returns the study. ``space`` is a
+    :class:`SearchSpace`, a YAML path or a dict; ``overrides`` are ``key.sub=value``.
+    ``heartbeat`` = (interval, grace period) in seconds for stale-trial detection."""
     if not isinstance(space, SearchSpace):
         space = load_space(space, overrides)
     elif overrides:
@@ -234,7 +331,19 @@ def run(space: SearchSpace | str | dict, *, overrides: tuple[str, ...] = (),
         if n_trials < 1:
             raise AutobuildError(f"--n-trials must be at least 1, got {n_trials}")
         space = space.model_copy(update={"n_trials": n_trials})
-    search = prepare(space, storage=storage, study_name=study_name, resume=resume,
-                     device=device, quiet=quiet, artifacts=artifacts)
-    work(search, space.n_trials)
+    search = prepare(space, storage=storage, study_name=study_name, resume=resume, join=join,
+                     device=device, quiet=quiet, artifacts=artifacts, heartbeat=heartbeat)
+    if n_trials is not None or "n_trials" not in search.study.user_attrs:
+        search.study.set_user_attr("n_trials", space.n_trials)
+    work(search, int(search.study.user_attrs["n_trials"]))
+    return search.study
+
+
+def run_worker(storage: str, study_name: str, *, device: str | None = None, quiet: bool = False,
+               artifacts: str | None = None, heartbeat: tuple[int, int] | None = None
+               ) -> optuna.Study:
+    """One more worker on an existing study (until it holds its n_trials finished trials)."""
+    search = attach(storage, study_name, device=device, quiet=quiet, artifacts=artifacts,
+                    heartbeat=heartbeat)
+    work(search, int(search.study.user_attrs.get("n_trials", search.space.n_trials)))
     return search.study

@@ -54,9 +54,12 @@ def artifact_dir(storage_url: str, study_name: str, given: str | None = None) ->
     return os.path.abspath(os.path.join("studies", f"{study_name}-artifacts"))
 
 
-def open_storage(url: str, *, heartbeat: bool = True) -> optuna.storages.RDBStorage:
-    """Optuna's RDB storage on ``url``, with heartbeats and the retry of stale trials; one
-    line naming the URL (password masked) when it cannot be opened."""
+def open_storage(url: str, *, heartbeat: bool | tuple[int, int] | None = True
+                 ) -> optuna.storages.RDBStorage:
+    """Optuna's RDB storage on ``url``, with heartbeats (``heartbeat``: True for the default
+    interval and grace period, or (interval, grace) seconds; False/None for none, e.g. to
+    read a study) and the retry of stale trials; one line naming the URL (password masked)
+    when it cannot be opened."""
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
     quiet_optuna()
@@ -71,13 +74,19 @@ def open_storage(url: str, *, heartbeat: bool = True) -> optuna.storages.RDBStor
             except OSError as exc:
                 raise AutobuildError(f"cannot create the folder of {url}: {exc.strerror}") from exc
     kwargs: dict[str, Any] = {}
+    if heartbeat is None:
+        heartbeat = True
     if heartbeat:
-        kwargs = {"heartbeat_interval": HEARTBEAT_S, "grace_period": GRACE_S,
+        interval, grace = (HEARTBEAT_S, GRACE_S) if heartbeat is True else heartbeat
+        if not 1 <= interval < grace:
+            raise AutobuildError(f"heartbeat interval {interval}s must be >= 1 and below the "
+                                 f"grace period {grace}s")
+        kwargs = {"heartbeat_interval": interval, "grace_period": grace,
                   "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback()}
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {
         "pool_pre_ping": True}
     try:
-        return RDBStorage(url, engine_kwargs=engine, **kwargs)
+        return _with_retries(lambda: RDBStorage(url, engine_kwargs=engine, **kwargs))
     except ModuleNotFoundError as exc:
         raise AutobuildError(f"storage {mask_url(url)} needs the driver {exc.name!r}: pip "
                              "install 'autobuild[search]' (psycopg for postgresql+psycopg)"
@@ -87,6 +96,22 @@ def open_storage(url: str, *, heartbeat: bool = True) -> optuna.storages.RDBStor
         raise AutobuildError(f"cannot open storage {mask_url(url)}: {first}") from exc
 
 
+def _with_retries(make: Any, attempts: int = 6) -> Any:
+    """Workers started at the same instant on a fresh database all create Optuna's tables;
+    the losers of that race get a duplicate-key error: they retry, and find the tables."""
+    import random
+
+    for attempt in range(attempts):
+        try:
+            return make()
+        except Exception as exc:
+            racing = "duplicate key" in str(exc) or "already exists" in str(exc)
+            if not racing or attempt == attempts - 1:
+                raise
+            time.sleep(0.2 + random.random())
+    raise AssertionError("unreachable")
+
+
 def load_study(name: str, storage: optuna.storages.BaseStorage, url: str) -> optuna.Study:
     names = optuna.study.get_all_study_names(storage)
     if name not in names:
@@ -94,6 +119,17 @@ def load_study(name: str, storage: optuna.storages.BaseStorage, url: str) -> opt
         raise AutobuildError(f"no study named {name!r} in {mask_url(url)}; studies there: "
                              f"{shown}")
     return optuna.load_study(study_name=name, storage=storage)
+
+
+def live_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """Running trials whose worker is alive (its heartbeat is recent)."""
+    storage = study._storage
+    stale = set()
+    if getattr(storage, "get_heartbeat_interval", lambda: None)() is not None:
+        stale = set(storage._get_stale_trial_ids(study._study_id))
+    return [t for t in study.get_trials(deepcopy=False,
+                                         states=(optuna.trial.TrialState.RUNNING,))
+            if t._trial_id not in stale]
 
 
 def finished(study: optuna.Study) -> int:
