@@ -69,21 +69,27 @@ def pareto_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return sorted(study.best_trials, key=lambda t: t.user_attrs.get(cost, 0))
 
 
-def hypervolume(study: optuna.Study) -> float:
-    """See the module docstring."""
+def hypervolume(study: optuna.Study, trials: list[optuna.trial.FrozenTrial] | None = None
+                ) -> float:
+    """See the module docstring; ``trials`` restricts it to some trials (e.g. the first N).
+    Dominated points add nothing, so every feasible trained trial is passed as it is."""
     import numpy as np
     from optuna._hypervolume import compute_hypervolume
 
     baseline = study.user_attrs.get("baseline") or {}
     cost = _cost_name(study)
+    names = study.metric_names or ["top1"]
+    if "top1" not in names or not baseline.get(cost):
+        return 0.0
+    pool = study.get_trials(deepcopy=False) if trials is None else trials
     points = []
-    for t in pareto_trials(study):
-        top1 = t.values[(study.metric_names or ["top1"]).index("top1")] \
-            if "top1" in (study.metric_names or ["top1"]) else None
-        if top1 is None or not baseline.get(cost):
+    for t in pool:
+        a = t.user_attrs
+        if t.state != optuna.trial.TrialState.COMPLETE or not a.get("trained", True) \
+                or not a.get("feasible", True) or cost not in a:
             continue
-        p = (1 - top1 / 100, t.user_attrs[cost] / baseline[cost])
-        if p[0] < REFERENCE_POINT[0] and p[1] < REFERENCE_POINT[1]:
+        p = (1 - t.values[names.index("top1")] / 100, a[cost] / baseline[cost])
+        if p[0] <= REFERENCE_POINT[0] and p[1] <= REFERENCE_POINT[1]:
             points.append(p)
     if not points:
         return 0.0
