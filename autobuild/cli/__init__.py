@@ -21,7 +21,7 @@ __all__ = ["COMMANDS", "build_parser", "main"]
 
 #: The command modules, in the order ``autobuild --help`` lists them.
 COMMANDS = ("models", "variants", "sites", "convert", "inspect", "fold", "symmetry", "train",
-            "evaluate")
+            "evaluate", "analyze")
 
 
 def build_parser() -> argparse.ArgumentParser:

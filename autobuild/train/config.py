@@ -28,6 +28,12 @@ class TrainConfig:
     weight_decay: float | None = None
     #: Linear warm-up length, capped at a quarter of the run so short runs still anneal.
     warmup_epochs: float = 5.0
+    #: "cosine" (to zero) or "multistep" (x lr_gamma at each of lr_milestones), after warm-up.
+    lr_schedule: str = "cosine"
+    #: Epochs where "multistep" decays; None = at 2/3 and 11/12 of the run (SSD300's 80, 110
+    #: of 120 epochs).
+    lr_milestones: list[int] | None = None
+    lr_gamma: float = 0.1
     label_smoothing: float = 0.0
     #: Max gradient norm; "auto" = 0.5 for quadratic/multiplicative plans, else none; 0 = off.
     clip_grad: float | str = "auto"
@@ -46,6 +52,10 @@ class TrainConfig:
     #: Train-loss/accuracy synchronisation interval in steps (also the divergence check).
     log_interval: int = 20
     progress: bool = False
+    #: TensorBoard log directory (rank 0): scalars every epoch, histograms every
+    #: ``tensorboard_every`` epochs. None = no logging.
+    tensorboard: str | None = None
+    tensorboard_every: int = 5
 
     def __post_init__(self) -> None:
         self.validate()
@@ -68,6 +78,17 @@ class TrainConfig:
             raise AutobuildError(f"--ema is a decay in (0, 1), got {self.ema}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise AutobuildError("--label-smoothing must be in [0, 1)")
+        if self.lr_schedule not in ("cosine", "multistep"):
+            raise AutobuildError(f"--lr-schedule must be cosine or multistep, got "
+                                 f"{self.lr_schedule!r}")
+        if self.lr_milestones is not None:
+            self.lr_milestones = sorted(int(m) for m in self.lr_milestones)
+            if any(m < 1 for m in self.lr_milestones):
+                raise AutobuildError("--lr-milestones are epochs, at least 1")
+        if not 0.0 < self.lr_gamma <= 1.0:
+            raise AutobuildError(f"--lr-gamma must be in (0, 1], got {self.lr_gamma}")
+        if self.tensorboard_every < 1:
+            raise AutobuildError("--tensorboard-every must be at least 1")
 
     # ---- resolved values ------------------------------------------------------------------
     def peak_lr(self) -> float:
@@ -86,6 +107,12 @@ class TrainConfig:
             limits = [CLIP_FAMILIES[f] for f in families if f in CLIP_FAMILIES]
             return min(limits) if limits else None
         return float(self.clip_grad) or None
+
+    def milestones(self) -> list[int]:
+        """The epochs after which "multistep" multiplies the lr by ``lr_gamma``."""
+        if self.lr_milestones is not None:
+            return list(self.lr_milestones)
+        return sorted({max(1, round(self.epochs * 2 / 3)), max(1, round(self.epochs * 11 / 12))})
 
     # ---- persistence ----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
