@@ -39,9 +39,10 @@ def _add_recipe_arguments(p: argparse.ArgumentParser) -> None:
     from autobuild.train import TrainConfig
 
     d = TrainConfig.__dataclass_fields__
-    g = p.add_argument_group("recipe (defaults: " + ", ".join(
+    g = p.add_argument_group("recipe (classifier defaults: " + ", ".join(
         f"{k}={d[k].default}" for k in ("epochs", "batch_size", "optimizer", "warmup_epochs",
-                                        "clip_grad")) + ")")
+                                        "clip_grad")) + "; detectors default to torchvision's "
+        "detection recipe, see autobuild.train.detection.DETECTION_RECIPES)")
     g.add_argument("--epochs", type=int, default=_S, help="training epochs")
     g.add_argument("--batch-size", type=int, default=_S, help="per process (per GPU)")
     g.add_argument("--optimizer", choices=("sgd", "adamw"), default=_S, help="optimizer")
@@ -60,7 +61,8 @@ def _add_recipe_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr-gamma", type=float, default=_S, help="multistep factor (default 0.1)")
     g.add_argument("--label-smoothing", type=float, default=_S, help="in [0, 1)")
     g.add_argument("--clip-grad", default=_S,
-                   help="max grad norm; auto = 0.5 for quadratic/multiplicative; 0 = off")
+                   help="max grad norm; auto = 0.5 for quadratic/multiplicative (10 for "
+                        "detectors); 0 = off")
     g.add_argument("--amp", action="store_true", default=_S,
                    help="mixed precision (bf16 autocast by default)")
     g.add_argument("--amp-dtype", choices=("bf16", "fp16"), default=_S,

@@ -153,7 +153,8 @@ class _Recorder:
         if not isinstance(output, torch.Tensor) or not output.is_floating_point():
             return
         # Statistics now, inside the hook: an in-place ReLU may overwrite the output next.
-        x = output.detach().float()
+        # In float64: squares of large float32 activations would overflow the sums.
+        x = output.detach().double()
         self.calls += 1
         self.n += x.numel()
         self.s += float(x.sum())

@@ -51,7 +51,7 @@ def _line(ax: Any, layers: Sequence[Any], key: str, label: str, log: bool = True
         ys = np.asarray(y, dtype=float)[sites]
         ax.scatter(sites, ys, s=12, c="tab:red", zorder=3,
                    label="converted sites" if key == "act_std" else None)
-    if log:
+    if log and np.isfinite(_positive(y)).any():  # (all NaN: a layer that overflowed)
         ax.set_yscale("log")
     ax.set_ylabel(label)
 
@@ -147,7 +147,7 @@ def _grid(plt: Any, panels: list[tuple[str, list[tuple[str, Any]]]], path: str, 
                 ax.hist(v, bins=bins, range=bin_range(v), histtype="step", label=label)
         ax.set_title(name, fontsize=8)
         ax.tick_params(labelsize=6)
-        if len(series) > 1:
+        if len(series) > 1 and ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=6)
     fig.suptitle(title)
     fig.tight_layout()

@@ -7,10 +7,14 @@ from typing import Any
 
 from autobuild.errors import AutobuildError
 
-__all__ = ["CLIP_FAMILIES", "TrainConfig"]
+__all__ = ["CLIP_FAMILIES", "DETECTION_CLIP_FAMILIES", "TrainConfig"]
 
 #: Families whose products of activations blow up without clipping (QuadraLib clips at 0.5).
 CLIP_FAMILIES = {"quadratic": 0.5, "multiplicative": 0.5}
+#: The same for detectors, whose SSD loss has gradient norms of 100-200 at the start: 0.5
+#: all but stops a quadratic SSDlite, no clipping lets its weights explode, 10 trains it
+#: (docs/benchmarks.md, Detection).
+DETECTION_CLIP_FAMILIES = {"quadratic": 10.0, "multiplicative": 10.0}
 
 
 @dataclass
@@ -35,7 +39,8 @@ class TrainConfig:
     lr_milestones: list[int] | None = None
     lr_gamma: float = 0.1
     label_smoothing: float = 0.0
-    #: Max gradient norm; "auto" = 0.5 for quadratic/multiplicative plans, else none; 0 = off.
+    #: Max gradient norm; "auto" = 0.5 for quadratic/multiplicative plans (10 for detectors),
+    #: else none; 0 = off.
     clip_grad: float | str = "auto"
     amp: bool = False
     amp_dtype: str = "bf16"  # or "fp16" (uses a GradScaler)
@@ -102,9 +107,13 @@ class TrainConfig:
             return self.weight_decay
         return 5e-4 if self.optimizer == "sgd" else 0.05
 
-    def max_grad_norm(self, families: set[str]) -> float | None:
+    def max_grad_norm(self, families: set[str], table: dict[str, float] | None = None
+                      ) -> float | None:
+        """The clipping norm: "auto" looks the plan's families up in ``table`` (default
+        :data:`CLIP_FAMILIES`; detection passes :data:`DETECTION_CLIP_FAMILIES`)."""
         if self.clip_grad == "auto":
-            limits = [CLIP_FAMILIES[f] for f in families if f in CLIP_FAMILIES]
+            table = CLIP_FAMILIES if table is None else table
+            limits = [table[f] for f in families if f in table]
             return min(limits) if limits else None
         return float(self.clip_grad) or None
 

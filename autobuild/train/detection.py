@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from autobuild.errors import AutobuildError
-from autobuild.train.config import TrainConfig
+from autobuild.train.config import DETECTION_CLIP_FAMILIES, TrainConfig
 from autobuild.train.detection_data import (
     DetectionData,
     build_detection_data,
@@ -49,6 +49,9 @@ __all__ = ["DETECTION_RECIPES", "DetectionResult", "check_detector", "check_imag
 #: torchvision's references/detection recipes, for one process with batch 32 (SSD300: 8 GPUs
 #: x 4 at lr 0.002, multi-step at 80 and 110 of 120 epochs; SSDlite: 8 x 24 at lr 0.15,
 #: cosine over 600 epochs, scaled linearly here to 32 images). Flags override them.
+#: Gradient clipping stays "auto", resolved with DETECTION_CLIP_FAMILIES: none for the
+#: baselines and most families (neither the reference nor QuadraLib's VGG-SSD clips), 10 for
+#: quadratic and multiplicative backbones.
 DETECTION_RECIPES: dict[str, dict[str, Any]] = {
     "ssd300_vgg16": {"epochs": 120, "batch_size": 32, "lr": 0.002, "nesterov": False,
                      "weight_decay": 5e-4, "warmup_epochs": 1.0, "lr_schedule": "multistep",
@@ -271,7 +274,7 @@ def train_detection(model: nn.Module, data: DetectionData | str,
     check_detector(model, data)
     prepare_detector(model)
     session = Session(model, cfg, out_dir=out_dir, best_key="best_map",
-                      compile_module="backbone")
+                      compile_module="backbone", clip_table=DETECTION_CLIP_FAMILIES)
     device, dist, net = session.device, session.dist, session.net
     train_loader = make_loader(data.train, cfg, device, dist, True, collate_detection)
     val_loader = make_loader(data.val, cfg, device, dist, False, collate_detection)

@@ -173,11 +173,13 @@ class Session:
 
     ``best_key`` names the validation score that picks the best epoch (higher is better)
     and is how the checkpoint stores it (``best_top1``, ``best_map``). ``compile_module``
-    names the submodule ``--compile`` compiles in place (default: the whole model).
+    names the submodule ``--compile`` compiles in place (default: the whole model);
+    ``clip_table`` the per-family clipping of ``--clip-grad auto``.
     """
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, *, out_dir: str | None = None,
-                 best_key: str = "best_top1", compile_module: str | None = None) -> None:
+                 best_key: str = "best_top1", compile_module: str | None = None,
+                 clip_table: dict[str, float] | None = None) -> None:
         from autobuild.rewrite import plan_of
 
         if out_dir and plan_of(model) is None:
@@ -200,7 +202,7 @@ class Session:
             torch.backends.cudnn.benchmark = True
         plan = plan_of(model)
         families = {c.family for c in plan.conversions} if plan else set()
-        self.max_norm = cfg.max_grad_norm(families)
+        self.max_norm = cfg.max_grad_norm(families, clip_table)
 
         model = place_model(model, cfg, self.device)
         if cfg.sync_bn and self.device.type != "cuda":

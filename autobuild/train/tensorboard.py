@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -49,13 +50,21 @@ class TensorBoardLogger:
 
         analysis = collect(model, task, batches, device=device)
         for s in analysis.layers:
-            if s.sample is not None and len(s.sample):
-                self.writer.add_histogram(f"activation/{s.layer}", s.sample, epoch)
+            self._histogram(f"activation/{s.layer}", s.sample, epoch)
             if s.grad_norm_mean == s.grad_norm_mean:  # not NaN: the layer has parameters
                 self.writer.add_scalar(f"grad_norm/{s.layer}", s.grad_norm_mean, epoch)
         for t in analysis.terms:
-            if t.numel:
-                self.writer.add_histogram(f"weight/{t.layer}/{t.term}", t.values, epoch)
+            self._histogram(f"weight/{t.layer}/{t.term}", t.values, epoch)
+
+    def _histogram(self, tag: str, values: Any, epoch: int) -> None:
+        # Only the finite values: a layer that overflowed (the very thing worth seeing)
+        # must not stop the run; its scalar statistics show the inf / NaN.
+        if values is None:
+            return
+        v = np.asarray(values, dtype=np.float64)
+        v = v[np.isfinite(v)]
+        if len(v):
+            self.writer.add_histogram(tag, v, epoch)
 
     def flush(self) -> None:
         self.writer.flush()

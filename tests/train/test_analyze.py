@@ -153,3 +153,26 @@ def test_train_tensorboard_writes_event_files(tmp_path: Path) -> None:
     assert "activation/layer1.0.conv1" in histograms
     assert {"weight/layer1.0.conv1/a", "weight/layer1.0.conv1/c"} <= set(histograms)
     assert [e.step for e in acc.Histograms("activation/conv1")] == [2]  # every 2nd epoch
+
+
+def test_an_overflowing_model_is_still_analysed_and_logged(tmp_path: Path) -> None:
+    """inf / NaN activations (what the analysis is for) are reported, not a crash."""
+    from autobuild.train.tensorboard import TensorBoardLogger
+
+    model = autobuild.convert("cifar_resnet20", to="quadratic", num_classes=3,
+                              input_size=(3, 16, 16))
+    with torch.no_grad():
+        model.layer2[0].conv1.weight.fill_(float("inf"))
+    batches = [(torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 0]))]
+    analysis = collect(model, "classification", batches)
+    broken = next(s for s in analysis.layers if s.layer == "layer3.0.conv1")
+    assert not (broken.act_std < float("inf"))  # inf or NaN
+    from autobuild.train.analyze import write_analysis
+
+    assert (tmp_path / "a").exists() is False
+    write_analysis(analysis, str(tmp_path / "a"))
+    assert (tmp_path / "a" / "activations.png").read_bytes()[:8] == PNG
+    logger = TensorBoardLogger(str(tmp_path / "tb"))
+    logger.histograms(model, "classification", batches, 1, torch.device("cpu"))
+    logger.close()
+    assert os.listdir(tmp_path / "tb")
