@@ -96,6 +96,8 @@ def build_detection_data(spec: str, data_dir: str | None = None, *, augment: str
     train = [r for r in train if (~r.crowd).any()]
     if not train:
         raise AutobuildError(f"{spec}: no training image has a (non-difficult) object")
+    if not val:
+        raise AutobuildError(f"{spec}: the validation split has no image")
     train = _subset(train, train_subset)
     return DetectionData(name, DetectionDataset(train, ssd_transform(augment)),
                          DetectionDataset(val, None), classes, spec, data_dir, train_subset,
