@@ -125,7 +125,7 @@ def _convert_again(model: nn.Module, to: str | None, sites: Any, options: Any,
     converted = set(record.site_modules.values())
     for name, choice in new.items():
         region = get_family(choice.family).region(analysis.site(name), choice.opts, analysis)
-        hit = _converted_inside(region, converted, analysis)
+        hit = _converted_inside(region, converted)
         if hit:
             old = next(s for s, p in record.site_modules.items() if p == hit)
             raise InfeasiblePlacement(f"sites {old} ({plan.placement[old].short()}) and {name} "
@@ -141,7 +141,8 @@ def _convert_again(model: nn.Module, to: str | None, sites: Any, options: Any,
     return built
 
 
-def _converted_inside(region: Region, converted: set[str], analysis: Analysis) -> str:
+def _converted_inside(region: Region, converted: set[str]) -> str:
+    """A converted module path inside (or around) ``region``'s modules ("" if none)."""
     for path in converted:
         for m in region.modules:
             if m == "" or m == path or path.startswith(m + ".") or m.startswith(path + "."):

@@ -21,8 +21,8 @@ __all__ = ["COMMANDS", "build_parser", "import_user_module", "main"]
 
 #: The command modules, in the order ``autobuild --help`` lists them.
 COMMANDS = ("models", "variants", "sites", "convert", "inspect", "fold", "symmetry", "train",
-            "evaluate", "importance", "search", "worker", "status", "report", "export",
-            "dashboard")
+            "evaluate", "analyze", "importance", "search", "worker", "status", "report",
+            "export", "dashboard")
 
 
 def build_parser() -> argparse.ArgumentParser:

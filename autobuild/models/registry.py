@@ -18,6 +18,7 @@ __all__ = [
     "get_model_entry",
     "list_models",
     "load_weights",
+    "read_state_dict",
     "register_model",
 ]
 
@@ -38,6 +39,9 @@ class ModelEntry:
     source: str
     trace_root: str = ""
     description: str = ""
+    #: ``loader(model, weights)`` for ``--weights``, when the plain state-dict / torchvision
+    #: weights loading does not fit (detectors also take their backbone's weights).
+    weights_loader: Callable[[nn.Module, str], None] | None = None
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
@@ -61,12 +65,13 @@ def register_model(
     trace_root: str = "",
     description: str = "",
     overwrite: bool = False,
+    weights_loader: Callable[[nn.Module, str], None] | None = None,
 ) -> ModelEntry:
     """Register a baseline builder. ``builder(num_classes=...)`` must return an nn.Module."""
     if name in _REGISTRY and not overwrite:
         raise AutobuildError(f"model {name!r} is already registered (pass overwrite=True)")
     entry = ModelEntry(name, builder, tuple(input_size), num_classes, source, trace_root,
-                       description)
+                       description, weights_loader)
     _REGISTRY[name] = entry
     return entry
 
@@ -103,24 +108,32 @@ def build_model(name: str, *, num_classes: int | None = None, weights: str | Non
     if num_classes is not None:
         kw["num_classes"] = num_classes
     model = entry.builder(**kw)
-    if weights:
+    if weights and entry.weights_loader is not None:
+        entry.weights_loader(model, weights)
+    elif weights:
         load_weights(model, weights, name)
     return model
+
+
+def read_state_dict(path: str) -> Any:
+    """A state dict file (.pth/.pt/.safetensors; a ``{"state_dict": ...}`` wrapper is
+    unwrapped). Raises what the readers raise."""
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        state = load_file(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    return state
 
 
 def load_weights(model: nn.Module, weights: str, model_name: str = "") -> None:
     """Load a state dict file (.pth/.pt/.safetensors) or named torchvision weights."""
     if os.path.exists(weights):
         try:
-            if weights.endswith(".safetensors"):
-                from safetensors.torch import load_file
-
-                state = load_file(weights)
-            else:
-                state = torch.load(weights, map_location="cpu", weights_only=True)
-            if isinstance(state, dict) and "state_dict" in state:
-                state = state["state_dict"]
-            model.load_state_dict(state)
+            model.load_state_dict(read_state_dict(weights))
         except Exception as exc:  # corrupt file or wrong architecture
             raise AutobuildError(f"cannot load weights {weights!r} into {model_name or 'model'}:"
                                  f" {str(exc).splitlines()[0]}") from exc

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from torch import nn
 
-from autobuild.models.registry import register_model
+from autobuild.errors import AutobuildError
+from autobuild.models.registry import load_weights, read_state_dict, register_model
 
 # torchvision builders that need a non-default input resolution to run.
 _INPUT_SIZES = {"inception_v3": (3, 299, 299)}
@@ -42,6 +44,56 @@ def _detector(name: str):
     return build
 
 
+def _detector_weights(name: str):
+    """``--weights`` of a detector: a file holding the whole detector's state dict or just
+    its backbone's, torchvision weights of the detector (e.g. COCO_V1, 91 classes), or
+    torchvision weights of its backbone (ssd300_vgg16: VGG16's IMAGENET1K_FEATURES, as
+    torchvision's SSD300 and QuadraLib's VGG-SSD start from)."""
+
+    def load(model: nn.Module, weights: str) -> None:
+        import torchvision
+
+        if os.path.exists(weights):
+            try:
+                state = read_state_dict(weights)
+                if any(k.startswith("backbone.") for k in state):
+                    model.load_state_dict(state)
+                else:  # a backbone's own state dict
+                    model.backbone.load_state_dict(state)
+            except Exception as exc:  # corrupt file or another architecture
+                raise AutobuildError(f"cannot load weights {weights!r} into {name} (a detector "
+                                     "or backbone state dict): "
+                                     f"{str(exc).splitlines()[0]}") from exc
+            return
+        own = torchvision.models.get_model_weights(name)
+        if (weights in own.__members__ or weights == "DEFAULT" or os.sep in weights
+                or weights.endswith((".pth", ".pt", ".safetensors"))):
+            load_weights(model, weights, name)
+            return
+        if name != "ssd300_vgg16":
+            raise AutobuildError(
+                f"{name} has no torchvision weights named {weights!r} (valid: "
+                f"{', '.join(own.__members__)}); its backbone is MobileNetV3 with the reduced "
+                "tail torchvision trains SSDlite with from scratch, which ImageNet weights do "
+                "not fit: give a backbone weights file instead")
+        from torchvision.models.detection.ssd import _vgg_extractor
+
+        vgg = torchvision.models.VGG16_Weights
+        if weights not in vgg.__members__:
+            raise AutobuildError(f"{name} has no weights named {weights!r}; valid: "
+                                 f"{', '.join([*own.__members__, *vgg.__members__])} (VGG16's "
+                                 "for the backbone), or a weights file")
+        try:
+            backbone = torchvision.models.vgg16(weights=vgg[weights], progress=False)
+        except Exception as exc:
+            raise AutobuildError(f"cannot fetch VGG16 {weights} (no network?): put the file in "
+                                 "the torch hub cache or pass a local weights file") from exc
+        # torchvision's own SSD300 conversion of VGG16 (the builder with weights_backbone).
+        model.backbone.load_state_dict(_vgg_extractor(backbone, False, 5).state_dict())
+
+    return load
+
+
 def _register() -> None:
     import torchvision
 
@@ -51,7 +103,8 @@ def _register() -> None:
                        description=f"torchvision.models.{name}")
     for name, (size, desc) in _DETECTORS.items():
         register_model(name, _detector(name), input_size=size, num_classes=91,
-                       source="detection", trace_root="backbone", description=desc)
+                       source="detection", trace_root="backbone", description=desc,
+                       weights_loader=_detector_weights(name))
 
 
 _register()

@@ -12,6 +12,7 @@ and build of a placement reuses it; nothing is traced or shape-propagated twice.
 from __future__ import annotations
 
 import copy
+import difflib
 import itertools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -163,9 +164,7 @@ class Analysis:
 
     def site(self, name: str) -> Site:
         if name not in self._sites:
-            from autobuild.rewrite.family import close_names
-
-            close = close_names(name, list(self._sites))
+            close = difflib.get_close_matches(name, list(self._sites), n=3, cutoff=0.6)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise InfeasiblePlacement(f"{self.baseline.name} has no site {name!r}{hint}; "
                                       f"`autobuild sites {self.baseline.name} --to all` lists "

@@ -6,7 +6,6 @@ engine finds them by name and never imports them.
 
 from __future__ import annotations
 
-import difflib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -292,7 +291,3 @@ def get_family(name: Any) -> Variant:
     if name in _FAMILIES:
         return _FAMILIES[name]
     raise unknown_name("family", name, _FAMILIES, "`autobuild variants` describes them")
-
-
-def close_names(name: str, valid: Sequence[str]) -> list[str]:
-    return difflib.get_close_matches(name, list(valid), n=3, cutoff=0.6)

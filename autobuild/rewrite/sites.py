@@ -15,7 +15,6 @@ owns, which is what two choices of a placement must not share.
 from __future__ import annotations
 
 import fnmatch
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -218,7 +217,3 @@ def select_sites(candidates: Sequence[Site], patterns: Iterable[str] | None, *, 
         for s in hits:
             chosen[s.name] = s
     return [s for s in candidates if s.name in chosen]
-
-
-def elements(shape: Sequence[int]) -> int:
-    return math.prod(shape) if shape else 0

@@ -7,10 +7,14 @@ from typing import Any
 
 from autobuild.errors import AutobuildError
 
-__all__ = ["CLIP_FAMILIES", "TrainConfig"]
+__all__ = ["CLIP_FAMILIES", "DETECTION_CLIP_FAMILIES", "TrainConfig"]
 
 #: Families whose products of activations blow up without clipping (QuadraLib clips at 0.5).
 CLIP_FAMILIES = {"quadratic": 0.5, "multiplicative": 0.5}
+#: The same for detectors, whose SSD loss has gradient norms of 100-200 at the start: 0.5
+#: all but stops a quadratic SSDlite, no clipping lets its weights explode, 10 trains it
+#: (docs/benchmarks.md, Detection).
+DETECTION_CLIP_FAMILIES = {"quadratic": 10.0, "multiplicative": 10.0}
 
 
 @dataclass
@@ -28,8 +32,15 @@ class TrainConfig:
     weight_decay: float | None = None
     #: Linear warm-up length, capped at a quarter of the run so short runs still anneal.
     warmup_epochs: float = 5.0
+    #: "cosine" (to zero) or "multistep" (x lr_gamma at each of lr_milestones), after warm-up.
+    lr_schedule: str = "cosine"
+    #: Epochs where "multistep" decays; None = at 2/3 and 11/12 of the run (SSD300's 80, 110
+    #: of 120 epochs).
+    lr_milestones: list[int] | None = None
+    lr_gamma: float = 0.1
     label_smoothing: float = 0.0
-    #: Max gradient norm; "auto" = 0.5 for quadratic/multiplicative plans, else none; 0 = off.
+    #: Max gradient norm; "auto" = 0.5 for quadratic/multiplicative plans (10 for detectors),
+    #: else none; 0 = off.
     clip_grad: float | str = "auto"
     amp: bool = False
     amp_dtype: str = "bf16"  # or "fp16" (uses a GradScaler)
@@ -46,6 +57,10 @@ class TrainConfig:
     #: Train-loss/accuracy synchronisation interval in steps (also the divergence check).
     log_interval: int = 20
     progress: bool = False
+    #: TensorBoard log directory (rank 0): scalars every epoch, histograms every
+    #: ``tensorboard_every`` epochs. None = no logging.
+    tensorboard: str | None = None
+    tensorboard_every: int = 5
 
     def __post_init__(self) -> None:
         self.validate()
@@ -68,6 +83,17 @@ class TrainConfig:
             raise AutobuildError(f"--ema is a decay in (0, 1), got {self.ema}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise AutobuildError("--label-smoothing must be in [0, 1)")
+        if self.lr_schedule not in ("cosine", "multistep"):
+            raise AutobuildError(f"--lr-schedule must be cosine or multistep, got "
+                                 f"{self.lr_schedule!r}")
+        if self.lr_milestones is not None:
+            self.lr_milestones = sorted(int(m) for m in self.lr_milestones)
+            if any(m < 1 for m in self.lr_milestones):
+                raise AutobuildError("--lr-milestones are epochs, at least 1")
+        if not 0.0 < self.lr_gamma <= 1.0:
+            raise AutobuildError(f"--lr-gamma must be in (0, 1], got {self.lr_gamma}")
+        if self.tensorboard_every < 1:
+            raise AutobuildError("--tensorboard-every must be at least 1")
 
     # ---- resolved values ------------------------------------------------------------------
     def peak_lr(self) -> float:
@@ -81,11 +107,21 @@ class TrainConfig:
             return self.weight_decay
         return 5e-4 if self.optimizer == "sgd" else 0.05
 
-    def max_grad_norm(self, families: set[str]) -> float | None:
+    def max_grad_norm(self, families: set[str], table: dict[str, float] | None = None
+                      ) -> float | None:
+        """The clipping norm: "auto" looks the plan's families up in ``table`` (default
+        :data:`CLIP_FAMILIES`; detection passes :data:`DETECTION_CLIP_FAMILIES`)."""
         if self.clip_grad == "auto":
-            limits = [CLIP_FAMILIES[f] for f in families if f in CLIP_FAMILIES]
+            table = CLIP_FAMILIES if table is None else table
+            limits = [table[f] for f in families if f in table]
             return min(limits) if limits else None
         return float(self.clip_grad) or None
+
+    def milestones(self) -> list[int]:
+        """The epochs after which "multistep" multiplies the lr by ``lr_gamma``."""
+        if self.lr_milestones is not None:
+            return list(self.lr_milestones)
+        return sorted({max(1, round(self.epochs * 2 / 3)), max(1, round(self.epochs * 11 / 12))})
 
     # ---- persistence ----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

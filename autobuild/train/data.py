@@ -70,7 +70,10 @@ def build_data(spec: str, data_dir: str | None = None, *, download: bool = False
     elif name == "synthetic":
         data = _synthetic(arg)
     else:
-        raise AutobuildError(f"unknown data spec {spec!r}; valid: {DATA_SPECS}")
+        from autobuild.train.detection_data import DETECTION_SPECS
+
+        raise AutobuildError(f"unknown data spec {spec!r}; valid: {DATA_SPECS} (detection: "
+                             f"{DETECTION_SPECS})")
     data.spec, data.data_dir = spec, data_dir
     if train_subset is not None:
         if not 1 <= train_subset <= len(data.train):  # type: ignore[arg-type]

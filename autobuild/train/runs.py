@@ -1,4 +1,5 @@
-"""Run directories: what a run recorded (``train.yaml``) and the data it trained on."""
+"""Run directories: what a run recorded (``train.yaml``), the data it trained on, and
+which task (classification or detection) a model and a data spec make."""
 
 from __future__ import annotations
 
@@ -6,9 +7,9 @@ import os
 from typing import Any
 
 from autobuild.errors import AutobuildError
-from autobuild.train.data import DATA_SPECS, Data, build_data
+from autobuild.train.data import DATA_SPECS, build_data
 
-__all__ = ["RUN_FILE", "data_for_run", "is_main_process", "read_run_record"]
+__all__ = ["RUN_FILE", "data_for_run", "is_main_process", "read_run_record", "task_for"]
 
 RUN_FILE = "train.yaml"
 
@@ -25,16 +26,52 @@ def read_run_record(run: str) -> dict[str, Any] | None:
         return None
 
 
+def task_for(model: str, spec: str | None) -> str:
+    """"detection" for a registry detector, else "classification"; a detector with
+    classification data (or the reverse) is a one-line error."""
+    from autobuild.train.detection_data import DETECTION_SPECS, is_detection_spec
+
+    try:
+        from autobuild.models import get_model_entry
+
+        detector = get_model_entry(model).source == "detection"
+    except AutobuildError:
+        detector = False  # a custom baseline: a classifier unless the data says otherwise
+        if is_detection_spec(spec):
+            return "detection"
+    if spec and detector != is_detection_spec(spec):
+        if detector:
+            raise AutobuildError(f"{model} is a detector and {spec!r} is classification data; "
+                                 f"give detection data: {DETECTION_SPECS}")
+        raise AutobuildError(f"{spec!r} is detection data and {model} is a classifier; train "
+                             "a detector (ssd300_vgg16, ssdlite320_mobilenet_v3_large) on it")
+    return "detection" if detector else "classification"
+
+
 def data_for_run(spec: str | None, record: dict[str, Any] | None, *,
                  data_dir: str | None = None, download: bool = False,
-                 image_size: int | None = None, train_subset: int | None = None) -> Data:
-    """The data ``spec`` names, else the data a run recorded (same crop size and subset)."""
+                 image_size: int | None = None, train_subset: int | None = None,
+                 augment: str | None = None) -> Any:
+    """The data ``spec`` names, else the data a run recorded (same crop size and subset;
+    for detection data, the same training augmentation unless ``augment`` is given).
+    Returns a :class:`~autobuild.train.data.Data` or, for a detection spec, a
+    :class:`~autobuild.train.detection_data.DetectionData`."""
+    from autobuild.train.detection_data import build_detection_data, is_detection_spec
+
     spec = spec or (record or {}).get("spec")
     if not spec:
         raise AutobuildError(f"--data is required ({DATA_SPECS})")
     data_dir = data_dir or (record or {}).get("data_dir")
     same = bool(record) and spec == record.get("spec")
-    if image_size is None and same:
+    if is_detection_spec(spec):
+        if train_subset is None and same:
+            train_subset = record.get("train_subset")
+        augment = augment or (record or {}).get("augment") or "ssd"
+        return build_detection_data(spec, data_dir, augment=augment, train_subset=train_subset)
+    if augment is not None:
+        raise AutobuildError("--augment chooses a detection augmentation; "
+                             f"{spec!r} is classification data")
+    if image_size is None and same and record.get("input_size"):
         image_size = record["input_size"][1]
     if train_subset is None and same:
         train_subset = record.get("train_subset")  # a resumed run trains on the same images

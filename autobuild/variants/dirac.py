@@ -36,7 +36,7 @@ Folding (paper, section 3; the released models are folded): :func:`fold` turns e
 conv and the eval-mode BN that directly follows it into one ``nn.Conv2d`` with a bias,
 ``W = (diag(α)δ + diag(β)W/‖W‖)·γ/sqrt(var+ε)``, ``b = β_BN + (b - mean)·γ/sqrt(var+ε)``, exact
 to float precision. The folded model's plan is the same plan with ``folded=true``, which
-``apply_plan`` rebuilds as those plain convs (and ``nn.Identity`` where the BNs were), so a
+``build_plan`` rebuilds as those plain convs (and ``nn.Identity`` where the BNs were), so a
 folded model is saved and loaded as plan + weights like any other.
 """
 

@@ -38,3 +38,35 @@ def test_torchrun_two_processes(tmp_path: Path) -> None:
     assert all(float(r["val_top1"]) * 20 / 100 == round(float(r["val_top1"]) * 20 / 100)
                for r in rows)
     assert (run / "weights.safetensors").exists() and (run / "checkpoint.pt").exists()
+
+
+def test_torchrun_detection_evaluates_like_one_process(tmp_path: Path) -> None:
+    """Two ranks train an SSDlite; the mAP they record (each rank scored its shard, rank 0
+    pooled them in dataset order, with rank 0's BN statistics) is what one process measures
+    on the saved weights."""
+    run = tmp_path / "det"
+    spec = "synthetic-detection:size=48,train=8,val=5"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--standalone", "-m", "autobuild", "train", "ssdlite320_mobilenet_v3_large",
+           "--data", spec, "--image-size", "48", "--epochs", "1", "--batch-size", "2",
+           "--device", "cpu", "--out", str(run), "--no-progress", "--workers", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, cwd=Path(__file__).resolve().parents[2],
+                            start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, stderr[-2000:]
+    with open(run / "metrics.csv") as f:
+        recorded = float(next(csv.DictReader(f))["map"])
+    from autobuild.io import load
+    from autobuild.train import evaluate_detection
+    from autobuild.train.detection import prepare_detector
+
+    model = prepare_detector(load(str(run)))
+    result = evaluate_detection(model, spec, None)
+    assert abs(result["map"] - recorded) <= 1e-6 * max(1.0, recorded)

@@ -1,0 +1,90 @@
+"""``autobuild analyze``'s library half: measure a saved run (and optionally a second one,
+on the very same batches) and write the CSV files and plots of
+:mod:`autobuild.train.analyze`."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from autobuild.errors import AutobuildError
+
+__all__ = ["analyze_run"]
+
+
+def _model(run: str, task: str, data: Any, weights_name: str) -> Any:
+    from autobuild.io import load
+    from autobuild.rewrite import plan_of
+    from autobuild.train.runs import task_for
+
+    model = load(run, weights_name=weights_name)
+    if task_for(plan_of(model).model, data.spec) != task:
+        raise AutobuildError(f"{run} is not a {task} model like the first run")
+    if task == "detection":
+        from autobuild.train.detection import check_detector, prepare_detector
+
+        check_detector(model, data)
+        prepare_detector(model)
+    else:
+        from autobuild.train.loop import check_fits
+
+        check_fits(model, data)
+    return model
+
+
+def analyze_run(run: str, out_dir: str, *, data: str | None = None,
+                data_dir: str | None = None, compare: str | None = None, batches: int = 4,
+                batch_size: int = 16, device: str = "auto", workers: int | None = 0,
+                saturation: float = 6.0, last: bool = False, plots: bool = True,
+                force: bool = False) -> dict[str, Any]:
+    """Analyse ``run`` on the first ``batches`` val batches of ``data`` (default: the data
+    the run trained on) into ``out_dir``; with ``compare``, analyse that run on the same
+    batches into ``out_dir/compare/`` and write ``compare.csv`` / ``compare.png``."""
+    from autobuild.io import load_plan
+    from autobuild.train.analyze import collect, write_analysis, write_comparison
+    from autobuild.train.config import TrainConfig
+    from autobuild.train.detection_data import collate_detection
+    from autobuild.train.distributed import Dist
+    from autobuild.train.loop import BEST_WEIGHTS, LAST_WEIGHTS
+    from autobuild.train.runs import data_for_run, read_run_record, task_for
+    from autobuild.train.session import make_loader, resolve_device
+
+    if batches < 1 or batch_size < 1:
+        raise AutobuildError("--batches and --batch-size must be at least 1")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not force:
+        raise AutobuildError(f"{out_dir!r} is not empty; choose another --out or pass --force")
+    weights = LAST_WEIGHTS if last else BEST_WEIGHTS
+    record = (read_run_record(run) or {}).get("data")
+    if not os.path.isdir(run):
+        raise AutobuildError(f"{run!r} is not a saved model directory")
+    task = task_for(load_plan(run).model, data or (record or {}).get("spec"))
+    dataset = data_for_run(data, record, data_dir=data_dir)
+    cfg = TrainConfig(batch_size=batch_size, device=device, workers=workers)
+    dev = resolve_device(cfg.device)
+    loader = make_loader(dataset.val, cfg, dev, Dist(), False,
+                         collate_detection if task == "detection" else None)
+    chosen = []
+    for batch in loader:
+        chosen.append(batch)
+        if len(chosen) == batches:
+            break
+    a = collect(_model(run, task, dataset, weights).to(dev), task, chosen, device=dev,
+                saturation=saturation)
+    files = write_analysis(a, out_dir, plots=plots)
+    summary: dict[str, Any] = {"run": run, "task": task, "data": dataset.spec,
+                               "images": a.images, "layers": len(a.layers),
+                               "sites": len(a.sites)}
+    if compare:
+        b = collect(_model(compare, task, dataset, weights).to(dev), task, chosen, device=dev,
+                    saturation=saturation)
+        files += write_analysis(b, os.path.join(out_dir, "compare"), plots=plots)
+        labels = (os.path.basename(os.path.normpath(run)),
+                  os.path.basename(os.path.normpath(compare)))
+        files += write_comparison(a, b, out_dir, labels, plots=plots)
+        summary["compare"] = compare
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    summary["files"] = files
+    return summary

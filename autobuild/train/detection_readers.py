@@ -1,0 +1,204 @@
+"""Readers of the Pascal VOC and COCO annotation layouts, checking every record.
+
+A reader returns :class:`Record` s: an image path, its boxes in x1y1x2y2 pixel coordinates,
+labels in 1..K and an ``ignore`` flag per box (VOC's *difficult*, COCO's *iscrowd*: left out
+of training, and neither rewarded nor penalised by the COCO evaluation). Any problem is an
+:class:`AutobuildError` whose single line names the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import xml.etree.ElementTree as ET
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from autobuild.errors import AutobuildError
+
+__all__ = ["Record", "read_coco", "read_voc", "voc_classes", "voc_root"]
+
+
+@dataclass
+class Record:
+    image: str
+    boxes: np.ndarray  # (N, 4) float32, x1 y1 x2 y2
+    labels: np.ndarray  # (N,) int64, 1..K
+    crowd: np.ndarray  # (N,) bool: difficult / crowd, ignored by training and evaluation
+
+
+# ---- Pascal VOC -----------------------------------------------------------------------------
+def voc_root(root: str) -> str:
+    """PATH itself, or the VOC2007 folder inside it (PATH may be the VOCdevkit parent)."""
+    for candidate in (root, os.path.join(root, "VOC2007"),
+                      os.path.join(root, "VOCdevkit", "VOC2007")):
+        if os.path.isdir(os.path.join(candidate, "Annotations")):
+            return candidate
+    raise AutobuildError(f"voc:{root} needs the VOC2007 layout: Annotations/, JPEGImages/ and "
+                         f"ImageSets/Main/{{train,val}}.txt (no Annotations/ in {root!r})")
+
+
+def voc_classes(root: str, default: Sequence[str]) -> list[str]:
+    """``classes.txt`` beside ``Annotations/`` (one name per line) for a VOC-format set of
+    other classes; else ``default`` (the 20 Pascal VOC classes)."""
+    path = os.path.join(voc_root(root), "classes.txt")
+    if not os.path.exists(path):
+        return list(default)
+    try:
+        with open(path) as f:
+            names = [line.strip() for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AutobuildError(f"{path}: cannot read: {exc}") from exc
+    if not names or len(set(names)) != len(names):
+        raise AutobuildError(f"{path}: needs one distinct class name per line")
+    return names
+
+
+def read_voc(root: str, split: str, classes: Sequence[str]) -> list[Record]:
+    """The images listed in ``ImageSets/Main/<split>.txt`` with their annotations."""
+    root = voc_root(root)
+    ids_file = os.path.join(root, "ImageSets", "Main", f"{split}.txt")
+    try:
+        with open(ids_file) as f:
+            ids = [line.split()[0] for line in f if line.strip()]
+    except OSError as exc:
+        raise AutobuildError(f"voc:{root}: cannot read the {split} split {ids_file!r} "
+                             f"({exc.strerror}); choose it with voc:PATH,{split}=NAME") from exc
+    if not ids:
+        raise AutobuildError(f"voc:{root}: the {split} split {ids_file!r} lists no image")
+    index = {name: i + 1 for i, name in enumerate(classes)}
+    return [_voc_record(root, image_id, index) for image_id in ids]
+
+
+def _voc_record(root: str, image_id: str, index: dict[str, int]) -> Record:
+    path = os.path.join(root, "Annotations", f"{image_id}.xml")
+    if not os.path.exists(path):
+        raise AutobuildError(f"{path}: annotation file missing (listed in the split file)")
+    try:
+        tree = ET.parse(path).getroot()
+    except ET.ParseError as exc:
+        raise AutobuildError(f"{path}: bad XML: {exc}") from exc
+    name = (tree.findtext("filename") or f"{image_id}.jpg").strip()
+    image = os.path.join(root, "JPEGImages", name)
+    if not os.path.exists(image):
+        raise AutobuildError(f"{path}: image {image!r} does not exist")
+    width = _number(tree, "size/width", path, required=False)
+    height = _number(tree, "size/height", path, required=False)
+    boxes, labels, crowd = [], [], []
+    for k, obj in enumerate(tree.iter("object"), 1):
+        cls = (obj.findtext("name") or "").strip()
+        if cls not in index:
+            raise AutobuildError(f"{path}: object {k} has unknown class {cls!r}; valid: "
+                                 f"{', '.join(index)}")
+        x1, y1, x2, y2 = (_number(obj, f"bndbox/{t}", path, k)
+                          for t in ("xmin", "ymin", "xmax", "ymax"))
+        if x2 < x1 or y2 < y1:
+            raise AutobuildError(f"{path}: object {k} ({cls}) has a box with xmax < xmin or "
+                                 f"ymax < ymin ({x1:g}, {y1:g}, {x2:g}, {y2:g})")
+        # VOC counts pixels from 1, inclusive: pixel columns x1..x2 span [x1 - 1, x2].
+        box = [x1 - 1, y1 - 1, x2, y2]
+        if width and height:
+            box = [min(max(v, 0.0), lim) for v, lim in zip(box, (width, height) * 2,
+                                                            strict=True)]
+        boxes.append(box)
+        labels.append(index[cls])
+        crowd.append(_number(obj, "difficult", path, k, required=False) == 1)
+    return Record(image, np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
+                  np.asarray(labels, dtype=np.int64), np.asarray(crowd, dtype=bool))
+
+
+def _number(node: ET.Element, tag: str, path: str, obj: int | None = None, *,
+            required: bool = True) -> float | None:
+    text = node.findtext(tag)
+    where = f"object {obj}'s <{tag}>" if obj else f"<{tag}>"
+    if text is None or not text.strip():
+        if required:
+            raise AutobuildError(f"{path}: {where} is missing")
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise AutobuildError(f"{path}: {where} is not a number: {text.strip()!r}") from None
+
+
+# ---- COCO -----------------------------------------------------------------------------------
+def _coco_files(root: str, split: str) -> tuple[str, str]:
+    """annotations/instances_<split>.json (or <split>2017) and the image folder <split>/
+    (or <split>2017/, images/<split>/)."""
+    names = [f"instances_{split}.json", f"instances_{split}2017.json"]
+    jsons = [os.path.join(root, "annotations", n) for n in names]
+    ann = next((p for p in jsons if os.path.exists(p)), None)
+    if ann is None:
+        raise AutobuildError(f"coco:{root} needs annotations/instances_{split}.json (or "
+                             f"instances_{split}2017.json) and the images in {split}/")
+    folders = [os.path.join(root, d) for d in (split, f"{split}2017",
+                                               os.path.join("images", split))]
+    images = next((d for d in folders if os.path.isdir(d)), None)
+    if images is None:
+        raise AutobuildError(f"coco:{root}: no image folder for {split} (looked for "
+                             f"{', '.join(repr(d) for d in folders)})")
+    return ann, images
+
+
+def read_coco(root: str, split: str) -> tuple[list[Record], list[str]]:
+    """Every image of the split's json (with or without objects) and the category names,
+    in category-id order (label k + 1 = the k-th category)."""
+    ann_file, image_dir = _coco_files(root, split)
+    try:
+        with open(ann_file) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise AutobuildError(f"{ann_file}: bad JSON: {exc}") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AutobuildError(f"{ann_file}: cannot read: {exc}") from exc
+    if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in
+                                             ("images", "annotations", "categories")):
+        raise AutobuildError(f"{ann_file}: not a COCO instances file (needs lists 'images', "
+                             "'annotations' and 'categories')")
+    try:
+        cats = sorted((int(c["id"]), str(c["name"])) for c in data["categories"])
+        images = {int(im["id"]): str(im["file_name"]) for im in data["images"]}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise AutobuildError(f"{ann_file}: malformed category or image entry ({exc!r})") from exc
+    label = {cid: i + 1 for i, (cid, _) in enumerate(cats)}
+    per_image: dict[int, list[tuple[list[float], int, bool]]] = {i: [] for i in images}
+    for a in data["annotations"]:
+        image_id, box, cat, crowd = _coco_annotation(a, ann_file, images, label)
+        if box is not None:
+            per_image[image_id].append((box, cat, crowd))
+    records = []
+    for image_id, file_name in images.items():
+        path = os.path.join(image_dir, file_name)
+        if not os.path.exists(path):
+            raise AutobuildError(f"{ann_file}: image {image_id}'s file {path!r} does not exist")
+        objs = per_image[image_id]
+        records.append(Record(path, np.asarray([o[0] for o in objs], np.float32).reshape(-1, 4),
+                              np.asarray([o[1] for o in objs], np.int64),
+                              np.asarray([o[2] for o in objs], bool)))
+    return records, [name for _, name in cats]
+
+
+def _coco_annotation(a: Any, path: str, images: dict[int, str], label: dict[int, int]
+                     ) -> tuple[int, list[float] | None, int, bool]:
+    """(image id, x1y1x2y2 box or None for a zero-size box, label, crowd) of one
+    annotation."""
+    try:
+        ident, image_id, cat = a.get("id"), int(a["image_id"]), int(a["category_id"])
+        x, y, w, h = (float(v) for v in a["bbox"])
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise AutobuildError(f"{path}: malformed annotation {a!r:.80} ({exc!r})") from exc
+    if image_id not in images:
+        raise AutobuildError(f"{path}: annotation {ident} refers to image {image_id}, which "
+                             "is not in 'images'")
+    if cat not in label:
+        raise AutobuildError(f"{path}: annotation {ident} has unknown category_id {cat}; "
+                             f"valid: {', '.join(map(str, label))}")
+    if w < 0 or h < 0:
+        raise AutobuildError(f"{path}: annotation {ident} has a box with negative width or "
+                             f"height (bbox {[x, y, w, h]})")
+    # Zero-size boxes exist in COCO itself; torchvision's reference drops them, as we do.
+    box = [x, y, x + w, y + h] if w > 0 and h > 0 else None
+    return image_id, box, label[cat], bool(a.get("iscrowd", 0))

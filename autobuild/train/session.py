@@ -1,0 +1,391 @@
+"""What every training run does around its task's own steps, shared by the classification
+loop (:mod:`autobuild.train.loop`) and the detection loop (:mod:`autobuild.train.detection`).
+
+A :class:`Session` places the model (device, channels_last, SyncBN, DDP, compile), seeds the
+run, builds the optimizer, schedule, AMP scaler and EMA, restores a checkpoint, takes the
+optimizer step (clipping, AMP, EMA), detects divergence, and at the end of every epoch
+writes the run directory (rank 0 only), logs to TensorBoard and asks the callback whether to
+go on. The task supplies the batches, the loss and the validation metric.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import resource
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+
+from autobuild.errors import AutobuildError
+from autobuild.io import PLAN_FILE, atomic_copy, atomic_write_text, save_plan, save_weights
+from autobuild.optim import param_groups
+from autobuild.rewrite import plan_of, record_of, set_record
+from autobuild.train.checkpoint import (
+    CHECKPOINT_FILE,
+    get_rng_state,
+    load_checkpoint,
+    save_checkpoint,
+    set_rng_state,
+)
+from autobuild.train.config import TrainConfig
+from autobuild.train.distributed import Dist, init_distributed
+from autobuild.train.metrics import write_csv
+from autobuild.train.runs import RUN_FILE
+
+__all__ = ["BEST_WEIGHTS", "LAST_WEIGHTS", "Callback", "DivergedError", "Session",
+           "make_loader", "resolve_device"]
+
+BEST_WEIGHTS = "weights.safetensors"  # what autobuild.load() and `evaluate` read
+LAST_WEIGHTS = "last.safetensors"
+
+#: Called after every epoch (on every rank, with the same metrics); returning False stops
+#: the run after that epoch (pruning by a search).
+Callback = Callable[[Any], "bool | None"]
+
+
+class DivergedError(AutobuildError):
+    """The loss became NaN or infinite: the run stops, the CLI exits with code 3."""
+
+    exit_code = 3
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise AutobuildError(f"--device {name}: no CUDA GPU is visible (use --device cpu)")
+        if name == "cuda":  # one GPU per torchrun process
+            name = f"cuda:{local_rank}"
+    try:
+        return torch.device(name)
+    except RuntimeError as exc:
+        raise AutobuildError(f"bad --device {name!r}: {exc}") from exc
+
+
+class _EpochSampler(Sampler[int]):
+    """A shuffle that depends only on (seed, epoch), so a resumed run sees the same order."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+
+def make_loader(ds: Dataset, cfg: TrainConfig, device: torch.device, dist: Dist, train: bool,
+                collate_fn: Callable[[list[Any]], Any] | None = None) -> DataLoader:
+    """Training: a seeded shuffle (DistributedSampler under DDP); validation: in order, each
+    rank an exact shard (no padding duplicates), so summed metrics are exact."""
+    workers = cfg.workers if cfg.workers is not None else (
+        min(8, os.cpu_count() or 1) if device.type == "cuda" else 0)
+    sampler: Sampler[int] | None = None
+    if train:
+        if dist.enabled:
+            from torch.utils.data.distributed import DistributedSampler
+
+            sampler = DistributedSampler(ds, dist.world_size, dist.rank, shuffle=True,
+                                         seed=cfg.seed, drop_last=True)
+        else:
+            sampler = _EpochSampler(len(ds), cfg.seed)  # type: ignore[arg-type]
+    elif dist.enabled:
+        ds = Subset(ds, range(dist.rank, len(ds), dist.world_size))  # type: ignore[arg-type]
+    # Dropping a ragged last batch keeps BN away from 1-sample batches, unless that is all.
+    drop = train and len(ds) // dist.world_size > cfg.batch_size  # type: ignore[arg-type]
+    return DataLoader(ds, cfg.batch_size, sampler=sampler, shuffle=False, num_workers=workers,
+                      pin_memory=device.type == "cuda", drop_last=drop,
+                      persistent_workers=workers > 0, collate_fn=collate_fn)
+
+
+def lr_factor(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
+    """The lr multiplier per optimizer step: linear warm-up, then cosine to zero or steps."""
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warm = int(min(cfg.warmup_epochs, cfg.epochs / 4) * steps_per_epoch)
+    bounds = [m * steps_per_epoch for m in cfg.milestones()]
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if cfg.lr_schedule == "multistep":
+            return cfg.lr_gamma ** sum(step >= b for b in bounds)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+
+    return factor
+
+
+def peak_mem_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def autocast(cfg: TrainConfig, device: torch.device) -> Any:
+    if not cfg.amp:
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if cfg.amp_dtype == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def channels_last(cfg: TrainConfig, device: torch.device) -> bool:
+    return cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
+
+
+def place_model(model: nn.Module, cfg: TrainConfig, device: torch.device) -> nn.Module:
+    """The model on ``device`` in the recipe's memory format (for evaluation)."""
+    model = model.to(device)
+    if channels_last(cfg, device):
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _save_weights(model: nn.Module, out: str, name: str) -> None:
+    # No model copy: safetensors moves CUDA tensors to the CPU itself, and save_weights
+    # writes channels_last weights contiguously (force_contiguous).
+    save_weights(model, os.path.join(out, name))
+
+
+def _copy_weights(out: str, src: str, dst: str) -> None:
+    """The best epoch is the epoch just saved: copy its file rather than serialise again."""
+    atomic_copy(os.path.join(out, src), os.path.join(out, dst))
+
+
+class Session:
+    """One training run's shared machinery (see the module docstring).
+
+    ``best_key`` names the validation score that picks the best epoch (higher is better)
+    and is how the checkpoint stores it (``best_top1``, ``best_map``). ``compile_module``
+    names the submodule ``--compile`` compiles in place (default: the whole model);
+    ``clip_table`` the per-family clipping of ``--clip-grad auto``.
+    """
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, *, out_dir: str | None = None,
+                 best_key: str = "best_top1", compile_module: str | None = None,
+                 clip_table: dict[str, float] | None = None) -> None:
+        if out_dir and plan_of(model) is None:
+            raise AutobuildError("saving a run needs a model with a plan "
+                                 "(autobuild.convert/load)")
+        self.cfg, self.out_dir, self.best_key = cfg, out_dir, best_key
+        self.start_time = time.perf_counter()
+        self.device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
+        self.dist = init_distributed(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        rank = self.dist.rank
+        random.seed(cfg.seed + rank)
+        np.random.seed(cfg.seed + rank)
+        torch.manual_seed(cfg.seed + rank)  # ranks augment differently; DDP syncs weights
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+        elif self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        plan = plan_of(model)
+        families = {c.family for c in plan.conversions} if plan else set()
+        self.max_norm = cfg.max_grad_norm(families, clip_table)
+
+        model = place_model(model, cfg, self.device)
+        if cfg.sync_bn and self.device.type != "cuda":
+            raise AutobuildError("--sync-bn needs CUDA (torch's SyncBatchNorm is GPU-only)")
+        if self.dist.enabled and cfg.sync_bn:
+            record = record_of(model)
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            if record is not None:
+                set_record(model, record)
+        self.base = model  # the module that is saved and evaluated; `net` is what trains
+        self.net: nn.Module = model
+        if self.dist.enabled:
+            self.net = nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if cfg.compile and compile_module:
+            # In place (nn.Module.compile): the state_dict keys stay those of the plan.
+            self.base.get_submodule(compile_module).compile()
+        elif cfg.compile:
+            self.net = torch.compile(self.net)  # type: ignore[assignment]
+        groups = param_groups(self.base, cfg.decay(), lr=cfg.peak_lr())
+        if cfg.optimizer == "sgd":
+            self.opt: torch.optim.Optimizer = torch.optim.SGD(
+                groups, lr=cfg.peak_lr(), momentum=cfg.momentum,
+                nesterov=cfg.nesterov and cfg.momentum > 0)
+        else:
+            self.opt = torch.optim.AdamW(groups, lr=cfg.peak_lr())
+        self.memory_format = (torch.channels_last if channels_last(cfg, self.device)
+                              else torch.contiguous_format)
+        self.history: list[Any] = []
+        self.first_epoch, self.best, self.best_epoch = 1, -math.inf, 0
+        self.stopped = False
+        self.ema: Any = None
+        self.tensorboard: Any = None
+        #: Set by the task loop: returns a few validation batches for TensorBoard histograms.
+        self.probe: Callable[[], tuple[str, Sequence[Any]]] | None = None
+
+    # ---- set-up -------------------------------------------------------------------------
+    def start(self, steps_per_epoch: int, *, resume: bool, metrics_cls: Any,
+              data_record: dict[str, Any]) -> None:
+        """Build the schedule, scaler and EMA; restore ``out_dir``'s checkpoint if
+        ``resume``; record the recipe; open the TensorBoard log."""
+        cfg = self.cfg
+        self.data_record = data_record
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt,
+                                                       lr_factor(cfg, steps_per_epoch))
+        self.scaler = torch.amp.GradScaler(self.device.type,
+                                           enabled=cfg.amp and cfg.amp_dtype == "fp16")
+        if cfg.ema is not None:
+            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+            self.ema = AveragedModel(self.base, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema),
+                                     use_buffers=True)
+        if resume:
+            self._restore(metrics_cls)
+        if self.out_dir and self.dist.is_main:
+            os.makedirs(self.out_dir, exist_ok=True)
+            save_plan(plan_of(self.base), os.path.join(self.out_dir, PLAN_FILE))
+            # Human-readable; the checkpoint holds the same.
+            atomic_write_text(os.path.join(self.out_dir, RUN_FILE), yaml.safe_dump(
+                {"data": data_record, "config": cfg.to_dict()}, sort_keys=False))
+        if cfg.tensorboard and self.dist.is_main:
+            from autobuild.train.tensorboard import TensorBoardLogger
+
+            self.tensorboard = TensorBoardLogger(cfg.tensorboard)
+
+    @property
+    def ckpt_path(self) -> str:
+        return os.path.join(self.out_dir, CHECKPOINT_FILE) if self.out_dir else ""
+
+    def _restore(self, metrics_cls: Any) -> None:
+        if not self.out_dir:
+            raise AutobuildError("resume needs the run directory (out_dir)")
+        state = load_checkpoint(self.ckpt_path)
+        try:
+            self.base.load_state_dict(state["model"])
+            self.opt.load_state_dict(state["optimizer"])
+            self.sched.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+            if self.ema is not None and state.get("ema"):
+                self.ema.load_state_dict(state["ema"])
+            self.history = [metrics_cls.from_dict(m) for m in state["history"]]
+            self.best = float(state[self.best_key])
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+            raise AutobuildError(f"checkpoint {self.ckpt_path!r} does not match this "
+                                 f"model/recipe: {str(exc).splitlines()[0]}") from exc
+        self.first_epoch = int(state["epoch"]) + 1
+        self.best_epoch = int(state["best_epoch"])
+        set_rng_state(state["rng"])
+
+    # ---- per step -----------------------------------------------------------------------
+    @property
+    def eval_model(self) -> nn.Module:
+        return self.ema.module if self.ema is not None else self.base
+
+    def autocast(self) -> Any:
+        return autocast(self.cfg, self.device)
+
+    def progress_bar(self, epoch: int, steps: int) -> Any:
+        if not (self.cfg.progress and self.dist.is_main):
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=steps, desc=f"epoch {epoch}/{self.cfg.epochs}", unit="batch",
+                    leave=False, dynamic_ncols=True)
+
+    def step(self, loss: torch.Tensor) -> None:
+        """Backward and optimizer step (AMP scaling, clipping, schedule, EMA)."""
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.max_norm is not None:
+            self.scaler.unscale_(self.opt)
+            nn.utils.clip_grad_norm_(self.base.parameters(), self.max_norm)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.sched.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.base)
+
+    def sync(self, sums: torch.Tensor, epoch: int, step: int, bar: Any) -> list[float]:
+        """Sum ``sums`` over ranks; its last entry counts non-finite losses. Every rank calls
+        this at the same steps, on the summed flag, so no rank is left waiting."""
+        tot = self.dist.all_sum(sums.clone()).tolist()
+        if tot[-1] > 0:
+            if bar is not None:
+                bar.close()
+            raise DivergedError(
+                f"training diverged: non-finite loss in epoch {epoch} (step {step}); "
+                "lower --lr, keep --clip-grad (e.g. 0.5), or use --amp-dtype bf16")
+        return tot
+
+    # ---- per epoch ----------------------------------------------------------------------
+    def model_to_evaluate(self) -> nn.Module:
+        """The model to validate (the EMA, if any), the same on every rank: DDP keeps the
+        weights equal, but each rank's last forward updated its own BN statistics, and
+        rank 0's are the ones saved."""
+        model = self.eval_model
+        self.dist.broadcast_tensors([b for b in model.buffers() if b.is_floating_point()])
+        return model
+
+    def end_epoch(self, metrics: Any, score: float, callback: Callback | None) -> bool:
+        """Record the epoch; returns True when the run should stop after it."""
+        self.history.append(metrics)
+        improved = score > self.best
+        if improved:
+            self.best, self.best_epoch = score, metrics.epoch
+        out = self.out_dir
+        if out and self.dist.is_main:
+            _save_weights(self.eval_model, out, LAST_WEIGHTS)
+            if improved:
+                _copy_weights(out, LAST_WEIGHTS, BEST_WEIGHTS)
+            save_checkpoint(self.ckpt_path, {
+                "epoch": metrics.epoch, "model": self.base.state_dict(),
+                "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "ema": self.ema.state_dict() if self.ema is not None else None,
+                "rng": get_rng_state(), "history": [m.to_dict() for m in self.history],
+                self.best_key: self.best, "best_epoch": self.best_epoch,
+                "config": self.cfg.to_dict(), "data": self.data_record})
+            write_csv(os.path.join(out, "metrics.csv"), self.history)
+        if self.tensorboard is not None:
+            self._log_tensorboard(metrics)
+        if self.cfg.progress and self.dist.is_main:
+            print(metrics.line(), flush=True)
+        self.dist.barrier()  # nobody starts the next epoch while rank 0 is still writing
+        keep_going = True if callback is None else callback(metrics) is not False
+        flag = self.dist.all_sum(torch.tensor([0.0 if keep_going else 1.0],
+                                              device=self.device))
+        if flag.item() > 0 and metrics.epoch < self.cfg.epochs:
+            self.stopped = True
+        return self.stopped
+
+    def _log_tensorboard(self, metrics: Any) -> None:
+        self.tensorboard.scalars(metrics)
+        epoch = metrics.epoch
+        if self.probe is not None and (epoch % self.cfg.tensorboard_every == 0
+                                       or epoch == self.cfg.epochs):
+            # Iterating a loader draws from the global RNG: logging must not change the run.
+            cuda = [self.device.index or 0] if self.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=cuda):
+                task, batches = self.probe()
+                self.tensorboard.histograms(self.eval_model, task, batches, epoch,
+                                            self.device)
+        self.tensorboard.flush()
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start_time

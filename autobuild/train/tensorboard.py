@@ -1,0 +1,73 @@
+"""TensorBoard logging for ``train --tensorboard DIR`` (rank 0 only).
+
+Every epoch: the epoch's metrics as scalars (``train/…``, ``val/…``, ``run/…``). Every
+``--tensorboard-every`` epochs and at the last: the analysis of
+:mod:`autobuild.train.analyze` on one validation batch — per layer, a histogram of the
+outputs (``activation/<layer>``) and of each weight term (``weight/<layer>/<term>``: a
+quadratic layer's first- and second-order terms apart), and the gradient norm
+(``grad_norm/<layer>``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from autobuild.errors import AutobuildError
+
+__all__ = ["TensorBoardLogger"]
+
+_GROUPS = {"train_": "train/", "val_": "val/", "map": "val/"}
+
+
+class TensorBoardLogger:
+    def __init__(self, log_dir: str) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as exc:
+            raise AutobuildError("--tensorboard needs the tensorboard package: pip install "
+                                 "'autobuild[analysis]'") from exc
+        try:
+            self.writer = SummaryWriter(log_dir)
+        except OSError as exc:
+            raise AutobuildError(f"--tensorboard {log_dir!r}: {exc.strerror}") from exc
+
+    def scalars(self, metrics: Any) -> None:
+        values = metrics.to_dict()
+        epoch = int(values.pop("epoch"))
+        for key, value in values.items():
+            group = next((g for prefix, g in _GROUPS.items() if key.startswith(prefix)), "run/")
+            name = key.removeprefix("train_").removeprefix("val_")
+            self.writer.add_scalar(group + name, value, epoch)
+
+    def histograms(self, model: nn.Module, task: str, batches: Sequence[Any], epoch: int,
+                   device: torch.device) -> None:
+        from autobuild.train.analyze import collect
+
+        analysis = collect(model, task, batches, device=device)
+        for s in analysis.layers:
+            self._histogram(f"activation/{s.layer}", s.sample, epoch)
+            if s.grad_norm_mean == s.grad_norm_mean:  # not NaN: the layer has parameters
+                self.writer.add_scalar(f"grad_norm/{s.layer}", s.grad_norm_mean, epoch)
+        for t in analysis.terms:
+            self._histogram(f"weight/{t.layer}/{t.term}", t.values, epoch)
+
+    def _histogram(self, tag: str, values: Any, epoch: int) -> None:
+        # Only the finite values: a layer that overflowed (the very thing worth seeing)
+        # must not stop the run; its scalar statistics show the inf / NaN.
+        if values is None:
+            return
+        v = np.asarray(values, dtype=np.float64)
+        v = v[np.isfinite(v)]
+        if len(v):
+            self.writer.add_histogram(tag, v, epoch)
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
