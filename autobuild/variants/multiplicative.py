@@ -57,6 +57,9 @@ import torch
 from torch import Tensor, fx, nn
 
 from autobuild.errors import AutobuildError
+from autobuild.ops.batchnorm import bn_train_args
+from autobuild.ops.common import NoAutocast, autocast_cast, autocast_dtype, bn_trains, fused_ok
+from autobuild.ops.multiplicative import bn_conv1x1, bn_product, ql_branch_save
 from autobuild.rewrite.rewriter import Rewriter
 from autobuild.rewrite.sites import Site
 from autobuild.variants import register_variant
@@ -66,6 +69,9 @@ __all__ = ["Hardball", "MultiplicativeVariant", "QLBlock", "QLNet", "check_symme
            "ql_width", "symmetry_transform"]
 
 LAYOUTS = ("plain", "qlnet")
+#: Training backward of the QL branch: "default" keeps the BN inputs (z, the product, the
+#: depthwise output); "save" keeps only the block input and recomputes the branch.
+MEMORY_MODES = ("default", "save")
 HARDBALL_PLACEMENTS = ("downsample", "skip", "none")
 #: QLNet's stage widths (the residual stream, expansion 1).
 QLNET_WIDTHS = (64, 128, 256, 512)
@@ -113,6 +119,8 @@ class QLBlock(nn.Module):
             self.skip = nn.Sequential(nn.Conv2d(inplanes, outplanes, 1, stride, bias=False),
                                       nn.BatchNorm2d(outplanes))
         self.hardball: nn.Module = Hardball() if hardball else nn.Identity()
+        #: "default" or "save" (MEMORY_MODES); an attribute, not part of the state_dict.
+        self.memory = "default"
         self.reset_parameters()
 
     @property
@@ -129,16 +137,66 @@ class QLBlock(nn.Module):
         # The block starts as its skip path: y = BN3(.) = 0 (QLNet, like zero-init residuals).
         self.bn3.weight.zero_()
 
+    def _fusable(self, x: Tensor) -> bool:
+        return (fused_ok(None, x, *self.parameters()) and bn_trains(self.bn1)
+                and bn_trains(self.bn2) and all(type(c) is nn.Conv2d for c in (
+                    self.conv1, self.conv2, self.conv3)))
+
+    def _branch_save(self, x: Tensor) -> Tensor:
+        """memory=save: conv1 .. conv3 in one Function keeping x (autobuild.ops)."""
+        dev = x.device.type
+        dtype = autocast_dtype(dev)
+        n, _, h, w = x.shape
+        s = self.stride
+        rm1, rv1, mom1 = bn_train_args(self.bn1, (n, 1, h, w))
+        rm2, rv2, mom2 = bn_train_args(self.bn2, (n, 1, (h - 1) // s + 1, (w - 1) // s + 1))
+        xc, w1, w2, w3 = autocast_cast(dtype, x, self.conv1.weight, self.conv2.weight,
+                                       self.conv3.weight)
+        with NoAutocast(dev, dtype is not None):
+            return ql_branch_save(xc, w1, w2, w3, self.bn1.weight, self.bn1.bias,
+                                  self.bn2.weight, self.bn2.bias, (rm1, rv1, rm2, rv2),
+                                  (mom1, self.bn1.eps, mom2, self.bn2.eps, s))
+
     def forward(self, x: Tensor) -> Tensor:
+        if self.memory == "save" and self._fusable(x):
+            y = self.bn3(self._branch_save(x))
+            return self.hardball(self.skip(x) + y)
+        if self._fusable(x):
+            # Training: BN1 + product and BN2 + conv3 as Functions that keep the BN inputs
+            # only (autobuild.ops.multiplicative); same kernels, same outputs.
+            z = self.conv1(x)
+            dev = z.device.type
+            dtype = autocast_dtype(dev)
+            rm, rv, momentum = bn_train_args(self.bn1, z.shape)
+            with NoAutocast(dev, dtype is not None):
+                y = bn_product(z, self.bn1.weight, self.bn1.bias, rm, rv, momentum,
+                               self.bn1.eps)
+            d = self.conv2(y)
+            rm, rv, momentum = bn_train_args(self.bn2, d.shape)
+            (weight,) = autocast_cast(dtype, self.conv3.weight)
+            with NoAutocast(dev, dtype is not None):
+                y = bn_conv1x1(d, self.bn2.weight, self.bn2.bias, rm, rv, momentum,
+                               self.bn2.eps, weight)
+            y = self.bn3(y)
+            return self.hardball(self.skip(x) + y)
         y = self.bn1(self.conv1(x))
-        y = y[:, : self.width] * y[:, self.width:]
-        y = self.bn2(self.conv2(y))
+        a, b = y.chunk(2, 1)  # [:w] and [w:]: the same views, one op
+        y = self.bn2(self.conv2(a * b))
         y = self.bn3(self.conv3(y))
         return self.hardball(self.skip(x) + y)
 
     def extra_repr(self) -> str:
+        memory = ", memory=save" if self.memory == "save" else ""
         return (f"{self.inplanes}, {self.outplanes}, width={self.width}, stride={self.stride}, "
-                f"hardball={isinstance(self.hardball, Hardball)}")
+                f"hardball={isinstance(self.hardball, Hardball)}{memory}")
+
+
+def _with_memory(module: nn.Module, memory: str) -> nn.Module:
+    """Set every QL block's memory mode (an attribute: the state_dict is unchanged)."""
+    for m in module.modules():
+        if isinstance(m, QLBlock):
+            m.memory = memory
+    return module
 
 
 def _wants_hardball(placement: str, stride: int, skip_conv: bool) -> bool:
@@ -223,6 +281,10 @@ class MultiplicativeVariant(Variant):
                "skip conv) or none", HARDBALL_PLACEMENTS),
         Option("expansion", "qlnet", "block width: 'qlnet' (4x the block's narrowest width, "
                "2x above 256) or a number K (K x that width)"),
+        Option("memory", "default", "training backward of each QL block: 'default' keeps the "
+               "branch's BN inputs; 'save' keeps only the block input and recomputes the branch "
+               "(about the baseline's memory, one more conv1 and depthwise conv)",
+               MEMORY_MODES),
     )
     # A QL block replaces a whole block: it cannot compute a basic/bottleneck block's function.
     inits = ("scratch",)
@@ -259,13 +321,16 @@ class MultiplicativeVariant(Variant):
     def apply(self, rewriter: Rewriter, sites: Sequence[Site], options: dict[str, Any],
               init: str) -> None:
         expansion = _parse_expansion(options["expansion"])
+        memory = options.get("memory", "default")
         if options["layout"] == "qlnet":
-            rewriter.set_root(self._qlnet(rewriter.root_module, expansion, options["hardball"]),
+            rewriter.set_root(_with_memory(self._qlnet(rewriter.root_module, expansion,
+                                                       options["hardball"]), memory),
                               note="QLNet layout")
             return
         for site in sites:
-            rewriter.replace(site, self._block(site, rewriter.module(site), expansion,
-                                               options["hardball"]))
+            rewriter.replace(site, _with_memory(self._block(site, rewriter.module(site),
+                                                            expansion, options["hardball"]),
+                                                memory))
 
     @staticmethod
     def _block(site: Site, module: nn.Module, expansion: str | float,

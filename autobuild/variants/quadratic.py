@@ -28,6 +28,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from autobuild.errors import AutobuildError
+from autobuild.ops.batchnorm import bn_train_args
+from autobuild.ops.common import NoAutocast, autocast_cast, autocast_dtype, fused_ok
+from autobuild.ops.quadratic import bn_product, quadratic_conv_save, quadratic_linear_save
 from autobuild.rewrite.sites import Site
 from autobuild.variants import register_variant
 from autobuild.variants.base import Option, Variant
@@ -39,6 +42,10 @@ QUADRATIC_TYPES = {"ours": 3, "t2": 1, "t3": 1, "t4": 2, "fan": 2, "volterra": 1
 PRESERVING_TYPES = ("ours", "fan", "volterra")
 #: Volterra layers above this many parameters are refused (A_o alone is (C·k²)² per output).
 VOLTERRA_MAX_PARAMS = 8_000_000
+#: ``ours``' training backward: "default" keeps the conv output (BN and product fused),
+#: "save" keeps only the input, weights and batch statistics and recomputes the conv.
+MEMORY_MODES = ("default", "save")
+
 
 
 class _Quadratic(nn.Module):
@@ -56,6 +63,8 @@ class _Quadratic(nn.Module):
             raise AutobuildError(f"unknown quadratic type {qtype!r}; valid: "
                                  f"{', '.join(QUADRATIC_TYPES)}")
         self.qtype = qtype
+        #: ``ours`` only: "default" or "save" (MEMORY_MODES); not part of the state_dict.
+        self.memory = "default"
         self.in_channels, self.out_channels = in_channels, out_channels
         n = QUADRATIC_TYPES[qtype]
         if qtype == "volterra":
@@ -173,7 +182,8 @@ class _Quadratic(nn.Module):
         raise AssertionError(q)
 
     def extra_repr(self) -> str:
-        return f"{self.in_channels}, {self.out_channels}, type={self.qtype}"
+        memory = ", memory=save" if self.memory == "save" else ""
+        return f"{self.in_channels}, {self.out_channels}, type={self.qtype}{memory}"
 
 
 class QuadraticConv2d(_Quadratic):
@@ -209,9 +219,41 @@ class QuadraticConv2d(_Quadratic):
     def _conv(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
+    def _numeric_padding(self) -> tuple[int, int] | None:
+        if not isinstance(self.padding, str):
+            return self.padding
+        if self.padding == "valid":
+            return (0, 0)
+        total = [d * (k - 1) for d, k in zip(self.dilation, self.kernel_size, strict=True)]
+        return None if any(t % 2 for t in total) else (total[0] // 2, total[1] // 2)
+
+    def _ours_train(self, x: Tensor) -> Tensor:
+        """Training forward of ``ours`` through the fused ops (autograd records)."""
+        bn = self.bn
+        dev = x.device.type
+        dtype = autocast_dtype(dev)
+        padding = self._numeric_padding()
+        if self.memory == "save" and padding is not None:
+            h, w = x.shape[-2:]
+            size = (x.shape[0], 1, *((n + 2 * p - d * (k - 1) - 1) // s + 1 for n, p, d, k, s in
+                                     zip((h, w), padding, self.dilation, self.kernel_size,
+                                         self.stride, strict=True)))
+            rm, rv, momentum = bn_train_args(bn, size)
+            x, weight, bias = autocast_cast(dtype, x, self.weight, self.bias)
+            with NoAutocast(dev, dtype is not None):
+                return quadratic_conv_save(x, weight, bias, bn.weight, bn.bias, rm, rv,
+                                           momentum, bn.eps, self.stride, padding,
+                                           self.dilation, self.groups)
+        y = self._conv(x, self.weight, self.bias)
+        rm, rv, momentum = bn_train_args(bn, y.shape)
+        with NoAutocast(dev, dtype is not None):
+            return bn_product(y, bn.weight, bn.bias, rm, rv, momentum, bn.eps, self.groups)
+
     def forward(self, x: Tensor) -> Tensor:
         if self.qtype == "volterra":
             return self._volterra(x)
+        if self.qtype == "ours" and fused_ok(self.bn, x, self.weight):
+            return self._ours_train(x)
         inp = x.square() if self.qtype == "t2" else x
         y = self._conv(inp, self.weight, self.bias)
         if self.bn is not None:
@@ -251,12 +293,33 @@ class QuadraticLinear(_Quadratic):
     def _batch_norm(self, channels: int) -> nn.Module:
         return nn.BatchNorm1d(channels)
 
+    def _ours_train(self, x: Tensor) -> Tensor:
+        """Training forward of ``ours`` through the fused ops (autograd records)."""
+        bn = self.bn
+        dev = x.device.type
+        dtype = autocast_dtype(dev)
+        size = (x.numel() // max(x.shape[-1], 1), 3 * self.out_channels)
+        if self.memory == "save":
+            rm, rv, momentum = bn_train_args(bn, size)
+            x, weight, bias = autocast_cast(dtype, x, self.weight, self.bias)
+            with NoAutocast(dev, dtype is not None):
+                return quadratic_linear_save(x, weight, bias, bn.weight, bn.bias, rm, rv,
+                                             momentum, bn.eps)
+        y = F.linear(x, self.weight, self.bias)
+        rm, rv, momentum = bn_train_args(bn, size)
+        with NoAutocast(dev, dtype is not None):
+            out = bn_product(y.reshape(-1, y.shape[-1]), bn.weight, bn.bias, rm, rv, momentum,
+                             bn.eps)
+        return out.reshape(*y.shape[:-1], self.out_channels)
+
     def forward(self, x: Tensor) -> Tensor:
         if self.qtype == "volterra":
             lin = F.linear(x, self.weight, self.bias)
             ap = F.linear(x, self.quad.view(-1, self.in_channels))
             return lin + (ap.unflatten(-1, (self.out_channels, self.in_channels))
                           * x.unsqueeze(-2)).sum(-1)
+        if self.qtype == "ours" and fused_ok(self.bn, x, self.weight):
+            return self._ours_train(x)
         inp = x.square() if self.qtype == "t2" else x
         y = F.linear(inp, self.weight, self.bias)
         if self.bn is not None:
@@ -288,6 +351,10 @@ class QuadraticVariant(Variant):
         Option("type", "ours", "neuron type", tuple(QUADRATIC_TYPES)),
         Option("volterra_max_params", VOLTERRA_MAX_PARAMS,
                "largest volterra layer (parameters) that is built", None, int),
+        Option("memory", "default", "type ours, training: 'default' keeps the conv output for "
+               "backward; 'save' keeps only input, weights and BN statistics and recomputes "
+               "the conv in backward (about a quarter of the memory, one more conv)",
+               MEMORY_MODES),
     )
     leaf_modules = (QuadraticConv2d, QuadraticLinear)
     example_models = ("cifar_resnet20", "resnet50", "cifar_vgg16", "ssd300_vgg16")
@@ -342,6 +409,7 @@ class QuadraticVariant(Variant):
         if init == "preserve":
             layer.preserve(module.weight.detach(),
                            module.bias.detach() if module.bias is not None else None)
+        layer.memory = options.get("memory", "default")
         return layer
 
 
