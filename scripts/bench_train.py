@@ -37,7 +37,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils._pytree as pytree
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 FAMILIES = ["quadratic", "multiplicative", "parameter-free", "pde-global", "dirac"]
 
@@ -74,6 +76,50 @@ def saved_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     return total, total - sum(n for p, n in storages.items() if p in state)
 
 
+class _Traffic(TorchDispatchMode):
+    """Bytes read and written by the ATen ops of a training step (views excluded): every
+    tensor argument read once, every output written once — no cache reuse. Over the
+    machine's copy bandwidth it is the time the step needs for memory traffic alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bytes = 0
+        self.conv_bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view:
+            n = sum(t.nbytes for t in pytree.tree_leaves((args, kwargs, out))
+                    if isinstance(t, torch.Tensor))
+            self.bytes += n
+            if "convolution" in func.name():
+                self.conv_bytes += n
+        return out
+
+
+def traffic(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[int, int]:
+    """(all, convolutions') bytes moved by one training step."""
+    counter = _Traffic()
+    with counter:
+        F.cross_entropy(model(x).float(), y).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.bytes, counter.conv_bytes
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes/s of a 64 MiB copy (read + write), the best of 5."""
+    src = torch.empty(2**24, device=device).normal_()
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        dst.copy_(src)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * src.nbytes / best
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model")
@@ -95,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
                    "OpenMP threads spin)")
     p.add_argument("--optimizer", action="store_true",
                    help="time the SGD step (and the family's clipping) too")
+    p.add_argument("--traffic", action="store_true",
+                   help="also count the bytes the step's ATen ops move (a dispatch mode; "
+                   "slow) and the machine's copy bandwidth")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
     if args.threads:
@@ -120,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         counts = autobuild.count(model, tuple(args.input_size))
         model = model.to(device, memory_format=mem).train()
         total, act = saved_bytes(model, x, y, amp)
+        moved = traffic(model, x, y) if args.traffic else (0, 0)
         clip = CLIP_FAMILIES.get(variant.partition(":")[0]) if args.optimizer else None
         opt = (torch.optim.SGD(autobuild.param_groups(model, 5e-4), lr=1e-3, momentum=0.9,
                                nesterov=True) if args.optimizer else None)
@@ -139,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         steps.append(step)
         rows.append({"variant": variant, "params": sum(q.numel() for q in model.parameters()),
                      "macs": counts.macs, "saved_bytes": total, "saved_act_bytes": act,
-                     "times": []})
+                     "traffic_bytes": moved[0], "conv_traffic_bytes": moved[1], "times": []})
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     peaks: list[float] = [0.0] * len(rows)
@@ -162,13 +212,17 @@ def main(argv: list[str] | None = None) -> int:
         per_round = [a / b for a, b in zip(row["times"], base["times"], strict=True)]
         row.update({
             "time_ms": t * 1e3,
-            "time_ratio": t / statistics.median(base["times"]),
+            # The median of the per-round ratios: each round times baseline and variant
+            # back to back, so slow drifts of the machine's load cancel out.
+            "time_ratio": statistics.median(per_round),
+            "time_ratio_of_medians": t / statistics.median(base["times"]),
             "time_ratio_min": min(per_round), "time_ratio_max": max(per_round),
-            "time_ratio_round_median": statistics.median(per_round),
             "mac_ratio": row["macs"] / base["macs"],
             "saved_ratio": row["saved_bytes"] / base["saved_bytes"],
             "saved_act_ratio": row["saved_act_bytes"] / max(base["saved_act_bytes"], 1),
         })
+        if args.traffic:
+            row["traffic_ratio"] = row["traffic_bytes"] / base["traffic_bytes"]
         row["time_per_mac"] = row["time_ratio"] / row["mac_ratio"]
         if device.type == "cuda":
             row["peak_mb"] = peaks[i]
@@ -182,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
             "channels_last": args.channels_last, "compile": args.compile,
             "optimizer": args.optimizer, "clock": args.clock, "steps": args.steps,
             "warmup": args.warmup,
+            "copy_bandwidth_gbs": copy_bandwidth(device) / 1e9 if args.traffic else None,
             "rows": rows}
     if args.json:
         print(json.dumps(info, indent=1))
@@ -201,6 +256,16 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['time_ratio_max']:.2f} | {r['mac_ratio']:.2f} | {r['time_per_mac']:.2f} | "
               f"{r['saved_bytes'] / 2**20:.1f} | {r['saved_ratio']:.2f} | "
               f"{r['saved_act_ratio']:.2f} |")
+    if args.traffic:
+        bw = info["copy_bandwidth_gbs"]
+        print(f"\nmemory traffic (ATen ops' bytes read + written, views excluded); copy "
+              f"bandwidth {bw:.1f} GB/s\n")
+        print("| variant | traffic GB | x baseline | at copy bandwidth, ms | of which convs, ms "
+              "| measured ms |\n|---|---|---|---|---|---|")
+        for r in rows:
+            ms, conv_ms = r["traffic_bytes"] / bw / 1e6, r["conv_traffic_bytes"] / bw / 1e6
+            print(f"| {r['variant']} | {r['traffic_bytes'] / 1e9:.2f} | {r['traffic_ratio']:.2f} "
+                  f"| {ms:.0f} | {conv_ms:.0f} | {r['time_ms']:.0f} |")
     return 0
 
 

@@ -3,9 +3,13 @@
 Plain autograd builds the combined weight from W, α, β with four weight-sized ops and keeps
 their intermediates and the combined weight itself for backward: on a network whose weights
 are large next to its activations (resnet18 at 64x64) that is most of what a training step
-keeps. This Function keeps only x, W and the per-channel vectors (α, β, ‖W_o‖): the combined
-weight is a temporary in forward and is rebuilt in backward (two weight-sized passes), and
-the gradients of W, α, β come from the combined weight's gradient in closed form:
+keeps. This Function keeps only x, W and the per-channel vectors (α, β, ‖W_o‖). Where the layer's
+output is larger than its weight the combined weight is a temporary in forward and is
+rebuilt in backward (one weight-sized pass each); where it is smaller (the late, wide
+layers) s and α are applied to the activations instead — s ⊙ conv(x, W) + α ⊙ x forward,
+conv_transpose(s ⊙ g, W) + α ⊙ g backward — and no weight-sized temporary is built at all.
+The gradients of W, α, β come from the combined weight's gradient (the conv's weight
+gradient, which does not depend on the weight) in closed form:
 
     s_o = β_o / ‖W_o‖,            W_eff = s·W + α·δ
     dα_o = dW_eff[o, o mod (C_in/groups), centre]      (where δ has its 1)
@@ -53,19 +57,42 @@ def dirac_weight(weight: Tensor, alpha: Tensor, beta: Tensor, groups: int,
     return w
 
 
+def _activation_form(x: Tensor, weight: Tensor, groups: int) -> bool:
+    """Apply s and α to the activations (conv with W itself) rather than build s·W + α·δ,
+    where the layer's output is smaller than its weight (late, wide layers): a pass over
+    the output costs less than a weight-sized temporary in forward and again in backward."""
+    out = x.numel() // max(x.shape[1], 1) * weight.shape[0]
+    return groups == 1 and out < weight.numel()
+
+
+def _identity_add(y: Tensor, x: Tensor, coef: Tensor) -> Tensor:
+    """y[:, :m] += coef[:m]·x[:, :m] (the α·δ term on activations, groups = 1)."""
+    m = min(y.shape[1], x.shape[1])
+    shape = (1, m) + (1,) * (y.dim() - 2)
+    y[:, :m].addcmul_(x[:, :m], coef[:m].to(y.dtype).view(shape))
+    return y
+
+
 class _DiracConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx: FunctionCtx, x: Tensor, weight: Tensor, alpha: Tensor, beta: Tensor,
                 bias: Tensor | None, padding: Sequence[int], dilation: Sequence[int],
                 groups: int) -> Tensor:
         norm = weight.detach().flatten(1).norm(dim=1).clamp_min(EPS)
-        w = dirac_weight(weight.detach(), alpha.detach(), beta.detach(), groups, norm)
-        if x.dtype != w.dtype:  # autocast: the conv runs in x's (lower) dtype
-            w = w.to(x.dtype)
-        out = torch.conv2d(x, w, bias if bias is None else bias.to(x.dtype), 1, padding,
-                           dilation, groups)
+        b = bias if bias is None else bias.to(x.dtype)
+        act = _activation_form(x, weight, groups)
+        if act:  # s ⊙ conv(x, W) + α ⊙ x
+            scale = (beta.detach() / norm).to(x.dtype).view(1, -1, *([1] * (x.dim() - 2)))
+            out = torch.conv2d(x, weight.detach().to(x.dtype), None, 1, padding, dilation, 1)
+            _identity_add(out.mul_(scale), x, alpha.detach())
+            if b is not None:
+                out.add_(b.view_as(scale))
+        else:
+            w = dirac_weight(weight.detach(), alpha.detach(), beta.detach(), groups, norm)
+            # autocast: the conv runs in x's (lower) dtype
+            out = torch.conv2d(x, w.to(x.dtype), b, 1, padding, dilation, groups)
         ctx.save_for_backward(x, weight, alpha, beta, norm)
-        ctx.conf = (list(padding), list(dilation), groups, bias is not None)
+        ctx.conf = (list(padding), list(dilation), groups, bias is not None, act)
         ctx.bias_dtype = bias.dtype if bias is not None else None
         return out
 
@@ -73,17 +100,30 @@ class _DiracConv(torch.autograd.Function):
     @single_backward
     def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, weight, alpha, beta, norm = ctx.saved_tensors
-        padding, dilation, groups, has_bias = ctx.conf
+        padding, dilation, groups, has_bias, act = ctx.conf
         need = ctx.needs_input_grad
-        w = dirac_weight(weight, alpha, beta, groups, norm)
         grad = grad.to(x.dtype)
         need_w = need[1] or need[2] or need[3]
-        gx, gw, gb = torch.ops.aten.convolution_backward(
-            grad, x, w.to(x.dtype), [w.shape[0]] if has_bias else None, [1, 1], padding,
-            dilation, False, [0, 0], groups, [need[0], need_w, need[4] and has_bias])
-        del w
+        conv_backward = torch.ops.aten.convolution_backward
+        geometry = ([1, 1], padding, dilation, False, [0, 0], groups)
+        bias_sizes = [weight.shape[0]] if has_bias else None
+        wx = weight.to(x.dtype)
+        if act:
+            gx = None
+            if need[0]:  # input gradient of s ⊙ conv(x, W) + α ⊙ x
+                scale = (beta / norm).to(x.dtype).view(1, -1, *([1] * (x.dim() - 2)))
+                gx = conv_backward(grad * scale, x, wx, None, *geometry,
+                                   [True, False, False])[0]
+                _identity_add(gx, grad, alpha)
+            _, gw, gb = conv_backward(grad, x, wx, bias_sizes, *geometry,
+                                      [False, need_w, need[4] and has_bias])
+        else:
+            w = dirac_weight(weight, alpha, beta, groups, norm).to(x.dtype)
+            gx, gw, gb = conv_backward(grad, x, w, bias_sizes, *geometry,
+                                       [need[0], need_w, need[4] and has_bias])
+            del w
         g_weight = g_alpha = g_beta = None
-        if need_w:
+        if need_w:  # gw: the gradient of the combined weight s·W + α·δ
             gw = gw.to(weight.dtype)
             if need[2]:
                 ident = _identity_view(gw, groups)
