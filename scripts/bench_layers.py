@@ -14,9 +14,11 @@ and three BNs, plain autograd) and that layout under ``torch.utils.checkpoint``.
 Timing: interleaved rounds (every layer once per round, in turn), the median per layer
 after warm-up; "x ref" divides by the reference's median. Saved memory: the bytes autograd
 keeps between forward and backward (``saved_tensors_hooks``, each storage once, the
-layer's input and weights included). ``--json`` prints the same rows as one JSON object:
-``{"device", "torch", "threads", "shape", ..., "rows": [{"layer", "kernels", "ms",
-"ratio", "saved_mib", "saved_ratio"}]}``; "ratio" is time over the reference's.
+layer's input included, its parameters and buffers not: ``saved_all_mib`` adds them).
+``--json`` prints the same rows as one JSON object: ``{"device", "torch", "threads",
+"shape", ..., "rows": [{"layer", "kernels", "ms", "ratio", "saved_mib", "saved_ratio",
+"saved_all_mib", "x_quadralib_time", "x_quadralib_saved"}]}``; "ratio" is time over the
+reference's.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import autobuild
+import autobuild.ops
 from autobuild.variants.quadratic import QUADRATIC_TYPES
 
 
@@ -49,6 +52,19 @@ class ThreeBranches(nn.Module):
         return a * b + c
 
 
+class PlainOps(nn.Module):
+    """The layer through plain autograd (autobuild.ops.plain_ops): what the fused ops
+    replace."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with autobuild.ops.plain_ops():
+            return self.inner(x)
+
+
 class Checkpointed(nn.Module):
     def __init__(self, inner: nn.Module) -> None:
         super().__init__()
@@ -58,7 +74,10 @@ class Checkpointed(nn.Module):
         return checkpoint(self.inner, x, use_reentrant=False)
 
 
-def saved_bytes(layer: nn.Module, x: torch.Tensor, amp: Callable) -> int:
+def saved_bytes(layer: nn.Module, x: torch.Tensor, amp: Callable) -> tuple[int, int]:
+    """(activations, all) bytes autograd keeps for backward, each storage once;
+    "activations" leaves out the layer's parameters and buffers (torch.utils.checkpoint
+    keeps those outside autograd, so only this part compares across layouts)."""
     storages: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -71,7 +90,23 @@ def saved_bytes(layer: nn.Module, x: torch.Tensor, amp: Callable) -> int:
     out.float().sum().backward()
     layer.zero_grad(set_to_none=True)
     x.grad = None
-    return sum(storages.values())
+    state = {t.untyped_storage().data_ptr() for t in [*layer.parameters(), *layer.buffers()]}
+    total = sum(storages.values())
+    return total - sum(n for p, n in storages.items() if p in state), total
+
+
+def _convert(reference: nn.Module, qtype: str, memory: str, input_size: tuple[int, ...],
+             linear: bool) -> nn.Module:
+    """The reference's layer as a quadratic one (autobuild.convert traces image models, so
+    the Linear case builds the layer directly, the way the family's build() does)."""
+    if linear:
+        from autobuild.variants.quadratic import QuadraticLinear
+
+        layer = QuadraticLinear.from_linear(reference[0], qtype)
+        layer.memory = memory
+        return nn.Sequential(layer)
+    return autobuild.convert(reference, "quadratic", sites=["0"], options={
+        "type": qtype, "volterra_max_params": 10**9, "memory": memory}, input_size=input_size)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,8 +125,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--amp", action="store_true", help="bf16 autocast")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile every layer")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="cpu: this process's CPU time (robust on a shared machine; with "
+                   "--threads 1)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     device = torch.device(args.device)
     c, s = args.channels, args.size
     torch.manual_seed(0)
@@ -128,13 +170,15 @@ def main(argv: list[str] | None = None) -> int:
             layers.append((f"quadratic {qtype}", f"skipped: A_o has {c * (k2 * c) ** 2:,} "
                            "entries", None))
             continue
-        modes = ["default", "save"] if qtype == "ours" else ["default"]
+        modes = ["plain", "default", "save"] if qtype == "ours" else ["default"]
         for memory in modes:
-            layer = autobuild.convert(reference, "quadratic", sites=["0"], options={
-                "type": qtype, "volterra_max_params": 10**9, "memory": memory},
-                input_size=input_size).to(device)
+            layer = _convert(reference, qtype, "default" if memory == "plain" else memory,
+                             input_size, args.linear).to(device)
             kernels = {"fan": "2 convs", "volterra": "unfold + 2 matmuls"}.get(qtype, "1 conv")
-            label = f"quadratic {qtype}" + (" memory=save" if memory == "save" else "")
+            label = f"quadratic {qtype}" + {"save": " memory=save", "default": "",
+                                            "plain": " (plain autograd)"}[memory]
+            if memory == "plain":
+                layer = PlainOps(layer)
             layers.append((label, kernels + (" (+1 in backward)" if memory == "save" else ""),
                            layer))
     three = ThreeBranches(make, bn).to(device)
@@ -146,25 +190,26 @@ def main(argv: list[str] | None = None) -> int:
     for label, kernels, layer in layers:
         if layer is None:
             rows.append({"layer": label, "kernels": kernels, "ms": None, "ratio": None,
-                         "saved_mib": None, "saved_ratio": None})
+                         "saved_mib": None, "saved_all_mib": None, "saved_ratio": None})
             continue
         layer.train()
-        saved = saved_bytes(layer, x, amp)
+        saved, saved_all = saved_bytes(layer, x, amp)
         run = torch.compile(layer) if args.compile else layer
         rows.append({"layer": label, "kernels": kernels, "saved_mib": saved / 2**20,
-                     "module": layer, "run": run, "times": []})
+                     "saved_all_mib": saved_all / 2**20, "module": layer, "run": run,
+                     "times": []})
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     timed = [r for r in rows if "run" in r]
     for i in range(args.warmup + args.steps):
         for r in timed:
             sync()
-            start = time.perf_counter()
+            start = clock()
             with amp():
                 out = r["run"](x)
             out.float().sum().backward()
             sync()
             if i >= args.warmup:
-                r["times"].append(time.perf_counter() - start)
+                r["times"].append(clock() - start)
             r["module"].zero_grad(set_to_none=True)
             x.grad = None
     ref = statistics.median(timed[0]["times"])
@@ -182,16 +227,18 @@ def main(argv: list[str] | None = None) -> int:
     info = {"device": name, "torch": torch.__version__, "threads": torch.get_num_threads(),
             "shape": shape, "batch_size": args.batch_size, "channels": c, "size": s,
             "linear": args.linear, "amp": args.amp, "channels_last": args.channels_last,
-            "compile": args.compile, "steps": args.steps, "warmup": args.warmup, "rows": rows}
+            "compile": args.compile, "clock": args.clock, "steps": args.steps,
+            "warmup": args.warmup, "rows": rows}
     if args.json:
         print(json.dumps(info, indent=1))
         return 0
     flags = [f for f, on in (("bf16 AMP", args.amp), ("channels_last", args.channels_last),
-                             ("torch.compile", args.compile)) if on]
+                             ("torch.compile", args.compile),
+                             ("CPU-time clock", args.clock == "cpu")) if on]
     print(f"forward+backward of one layer, {shape}, median of {args.steps} interleaved rounds "
           f"after {args.warmup}; {name}, torch {torch.__version__}"
           f"{', ' + ', '.join(flags) if flags else ''}\n")
-    print("| layer | kernels | ms | time x ref | saved MiB | saved x ref | time x QuadraLib "
+    print("| layer | kernels | ms | time x ref | saved act. MiB | saved x ref | time x QuadraLib "
           "| saved x QuadraLib |\n|---|---|---|---|---|---|---|---|")
     for r in rows:
         if r["ms"] is None:

@@ -44,6 +44,21 @@ from torch.utils._python_dispatch import TorchDispatchMode
 FAMILIES = ["quadratic", "multiplicative", "parameter-free", "pde-global", "dirac"]
 
 
+class PlainOps(nn.Module):
+    """``VARIANT@plain``: the same model run through plain autograd (no fused op, i.e. the
+    formulation the fused ops replace), for before/after ratios in one process."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from autobuild.ops import plain_ops
+
+        with plain_ops():
+            return self.inner(x)
+
+
 def build(model_name: str, variant: str, args: argparse.Namespace) -> nn.Module:
     import autobuild
     from autobuild.models import build_model
@@ -51,10 +66,12 @@ def build(model_name: str, variant: str, args: argparse.Namespace) -> nn.Module:
     torch.manual_seed(0)
     if variant == "baseline":
         return build_model(model_name, num_classes=args.num_classes)
+    variant, _, plain = variant.partition("@")
     name, _, option = variant.partition(":")
     options = dict(o.split("=", 1) for o in option.split(",") if o)
-    return autobuild.convert(model_name, name, options=options, num_classes=args.num_classes,
-                             input_size=tuple(args.input_size))
+    model = autobuild.convert(model_name, name, options=options, num_classes=args.num_classes,
+                              input_size=tuple(args.input_size))
+    return PlainOps(model) if plain == "plain" else model
 
 
 def saved_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
@@ -124,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model")
     p.add_argument("--families", nargs="+", default=FAMILIES,
-                   help="family[:opt=val,...] each, e.g. quadratic:memory=save")
+                   help="family[:opt=val,...][@plain] each, e.g. quadratic:memory=save; "
+                   "@plain runs it through plain autograd (autobuild.ops.plain_ops)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--input-size", type=int, nargs=3, default=[3, 32, 32], metavar=("C", "H", "W"))
     p.add_argument("--num-classes", type=int, default=10)
@@ -170,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         model = model.to(device, memory_format=mem).train()
         total, act = saved_bytes(model, x, y, amp)
         moved = traffic(model, x, y) if args.traffic else (0, 0)
-        clip = CLIP_FAMILIES.get(variant.partition(":")[0]) if args.optimizer else None
+        family = variant.partition("@")[0].partition(":")[0]
+        clip = CLIP_FAMILIES.get(family) if args.optimizer else None
         opt = (torch.optim.SGD(autobuild.param_groups(model, 5e-4), lr=1e-3, momentum=0.9,
                                nesterov=True) if args.optimizer else None)
         run = torch.compile(model) if args.compile else model
