@@ -184,3 +184,41 @@ def test_every_fused_op_refuses_double_backward() -> None:
         x = torch.randn(shape, requires_grad=True)
         with pytest.raises(RuntimeError, match="do not support double backward"):
             torch.autograd.grad(module(x).square().sum(), x, create_graph=True)
+
+
+def _grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor, amp: bool, plain: bool
+           ) -> tuple[float, torch.Tensor]:
+    model = copy.deepcopy(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        if plain:
+            with autobuild.ops.plain_ops():
+                loss = F.cross_entropy(model(x).float(), y)
+        else:
+            loss = F.cross_entropy(model(x).float(), y)
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    return float(loss), torch.cat([g.flatten() for g in grads])
+
+
+@pytest.mark.parametrize("family,options", [("quadratic", {"memory": "save"}),
+                                            ("multiplicative", {}),
+                                            ("multiplicative", {"memory": "save"}),
+                                            ("parameter-free", {}), ("pde-global", {}),
+                                            ("dirac", {})])
+def test_bf16_autocast_and_channels_last_training_step(family: str, options: dict) -> None:
+    """A bf16-autocast, channels_last training step through the fused ops: finite float32
+    gradients, as close to the float32 gradients as plain autograd's under autocast."""
+    import autobuild
+
+    torch.manual_seed(0)
+    model = autobuild.convert("cifar_resnet20", family, options=options)
+    model = model.to(memory_format=torch.channels_last)
+    x = torch.randn(4, 3, 32, 32).to(memory_format=torch.channels_last)
+    y = torch.randint(10, (4,))
+    loss32, g32 = _grads(model, x, y, amp=False, plain=True)
+    loss, g = _grads(model, x, y, amp=True, plain=False)
+    plain_loss, plain_g = _grads(model, x, y, amp=True, plain=True)
+    assert abs(loss - loss32) <= abs(plain_loss - loss32) + 0.02 * max(1.0, abs(loss32))
+    ours, theirs = (float(F.cosine_similarity(t, g32, dim=0)) for t in (g, plain_g))
+    assert ours > theirs - 0.01 and ours > 0.9, (ours, theirs)
