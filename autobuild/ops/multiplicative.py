@@ -22,13 +22,19 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx
 
-from autobuild.ops.batchnorm import bn_backward, bn_forward, bn_normalize
-from autobuild.ops.common import compiling, single_backward
+from autobuild.ops.batchnorm import bn_backward, bn_forward, bn_normalize, bn_train_args
+from autobuild.ops.common import (
+    NoAutocast,
+    autocast_cast,
+    autocast_dtype,
+    compiling,
+    single_backward,
+)
 
-__all__ = ["bn_conv1x1", "bn_product", "ql_branch_save"]
+__all__ = ["bn_conv1x1", "bn_product", "ql_branch_save", "ql_branch_train"]
 
 
 class _BNProduct(torch.autograd.Function):
@@ -169,3 +175,31 @@ def ql_branch_save(x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, g1: Tensor | N
     the weights and the batch statistics. ``stats``: (running mean/var of BN1, of BN2);
     ``conf``: (momentum1, eps1, momentum2, eps2, stride)."""
     return _QLBranchSave.apply(x, w1, w2, w3, g1, b1, g2, b2, stats, conf)
+
+
+def ql_branch_train(block: nn.Module, x: Tensor) -> Tensor:
+    """A QL block's branch up to conv3's output (BN3 and the skip stay with the block), in
+    training: ``block.memory`` "default" (BN1 + product and BN2 + conv3 as Functions) or
+    "save" (:func:`ql_branch_save`)."""
+    dev = x.device.type
+    dtype = autocast_dtype(dev)
+    bn1, bn2 = block.bn1, block.bn2
+    if block.memory == "save":
+        n, _, h, w = x.shape
+        s = block.stride
+        rm1, rv1, mom1 = bn_train_args(bn1, (n, 1, h, w))
+        rm2, rv2, mom2 = bn_train_args(bn2, (n, 1, (h - 1) // s + 1, (w - 1) // s + 1))
+        xc, w1, w2, w3 = autocast_cast(dtype, x, block.conv1.weight, block.conv2.weight,
+                                       block.conv3.weight)
+        with NoAutocast(dev, dtype is not None):
+            return ql_branch_save(xc, w1, w2, w3, bn1.weight, bn1.bias, bn2.weight, bn2.bias,
+                                  (rm1, rv1, rm2, rv2), (mom1, bn1.eps, mom2, bn2.eps, s))
+    z = block.conv1(x)
+    rm, rv, momentum = bn_train_args(bn1, z.shape)
+    with NoAutocast(dev, dtype is not None):
+        y = bn_product(z, bn1.weight, bn1.bias, rm, rv, momentum, bn1.eps)
+    d = block.conv2(y)
+    rm, rv, momentum = bn_train_args(bn2, d.shape)
+    (weight,) = autocast_cast(dtype, block.conv3.weight)
+    with NoAutocast(dev, dtype is not None):
+        return bn_conv1x1(d, bn2.weight, bn2.bias, rm, rv, momentum, bn2.eps, weight)

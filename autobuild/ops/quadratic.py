@@ -20,13 +20,20 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx
 
-from autobuild.ops.batchnorm import bn_backward, bn_forward, bn_normalize
-from autobuild.ops.common import compiling, single_backward
+from autobuild.ops.batchnorm import bn_backward, bn_forward, bn_normalize, bn_train_args
+from autobuild.ops.common import (
+    NoAutocast,
+    autocast_cast,
+    autocast_dtype,
+    compiling,
+    single_backward,
+)
 
-__all__ = ["bn_product", "branches", "quadratic_conv_save", "quadratic_linear_save"]
+__all__ = ["bn_product", "branches", "ours_conv_train", "ours_linear_train",
+           "quadratic_conv_save", "quadratic_linear_save"]
 
 
 def branches(t: Tensor, n: int, groups: int) -> tuple[Tensor, ...]:
@@ -185,3 +192,46 @@ def quadratic_linear_save(x: Tensor, weight: Tensor, bias: Tensor | None,
     the weights and the batch statistics."""
     return _QuadraticLinearSave.apply(x, weight, bias, bn_weight, bn_bias, running_mean,
                                       running_var, momentum, eps)
+
+
+def ours_conv_train(layer: nn.Module, x: Tensor, padding: Sequence[int] | None) -> Tensor:
+    """The training forward of a QuadraticConv2d of type ``ours`` (``layer.memory``:
+    "default" or "save"; ``padding`` numeric, or None where a string padding has no
+    symmetric equivalent, which runs the default)."""
+    bn = layer.bn
+    dev = x.device.type
+    dtype = autocast_dtype(dev)
+    if layer.memory == "save" and padding is not None:
+        size = (x.shape[0], 1, *((n + 2 * p - d * (k - 1) - 1) // s + 1 for n, p, d, k, s in zip(
+            x.shape[-2:], padding, layer.dilation, layer.kernel_size, layer.stride,
+            strict=True)))
+        rm, rv, momentum = bn_train_args(bn, size)
+        x, weight, bias = autocast_cast(dtype, x, layer.weight, layer.bias)
+        with NoAutocast(dev, dtype is not None):
+            return quadratic_conv_save(x, weight, bias, bn.weight, bn.bias, rm, rv, momentum,
+                                       bn.eps, layer.stride, padding, layer.dilation,
+                                       layer.groups)
+    y = F.conv2d(x, layer.weight, layer.bias, layer.stride, layer.padding, layer.dilation,
+                 layer.groups)
+    rm, rv, momentum = bn_train_args(bn, y.shape)
+    with NoAutocast(dev, dtype is not None):
+        return bn_product(y, bn.weight, bn.bias, rm, rv, momentum, bn.eps, layer.groups)
+
+
+def ours_linear_train(layer: nn.Module, x: Tensor) -> Tensor:
+    """The training forward of a QuadraticLinear of type ``ours`` (any leading dims)."""
+    bn = layer.bn
+    dev = x.device.type
+    dtype = autocast_dtype(dev)
+    size = (x.numel() // max(x.shape[-1], 1), 3 * layer.out_channels)
+    rm, rv, momentum = bn_train_args(bn, size)
+    if layer.memory == "save":
+        x, weight, bias = autocast_cast(dtype, x, layer.weight, layer.bias)
+        with NoAutocast(dev, dtype is not None):
+            return quadratic_linear_save(x, weight, bias, bn.weight, bn.bias, rm, rv,
+                                         momentum, bn.eps)
+    y = F.linear(x, layer.weight, layer.bias)
+    with NoAutocast(dev, dtype is not None):
+        out = bn_product(y.reshape(-1, y.shape[-1]), bn.weight, bn.bias, rm, rv, momentum,
+                         bn.eps)
+    return out.reshape(*y.shape[:-1], layer.out_channels)

@@ -57,9 +57,8 @@ import torch
 from torch import Tensor, fx, nn
 
 from autobuild.errors import AutobuildError
-from autobuild.ops.batchnorm import bn_train_args
-from autobuild.ops.common import NoAutocast, autocast_cast, autocast_dtype, bn_trains, fused_ok
-from autobuild.ops.multiplicative import bn_conv1x1, bn_product, ql_branch_save
+from autobuild.ops.common import bn_trains, fused_ok
+from autobuild.ops.multiplicative import ql_branch_train
 from autobuild.rewrite.rewriter import Rewriter
 from autobuild.rewrite.sites import Site
 from autobuild.variants import register_variant
@@ -142,42 +141,11 @@ class QLBlock(nn.Module):
                 and bn_trains(self.bn2) and all(type(c) is nn.Conv2d for c in (
                     self.conv1, self.conv2, self.conv3)))
 
-    def _branch_save(self, x: Tensor) -> Tensor:
-        """memory=save: conv1 .. conv3 in one Function keeping x (autobuild.ops)."""
-        dev = x.device.type
-        dtype = autocast_dtype(dev)
-        n, _, h, w = x.shape
-        s = self.stride
-        rm1, rv1, mom1 = bn_train_args(self.bn1, (n, 1, h, w))
-        rm2, rv2, mom2 = bn_train_args(self.bn2, (n, 1, (h - 1) // s + 1, (w - 1) // s + 1))
-        xc, w1, w2, w3 = autocast_cast(dtype, x, self.conv1.weight, self.conv2.weight,
-                                       self.conv3.weight)
-        with NoAutocast(dev, dtype is not None):
-            return ql_branch_save(xc, w1, w2, w3, self.bn1.weight, self.bn1.bias,
-                                  self.bn2.weight, self.bn2.bias, (rm1, rv1, rm2, rv2),
-                                  (mom1, self.bn1.eps, mom2, self.bn2.eps, s))
-
     def forward(self, x: Tensor) -> Tensor:
-        if self.memory == "save" and self._fusable(x):
-            y = self.bn3(self._branch_save(x))
-            return self.hardball(self.skip(x) + y)
         if self._fusable(x):
-            # Training: BN1 + product and BN2 + conv3 as Functions that keep the BN inputs
-            # only (autobuild.ops.multiplicative); same kernels, same outputs.
-            z = self.conv1(x)
-            dev = z.device.type
-            dtype = autocast_dtype(dev)
-            rm, rv, momentum = bn_train_args(self.bn1, z.shape)
-            with NoAutocast(dev, dtype is not None):
-                y = bn_product(z, self.bn1.weight, self.bn1.bias, rm, rv, momentum,
-                               self.bn1.eps)
-            d = self.conv2(y)
-            rm, rv, momentum = bn_train_args(self.bn2, d.shape)
-            (weight,) = autocast_cast(dtype, self.conv3.weight)
-            with NoAutocast(dev, dtype is not None):
-                y = bn_conv1x1(d, self.bn2.weight, self.bn2.bias, rm, rv, momentum,
-                               self.bn2.eps, weight)
-            y = self.bn3(y)
+            # Training: fused ops keeping the BN inputs only, or (memory=save) the block
+            # input only (autobuild.ops.multiplicative); same kernels, same outputs.
+            y = self.bn3(ql_branch_train(self, x))
             return self.hardball(self.skip(x) + y)
         y = self.bn1(self.conv1(x))
         a, b = y.chunk(2, 1)  # [:w] and [w:]: the same views, one op

@@ -28,9 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from autobuild.errors import AutobuildError
-from autobuild.ops.batchnorm import bn_train_args
-from autobuild.ops.common import NoAutocast, autocast_cast, autocast_dtype, fused_ok
-from autobuild.ops.quadratic import bn_product, quadratic_conv_save, quadratic_linear_save
+from autobuild.ops.common import fused_ok
+from autobuild.ops.quadratic import ours_conv_train, ours_linear_train
 from autobuild.rewrite.sites import Site
 from autobuild.variants import register_variant
 from autobuild.variants.base import Option, Variant
@@ -229,25 +228,7 @@ class QuadraticConv2d(_Quadratic):
 
     def _ours_train(self, x: Tensor) -> Tensor:
         """Training forward of ``ours`` through the fused ops (autograd records)."""
-        bn = self.bn
-        dev = x.device.type
-        dtype = autocast_dtype(dev)
-        padding = self._numeric_padding()
-        if self.memory == "save" and padding is not None:
-            h, w = x.shape[-2:]
-            size = (x.shape[0], 1, *((n + 2 * p - d * (k - 1) - 1) // s + 1 for n, p, d, k, s in
-                                     zip((h, w), padding, self.dilation, self.kernel_size,
-                                         self.stride, strict=True)))
-            rm, rv, momentum = bn_train_args(bn, size)
-            x, weight, bias = autocast_cast(dtype, x, self.weight, self.bias)
-            with NoAutocast(dev, dtype is not None):
-                return quadratic_conv_save(x, weight, bias, bn.weight, bn.bias, rm, rv,
-                                           momentum, bn.eps, self.stride, padding,
-                                           self.dilation, self.groups)
-        y = self._conv(x, self.weight, self.bias)
-        rm, rv, momentum = bn_train_args(bn, y.shape)
-        with NoAutocast(dev, dtype is not None):
-            return bn_product(y, bn.weight, bn.bias, rm, rv, momentum, bn.eps, self.groups)
+        return ours_conv_train(self, x, self._numeric_padding())
 
     def forward(self, x: Tensor) -> Tensor:
         if self.qtype == "volterra":
@@ -295,22 +276,7 @@ class QuadraticLinear(_Quadratic):
 
     def _ours_train(self, x: Tensor) -> Tensor:
         """Training forward of ``ours`` through the fused ops (autograd records)."""
-        bn = self.bn
-        dev = x.device.type
-        dtype = autocast_dtype(dev)
-        size = (x.numel() // max(x.shape[-1], 1), 3 * self.out_channels)
-        if self.memory == "save":
-            rm, rv, momentum = bn_train_args(bn, size)
-            x, weight, bias = autocast_cast(dtype, x, self.weight, self.bias)
-            with NoAutocast(dev, dtype is not None):
-                return quadratic_linear_save(x, weight, bias, bn.weight, bn.bias, rm, rv,
-                                             momentum, bn.eps)
-        y = F.linear(x, self.weight, self.bias)
-        rm, rv, momentum = bn_train_args(bn, size)
-        with NoAutocast(dev, dtype is not None):
-            out = bn_product(y.reshape(-1, y.shape[-1]), bn.weight, bn.bias, rm, rv, momentum,
-                             bn.eps)
-        return out.reshape(*y.shape[:-1], self.out_channels)
+        return ours_linear_train(self, x)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.qtype == "volterra":
