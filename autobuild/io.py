@@ -203,13 +203,23 @@ def staged_directory(dest: str, *, force: bool = False) -> Iterator[str]:
         raise
 
 
+def as_path(value: Any) -> Any:
+    """``str(value)`` for a ``pathlib.Path`` (any ``os.PathLike`` of str); anything else is
+    returned as it is, for the caller's own check to name it."""
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    return value
+
+
 # ---- plans -----------------------------------------------------------------------------
 def save_plan(plan: Plan, path: str) -> None:
+    path = as_path(path)
     atomic_write_text(path, plan.dumps("json" if path.endswith(".json") else "yaml"))
 
 
 def load_plan(path: str) -> Plan:
     """A plan from a file, or from a directory holding plan.yaml/plan.json."""
+    path = as_path(path)
     if not isinstance(path, str) or not path:
         raise AutobuildError(f"a plan is a file or directory path, got {path!r}")
     if os.path.isdir(path):
@@ -234,6 +244,7 @@ def load_placement(path: str) -> Placement:
     ``placement:`` key), or a plan file (its placement)."""
     import yaml
 
+    path = as_path(path)
     if not isinstance(path, str) or not os.path.isfile(path):
         raise AutobuildError(f"placement file {path!r} does not exist")
     try:
@@ -267,6 +278,7 @@ def save_weights(model: nn.Module, path: str) -> None:
 def save(model: nn.Module, directory: str, *, force: bool = False) -> str:
     """Write ``plan.yaml`` + ``weights.safetensors`` as ``directory`` (replacing it
     completely with ``force``); returns the directory."""
+    directory = as_path(directory)
     plan = plan_of(model)
     if plan is None:
         raise AutobuildError("this model has no plan: build it with autobuild.convert() or "
@@ -319,6 +331,8 @@ def load(directory: str, *, baseline: nn.Module | None = None,
     """Rebuild a saved model: the structure from its plan (on the meta device: nothing is
     initialised only to be overwritten), then its weights, assigned from the file."""
     from autobuild.api import build_plan
+
+    directory = as_path(directory)
 
     if not isinstance(directory, str) or not os.path.isdir(directory):
         raise AutobuildError(f"{directory!r} is not a saved model directory")
