@@ -322,6 +322,18 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], path: str, *,
     model.load_state_dict(state, strict=False, assign=assign)
 
 
+def _init_non_persistent_buffers(model: nn.Module) -> None:
+    """Buffers the file does not hold (``persistent=False``: a function of the shapes, such
+    as the Dirac conv's δ) are still on the meta device after the assign: give them memory
+    and let their module fill them (timm's ``init_non_persistent_buffers`` convention)."""
+    for module in model.modules():
+        meta = [n for n, b in module.named_buffers(recurse=False) if b.device.type == "meta"]
+        if meta and callable(getattr(module, "init_non_persistent_buffers", None)):
+            for name in meta:
+                setattr(module, name, torch.empty_like(getattr(module, name), device="cpu"))
+            module.init_non_persistent_buffers()
+
+
 def _has_meta(model: nn.Module) -> bool:
     return any(t.device.type == "meta" for t in (*model.parameters(), *model.buffers()))
 
@@ -349,6 +361,7 @@ def load(directory: str, *, baseline: nn.Module | None = None,
     if model is not None:
         record = record_of(model)
         _load_state(model, state, path, assign=True)
+        _init_non_persistent_buffers(model)
         if _has_meta(model):  # a buffer the file does not hold (not persistent): build for real
             model = None
         else:

@@ -127,6 +127,13 @@ class DiracConv2d(nn.Module):
                              persistent=False)
         self.reset_parameters()
 
+    @torch.no_grad()
+    def init_non_persistent_buffers(self) -> None:
+        """Fill δ (``autobuild.load`` builds on the meta device and assigns the saved state,
+        which does not hold δ)."""
+        self.delta.copy_(dirac_delta(self.out_channels, self.in_channels, self.kernel_size,
+                                     self.groups))
+
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, *, strided_ok: bool = False) -> DiracConv2d:
         """A (stride-1) Dirac conv with ``conv``'s geometry, or an error saying why δ is not
