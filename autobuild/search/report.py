@@ -66,7 +66,12 @@ def pareto_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
         done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
         return [study.best_trial] if done else []
     cost = _cost_name(study)
-    return sorted(study.best_trials, key=lambda t: t.user_attrs.get(cost, 0))
+    # A placement sampled again reuses its result: the front lists it once, by the trial
+    # that trained it (the lowest number).
+    first: dict[str, optuna.trial.FrozenTrial] = {}
+    for t in sorted(study.best_trials, key=lambda t: t.number):
+        first.setdefault(t.user_attrs.get("placement_key", str(t.number)), t)
+    return sorted(first.values(), key=lambda t: (t.user_attrs.get(cost, 0), t.number))
 
 
 def hypervolume(study: optuna.Study, trials: list[optuna.trial.FrozenTrial] | None = None

@@ -11,6 +11,7 @@ import optuna
 
 from autobuild.errors import AutobuildError
 from autobuild.search.objective import Objective
+from autobuild.search.report import pareto_trials
 from autobuild.search.space import SearchSpace, load_space
 from autobuild.search.study import (
     artifact_dir,
@@ -232,13 +233,22 @@ def _after_trial(search: Search) -> Any:
         # conversion) start at keep, so a revert goes back to the baseline there too.
         base = {name: "keep" for name in _seed_params(search.objective.groups, "baseline")}
         base.update(trial.params)
-        for top in range(1, min(k, len(table)) + 1):
-            params = dict(base)
-            for site in table["site"][:top]:
-                for group in search.objective.groups:
-                    if site in group.sites:
-                        params[f"site:{site}" if group.per_site else group.name] = "keep"
-            study.enqueue_trial(params, user_attrs={"seed_kind": f"revert_top_ri_{top}"})
+        # Each seed reverts one more *decision*: a site whose decision is shared (a group
+        # that is not per-site) or already at keep adds nothing new, so it is skipped and
+        # the k seeds are k distinct placements.
+        params, enqueued = dict(base), 0
+        for site in table["site"]:
+            if enqueued >= k:
+                break
+            keys = [f"site:{site}" if g.per_site else g.name
+                    for g in search.objective.groups if site in g.sites]
+            changed = [key for key in keys if params.get(key, "keep") != "keep"]
+            if not changed:
+                continue
+            params.update(dict.fromkeys(changed, "keep"))
+            enqueued += 1
+            study.enqueue_trial(dict(params),
+                                user_attrs={"seed_kind": f"revert_top_ri_{enqueued}"})
 
     return callback
 
@@ -247,7 +257,7 @@ def _pareto_line(search: Search) -> Any:
     def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if search.objective.quiet:
             return
-        front = len(study.best_trials) if len(study.directions) > 1 else 1
+        front = len(pareto_trials(study))
         print(f"trial {trial.number} {trial.state.name.lower()}: {finished(study)}/"
               f"{search.space.n_trials} finished, Pareto front {front}", file=sys.stderr,
               flush=True)

@@ -9,6 +9,7 @@ from typing import Any
 
 import optuna
 
+from autobuild.search.report import pareto_trials
 from autobuild.search.study import finished, live_trials, open_storage
 
 __all__ = ["study_status", "storage_status"]
@@ -34,7 +35,7 @@ def study_status(study: optuna.Study) -> dict[str, Any]:
         eta = statistics.median(durations) * (target - done) / max(1, len(workers))
     front = 0
     if done:
-        front = len(study.best_trials) if len(study.directions) > 1 else 1
+        front = len(pareto_trials(study))
     return {"study": study.study_name, "trials": len(trials), "states": states,
             "finished": done, "n_trials": target, "workers_alive": workers,
             "running": [t.number for t in live], "pareto_size": front,

@@ -187,3 +187,30 @@ def test_diverging_trials_fail_with_their_reason_and_the_study_goes_on(in_tmp) -
     failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
     assert len(failed) >= 2  # the study went on after the first failure
     assert all("diverged" in t.user_attrs["fail_reason"] for t in failed)
+
+
+def test_revert_seeds_are_distinct_placements(in_tmp) -> None:
+    # "convs" is one decision for all its sites: reverting its second-ranked site after
+    # its first would repeat the same placement, so the seeds skip to the next decision.
+    study = run(load_space(tiny_space(seeding={"revert_top_ri": 3}, n_trials=4)), quiet=True)
+    trials = _trials(study)
+    seeds = [t for t in trials if t.user_attrs.get("seed_kind", "").startswith("revert")]
+    keys = [t.user_attrs["placement_key"] for t in trials
+            if t.user_attrs.get("seed_kind") in ("all_converted", *(
+                s.user_attrs["seed_kind"] for s in seeds))]
+    assert seeds and len(keys) == len(set(keys))
+    assert len(seeds) <= 2  # two decisions (stage3, convs) to revert
+
+
+def test_the_front_lists_a_reused_placement_once(in_tmp) -> None:
+    from autobuild.search import prepare
+    from autobuild.search.runner import work
+
+    space = load_space(tiny_space(seeding={"baseline": True, "all_converted": False,
+                                           "revert_top_ri": 0}, n_trials=2))
+    search = prepare(space, quiet=True)
+    search.study.enqueue_trial({"stage3": "keep", "convs": "keep"})  # the baseline again
+    work(search, 2)
+    trials = _trials(search.study)
+    assert trials[1].user_attrs["reused_from"] == 0
+    assert [t.number for t in pareto_trials(search.study)] == [0]
