@@ -1,0 +1,1 @@
+"""QLNet presets (placeholder, filled below)."""
