@@ -29,7 +29,14 @@ blocks with a skip conv and stride 2. In a plain conversion "a skip conv" also m
 blocks that only change the channel count (resnet50's layer1.0, 64 -> 256), which are not
 where the paper puts it, so the default ``hardball=downsample`` picks the blocks with
 stride > 1 (in every ResNet, the first block of each stage after the first);
-``hardball=skip`` picks every block with a skip conv, ``hardball=none`` none.
+``hardball=skip`` picks every block with a skip conv, ``hardball=all`` every block (the
+author's first code put a softball after every block), ``hardball=none`` none.
+
+Ball and depthwise variants, from the QLNet author's code (liuyao12/ConvNets-PDE-perspective
+``resnet.py``): ``ball=soft`` puts softball(x) = x / sqrt(1 + ||x||²/C) where hardball
+would go (and before the head of ``layout=qlnet``); ``dw_kernels=K`` makes the depthwise
+conv share K 3x3 kernels among its channels (channel c uses kernel c mod K, the author's
+``conv_forward``), K x 9 weights instead of width x 9 at the same MACs.
 
 ``layout=qlnet`` rebuilds a torchvision ResNet as QLNet: the ResNet stem (conv 7x7,
 BN, ReLU, max-pool), widths 64/128/256/512 with the baseline's number of blocks per stage

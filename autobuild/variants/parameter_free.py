@@ -10,6 +10,18 @@ it (``site.extra['bn']`` / ``['act']``). Layouts (``--option layout=...``):
                        (PfLayer's ``EffBottleneck``: AvgPool2d(2,2) + 3x3 conv+BN+ReLU);
                        every other site becomes a stride-1 max-pool as in ``max``.
 
+``--option pool=avg|identity`` swaps the max-pool for the other parameter-free operations of
+PfLayer's layer study: an average (zero padding excluded) or nothing at all (stride-1,
+same-size sites only; where the channel count changes, the 1x1 conv remains).
+
+Attention sites (``vit_pf.py`` / ``pit_pf.py``: ViT-S-max, PiT-S-max): a self-attention on
+(tokens, dim) becomes PfLayer's efficient layer, Linear(dim, ratio·dim) -> GELU ->
+``pool`` (3x3, stride 1) over the square token grid -> GELU -> Linear(ratio·dim, dim), with
+``ratio=3``; a class token in front of the grid skips the pool (see ``TokenPoolLayer``).
+By default every other attention is converted -- the blocks at odd positions of each block
+list, as PfLayer alternates -- and a network with attentions leaves its convs alone (PiT's
+pooling convs stay, as in PiT-S-max).
+
 The pool takes the conv's own kernel, stride, padding and dilation, so the output keeps its
 size; for the 3x3/padding-1 convs of ResNets and VGGs that is exactly PfLayer's
 MaxPool2d(3, s, 1). A dilated conv whose padding MaxPool2d refuses (SSD's fc6) is padded

@@ -49,6 +49,12 @@ def test_presets_count(name: str, layers: tuple, params: int, macs: int) -> None
     assert params == _qlnet_params(layers)
 
 
+def test_qlnet26_preset_is_resnet18_with_the_qlnet_layout() -> None:
+    a = Analysis(resolve_baseline("resnet18", device="meta"))  # [2, 2, 2, 2] blocks
+    got = a.cost(a.select("multiplicative", None, {"layout": "qlnet"}))
+    assert (got.params, got.macs) == (4_803_624, 1_240_260_608)
+
+
 def test_qlnet10m_preset_is_resnet50_with_the_qlnet_layout() -> None:
     a = Analysis(resolve_baseline("resnet50", device="meta"))
     got = a.cost(a.select("multiplicative", None, {"layout": "qlnet"}))
