@@ -20,6 +20,7 @@ owns, which is what two choices of a placement must not share.
 from __future__ import annotations
 
 import fnmatch
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -223,12 +224,15 @@ def _attention_sites(gm: fx.GraphModule, root: nn.Module, costs: NodeCosts
                 found.setdefault(path, nodes)
                 break
     if _ATTENTION_PREDICATES:
+        calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
         for node in gm.graph.nodes:
-            if node.op != "call_module" or node.target in found:
+            # A module called twice is one module for two sites: not converted on its own.
+            if node.op != "call_module" or node.target in found or calls[node.target] > 1:
                 continue
             m = gm.get_submodule(node.target)
-            tensors = [a for a in node.args if isinstance(a, fx.Node)]
-            if len(tensors) == 1 and any(pred(m) for pred in _ATTENTION_PREDICATES):
+            inputs, outputs = _boundary({node})
+            if len(inputs) == 1 and len(outputs) == 1 and any(
+                    pred(m) for pred in _ATTENTION_PREDICATES):
                 found[str(node.target)] = {node}
     out = []
     for path, nodes in found.items():
