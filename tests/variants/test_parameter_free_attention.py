@@ -156,3 +156,16 @@ def test_avg_and_identity_on_a_bottleneck() -> None:
     assert isinstance(ident.layer1[0].conv2.pool, nn.Identity)
     with pytest.raises(AutobuildError, match="pool=identity cannot down-sample"):
         a.check({"layer2.0.conv2": "parameter-free:pool=identity"})
+
+
+def test_cli_lists_attention_sites_for_every_family(capsys) -> None:
+    import json
+
+    from autobuild.cli import main
+
+    assert main(["sites", "vit_micro_cifar", "--to", "all", "--json"]) == 0
+    sites = {s["name"]: s for s in json.loads(capsys.readouterr().out)}
+    assert sites["blocks.0.attn"]["kind"] == "attention"
+    assert sites["blocks.0.attn"]["families"] == ["parameter-free"]
+    assert sites["blocks.0.attn"]["default_for"] == []        # PfLayer keeps even blocks
+    assert sites["blocks.1.attn"]["default_for"] == ["parameter-free"]
