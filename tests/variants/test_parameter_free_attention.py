@@ -5,8 +5,8 @@ Reference counts come from naver-ai/PfLayer's own ``vit_pf.py`` / ``pit_pf.py`` 
 the mirror of github:naver-ai/PfLayer), instantiated with timm 1.0 and counted with
 autobuild's counter at 224x224 (einops replaced by transposes/reshapes for the three patterns
 the files use): vit_ti_max 6,159,400 / 1,244,757,504 MACs; vit_s_max 23,819,368 /
-4,743,822,336; vit_b_max 93,644,008 / 18,504,873,984; pit_ti_max 5,174,504; pit_s_max
-25,119,784; pit_b_max 79,005,928.
+4,743,822,336; vit_b_max 93,644,008 / 18,504,873,984; pit_ti_max 5,174,504 / 631,512,960;
+pit_s_max 25,119,784 / 2,813,372,640; pit_b_max 79,005,928 / 12,428,636,160.
 """
 
 from __future__ import annotations
@@ -42,6 +42,17 @@ def test_vit_max_counts_equal_pflayer(size: str, params: int, macs: int) -> None
         f"blocks.{i}.attn" for i in (1, 3, 5, 7, 9, 11)]
     got = a.cost(p)
     assert (got.params, got.macs) == (params, macs)
+
+
+def test_pit_s_max_counts_equal_pflayer() -> None:
+    a = Analysis(resolve_baseline("pflayer_pit_s", device="meta"))
+    p = _default_placement(a)
+    # PfLayer alternates within each stage: blocks 1 | 1, 3, 5 | 1, 3 take the efficient layer.
+    assert sorted(p) == sorted(
+        ["transformers.0.blocks.1.attn"] + [f"transformers.1.blocks.{i}.attn" for i in (1, 3, 5)]
+        + [f"transformers.2.blocks.{i}.attn" for i in (1, 3)])
+    got = a.cost(p)
+    assert (got.params, got.macs) == (25_119_784, 2_813_372_640)
 
 
 def test_timm_pit_s_differs_from_pit_s_max_by_its_class_token_path_only() -> None:
