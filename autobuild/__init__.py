@@ -26,6 +26,7 @@ from autobuild.rewrite import (
     Site,
     masked,
     plan_of,
+    register_attention,
     register_leaf_module,
     site_modules,
 )
@@ -52,6 +53,7 @@ __all__ = [
     "masked",
     "param_groups",
     "plan_of",
+    "register_attention",
     "register_leaf_module",
     "register_model",
     "register_variant",

@@ -27,7 +27,12 @@ __all__ = [
 
 
 def _load_builtin_models() -> None:
-    from autobuild.models import cifar, torchvision_models  # noqa: F401  (they register)
+    from autobuild.models import (  # noqa: F401  (they register)
+        cifar,
+        qlnet,
+        torchvision_models,
+        transformers,
+    )
 
 
 set_builtin_loader(_load_builtin_models)

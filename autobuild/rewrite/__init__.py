@@ -27,7 +27,7 @@ from autobuild.rewrite.record import (
     site_modules,
 )
 from autobuild.rewrite.rewriter import Rewriter
-from autobuild.rewrite.sites import SITE_KINDS, Region, Site, select_sites
+from autobuild.rewrite.sites import SITE_KINDS, Region, Site, register_attention, select_sites
 from autobuild.rewrite.trace import register_leaf_module, trace
 
 __all__ = [
@@ -62,6 +62,7 @@ __all__ = [
     "root_of",
     "register_family",
     "register_leaf_module",
+    "register_attention",
     "select_sites",
     "set_plan",
     "set_record",

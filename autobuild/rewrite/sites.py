@@ -6,6 +6,11 @@ Kinds:
   ``linear``  one Linear call.
   ``block``   a residual block: a module whose output is ``act?(branch(x) + shortcut(x))``.
   ``stage``   an nn.Sequential whose children are all residual blocks.
+  ``attention`` a self-attention module: found by structure, a module with one tensor input
+              and one output whose graph contains ``scaled_dot_product_attention`` or a
+              softmax fed by a Linear/Conv projection inside it (the innermost such module,
+              e.g. timm's ``blocks.3.attn``), or a leaf module a registered predicate
+              accepts (:func:`register_attention`). Shapes are (tokens, dim).
   ``network`` the whole traced root (families that rebuild or rewire the network).
 
 Each site comes with its :class:`Region`: the graph nodes it covers and the modules it
@@ -15,10 +20,12 @@ owns, which is what two choices of a placement must not share.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable, Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import torch
 from torch import fx, nn
 
 from autobuild.errors import AutobuildError
@@ -31,9 +38,23 @@ from autobuild.rewrite.graph import (
     node_shape,
 )
 
-__all__ = ["SITE_KINDS", "Region", "Site", "find_sites", "select_sites"]
+__all__ = ["SITE_KINDS", "Region", "Site", "find_sites", "register_attention", "select_sites"]
 
-SITE_KINDS = ("conv", "linear", "block", "stage", "network")
+SITE_KINDS = ("conv", "linear", "block", "stage", "attention", "network")
+
+#: The ops that make a module an attention: softmax over scores, or the fused kernel.
+_ATTENTION_FUNCTIONS = {torch.nn.functional.scaled_dot_product_attention, torch.softmax,
+                        torch.nn.functional.softmax}
+_ATTENTION_METHODS = {"softmax"}
+#: Predicates for opaque (leaf) attention modules whose graph the tracer does not see.
+_ATTENTION_PREDICATES: list[Callable[[nn.Module], bool]] = []
+
+
+def register_attention(predicate: Callable[[nn.Module], bool]) -> Callable[[nn.Module], bool]:
+    """Declare leaf modules that are self-attentions (``predicate(module)`` is true): each
+    call with one tensor input becomes an ``attention`` site. Structure finds traced ones."""
+    _ATTENTION_PREDICATES.append(predicate)
+    return predicate
 
 
 @dataclass(frozen=True)
@@ -169,10 +190,69 @@ def _stage_sites(root: nn.Module, blocks: dict[str, tuple[Site, Region]]
     return stages
 
 
+def _is_attention_core(node: fx.Node) -> bool:
+    if node.op == "call_function":
+        return node.target in _ATTENTION_FUNCTIONS
+    return node.op == "call_method" and node.target in _ATTENTION_METHODS
+
+
+def _boundary(members: set[fx.Node]) -> tuple[set[fx.Node], set[fx.Node]]:
+    """The tensors outside ``members`` that members read (parameters and non-tensor values
+    such as an ``attn_mask=None`` argument aside), and the members that nodes outside read."""
+    inputs = {a for n in members for a in n.all_input_nodes
+              if a not in members and a.op != "get_attr" and "tensor_meta" in a.meta}
+    outputs = {n for n in members if any(u not in members for u in n.users)}
+    return inputs, outputs
+
+
+def _attention_sites(gm: fx.GraphModule, root: nn.Module, costs: NodeCosts
+                     ) -> list[tuple[Site, Region]]:
+    members = module_members(gm)
+    found: dict[str, set[fx.Node]] = {}
+    cores = [n for n in gm.graph.nodes if _is_attention_core(n)]
+    for core in cores:
+        # The innermost module around the core with one input and one output that also
+        # computes the projections (a Linear/Conv call) the scores come from.
+        paths = [p for p, _ in reversed(list(core.meta.get("nn_module_stack", {}).values()))]
+        for path in paths:
+            nodes = members.get(path, set())
+            inputs, outputs = _boundary(nodes)
+            if len(inputs) == 1 and len(outputs) == 1 and any(
+                    n.op == "call_module" and isinstance(gm.get_submodule(n.target),
+                                                         (nn.Linear, nn.Conv1d, nn.Conv2d))
+                    for n in nodes):
+                found.setdefault(path, nodes)
+                break
+    if _ATTENTION_PREDICATES:
+        calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+        for node in gm.graph.nodes:
+            # A module called twice is one module for two sites: not converted on its own.
+            if node.op != "call_module" or node.target in found or calls[node.target] > 1:
+                continue
+            m = gm.get_submodule(node.target)
+            inputs, outputs = _boundary({node})
+            if len(inputs) == 1 and len(outputs) == 1 and any(
+                    pred(m) for pred in _ATTENTION_PREDICATES):
+                found[str(node.target)] = {node}
+    out = []
+    for path, nodes in found.items():
+        (inp,), (outp,) = _boundary(nodes)
+        in_shape, out_shape = node_shape(inp), node_shape(outp)
+        macs, flops = _sum_costs(nodes, costs)
+        module = root.get_submodule(path)
+        site = Site(path, "attention", path, type(module).__name__,
+                    in_shape[-1] if in_shape else 0, out_shape[-1] if out_shape else 0, (), 1,
+                    1, in_shape, out_shape, param_count(module), macs, -1,
+                    {"tokens": in_shape[0] if len(in_shape) == 2 else 0}, flops)
+        out.append((site, Region(frozenset(n.name for n in nodes), frozenset({path}))))
+    return out
+
+
 def find_sites(gm: fx.GraphModule, root: nn.Module, blocks: Sequence[Block],
                costs: NodeCosts) -> list[tuple[Site, Region]]:
     """Every site of every kind with its region, for a traced, shape-annotated ``gm`` of
-    ``root``: the network first, then convs/linears, blocks and stages in graph order.
+    ``root``: the network first, then convs/linears, blocks, stages and attentions in graph
+    order.
     Names are local to ``root``."""
     convs = []
     for name, node in call_site_nodes(gm).items():
@@ -192,7 +272,7 @@ def find_sites(gm: fx.GraphModule, root: nn.Module, blocks: Sequence[Block],
                    node_shape(out_value)[0] if node_shape(out_value) else 0, (), 1, 1, in_shape,
                    node_shape(out_value), param_count(root), macs, -1, {}, flops)
     return [(network, Region(frozenset(n.name for n in everything), frozenset({""}))),
-            *convs, *by_block.values(), *stages]
+            *convs, *by_block.values(), *stages, *_attention_sites(gm, root, costs)]
 
 
 def select_sites(candidates: Sequence[Site], patterns: Iterable[str] | None, *, family: str,

@@ -29,7 +29,14 @@ blocks with a skip conv and stride 2. In a plain conversion "a skip conv" also m
 blocks that only change the channel count (resnet50's layer1.0, 64 -> 256), which are not
 where the paper puts it, so the default ``hardball=downsample`` picks the blocks with
 stride > 1 (in every ResNet, the first block of each stage after the first);
-``hardball=skip`` picks every block with a skip conv, ``hardball=none`` none.
+``hardball=skip`` picks every block with a skip conv, ``hardball=all`` every block (the
+author's first code put a softball after every block), ``hardball=none`` none.
+
+Ball and depthwise variants, from the QLNet author's code (liuyao12/ConvNets-PDE-perspective
+``resnet.py``): ``ball=soft`` puts softball(x) = x / sqrt(1 + ||x||²/C) where hardball
+would go (and before the head of ``layout=qlnet``); ``dw_kernels=K`` makes the depthwise
+conv share K 3x3 kernels among its channels (channel c uses kernel c mod K, the author's
+``conv_forward``), K x 9 weights instead of width x 9 at the same MACs.
 
 ``layout=qlnet`` rebuilds a torchvision ResNet as QLNet: the ResNet stem (conv 7x7,
 BN, ReLU, max-pool), widths 64/128/256/512 with the baseline's number of blocks per stage
@@ -57,161 +64,34 @@ import torch
 from torch import Tensor, fx, nn
 
 from autobuild.errors import AutobuildError
-from autobuild.ops.common import bn_trains, fused_ok
-from autobuild.ops.multiplicative import ql_branch_train
 from autobuild.rewrite import Counts, Option, Site, Variant, plan_of, register_family, root_of
+from autobuild.variants._ql_layers import (
+    QLNET_WIDTHS,
+    Hardball,
+    QLBlock,
+    QLNet,
+    SharedDepthwiseConv2d,
+    Softball,
+    ql_width,
+    wants_ball,
+    with_memory,
+)
 from autobuild.variants.base import count_replacement
 
 if TYPE_CHECKING:
     from autobuild.rewrite import Analysis, Rewriter
 
-__all__ = ["Hardball", "MultiplicativeVariant", "QLBlock", "QLNet", "check_symmetry",
-           "ql_width", "symmetry_transform"]
+__all__ = ["QLNET_WIDTHS", "Hardball", "MultiplicativeVariant", "QLBlock", "QLNet",
+           "SharedDepthwiseConv2d", "Softball", "check_symmetry", "ql_width",
+           "symmetry_transform"]
 
 LAYOUTS = ("plain", "qlnet")
 #: Training backward of the QL branch: "default" keeps the BN inputs (z, the product, the
 #: depthwise output); "save" keeps only the block input and recomputes the branch.
 MEMORY_MODES = ("default", "save")
-HARDBALL_PLACEMENTS = ("downsample", "skip", "none")
-#: QLNet's stage widths (the residual stream, expansion 1).
-QLNET_WIDTHS = (64, 128, 256, 512)
-
-
-# ---- layers ---------------------------------------------------------------------------------
-class Hardball(nn.Module):
-    """Project each pixel's channel vector into the ball of radius sqrt(C) (QLNet)."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        r2 = float(x.shape[1])
-        sq = (x * x).sum(dim=1, keepdim=True)
-        # r / max(||x||, r): 1 inside the ball, r/||x|| outside. Clamping the *squared* norm
-        # at r² keeps rsqrt away from 0, so no 0/0 reaches the backward pass.
-        return x * (math.sqrt(r2) * torch.rsqrt(sq.clamp_min(r2)))
-
-
-def ql_width(basis: int, expansion: str | float = "qlnet") -> int:
-    """QLNet's rule (4·basis while basis <= 256, else 2·basis), or ``expansion``·basis."""
-    if expansion == "qlnet":
-        return 4 * basis if basis <= 256 else 2 * basis
-    return max(1, round(float(expansion) * basis))
-
-
-def _kaiming_linear(conv: nn.Conv2d) -> None:
-    # QLNet's init: no ReLU follows any conv inside a block, hence the 'linear' gain.
-    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="linear")
-
-
-class QLBlock(nn.Module):
-    """One QL block (SPEC 1.2 / QLNet): conv1x1 -> product -> depthwise 3x3 -> conv1x1."""
-
-    #: autobuild.masked(): the residual branch is off, the block is its skip path.
-    masked: bool = False
-
-    def __init__(self, inplanes: int, outplanes: int, width: int, stride: int = 1,
-                 hardball: bool = False) -> None:
-        super().__init__()
-        self.inplanes, self.outplanes, self.width, self.stride = inplanes, outplanes, width, stride
-        self.conv1 = nn.Conv2d(inplanes, 2 * width, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(2 * width)
-        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, groups=width, bias=False)
-        self.bn2 = nn.BatchNorm2d(width)
-        self.conv3 = nn.Conv2d(width, outplanes, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(outplanes)
-        self.skip: nn.Module = nn.Identity()
-        if stride != 1 or inplanes != outplanes:
-            self.skip = nn.Sequential(nn.Conv2d(inplanes, outplanes, 1, stride, bias=False),
-                                      nn.BatchNorm2d(outplanes))
-        self.hardball: nn.Module = Hardball() if hardball else nn.Identity()
-        #: "default" or "save" (MEMORY_MODES); an attribute, not part of the state_dict.
-        self.memory = "default"
-        self.reset_parameters()
-
-    @property
-    def has_skip_conv(self) -> bool:
-        return isinstance(self.skip, nn.Sequential)
-
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                _kaiming_linear(m)
-            elif isinstance(m, nn.BatchNorm2d):
-                m.reset_parameters()
-        # The block starts as its skip path: y = BN3(.) = 0 (QLNet, like zero-init residuals).
-        self.bn3.weight.zero_()
-
-    def _fusable(self, x: Tensor) -> bool:
-        return (fused_ok(None, x, *self.parameters()) and bn_trains(self.bn1)
-                and bn_trains(self.bn2) and all(type(c) is nn.Conv2d for c in (
-                    self.conv1, self.conv2, self.conv3)))
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.masked:
-            return self.hardball(self.skip(x))
-        if self._fusable(x):
-            # Training: fused ops keeping the BN inputs only, or (memory=save) the block
-            # input only (autobuild.ops.multiplicative); same kernels, same outputs.
-            y = self.bn3(ql_branch_train(self, x))
-            return self.hardball(self.skip(x) + y)
-        y = self.bn1(self.conv1(x))
-        a, b = y.chunk(2, 1)  # [:w] and [w:]: the same views, one op
-        y = self.bn2(self.conv2(a * b))
-        y = self.bn3(self.conv3(y))
-        return self.hardball(self.skip(x) + y)
-
-    def extra_repr(self) -> str:
-        memory = ", memory=save" if self.memory == "save" else ""
-        return (f"{self.inplanes}, {self.outplanes}, width={self.width}, stride={self.stride}, "
-                f"hardball={isinstance(self.hardball, Hardball)}{memory}")
-
-
-def _with_memory(module: nn.Module, memory: str) -> nn.Module:
-    """Set every QL block's memory mode (an attribute: the state_dict is unchanged)."""
-    for m in module.modules():
-        if isinstance(m, QLBlock):
-            m.memory = memory
-    return module
-
-
-def _wants_hardball(placement: str, stride: int, skip_conv: bool) -> bool:
-    return (placement == "downsample" and stride > 1) or (placement == "skip" and skip_conv)
-
-
-class QLNet(nn.Module):
-    """QLNet (arXiv 2308.01621): the ResNet stem, four stages of QL blocks (expansion 1),
-    a hardball before global average pooling, and a linear classifier."""
-
-    def __init__(self, layers: Sequence[int] = (3, 4, 6, 3), num_classes: int = 1000,
-                 in_chans: int = 3, expansion: str | float = "qlnet",
-                 hardball: str = "downsample") -> None:
-        super().__init__()
-        if len(layers) != len(QLNET_WIDTHS):
-            raise AutobuildError(f"QLNet has {len(QLNET_WIDTHS)} stages, got layers={layers}")
-        self.conv1 = nn.Conv2d(in_chans, QLNET_WIDTHS[0], 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(QLNET_WIDTHS[0])
-        self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(3, 2, 1)
-        inplanes = QLNET_WIDTHS[0]
-        for i, (planes, n) in enumerate(zip(QLNET_WIDTHS, layers, strict=True)):
-            blocks = []
-            for j in range(n):
-                stride = 2 if i > 0 and j == 0 else 1
-                skip = stride != 1 or inplanes != planes
-                # The width follows the block's *input* channels (QLNet's inplanes).
-                blocks.append(QLBlock(inplanes, planes, ql_width(inplanes, expansion), stride,
-                                      _wants_hardball(hardball, stride, skip)))
-                inplanes = planes
-            self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
-        self.hardball = Hardball()
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(inplanes, num_classes)
-        _kaiming_linear(self.conv1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        x = self.avgpool(self.hardball(x))
-        return self.fc(torch.flatten(x, 1))
+HARDBALL_PLACEMENTS = ("downsample", "skip", "all", "none")
+#: hard: hardball (x clipped to the ball of radius sqrt(C)); soft: softball.
+BALLS = ("hard", "soft")
 
 
 # ---- the family -----------------------------------------------------------------------------
@@ -250,9 +130,16 @@ class MultiplicativeVariant(Variant):
     options = (
         Option("layout", "plain", "plain: convert residual blocks in place (same in/out "
                "channels and stride); qlnet: rebuild a torchvision ResNet as QLNet", LAYOUTS),
-        Option("hardball", "downsample", "which blocks end with a hardball: downsample "
-               "(stride > 1, the paper's first block of stages 2-4), skip (every block with a "
-               "skip conv) or none", HARDBALL_PLACEMENTS),
+        Option("hardball", "downsample", "which blocks end with a ball (hardball or softball, "
+               "see 'ball'): downsample (stride > 1, the paper's first block of stages 2-4), "
+               "skip (every block with a skip conv), all (every block: the author's first "
+               "softball code) or none", HARDBALL_PLACEMENTS),
+        Option("ball", "hard", "the projection: hard (hardball: x clipped to radius sqrt(C)) "
+               "or soft (softball: x / sqrt(1 + |x|^2 / C)); also the one before the head of "
+               "layout=qlnet", BALLS),
+        Option("dw_kernels", 0, "depthwise conv: 0 = one 3x3 kernel per channel; K = K "
+               "kernels shared by all channels (channel c uses kernel c mod K; K divides the "
+               "width)", type=int, min=0, max=4096),
         Option("expansion", "qlnet", "block width: 'qlnet' (4x the block's narrowest width, "
                "2x above 256) or a number K (K x that width)"),
         Option("memory", "default", "training backward of each QL block: 'default' keeps the "
@@ -263,7 +150,7 @@ class MultiplicativeVariant(Variant):
     # A QL block replaces a whole block: it cannot compute a basic/bottleneck block's function.
     inits = ("scratch",)
     primary_option = "layout"
-    leaf_modules = (QLBlock, Hardball)
+    leaf_modules = (QLBlock, Hardball, Softball)
     mask_effect = "the residual branch of each QL block: the block computes hardball(skip(x))"
     example_models = ("cifar_resnet20", "resnet18", "resnet50", "resnet34")
 
@@ -271,8 +158,11 @@ class MultiplicativeVariant(Variant):
         cases: list[tuple[str, dict[str, Any], list[str] | None]] = [
             ("cifar_resnet20", {"layout": "plain", "hardball": h}, None)
             for h in HARDBALL_PLACEMENTS]
+        cases += [("cifar_resnet20", {"ball": "soft", "hardball": "all"}, None),
+                  ("cifar_resnet20", {"dw_kernels": 4}, None)]
         # layout=qlnet needs a torchvision ResNet; resnet18 gives the cheapest QLNet ([2]*4).
-        return cases + [("resnet18", {"layout": "qlnet"}, None)]
+        return cases + [("resnet18", {"layout": "qlnet"}, None),
+                        ("resnet18", {"layout": "qlnet", "ball": "soft", "dw_kernels": 8}, None)]
 
     def parse_options(self, raw: Any) -> dict[str, Any]:
         options = super().parse_options(raw)
@@ -290,7 +180,11 @@ class MultiplicativeVariant(Variant):
             if not isinstance(module, ResNet):
                 return (f"layout=qlnet rebuilds a torchvision ResNet (e.g. resnet50), not a "
                         f"{type(module).__name__}; use --option layout=plain")
-            return ""
+            k = options["dw_kernels"]
+            widths = sorted({ql_width(w, _parse_expansion(options["expansion"]))
+                             for w in QLNET_WIDTHS})
+            bad = [w for w in widths if k and w % k]
+            return (f"dw_kernels={k} does not divide the QL widths {widths}" if bad else "")
         if len(site.input_shape) != 3 or len(site.output_shape) != 3:
             return (f"it is not a 2-d feature-map block (shapes {site.input_shape} -> "
                     f"{site.output_shape})")
@@ -299,6 +193,12 @@ class MultiplicativeVariant(Variant):
         if ((h - 1) // stride + 1, (w - 1) // stride + 1) != tuple(site.output_shape[1:]):
             return (f"it maps {site.input_shape} to {site.output_shape}, which a stride-{stride} "
                     "3x3 conv cannot reproduce")
+        k = options["dw_kernels"]
+        if k:
+            width = ql_width(_block_basis(site, analysis.module(site)),
+                             _parse_expansion(options["expansion"]))
+            if width % k:
+                return f"dw_kernels={k} does not divide its depthwise width {width}"
         return ""
 
     def default_sites(self, candidates: Sequence[Site], options: dict[str, Any]) -> list[Site]:
@@ -317,9 +217,8 @@ class MultiplicativeVariant(Variant):
 
     def apply(self, rewriter: Rewriter, site: Site, options: dict[str, Any], init: str) -> None:
         if options["layout"] == "qlnet":
-            expansion = _parse_expansion(options["expansion"])
-            model = self._qlnet(rewriter.root_module, expansion, options["hardball"])
-            rewriter.set_root(site, _with_memory(model, options.get("memory", "default")),
+            model = self._qlnet(rewriter.root_module, options)
+            rewriter.set_root(site, with_memory(model, options.get("memory", "default")),
                               note="QLNet layout")
             return
         rewriter.replace(site, self.build(site, rewriter.module(site), options, init))
@@ -330,15 +229,18 @@ class MultiplicativeVariant(Variant):
         skip = stride != 1 or site.in_channels != site.out_channels
         width = ql_width(_block_basis(site, module), _parse_expansion(options["expansion"]))
         block = QLBlock(site.in_channels, site.out_channels, width, stride,
-                        _wants_hardball(options["hardball"], stride, skip))
-        _with_memory(block, options.get("memory", "default"))
+                        wants_ball(options["hardball"], stride, skip), ball=options["ball"],
+                        dw_kernels=options["dw_kernels"])
+        with_memory(block, options.get("memory", "default"))
         param = next(module.parameters(), None)
         return block.to(param.device, param.dtype) if param is not None else block
 
     @staticmethod
-    def _qlnet(root: nn.Module, expansion: str | float, placement: str) -> QLNet:
+    def _qlnet(root: nn.Module, options: dict[str, Any]) -> QLNet:
         layers = [len(getattr(root, f"layer{i}")) for i in range(1, 5)]
-        model = QLNet(layers, root.fc.out_features, root.conv1.in_channels, expansion, placement)
+        model = QLNet(layers, root.fc.out_features, root.conv1.in_channels,
+                      _parse_expansion(options["expansion"]), options["hardball"],
+                      ball=options["ball"], dw_kernels=options["dw_kernels"])
         return model.to(root.fc.weight.device, root.fc.weight.dtype)
 
 
@@ -353,6 +255,8 @@ def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
 
 @torch.no_grad()
 def _fold_block(block: QLBlock) -> None:
+    if isinstance(block.conv2, SharedDepthwiseConv2d):  # BN2 gives each channel its own kernel
+        block.conv2 = block.conv2.to_conv()
     block.conv1, block.bn1 = _fold(block.conv1, block.bn1), nn.Identity()
     block.conv2, block.bn2 = _fold(block.conv2, block.bn2), nn.Identity()
     block.conv3, block.bn3 = _fold(block.conv3, block.bn3), nn.Identity()
@@ -362,7 +266,8 @@ def _fold_block(block: QLBlock) -> None:
 
 #: Ops a rotation of the channels passes through unchanged (they act per channel, or on
 #: the per-pixel norm, or only reshape when the spatial size is 1).
-_EQUIVARIANT_MODULES = (Hardball, nn.Identity, nn.Dropout, nn.AdaptiveAvgPool2d, nn.AvgPool2d)
+_EQUIVARIANT_MODULES = (Hardball, Softball, nn.Identity, nn.Dropout, nn.AdaptiveAvgPool2d,
+                        nn.AvgPool2d)
 _EQUIVARIANT_CALLS = {torch.flatten, "flatten", "view", "reshape", "contiguous"}
 _HARMLESS_CALLS = {"size", "dim"}
 

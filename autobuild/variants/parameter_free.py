@@ -10,6 +10,18 @@ it (``site.extra['bn']`` / ``['act']``). Layouts (``--option layout=...``):
                        (PfLayer's ``EffBottleneck``: AvgPool2d(2,2) + 3x3 conv+BN+ReLU);
                        every other site becomes a stride-1 max-pool as in ``max``.
 
+``--option pool=avg|identity`` swaps the max-pool for the other parameter-free operations of
+PfLayer's layer study: an average (zero padding excluded) or nothing at all (stride-1,
+same-size sites only; where the channel count changes, the 1x1 conv remains).
+
+Attention sites (``vit_pf.py`` / ``pit_pf.py``: ViT-S-max, PiT-S-max): a self-attention on
+(tokens, dim) becomes PfLayer's efficient layer, Linear(dim, ratio·dim) -> GELU ->
+``pool`` (3x3, stride 1) over the square token grid -> GELU -> Linear(ratio·dim, dim), with
+``ratio=3``; a class token in front of the grid skips the pool (see ``TokenPoolLayer``).
+By default every other attention is converted -- the blocks at odd positions of each block
+list, as PfLayer alternates -- and a network with attentions leaves its convs alone (PiT's
+pooling convs stay, as in PiT-S-max).
+
 The pool takes the conv's own kernel, stride, padding and dilation, so the output keeps its
 size; for the 3x3/padding-1 convs of ResNets and VGGs that is exactly PfLayer's
 MaxPool2d(3, s, 1). A dilated conv whose padding MaxPool2d refuses (SSD's fc6) is padded
@@ -42,64 +54,32 @@ hybrid layout keeps retain their weights.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
 from autobuild.errors import AutobuildError
-from autobuild.ops.pool import max_pool2d
 from autobuild.rewrite import Counts, Option, Region, Site, Variant, register_family
+from autobuild.variants._pf_layers import (
+    POOLS,
+    ParameterFreeLayer,
+    TokenPoolLayer,
+    auto_prefix,
+    grid_side,
+    make_pool,
+)
 from autobuild.variants.base import count_replacement
 
 if TYPE_CHECKING:
     from autobuild.rewrite import Analysis, Rewriter
 
-__all__ = ["LAYOUTS", "ParameterFreeLayer", "ParameterFreeVariant"]
+__all__ = ["LAYOUTS", "POOLS", "ParameterFreeLayer", "ParameterFreeVariant", "TokenPoolLayer"]
 
 LAYOUTS = ("max", "hybrid")
-
-
-class ParameterFreeLayer(nn.Module):
-    """A pool, optionally followed by a conv (a 1x1 channel map, or the stride-1 conv of the
-    hybrid layout). Replaces one Conv2d call; the BN/activation after it stay where they are."""
-
-    #: autobuild.masked(): the layer outputs zeros (the replaced conv's output is off).
-    masked: bool = False
-
-    def __init__(self, pool: nn.Module, conv: nn.Conv2d | None = None,
-                 pad: tuple[int, int] = (0, 0)) -> None:
-        super().__init__()
-        self.pool = pool
-        self.conv = conv
-        #: Explicit -inf padding (H, W) for dilated sites, where MaxPool2d refuses a padding
-        #: over half its (undilated) kernel; -inf is what MaxPool2d's own padding means.
-        self.pad = pad
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.masked:
-            return torch.zeros_like(self._forward(x))
-        return self._forward(x)
-
-    def _forward(self, x: Tensor) -> Tensor:
-        if self.pad != (0, 0):
-            ph, pw = self.pad
-            x = F.pad(x, (pw, pw, ph, ph), value=float("-inf"))
-        pool = self.pool
-        if type(pool) is nn.MaxPool2d and not pool.return_indices:
-            # Same outputs and gradients as the module; keeps 2 bytes per output for
-            # backward instead of the input and int64 indices (autobuild.ops.pool).
-            x = max_pool2d(x, pool.kernel_size, pool.stride, pool.padding, pool.dilation,
-                           pool.ceil_mode)
-        else:
-            x = pool(x)
-        return x if self.conv is None else self.conv(x)
-
-    def extra_repr(self) -> str:
-        return f"pad={self.pad}" if self.pad != (0, 0) else ""
 
 
 def _pair(v: int | Sequence[int]) -> tuple[int, int]:
@@ -111,7 +91,7 @@ def _out_size(n: int, k: int, s: int, p: int, d: int, ceil: bool = False) -> int
     return (math.ceil(span / s) if ceil else span // s) + 1
 
 
-def layer_problem(site: Site, conv: nn.Module, layout: str) -> str:
+def layer_problem(site: Site, conv: nn.Module, layout: str, op: str = "max") -> str:
     """Why ``conv`` at ``site`` cannot become a parameter-free layer ("" when it can)."""
     if not isinstance(conv, nn.Conv2d):
         return f"it is a {type(conv).__name__}, not a Conv2d"
@@ -132,6 +112,13 @@ def layer_problem(site: Site, conv: nn.Module, layout: str) -> str:
         return ""
     if any(2 * pi > di * (ki - 1) for pi, ki, di in zip(p, k, d, strict=True)):
         return f"its padding {p} exceeds half its kernel {k} at dilation {d}"
+    if op == "identity" and max(s) > 1:
+        return f"pool=identity cannot down-sample (stride {s}); use pool=max or pool=avg"
+    if op == "identity" and any(2 * pi != di * (ki - 1) for pi, ki, di in zip(p, k, d,
+                                                                             strict=True)):
+        return f"pool=identity keeps the size and the conv (padding {p}) does not"
+    if op == "avg" and (max(d) > 1 or any(pi > ki // 2 for pi, ki in zip(p, k, strict=True))):
+        return f"pool=avg has no dilation or padding over half its kernel (dilation {d})"
     return ""
 
 
@@ -141,13 +128,14 @@ def _hybrid(layout: str, conv: nn.Conv2d) -> bool:
 
 
 def drops_bn(conv: nn.Conv2d, layout: str) -> bool:
-    """A lone max-pool replaces conv + BN (PfLayer's MaxBottleneck has no BN after the pool)."""
+    """A lone pool replaces conv + BN (PfLayer's MaxBottleneck has no BN after the pool)."""
     return not _hybrid(layout, conv) and conv.in_channels == conv.out_channels
 
 
-def build_layer(site: Site, conv: nn.Conv2d, layout: str) -> tuple[ParameterFreeLayer, bool]:
+def build_layer(site: Site, conv: nn.Conv2d, layout: str,
+                op: str = "max") -> tuple[ParameterFreeLayer, bool]:
     """The replacement of ``conv`` and whether the BN after it must go (pool only)."""
-    problem = layer_problem(site, conv, layout)
+    problem = layer_problem(site, conv, layout, op)
     if problem:
         raise AutobuildError(f"parameter-free cannot convert site {site.name}: {problem}")
     k, s = _pair(conv.kernel_size), _pair(conv.stride)
@@ -160,7 +148,7 @@ def build_layer(site: Site, conv: nn.Conv2d, layout: str) -> tuple[ParameterFree
     # MaxPool2d pads with -inf itself up to half its kernel; dilated convs (SSD's fc6:
     # 3x3, dilation 6, padding 6) need the padding done explicitly.
     inline = all(pi <= ki // 2 for pi, ki in zip(p, k, strict=True))
-    pool = nn.MaxPool2d(k, s, p if inline else 0, d)
+    pool = make_pool(op, k, s, p if inline else 0, d)
     pad = (0, 0) if inline else p
     if conv.in_channels == conv.out_channels:
         return ParameterFreeLayer(pool, pad=pad), True
@@ -170,52 +158,127 @@ def build_layer(site: Site, conv: nn.Conv2d, layout: str) -> tuple[ParameterFree
     return ParameterFreeLayer(pool, mix, pad), False
 
 
+# ---- attention sites (PfLayer's ViT-S-max / PiT-S-max) -------------------------------------
+def _prefix(site: Site, options: dict[str, Any]) -> int:
+    n = site.input_shape[0] if len(site.input_shape) == 2 else 0
+    return auto_prefix(n) if options["prefix_tokens"] < 0 else options["prefix_tokens"]
+
+
+def attention_problem(site: Site, options: dict[str, Any]) -> str:
+    if len(site.input_shape) != 2 or len(site.output_shape) != 2:
+        return (f"its input {site.input_shape} is not a (tokens, dim) sequence (an attention "
+                "over a spatial grid of tokens is converted)")
+    n, prefix = site.input_shape[0], _prefix(site, options)
+    if options["pool"] != "identity" and grid_side(n, prefix) is None:
+        return (f"its {n} tokens minus {prefix} prefix tokens do not form a square grid "
+                "(set --option prefix_tokens=N)")
+    if options["kernel"] % 2 == 0:
+        return f"kernel={options['kernel']} must be odd (the grid keeps its size)"
+    return ""
+
+
+def build_token_layer(site: Site, module: nn.Module, options: dict[str, Any]) -> TokenPoolLayer:
+    problem = attention_problem(site, options)
+    if problem:
+        raise AutobuildError(f"parameter-free cannot convert site {site.name}: {problem}")
+    drop = getattr(module, "proj_drop", None)
+    layer = TokenPoolLayer(site.in_channels, options["ratio"] * site.in_channels,
+                           site.out_channels, pool=options["pool"], kernel=options["kernel"],
+                           prefix=_prefix(site, options),
+                           drop=drop.p if isinstance(drop, nn.Dropout) else 0.0)
+    param = next(module.parameters(), None)
+    return layer.to(param.device, param.dtype) if param is not None else layer
+
+
+def _odd_position(path: str) -> bool:
+    """Whether the innermost numbered module on ``path`` has an odd index (blocks.3.attn:
+    yes); a path without numbers counts as odd (it is converted)."""
+    numbers = [int(p) for p in path.split(".") if p.isdigit()]
+    return not numbers or numbers[-1] % 2 == 1
+
+
 class ParameterFreeVariant(Variant):
     name = "parameter-free"
-    summary = "spatial convs replaced by max-pooling (PfLayer R50-max / R50-hybrid)"
+    summary = ("spatial convs replaced by pooling (PfLayer R50-max / R50-hybrid); attentions by "
+               "Linear-GELU-pool-GELU-Linear (ViT-S-max / PiT-S-max)")
     paper = ("Han et al., Learning Features with Parameter-Free Layers, ICLR 2022 "
              "(naver-ai/PfLayer)")
-    site_kinds = ("conv",)
+    site_kinds = ("conv", "attention")
     options = (
-        Option("layout", "max", "max: every site a max-pool (R50-max); hybrid: strided sites "
-               "keep AvgPool2d + stride-1 conv, the rest max-pool (R50-hybrid)", LAYOUTS),
+        Option("layout", "max", "conv sites. max: every site a pool (R50-max); hybrid: strided "
+               "sites keep AvgPool2d + stride-1 conv, the rest a pool (R50-hybrid)", LAYOUTS),
+        Option("pool", "max", "the parameter-free operation: max (PfLayer's models), avg "
+               "(average, zero padding excluded) or identity (no spatial operation: stride-1, "
+               "same-size sites only; on attentions a token-wise MLP)", POOLS),
+        Option("ratio", 3, "attention sites: hidden width = ratio x dim (PfLayer: 3, the "
+               "width of the qkv projection it replaces)", type=int, min=1, max=16),
+        Option("kernel", 3, "attention sites: pool window on the token grid (odd)", type=int,
+               min=1, max=15),
+        Option("prefix_tokens", -1, "attention sites: tokens before the grid that skip the "
+               "pool (class/register tokens); -1: those beyond the largest square", type=int,
+               min=-1, max=64),
     )
     inits = ("scratch",)
     primary_option = "layout"
-    leaf_modules = (ParameterFreeLayer,)
-    mask_effect = ("the pooling layer's output (zeros): the site contributes nothing, e.g. a "
-                   "residual block computes its shortcut plus the rest of its branch on zeros")
+    leaf_modules = (ParameterFreeLayer, TokenPoolLayer)
+    mask_effect = ("the layer's output (zeros): the site contributes nothing, e.g. a residual "
+                   "block computes its shortcut plus the rest of its branch on zeros")
     example_models = ("cifar_resnet20", "resnet50", "resnet18", "cifar_vgg16", "ssd300_vgg16")
 
+    def contract_cases(self) -> list[tuple[str, dict[str, Any], list[str] | None]]:
+        cases = super().contract_cases()
+        if importlib.util.find_spec("timm") is not None:  # the tiny ViT needs timm
+            cases += [("vit_micro_cifar", {"pool": op}, None) for op in POOLS]
+        return cases
+
     def accepts(self, site: Site, options: dict[str, Any]) -> bool:
+        if site.kind == "attention":
+            return True
         return site.kind == "conv" and max(site.kernel_size, default=1) > 1
 
     def refusal(self, site: Site, options: dict[str, Any], analysis: Analysis) -> str:
-        return layer_problem(site, analysis.module(site), options["layout"])
+        if site.kind == "attention":
+            return attention_problem(site, options)
+        return layer_problem(site, analysis.module(site), options["layout"], options["pool"])
 
     def default_sites(self, candidates: Sequence[Site], options: dict[str, Any]) -> list[Site]:
-        """Every spatial conv except the stem (for ResNet-50: the 16 bottleneck 3x3 convs)."""
+        """Networks with attentions: every other one, as PfLayer's ViT-S-max and PiT-S-max
+        (the blocks at odd positions of each block list; the others keep attention); else
+        every spatial conv except the stem (ResNet-50: the 16 bottleneck 3x3 convs)."""
+        attention = [s for s in candidates if s.kind == "attention"]
+        if attention:
+            return [s for s in attention if _odd_position(s.target)]
         return [s for s in candidates if not s.extra.get("stem")]
 
     def region(self, site: Site, options: dict[str, Any], analysis: Analysis) -> Region:
         region = analysis.region(site.name)
         bn = site.extra.get("bn")
-        if bn and drops_bn(analysis.module(site), options["layout"]):
+        if (site.kind == "conv" and bn
+                and drops_bn(analysis.module(site), options["layout"])):
             region = region | Region(analysis.call_nodes(bn), frozenset({bn}))
         return region
 
     def cost(self, site: Site, options: dict[str, Any], analysis: Analysis) -> Counts:
         with torch.device("meta"):
-            layer, _ = build_layer(site, analysis.meta_module(site), options["layout"])
+            if site.kind == "attention":
+                layer: nn.Module = build_token_layer(site, analysis.meta_module(site), options)
+            else:
+                layer, _ = build_layer(site, analysis.meta_module(site), options["layout"],
+                                       options["pool"])
         return count_replacement(layer, site.input_shape)
 
     def apply(self, rewriter: Rewriter, site: Site, options: dict[str, Any], init: str) -> None:
-        layer, drop_bn = build_layer(site, rewriter.module(site), options["layout"])
+        if site.kind == "attention":
+            layer = build_token_layer(site, rewriter.module(site), options)
+            rewriter.replace(site, layer, note=f"pool={options['pool']}")
+            return
+        layer, drop_bn = build_layer(site, rewriter.module(site), options["layout"],
+                                     options["pool"])
         rewriter.replace(site, layer, note=f"layout={options['layout']}")
         bn = site.extra.get("bn")
         if drop_bn and bn:
             rewriter.replace_module(bn, nn.Identity(), site=site.name,
-                                    note=f"no BN after the max-pool of {site.name} (PfLayer)")
+                                    note=f"no BN after the pool of {site.name} (PfLayer)")
 
 
 register_family(ParameterFreeVariant)

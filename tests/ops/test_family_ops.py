@@ -15,7 +15,7 @@ import autobuild.ops
 from autobuild.ops.pool import max_pool2d
 from autobuild.variants.dirac import DiracConv2d
 from autobuild.variants.multiplicative import QLBlock
-from autobuild.variants.parameter_free import ParameterFreeLayer
+from autobuild.variants.parameter_free import ParameterFreeLayer, TokenPoolLayer
 from autobuild.variants.pde_global import GlobalLayer
 from tests.ops.helpers import close, randomise, run, saved_bytes
 
@@ -119,6 +119,9 @@ def test_parameter_free_layer() -> None:
     _compare(ParameterFreeLayer(nn.MaxPool2d(3, 2, 1), randomise(nn.Conv2d(6, 4, 1))), x,
              exact=True)
     _compare(ParameterFreeLayer(nn.MaxPool2d(3, 1, 0, 2), pad=(2, 2)), x, exact=True)
+    # PfLayer's efficient layer in place of an attention: its grid max-pool is the fused op.
+    tokens = torch.randn(2, 1 + 25, 6)
+    _compare(TokenPoolLayer(6, 18, prefix=1), tokens, exact=True)
 
 
 # ---- pde-global -----------------------------------------------------------------------------

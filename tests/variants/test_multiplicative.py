@@ -243,6 +243,8 @@ def _features(model: nn.Module, layer: str, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("model,options,size,stages", [
     ("cifar_resnet20", {}, None, 2),                      # stage 1 reads the stem's ReLU
     ("resnet18", {"layout": "qlnet"}, (3, 64, 64), 3),
+    # softball is a function of the norm too; shared kernels are folded per channel
+    ("resnet18", {"layout": "qlnet", "ball": "soft", "dw_kernels": 8}, (3, 64, 64), 3),
 ])
 def test_symmetry_leaves_the_output_unchanged(model: str, options: dict, size: tuple | None,
                                               stages: int) -> None:
