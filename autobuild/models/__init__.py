@@ -1,6 +1,6 @@
 """Baselines by name: every torchvision classification model, the CIFAR networks of the
-papers (``cifar_resnet*``, ``cifar_vgg*``), the SSD detectors (their backbone is what gets
-converted) and ``timm:<name>`` when timm is installed."""
+papers (``cifar_resnet*``, ``cifar_vgg*``), the DiracNets (``*diracnet*``), the SSD detectors
+(their backbone is what gets converted) and ``timm:<name>`` when timm is installed."""
 
 from __future__ import annotations
 
@@ -27,7 +27,11 @@ __all__ = [
 
 
 def _load_builtin_models() -> None:
-    from autobuild.models import cifar, torchvision_models  # noqa: F401  (they register)
+    from autobuild.models import (  # noqa: F401  (they register)
+        cifar,
+        diracnets,
+        torchvision_models,
+    )
 
 
 set_builtin_loader(_load_builtin_models)
