@@ -41,15 +41,16 @@ PAPER_WIDTHS = (16, 32, 64, 64)
 
 def pde_steps(f: Tensor, h: Tensor, u: Tensor | None, v: Tensor | None,
               diff_x: Tensor | float, diff_y: Tensor | float, steps: int, dt: float,
-              dx: int = 1, dy: int = 1) -> Tensor:
+              dx: int = 1, dy: int = 1, source: bool = True) -> Tensor:
     """``steps`` steps of the official three-level scheme from H^-1 = f, H^0 = h (see
     ``autobuild.variants.pde_global``); ``u``/``v`` None means zero velocity, a float
-    diffusivity a constant one. Tensors are (N, C, H, W)."""
+    diffusivity a constant one; ``source=False`` drops the 2·dt·f term (the official
+    ``--no_f``). Tensors are (N, C, H, W)."""
     bx2 = diff_x * (2 * dt / dx ** 2)  # 2·Bx
     by2 = diff_y * (2 * dt / dy ** 2)
     denom = 1 + bx2 + by2
     c_prev = 1 - bx2 - by2
-    src = f * (2 * dt)
+    src = f * (2 * dt) if source else 0.0
     if u is not None and v is not None:
         ax, ay = u * (dt / dx), v * (dt / dy)
         # 2E = 2·(∂u/∂x + ∂v/∂y)·dt, with the official (rolled) central differences.
@@ -152,7 +153,7 @@ class GlobalLayer(nn.Module):
     def __init__(self, channels: int, steps: int = 1, dt: float = 0.2, coeffs: str = "dwconv",
                  dx: int = 1, dy: int = 1, *, velocity: str = "dwconv",
                  diffusivity: str = "dwconv", init_block: str = "identity",
-                 bn_eps: str = "channels") -> None:
+                 bn_eps: str = "channels", residual: bool = False, source: bool = True) -> None:
         super().__init__()
         velocity, diffusivity = resolve_coeffs(coeffs, velocity, diffusivity)
         for name, value, valid in (("velocity", velocity, VELOCITIES),
@@ -168,6 +169,8 @@ class GlobalLayer(nn.Module):
         self.channels, self.steps, self.dt, self.coeffs = channels, steps, dt, coeffs
         self.dx, self.dy = dx, dy
         self.velocity, self.diffusivity, self.init_kind = velocity, diffusivity, init_block
+        # The official --use_res (output + f) and --no_f (source=False).
+        self.residual, self.source = bool(residual), bool(source)
         # The official code's quirk: its coefficient BNs are norm_layer(planes, planes).
         eps = float(channels) if bn_eps == "channels" else 1e-5
         self.init_block = None if init_block == "identity" else coefficient_map(init_block,
@@ -202,8 +205,9 @@ class GlobalLayer(nn.Module):
         return torch.relu(self.bn_out(h))
 
     def _fusable(self, f: Tensor) -> bool:
-        # The fused op starts from H^0 = f and knows D ∈ {learned, 1} only.
-        if self.init_block is not None or self.diffusivity in ("isotropic", "none"):
+        # The fused op starts from H^0 = f, has the source term and knows D ∈ {learned, 1}.
+        if (self.init_block is not None or self.diffusivity in ("isotropic", "none")
+                or not self.source):
             return False
         coefficients = [m for m in self._coefficients() if m is not None]
         return fused_ok(None, f, *(p for m in coefficients for p in m.parameters())) and all(
@@ -213,7 +217,8 @@ class GlobalLayer(nn.Module):
         if self.masked:
             return f
         if self._fusable(f):
-            return self._fused(f)
+            out = self._fused(f)
+            return out + f if self.residual else out
         h = self.init_block(f) if self.init_block is not None else f
         u = self.u(h) if self.u is not None else None
         v = self.v(h) if self.v is not None else None
@@ -226,13 +231,15 @@ class GlobalLayer(nn.Module):
                 diff_x, diff_y = self.diff_x(h), self.diff_y(h)
         else:  # the official cDx = cDy = 1, or no diffusion at all
             diff_x = diff_y = 0.0 if self.diffusivity == "none" else 1.0
-        h = pde_steps(f, h, u, v, diff_x, diff_y, self.steps, self.dt, self.dx, self.dy)
-        return torch.relu(self.bn_out(h))
+        h = pde_steps(f, h, u, v, diff_x, diff_y, self.steps, self.dt, self.dx, self.dy,
+                      self.source)
+        out = torch.relu(self.bn_out(h))
+        return out + f if self.residual else out
 
     def extra_repr(self) -> str:
         return (f"{self.channels}, K={self.steps}, dt={self.dt}, velocity={self.velocity}, "
                 f"diffusivity={self.diffusivity}, init={self.init_kind}, dx={self.dx}, "
-                f"dy={self.dy}")
+                f"dy={self.dy}, residual={self.residual}, source={self.source}")
 
 
 class ResNetGlobal(nn.Module):

@@ -36,6 +36,8 @@ The ablations of the paper and the official flags (each also on layout=paper):
                 bottleneck, ... give the residual-block initialisation; the coefficients
                 are computed from H^0 and H^-1 stays f).
   dx=, dy=      the grid spacing (the official ``--dx``/``--dy``: shifts and scales).
+  residual=     true adds f to the output (the official ``--use_res``).
+  source=       false drops the 2·dt·f term of the scheme (the official ``--no_f``).
   bn_eps=       ``channels`` (default): the official code builds the coefficient batch norms
                 as ``norm_layer(planes, planes)``, i.e. eps = the channel count (16/32/64),
                 which damps the coefficients; autobuild reproduces it so that weights
@@ -102,7 +104,8 @@ __all__ = ["BN_EPS", "COEFFS", "DIFFUSIVITIES", "INIT_BLOCKS", "LAYOUTS", "PAPER
 
 LAYOUTS = ("plain", "paper")
 #: GlobalLayer keyword arguments taken from the options as they are.
-_LAYER_OPTIONS = ("coeffs", "dx", "dy", "velocity", "diffusivity", "init_block", "bn_eps")
+_LAYER_OPTIONS = ("coeffs", "dx", "dy", "velocity", "diffusivity", "init_block", "bn_eps",
+                  "residual", "source")
 
 
 def _layer_kwargs(options: dict[str, Any]) -> dict[str, Any]:
@@ -143,6 +146,10 @@ class PdeGlobalVariant(Variant):
         Option("bn_eps", "channels", "eps of the coefficient batch norms: channels (the "
                "official code's norm_layer(planes, planes)) or 1e-5 (PyTorch's default)",
                BN_EPS),
+        Option("residual", False, "add the layer input to its output (official --use_res)",
+               type=bool),
+        Option("source", True, "keep the source term 2·dt·f (false: the official --no_f)",
+               type=bool),
     )
     inits = ("scratch",)
     primary_option = "layout"
@@ -162,6 +169,7 @@ class PdeGlobalVariant(Variant):
             cases += [(self.example_models[0], {name: c}, ["layer2"]) for c in choices
                       if c != defaults[name]]
         cases.append((self.example_models[0], {"dx": 2, "dy": 3}, ["layer1"]))
+        cases.append((self.example_models[0], {"residual": True, "source": False}, ["layer3"]))
         return cases
 
     def accepts(self, site: Site, options: dict[str, Any]) -> bool:

@@ -65,9 +65,11 @@ def official_forward(layer: GlobalLayer, f: Tensor, training: bool = False) -> T
                  + (ax + 2 * bx) * torch.roll(h, -dx, dims=2)
                  + (-ay + 2 * by) * torch.roll(h, dy, dims=3)
                  + (ay + 2 * by) * torch.roll(h, -dy, dims=3))
-        h = h + d * 2 * dt * f
+        if layer.source:  # the official no_f == False
+            h = h + d * 2 * dt * f
         h0 = prev
-    return F.relu(_bn(layer.bn_out, h, 1e-5, training))
+    out = F.relu(_bn(layer.bn_out, h, 1e-5, training))
+    return out + f if layer.residual else out  # the official use_res
 
 
 def _randomize(model: nn.Module, seed: int = 1) -> None:
@@ -88,6 +90,7 @@ ABLATIONS: list[dict[str, Any]] = [
     *({"diffusivity": k} for k in ("identity", "basicblock", "isotropic", "none")),
     {"init_block": "basicblock"}, {"init_block": "bottleneck"},
     {"dx": 2, "dy": 1, "steps": 3}, {"diffusivity": "none", "velocity": "pwconv", "steps": 2},
+    {"residual": True}, {"source": False, "steps": 2},
 ]
 
 
