@@ -1,6 +1,7 @@
 """Baselines by name: every torchvision classification model, the CIFAR networks of the
-papers (``cifar_resnet*``, ``cifar_vgg*``), the SSD detectors (their backbone is what gets
-converted) and ``timm:<name>`` when timm is installed."""
+papers (``cifar_resnet*``, ``cifar_vgg*``), the DiracNets (``*diracnet*``), QuadraLib's zoo
+(``q*``, ``quadralib_*``), the SSD detectors (their backbone is what gets converted) and
+``timm:<name>`` when timm is installed."""
 
 from __future__ import annotations
 
@@ -29,7 +30,9 @@ __all__ = [
 def _load_builtin_models() -> None:
     from autobuild.models import (  # noqa: F401  (they register)
         cifar,
+        diracnets,
         qlnet,
+        quadralib,
         torchvision_models,
         transformers,
     )

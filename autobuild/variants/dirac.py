@@ -74,12 +74,20 @@ from autobuild.rewrite import (
 )
 from autobuild.rewrite.cost import meta_twin
 from autobuild.rewrite.graph import ancestors
+from autobuild.variants._dirac_layers import (
+    DiracConv1d,
+    DiracConv3d,
+    DiracConvNd,
+    DiracConvV1,
+    NCReLU,
+)
 from autobuild.variants.base import count_replacement
 
 if TYPE_CHECKING:
     from autobuild.rewrite import Analysis, Rewriter
 
-__all__ = ["DiracConv2d", "DiracVariant", "dirac_delta", "fold"]
+__all__ = ["DiracConv1d", "DiracConv2d", "DiracConv3d", "DiracConvNd", "DiracConvV1",
+           "DiracVariant", "NCReLU", "dirac_delta", "fold"]
 
 SCOPES = ("network", "convs")
 #: Paper v2's initial identity and filter scales.
@@ -327,9 +335,9 @@ def _fold_in_place(root: nn.Module, leaf_modules: Iterable[Any] = ()) -> list[Ch
     for node in list(gm.graph.nodes):
         # root, not gm: a shared Dirac conv's second call finds it already folded.
         if node.op != "call_module" or not isinstance(root.get_submodule(node.target),
-                                                      DiracConv2d):
+                                                      (DiracConv2d, DiracConvNd)):
             continue
-        dirac: DiracConv2d = root.get_submodule(node.target)
+        dirac = root.get_submodule(node.target)
         bn_name, bn = None, None
         user = next(iter(node.users)) if len(node.users) == 1 else None
         if user is not None and user.op == "call_module" and calls[node.target] == 1 \
@@ -343,7 +351,8 @@ def _fold_in_place(root: nn.Module, leaf_modules: Iterable[Any] = ()) -> list[Ch
         root.set_submodule(str(node.target), conv)
         if bn_name is not None:
             root.set_submodule(bn_name, nn.Identity())
-        changes.append(Change(str(node.target), "dirac", "DiracConv2d", "Conv2d",
+        changes.append(Change(str(node.target), "dirac", type(dirac).__name__,
+                              type(conv).__name__,
                               param_count(dirac) + (param_count(bn) if bn is not None else 0),
                               param_count(conv), f"folded with {bn_name}" if bn_name
                               else "folded"))
@@ -388,7 +397,7 @@ class DiracVariant(Variant):
     )
     primary_option = "scope"
     inits = ("scratch", "preserve")
-    leaf_modules = (DiracConv2d,)
+    leaf_modules = (DiracConv2d, DiracConvNd)
     example_models = ("cifar_resnet20", "resnet18", "resnet34", "cifar_vgg16")
     mask_effect = ("each Dirac conv's filter term β·W/‖W‖: the conv applies only its identity "
                    "term α·δ (folded convs have nothing to mask)")

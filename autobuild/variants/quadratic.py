@@ -6,7 +6,7 @@ Site: one Conv2d or Linear call. Types (``--option type=...``), for a conv W·x:
   t2        W_a (x ⊙ x)                                       1x
   t3        (W_a x)²                                          1x
   t4        (W_a x) ⊙ (W_b x)                                 2x
-  fan       (W_a x + b_a) ⊙ (W_b x + b_b) + W_c (x ⊙ x)       3x   (Fan et al. 2018)
+  fan       (W_a x + b_a) ⊙ (W_b x + b_b) + W_c (x ⊙ x) + c   3x   (Fan et al. 2018)
   volterra  pᵀ A_o p + W_b p per output o, p = receptive field ≈ C·k² x (Zoumpourlis 2017)
 
 Branches that read the same input are one conv with 2x/3x output channels, split
@@ -15,6 +15,12 @@ afterwards (``fan`` has a second conv only because its third branch reads x ⊙ 
 second-order term at exactly zero; t2/t3/t4 have no linear branch and refuse it.
 Unlike QuadraLib's code, volterra takes patches with ``unfold`` (patch-major, never a
 ``.view`` across channels) and honours stride, padding and dilation.
+
+Which sites (``--option stem=keep|convert``, ``--option shortcuts=convert|linear``): by
+default every conv but the stem, projection shortcuts included; ``stem=convert`` adds the
+stem (QuadraLib's VGGs and MobileNet convert it), ``shortcuts=linear`` keeps the 1x1
+projection shortcuts of residual blocks first-order (QuadraLib's ResNets do), refusing them
+when named.
 """
 
 from __future__ import annotations
@@ -31,6 +37,11 @@ from autobuild.errors import AutobuildError, InfeasiblePlacement
 from autobuild.ops.common import fused_ok
 from autobuild.ops.quadratic import ours_conv_train, ours_linear_train
 from autobuild.rewrite import Option, Site, Variant, register_family
+from autobuild.variants._quadratic_sites import (
+    SHORTCUT_CHOICES,
+    STEM_CHOICES,
+    projection_shortcuts,
+)
 
 if TYPE_CHECKING:
     from autobuild.rewrite import Analysis
@@ -45,7 +56,6 @@ VOLTERRA_MAX_PARAMS = 8_000_000
 #: ``ours``' training backward: "default" keeps the conv output (BN and product fused),
 #: "save" keeps only the input, weights and batch statistics and recomputes the conv.
 MEMORY_MODES = ("default", "save")
-
 
 
 class _Quadratic(nn.Module):
@@ -77,6 +87,8 @@ class _Quadratic(nn.Module):
         self.bias = nn.Parameter(torch.zeros(n * out_channels)) if has_bias else None
         self.weight_sq = (nn.Parameter(torch.empty(out_channels, *fan_in_shape))
                           if qtype == "fan" else None)
+        # Fan et al.'s output bias c (the neuron is (w_r x + b_r)(w_g x + b_g) + w_b x² + c).
+        self.bias_sq = nn.Parameter(torch.zeros(out_channels)) if qtype == "fan" else None
         self.bn = self._batch_norm(3 * out_channels) if qtype == "ours" else None
         self.reset_parameters()
 
@@ -125,6 +137,7 @@ class _Quadratic(nn.Module):
             self._set_branch(1, 0.0)
             self._set_branch(1, 1.0, self.bias)
             self.weight_sq.zero_()
+            self.bias_sq.zero_()
         if self.qtype == "volterra":
             nn.init.uniform_(self.quad, -0.1 / fan_in, 0.1 / fan_in)
         if self.qtype == "ours":
@@ -162,6 +175,7 @@ class _Quadratic(nn.Module):
             self._set_branch(0, bias if bias is not None else 0.0, self.bias)
             self._set_branch(1, 1.0, self.bias)
             self.weight_sq.zero_()
+            self.bias_sq.zero_()
         else:  # volterra: quadratic kernel 0, linear part = the baseline
             self.quad.zero_()
             self.weight.copy_(weight.reshape(self.weight.shape))
@@ -241,7 +255,8 @@ class QuadraticConv2d(_Quadratic):
         y = self._conv(inp, self.weight, self.bias)
         if self.bn is not None:
             y = self.bn(y)
-        sq = self._conv(x.square(), self.weight_sq, None) if self.qtype == "fan" else None
+        sq = (self._conv(x.square(), self.weight_sq, self.bias_sq) if self.qtype == "fan"
+              else None)
         return self._combine(y, sq, 1)
 
     def _volterra(self, x: Tensor) -> Tensor:
@@ -296,7 +311,7 @@ class QuadraticLinear(_Quadratic):
         y = F.linear(inp, self.weight, self.bias)
         if self.bn is not None:
             y = self.bn(y.reshape(-1, y.shape[-1])).reshape(y.shape)
-        sq = F.linear(x.square(), self.weight_sq) if self.qtype == "fan" else None
+        sq = F.linear(x.square(), self.weight_sq, self.bias_sq) if self.qtype == "fan" else None
         return self._combine(y, sq, y.dim() - 1)
 
 
@@ -308,7 +323,7 @@ def quadratic_params(site: Site, qtype: str) -> int:
     if qtype == "volterra":
         total += site.out_channels * fan_in * fan_in
     if qtype == "fan":
-        total += site.out_channels * fan_in
+        total += site.out_channels * fan_in + site.out_channels  # W_c and c
     if qtype == "ours":
         total += 6 * site.out_channels
     return total
@@ -323,6 +338,12 @@ class QuadraticVariant(Variant):
         Option("type", "ours", "neuron type", tuple(QUADRATIC_TYPES)),
         Option("volterra_max_params", VOLTERRA_MAX_PARAMS,
                "largest volterra layer (parameters) that is built", None, int, min=1),
+        Option("stem", "keep", "keep: the stem (the conv that reads the image) stays "
+               "first-order by default (QuadraLib's ResNets); convert: it is a default site "
+               "too (QuadraLib's VGGs and MobileNet)", STEM_CHOICES),
+        Option("shortcuts", "convert", "convert: 1x1 projection shortcuts are sites like any "
+               "conv; linear: they stay first-order and are refused when named (QuadraLib's "
+               "ResNets)", SHORTCUT_CHOICES),
         Option("memory", "default", "type ours, training: 'default' keeps the conv output for "
                "backward; 'save' keeps only input, weights and BN statistics and recomputes "
                "the conv in backward (about a quarter of the memory, one more conv)",
@@ -343,7 +364,8 @@ class QuadraticVariant(Variant):
         """Every conv except the stem (the conv that reads the image), as QuadraLib does;
         for volterra, only those whose layer stays under ``volterra_max_params`` (naming a
         larger site explicitly is refused with its size)."""
-        sites = [s for s in candidates if s.kind == "conv" and not s.extra.get("stem")]
+        sites = [s for s in candidates if s.kind == "conv"
+                 and (options["stem"] == "convert" or not s.extra.get("stem"))]
         if options["type"] == "volterra":
             sites = [s for s in sites if quadratic_params(s, "volterra")
                      <= options["volterra_max_params"]]
@@ -355,6 +377,9 @@ class QuadraticVariant(Variant):
         return sites
 
     def refusal(self, site: Site, options: dict[str, Any], analysis: Analysis) -> str:
+        if options["shortcuts"] == "linear" and site.target in projection_shortcuts(analysis):
+            return ("it is a projection shortcut and shortcuts=linear keeps those first-order "
+                    "(QuadraLib's ResNets); drop it or use --option shortcuts=convert")
         module = analysis.module(site)
         if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
             return f"it pads with padding_mode={module.padding_mode!r} (only zeros is supported)"

@@ -43,7 +43,7 @@ def _reference_conv(q: QuadraticConv2d, x: torch.Tensor) -> torch.Tensor:
         return conv(x, w[0], bias(0)) * conv(x, w[1], bias(1))
     if q.qtype == "fan":
         return (conv(x, w[0], bias(0)) * conv(x, w[1], bias(1))
-                + conv(x * x, q.weight_sq))
+                + conv(x * x, q.weight_sq, q.bias_sq))
     raise AssertionError(q.qtype)
 
 
@@ -114,7 +114,7 @@ def test_linear_types(qtype: str) -> None:
     elif qtype == "t4":
         expected = lin[0] * lin[1]
     elif qtype == "fan":
-        expected = lin[0] * lin[1] + F.linear(x * x, q.weight_sq)
+        expected = lin[0] * lin[1] + F.linear(x * x, q.weight_sq, q.bias_sq)
     else:
         expected = lin[0] + torch.einsum("bd,ode,be->bo", x, q.quad, x)
     assert torch.allclose(q(x), expected, atol=1e-4, rtol=1e-4)

@@ -1,0 +1,184 @@
+"""More Dirac layers: convs of any dimension (the released ``DiracConv1d``/``DiracConv3d``)
+and DiracNets v1's layer (NCReLU input, scalar α and β). DiracConv2d (v2, with its fused
+training op) is in ``autobuild.variants.dirac``.
+
+v1 (arXiv 1706.00388v1, branch ``v1`` of szagoruyko/diracnets): a block is
+``BN(conv(NCReLU(x), α·δ + β·W/‖W_o‖))`` with NCReLU(x) = [max(x, 0), min(x, 0)] (twice the
+channels), α and β one learned scalar each (α = 5, β = 1e-3 at init; W ~ N(0, 0.1²)), and δ the
+v1 ``dirac_delta``: the identity on min(C_out, 2·C_in) channels tiled to the weight's shape,
+so ``conv(NCReLU(x), δ)`` = max(x,0) + min(x,0) = x where C_out = C_in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from autobuild.errors import AutobuildError
+
+__all__ = ["DiracConv1d", "DiracConv3d", "DiracConvNd", "DiracConvV1", "NCReLU", "ncrelu",
+           "v1_dirac_delta"]
+
+_CONV = {1: (F.conv1d, nn.Conv1d), 2: (F.conv2d, nn.Conv2d), 3: (F.conv3d, nn.Conv3d)}
+
+
+def _tuple(v: int | Sequence[int], n: int) -> tuple[int, ...]:
+    t = (v,) * n if isinstance(v, int) else tuple(int(x) for x in v)
+    if len(t) != n:
+        raise AutobuildError(f"expected {n} values, got {t}")
+    return t
+
+
+class DiracConvNd(nn.Module):
+    """``conv(x, diag(α)·δ + diag(β)·W/‖W_o‖) + b`` in ``dims`` (1-3) spatial dimensions,
+    stride 1, "same" padding (DiracNets v2; per-output-channel α = 1, β = 0.1 at init)."""
+
+    no_weight_decay_params: tuple[str, ...] = ("alpha", "beta")
+    masked: bool = False
+    dims: int = 2
+
+    def __init__(self, in_channels: int, out_channels: int,
+                 kernel_size: int | Sequence[int] = 3, dilation: int | Sequence[int] = 1,
+                 groups: int = 1, bias: bool = False) -> None:
+        super().__init__()
+        k, d = _tuple(kernel_size, self.dims), _tuple(dilation, self.dims)
+        if any(v % 2 == 0 for v in k):
+            raise AutobuildError(f"a Dirac conv needs an odd kernel (a centre for δ), got {k}")
+        if in_channels % groups or out_channels % groups:
+            raise AutobuildError(f"channels {in_channels}->{out_channels} are not divisible by "
+                                 f"groups={groups}")
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size, self.dilation = k, d
+        self.padding = tuple(di * (ki - 1) // 2 for ki, di in zip(k, d, strict=True))
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *k))
+        self.alpha = nn.Parameter(torch.ones(out_channels))
+        self.beta = nn.Parameter(torch.full((out_channels,), 0.1))
+        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+        delta = nn.init.dirac_(torch.empty(out_channels, in_channels // groups, *k), groups)
+        self.register_buffer("delta", delta, persistent=False)
+        nn.init.kaiming_normal_(self.weight, mode="fan_out", nonlinearity="relu")
+
+    @classmethod
+    def from_conv(cls, conv: nn.Module) -> DiracConvNd:
+        """The Dirac conv with ``conv``'s geometry (stride 1, same padding, odd kernel)."""
+        plain = _CONV[cls.dims][1]
+        if type(conv) is not plain:
+            raise AutobuildError(f"{cls.__name__} replaces an {plain.__name__}, not a "
+                                 f"{type(conv).__name__}")
+        same = tuple(di * (ki - 1) // 2 for ki, di in zip(conv.kernel_size, conv.dilation,
+                                                          strict=True))
+        if max(conv.stride) > 1 or tuple(conv.padding) != same or conv.padding_mode != "zeros":
+            raise AutobuildError(f"cannot Dirac-parametrise {conv}: it needs stride 1 and zero "
+                                 f"'same' padding {same}")
+        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.dilation,
+                    conv.groups, conv.bias is not None)
+        return layer.to(conv.weight.device, conv.weight.dtype)
+
+    @torch.no_grad()
+    def preserve(self, weight: Tensor, bias: Tensor | None) -> None:
+        """Compute exactly ``conv(x, weight) + bias``: W = weight, α = 0, β_o = ‖weight_o‖."""
+        self.weight.copy_(weight)
+        self.alpha.zero_()
+        self.beta.copy_(weight.flatten(1).norm(dim=1))
+        if self.bias is not None:
+            self.bias.copy_(bias if bias is not None else torch.zeros_like(self.bias))
+
+    def _scale_shape(self) -> tuple[int, ...]:
+        return (-1,) + (1,) * (self.weight.dim() - 1)
+
+    def effective_weight(self) -> Tensor:
+        w = F.normalize(self.weight.flatten(1), dim=1).view_as(self.weight)
+        shape = self._scale_shape()
+        return torch.addcmul(self.beta.view(shape) * w, self.alpha.view(shape), self.delta)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.masked:
+            w = self.alpha.view(self._scale_shape()) * self.delta
+        else:
+            w = self.effective_weight()
+        return _CONV[self.dims][0](x, w, self.bias, 1, self.padding, self.dilation, self.groups)
+
+    @torch.no_grad()
+    def folded(self, bn: nn.modules.batchnorm._BatchNorm | None = None) -> nn.Module:
+        """The plain conv this layer (and ``bn``, in eval mode, when given) computes."""
+        w = self.effective_weight().double()
+        b = self.bias.double() if self.bias is not None else None
+        if bn is not None:
+            scale = torch.rsqrt(bn.running_var.double() + bn.eps)
+            if bn.weight is not None:
+                scale = scale * bn.weight.double()
+            w = w * scale.view(self._scale_shape())
+            b = (b if b is not None else torch.zeros_like(scale)) - bn.running_mean.double()
+            b = b * scale + (bn.bias.double() if bn.bias is not None else 0.0)
+        conv = _CONV[self.dims][1](w.shape[1] * self.groups, self.out_channels,
+                                   self.kernel_size, 1, self.padding, self.dilation,
+                                   self.groups, bias=b is not None)
+        conv = conv.to(self.weight.device, self.weight.dtype)
+        conv.weight.copy_(w)
+        if b is not None:
+            conv.bias.copy_(b)
+        return conv
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
+                f"bias={self.bias is not None}")
+
+
+class DiracConv1d(DiracConvNd):
+    """The Dirac conv on (N, C, L) inputs (the released ``DiracConv1d``, v2 scales)."""
+
+    dims = 1
+
+
+class DiracConv3d(DiracConvNd):
+    """The Dirac conv on (N, C, D, H, W) inputs (the released ``DiracConv3d``, v2 scales)."""
+
+    dims = 3
+
+
+def ncrelu(x: Tensor) -> Tensor:
+    """Negative CReLU: [max(x, 0), min(x, 0)] along channels."""
+    return torch.cat([x.clamp(min=0), x.clamp(max=0)], dim=1)
+
+
+class NCReLU(nn.Module):
+    """DiracNets v1's nonlinearity (doubles the channels)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ncrelu(x)
+
+
+def v1_dirac_delta(out_channels: int, in_channels: int, k: int) -> Tensor:
+    """v1's δ for a weight (out, in, k, k): the identity on min(out, in) channels, tiled
+    (``dirac_delta`` of the v1 code)."""
+    n = min(out_channels, in_channels)
+    eye = nn.init.dirac_(torch.empty(n, n, k, k))
+    return eye.repeat(max(out_channels // in_channels, 1), max(in_channels // out_channels, 1),
+                      1, 1)
+
+
+class DiracConvV1(DiracConvNd):
+    """DiracNets v1's conv: ``conv2d(NCReLU(x), α·δ + β·W/‖W_o‖)`` with scalar α, β (5 and
+    1e-3 at init), W ~ N(0, 0.1²); ``in_channels`` is the channel count before NCReLU."""
+
+    dims = 2
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3) -> None:
+        super().__init__(2 * in_channels, out_channels, kernel_size)
+        self.alpha = nn.Parameter(torch.full((1,), 5.0))
+        self.beta = nn.Parameter(torch.full((1,), 1e-3))
+        self.delta = v1_dirac_delta(out_channels, 2 * in_channels, kernel_size)
+        with torch.no_grad():
+            self.weight.normal_(0.0, 0.1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(ncrelu(x))
+
+    @torch.no_grad()
+    def folded(self, bn: nn.modules.batchnorm._BatchNorm | None = None) -> nn.Module:
+        """NCReLU followed by the plain conv (the released v1 models are folded this way)."""
+        return nn.Sequential(NCReLU(), super().folded(bn))

@@ -1,0 +1,287 @@
+"""The pde-global family's layers: the explicit scheme, the coefficient maps, the Global
+layer and the official CIFAR ResNet-Global (see ``autobuild.variants.pde_global`` for the
+formulas and the options that select these pieces)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+from torchvision.models.resnet import BasicBlock
+
+from autobuild.errors import AutobuildError
+from autobuild.ops.batchnorm import bn_train_args
+from autobuild.ops.common import NoAutocast, autocast_dtype, bn_trains, fused_ok
+from autobuild.ops.pde import global_pde
+
+__all__ = ["BN_EPS", "COEFFS", "DIFFUSIVITIES", "INIT_BLOCKS", "MAPS", "PAPER_WIDTHS",
+           "VELOCITIES", "Bottleneck1", "Coefficient", "GlobalLayer", "ResNetGlobal",
+           "coefficient_map", "pde_steps", "resolve_coeffs"]
+
+COEFFS = ("dwconv", "constant", "constant_diffusivity")
+#: The maps a coefficient (or the init block) can be, by the official ``get_init_block``
+#: names: ``dwconv`` is the official default coefficient conv (timm ``create_conv2d``,
+#: depthwise 3x3, no bias); ``dwconv_bias`` is the official ``DwConv`` (nn.Conv2d, bias).
+MAPS = ("dwconv", "identity", "basicblock", "bottleneck", "dwconv_bias", "pwconv", "fullconv")
+#: ``none``: no advection (v = 0: diffusion only).
+VELOCITIES = (*MAPS, "none")
+#: ``isotropic``: the official ``use_dot`` form, one nonlinear field for both axes,
+#: D = ReLU(BN_x(conv_x h) · ReLU(BN_y(conv_y h))); ``constant``: the official
+#: ``--constant_Dxy`` (D = cDx = cDy = 1); ``none``: no diffusion (D = 0: advection only).
+DIFFUSIVITIES = (*MAPS, "isotropic", "constant", "none")
+#: The official ``cell_type``: the block that makes H^0 = init(f) (``identity``: H^0 = f).
+INIT_BLOCKS = ("identity", "basicblock", "bottleneck", "dwconv_bias", "pwconv", "fullconv")
+#: Coefficient batch-norm eps: ``channels`` is the official ``norm_layer(planes, planes)``
+#: (eps = the channel count); ``1e-5`` is PyTorch's default.
+BN_EPS = ("channels", "1e-5")
+#: Channels of the four stages of the official CIFAR ResNet-Global.
+PAPER_WIDTHS = (16, 32, 64, 64)
+
+
+def pde_steps(f: Tensor, h: Tensor, u: Tensor | None, v: Tensor | None,
+              diff_x: Tensor | float, diff_y: Tensor | float, steps: int, dt: float,
+              dx: int = 1, dy: int = 1, source: bool = True) -> Tensor:
+    """``steps`` steps of the official three-level scheme from H^-1 = f, H^0 = h (see
+    ``autobuild.variants.pde_global``); ``u``/``v`` None means zero velocity, a float
+    diffusivity a constant one; ``source=False`` drops the 2·dt·f term (the official
+    ``--no_f``). Tensors are (N, C, H, W)."""
+    bx2 = diff_x * (2 * dt / dx ** 2)  # 2·Bx
+    by2 = diff_y * (2 * dt / dy ** 2)
+    denom = 1 + bx2 + by2
+    c_prev = 1 - bx2 - by2
+    src = f * (2 * dt) if source else 0.0
+    if u is not None and v is not None:
+        ax, ay = u * (dt / dx), v * (dt / dy)
+        # 2E = 2·(∂u/∂x + ∂v/∂y)·dt, with the official (rolled) central differences.
+        e2 = ((torch.roll(u, dx, -2) - torch.roll(u, -dx, -2)) * (dt / dx)
+              + (torch.roll(v, dy, -1) - torch.roll(v, -dy, -1)) * (dt / dy))
+    h_prev = f
+    for _ in range(steps):
+        # Periodic borders: roll over the spatial axes only (-2 = x/height, -1 = y/width).
+        xp, xm = torch.roll(h, dx, -2), torch.roll(h, -dx, -2)  # H[i-1, j], H[i+1, j]
+        yp, ym = torch.roll(h, dy, -1), torch.roll(h, -dy, -1)  # H[i, j-1], H[i, j+1]
+        rhs = c_prev * h_prev + bx2 * (xp + xm) + by2 * (yp + ym) + src
+        if u is not None and v is not None:
+            rhs = rhs - e2 * h + ax * (xm - xp) + ay * (ym - yp)
+        h_prev, h = h, rhs / denom
+    return h
+
+
+class Bottleneck1(nn.Module):
+    """The official ``Bottleneck(planes, planes, expansion=1)``: 1x1 → 3x3 → 1x1 convs with
+    BN (ReLU after the first two), identity skip, ReLU (torchvision's has expansion 4)."""
+
+    def __init__(self, planes: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(planes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = torch.relu(self.bn2(self.conv2(y)))
+        return torch.relu(self.bn3(self.conv3(y)) + x)
+
+
+def coefficient_map(kind: str, channels: int) -> nn.Module:
+    """One of :data:`MAPS` on ``channels`` channels (shape-preserving)."""
+    if kind == "dwconv":
+        return nn.Conv2d(channels, channels, 3, padding=1, groups=channels, bias=False)
+    if kind == "dwconv_bias":
+        return nn.Conv2d(channels, channels, 3, padding=1, groups=channels)
+    if kind == "pwconv":
+        return nn.Conv2d(channels, channels, 1)
+    if kind == "fullconv":
+        return nn.Conv2d(channels, channels, 3, padding=1)
+    if kind == "basicblock":
+        return BasicBlock(channels, channels)
+    if kind == "bottleneck":
+        return Bottleneck1(channels)
+    if kind == "identity":
+        return nn.Identity()
+    raise AutobuildError(f"unknown Global-layer map {kind!r}; valid: {', '.join(MAPS)}")
+
+
+class Coefficient(nn.Module):
+    """A PDE coefficient field: ReLU(BN(map(h))); the map is a depthwise 3x3 conv by
+    default (kept under the name ``conv`` whatever it is, so state_dicts stay stable)."""
+
+    def __init__(self, channels: int, kind: str = "dwconv", eps: float = 1e-5) -> None:
+        super().__init__()
+        self.conv = coefficient_map(kind, channels)
+        self.bn = nn.BatchNorm2d(channels, eps=eps)
+
+    def pre(self, h: Tensor) -> Tensor:
+        """The map's output, before the batch norm."""
+        return self.conv(h)
+
+    def forward(self, h: Tensor) -> Tensor:
+        return torch.relu(self.bn(self.conv(h)))
+
+
+#: Kept for code that imported the former name.
+DepthwiseCoefficient = Coefficient
+
+
+def resolve_coeffs(coeffs: str, velocity: str, diffusivity: str) -> tuple[str, str]:
+    """The (velocity, diffusivity) that ``coeffs`` stands for; ``coeffs=dwconv`` leaves the
+    two explicit choices as they are, the others set them (and refuse a contradiction)."""
+    if coeffs not in COEFFS:
+        raise AutobuildError(f"unknown Global-layer coeffs {coeffs!r}; valid: "
+                             f"{', '.join(COEFFS)}")
+    if coeffs == "dwconv":
+        return velocity, diffusivity
+    implied = ("none", "constant") if coeffs == "constant" else (velocity, "constant")
+    if (coeffs == "constant" and (velocity, diffusivity) not in (("dwconv", "dwconv"), implied)
+            or diffusivity not in ("dwconv", "constant")):
+        raise AutobuildError(f"coeffs={coeffs} sets velocity={implied[0]}, diffusivity="
+                             f"{implied[1]}; drop coeffs or the velocity/diffusivity options")
+    return implied
+
+
+class GlobalLayer(nn.Module):
+    """Kag & Saligrama's Global layer (``GlobalFeatureBlock_Diffusion`` of the official code,
+    no residual, H^-1 = f, H^0 = init_block(f)); see ``autobuild.variants.pde_global``."""
+
+    #: autobuild.masked(): the layer is the identity (its stage is just its first block).
+    masked: bool = False
+
+    def __init__(self, channels: int, steps: int = 1, dt: float = 0.2, coeffs: str = "dwconv",
+                 dx: int = 1, dy: int = 1, *, velocity: str = "dwconv",
+                 diffusivity: str = "dwconv", init_block: str = "identity",
+                 bn_eps: str = "channels", residual: bool = False, source: bool = True) -> None:
+        super().__init__()
+        velocity, diffusivity = resolve_coeffs(coeffs, velocity, diffusivity)
+        for name, value, valid in (("velocity", velocity, VELOCITIES),
+                                   ("diffusivity", diffusivity, DIFFUSIVITIES),
+                                   ("init_block", init_block, INIT_BLOCKS), ("bn_eps", bn_eps,
+                                                                             BN_EPS)):
+            if value not in valid:
+                raise AutobuildError(f"unknown Global-layer {name} {value!r}; valid: "
+                                     f"{', '.join(valid)}")
+        if steps < 1 or not dt > 0 or dx < 1 or dy < 1:
+            raise AutobuildError(f"the Global layer needs K >= 1, dt > 0 and dx, dy >= 1 (got "
+                                 f"K={steps}, dt={dt}, dx={dx}, dy={dy})")
+        self.channels, self.steps, self.dt, self.coeffs = channels, steps, dt, coeffs
+        self.dx, self.dy = dx, dy
+        self.velocity, self.diffusivity, self.init_kind = velocity, diffusivity, init_block
+        # The official --use_res (output + f) and --no_f (source=False).
+        self.residual, self.source = bool(residual), bool(source)
+        # The official code's quirk: its coefficient BNs are norm_layer(planes, planes).
+        eps = float(channels) if bn_eps == "channels" else 1e-5
+        self.init_block = None if init_block == "identity" else coefficient_map(init_block,
+                                                                                channels)
+        learned_v = velocity != "none"
+        self.u = Coefficient(channels, velocity, eps) if learned_v else None
+        self.v = Coefficient(channels, velocity, eps) if learned_v else None
+        learned_d = diffusivity not in ("constant", "none")
+        kind = "dwconv" if diffusivity == "isotropic" else diffusivity
+        self.diff_x = Coefficient(channels, kind, eps) if learned_d else None
+        self.diff_y = Coefficient(channels, kind, eps) if learned_d else None
+        self.bn_out = nn.BatchNorm2d(channels)
+
+    def _coefficients(self) -> list[Coefficient | None]:
+        return [self.u, self.v, self.diff_x, self.diff_y]
+
+    def _fused(self, f: Tensor) -> Tensor:
+        """Training: the coefficients' BN + ReLU and the PDE steps as one Function that
+        keeps f, the coefficient maps' outputs and H_K (autobuild.ops.pde)."""
+        coefficients, bn_conf = [], []
+        for m in self._coefficients():
+            if m is None:
+                continue
+            y = m.pre(f)
+            rm, rv, momentum = bn_train_args(m.bn, y.shape)
+            coefficients.append((y, m.bn.weight, m.bn.bias, rm, rv))
+            bn_conf.append((momentum, m.bn.eps))
+        dev = f.device.type
+        with NoAutocast(dev, autocast_dtype(dev) is not None):
+            h = global_pde(f, tuple(m is not None for m in self._coefficients()), self.steps,
+                           self.dt, self.dx, self.dy, coefficients, bn_conf)
+        return torch.relu(self.bn_out(h))
+
+    def _fusable(self, f: Tensor) -> bool:
+        # The fused op starts from H^0 = f, has the source term and knows D ∈ {learned, 1}.
+        if (self.init_block is not None or self.diffusivity in ("isotropic", "none")
+                or not self.source):
+            return False
+        coefficients = [m for m in self._coefficients() if m is not None]
+        return fused_ok(None, f, *(p for m in coefficients for p in m.parameters())) and all(
+            bn_trains(m.bn) for m in coefficients)
+
+    def forward(self, f: Tensor) -> Tensor:
+        if self.masked:
+            return f
+        if self._fusable(f):
+            out = self._fused(f)
+            return out + f if self.residual else out
+        h = self.init_block(f) if self.init_block is not None else f
+        u = self.u(h) if self.u is not None else None
+        v = self.v(h) if self.v is not None else None
+        diff_x: Tensor | float
+        diff_y: Tensor | float
+        if self.diff_x is not None and self.diff_y is not None:
+            if self.diffusivity == "isotropic":
+                diff_x = diff_y = torch.relu(self.diff_x.bn(self.diff_x.conv(h)) * self.diff_y(h))
+            else:
+                diff_x, diff_y = self.diff_x(h), self.diff_y(h)
+        else:  # the official cDx = cDy = 1, or no diffusion at all
+            diff_x = diff_y = 0.0 if self.diffusivity == "none" else 1.0
+        h = pde_steps(f, h, u, v, diff_x, diff_y, self.steps, self.dt, self.dx, self.dy,
+                      self.source)
+        out = torch.relu(self.bn_out(h))
+        return out + f if self.residual else out
+
+    def extra_repr(self) -> str:
+        return (f"{self.channels}, K={self.steps}, dt={self.dt}, velocity={self.velocity}, "
+                f"diffusivity={self.diffusivity}, init={self.init_kind}, dx={self.dx}, "
+                f"dy={self.dy}, residual={self.residual}, source={self.source}")
+
+
+class ResNetGlobal(nn.Module):
+    """The official CIFAR ResNet-Global (``model.pdenet``): four stages of ``blocks`` basic
+    blocks with a Global layer after stages 1-3 (``layer_options``: GlobalLayer's)."""
+
+    def __init__(self, num_classes: int = 10, in_chans: int = 3,
+                 widths: Sequence[int] = PAPER_WIDTHS, blocks: int = 1, steps: int = 1,
+                 dt: float = 0.2, coeffs: str = "dwconv", **layer_options: object) -> None:
+        super().__init__()
+        w1, w2, w3, w4 = widths
+        self.conv1 = nn.Conv2d(in_chans, w1, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(w1)
+        self.relu = nn.ReLU(inplace=True)
+        opts = dict(steps=steps, dt=dt, coeffs=coeffs, **layer_options)
+        self.layer1 = _stage(w1, w1, blocks, 1)
+        self.global1 = GlobalLayer(w1, **opts)  # type: ignore[arg-type]
+        self.layer2 = _stage(w1, w2, blocks, 2)
+        self.global2 = GlobalLayer(w2, **opts)  # type: ignore[arg-type]
+        self.layer3 = _stage(w2, w3, blocks, 2)
+        self.global3 = GlobalLayer(w3, **opts)  # type: ignore[arg-type]
+        self.layer4 = _stage(w3, w4, blocks, 2)  # the official layer4 is strided as well
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(w4, num_classes)
+        for m in self.modules():  # the official init: N(0, 2/(k·k·out)) convs, unit BNs
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.global1(self.layer1(x))
+        x = self.global2(self.layer2(x))
+        x = self.global3(self.layer3(x))
+        x = self.layer4(x)
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def _stage(inplanes: int, planes: int, blocks: int, stride: int) -> nn.Sequential:
+    downsample = None
+    if stride != 1 or inplanes != planes:
+        downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False),
+                                   nn.BatchNorm2d(planes))
+    layers = [BasicBlock(inplanes, planes, stride, downsample)]
+    layers += [BasicBlock(planes, planes) for _ in range(blocks - 1)]
+    return nn.Sequential(*layers)

@@ -1,0 +1,193 @@
+"""pde-global: the official numerics (coefficient BN eps = channel count) and the ablation
+options, against a formula-level re-implementation of the official
+``GlobalFeatureBlock_Diffusion.forward`` and against the official code's parameter counts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import autobuild
+from autobuild.errors import AutobuildError
+from autobuild.models import resolve_baseline
+from autobuild.ops import plain_ops
+from autobuild.variants.pde_global import GlobalLayer, ResNetGlobal
+from tests.conftest import convert_baseline
+
+
+def _bn(m: nn.BatchNorm2d, x: Tensor, eps: float, training: bool) -> Tensor:
+    # Copies of the running statistics: the reference must not move the module's.
+    return F.batch_norm(x, m.running_mean.clone(), m.running_var.clone(), m.weight, m.bias,
+                        training, 0.1, eps)
+
+
+def official_forward(layer: GlobalLayer, f: Tensor, training: bool = False) -> Tensor:
+    """The official forward written out: the coefficient BNs with eps = the channel count
+    (``norm_layer(planes, planes)``), D = 1/(1 + 2Bx + 2By) as a product, the stencil with
+    its rolled copies, the source added after the stencil (the official order). The maps
+    before the BNs (convs, blocks) are the layer's own modules, called as they are."""
+    c = f.shape[1]
+    eps = float(c)
+
+    def coeff(m: Any, h: Tensor) -> Tensor:
+        return F.relu(_bn(m.bn, m.conv(h), eps, training))
+
+    h = layer.init_block(f) if layer.init_block is not None else f
+    h0 = f
+    zero = torch.zeros_like(f)
+    g = coeff(layer.u, h) if layer.u is not None else zero
+    g1 = coeff(layer.v, h) if layer.v is not None else zero
+    if layer.diffusivity == "constant":
+        d_x: Tensor | float = 1.0
+        d_y: Tensor | float = 1.0
+    elif layer.diffusivity == "none":
+        d_x = d_y = 0.0
+    elif layer.diffusivity == "isotropic":  # the official use_dot
+        d_x = d_y = F.relu(_bn(layer.diff_x.bn, layer.diff_x.conv(h), eps, training)
+                           * coeff(layer.diff_y, h))
+    else:
+        d_x, d_y = coeff(layer.diff_x, h), coeff(layer.diff_y, h)
+    dt, dx, dy = layer.dt, layer.dx, layer.dy
+    ux = (1.0 / (2 * dx)) * (torch.roll(g, dx, dims=2) - torch.roll(g, -dx, dims=2))
+    vy = (1.0 / (2 * dy)) * (torch.roll(g1, dy, dims=3) - torch.roll(g1, -dy, dims=3))
+    ax, ay = g * (dt / dx), g1 * (dt / dy)
+    bx, by = d_x * (dt / (dx * dx)), d_y * (dt / (dy * dy))
+    e = (ux + vy) * dt
+    d = 1.0 / (1 + 2 * bx + 2 * by)
+    for _ in range(layer.steps):
+        prev = h
+        h = d * ((1 - 2 * bx - 2 * by) * h0 - 2 * e * h
+                 + (-ax + 2 * bx) * torch.roll(h, dx, dims=2)
+                 + (ax + 2 * bx) * torch.roll(h, -dx, dims=2)
+                 + (-ay + 2 * by) * torch.roll(h, dy, dims=3)
+                 + (ay + 2 * by) * torch.roll(h, -dy, dims=3))
+        if layer.source:  # the official no_f == False
+            h = h + d * 2 * dt * f
+        h0 = prev
+    out = F.relu(_bn(layer.bn_out, h, 1e-5, training))
+    return out + f if layer.residual else out  # the official use_res
+
+
+def _randomize(model: nn.Module, seed: int = 1) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            c = m.num_features
+            m.running_mean.copy_(torch.randn(c, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(c, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(c, generator=g) * 0.3)
+
+
+ABLATIONS: list[dict[str, Any]] = [
+    {}, {"coeffs": "constant"}, {"coeffs": "constant_diffusivity"},
+    *({"velocity": k} for k in ("identity", "basicblock", "bottleneck", "dwconv_bias",
+                                "pwconv", "fullconv", "none")),
+    *({"diffusivity": k} for k in ("identity", "basicblock", "isotropic", "none")),
+    {"init_block": "basicblock"}, {"init_block": "bottleneck"},
+    {"dx": 2, "dy": 1, "steps": 3}, {"diffusivity": "none", "velocity": "pwconv", "steps": 2},
+    {"residual": True}, {"source": False, "steps": 2},
+]
+
+
+@pytest.mark.parametrize("options", ABLATIONS, ids=lambda o: ",".join(
+    f"{k}={v}" for k, v in o.items()) or "default")
+@pytest.mark.parametrize("training", [False, True])
+def test_global_layer_matches_the_official_formula(options: dict, training: bool) -> None:
+    torch.manual_seed(0)
+    layer = GlobalLayer(6, **options).double()
+    _randomize(layer)
+    layer.train(training)
+    # requires_grad: in training mode the fused op runs where it applies.
+    f = torch.randn(2, 6, 7, 5, dtype=torch.float64, requires_grad=training)
+    ref = official_forward(layer, f, training)
+    y = layer(f)
+    assert (y - ref).abs().max() <= 1e-10 * ref.abs().max()
+    assert ref.abs().max() > 0.1
+
+
+@pytest.mark.parametrize("options", [{}, {"velocity": "identity"},
+                                     {"diffusivity": "basicblock"}])
+def test_fused_training_equals_plain_autograd(options: dict) -> None:
+    torch.manual_seed(0)
+    layer = GlobalLayer(4, 2, **options).double().train()
+    f = torch.randn(2, 4, 6, 6, dtype=torch.float64, requires_grad=True)
+    outs = []
+    for plain in (False, True):
+        layer.zero_grad()
+        f.grad = None
+        if plain:
+            with plain_ops():
+                y = layer(f)
+        else:
+            y = layer(f)
+        (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
+        outs.append([y.detach(), f.grad.clone(), *(p.grad.clone() for p in layer.parameters())])
+    for a, b in zip(*outs, strict=True):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_paper_layout_reproduces_the_official_numerics() -> None:
+    """The whole ResNet-Global with each Global layer recomputed by the official formula;
+    bn_eps=1e-5 (autobuild's former behaviour) moves the logits by ~9%."""
+    base = resolve_baseline("cifar_resnet32")
+    torch.manual_seed(0)
+    m = convert_baseline(base, "pde-global", options={"layout": "paper"}).model.eval()
+    _randomize(m)
+    assert [m.get_submodule(f"global{i}").u.bn.eps for i in (1, 2, 3)] == [16.0, 32.0, 64.0]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        y = m(x)
+        hooks = [m.get_submodule(f"global{i}").register_forward_hook(
+            lambda mod, inp, out: official_forward(mod, inp[0])) for i in (1, 2, 3)]
+        ref = m(x)
+        for hk in hooks:
+            hk.remove()
+        other = ResNetGlobal(bn_eps="1e-5").eval()
+        other.load_state_dict(m.state_dict())
+        y_default_eps = other(x)
+    assert (y - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert (y_default_eps - ref).abs().max() >= 0.05 * ref.abs().max()
+
+
+#: Parameters of the official ResNet-Global (pdenet, -m 1 --n1 16 --n2 32 --n3 64 --n4 64
+#: --non_linear --K 1) with each flag, counted by instantiating the official model.py on CPU
+#: (timm 1.0: its efficientnet_blocks import renamed, nothing else changed).
+OFFICIAL_PARAMS: list[tuple[dict[str, Any], int]] = [
+    ({}, 161_402), ({"blocks": 2}, 332_602), ({"coeffs": "constant_diffusivity"}, 158_938),
+    ({"velocity": "identity"}, 159_386), ({"velocity": "dwconv_bias"}, 161_626),
+    ({"velocity": "basicblock"}, 353_818), ({"velocity": "bottleneck"}, 279_002),
+    ({"velocity": "pwconv"}, 170_362), ({"velocity": "fullconv"}, 256_378),
+    ({"diffusivity": "identity"}, 159_386), ({"diffusivity": "basicblock"}, 353_818),
+    ({"diffusivity": "bottleneck"}, 279_002), ({"diffusivity": "fullconv"}, 256_378),
+    ({"init_block": "basicblock"}, 258_618), ({"init_block": "bottleneck"}, 221_210),
+]
+
+
+@pytest.mark.parametrize("options,params", OFFICIAL_PARAMS,
+                         ids=[",".join(f"{k}={v}" for k, v in o.items()) or "default"
+                              for o, _ in OFFICIAL_PARAMS])
+def test_ablation_counts_match_the_official_code(options: dict, params: int) -> None:
+    with torch.device("meta"):
+        m = ResNetGlobal(**options)
+    assert sum(p.numel() for p in m.parameters()) == params
+
+
+def test_ablation_options_on_a_plan_and_their_refusals() -> None:
+    r20 = resolve_baseline("cifar_resnet20")
+    conv = convert_baseline(r20, "pde-global", sites=["layer2"],
+                            options={"velocity": "basicblock", "diffusivity": "isotropic",
+                                     "dx": "2"})
+    layer = conv.model.layer2.get_submodule("pde")
+    assert (layer.velocity, layer.diffusivity, layer.dx) == ("basicblock", "isotropic", 2)
+    c = autobuild.count(conv.model, (3, 32, 32))
+    assert conv.analysis.cost(conv.plan.placement).params == c.params
+    with pytest.raises(AutobuildError, match="coeffs=constant sets velocity=none"):
+        convert_baseline(r20, "pde-global", options={"coeffs": "constant",
+                                                     "velocity": "identity"})
+    with pytest.raises(AutobuildError, match="velocity='x' of pde-global is not valid"):
+        convert_baseline(r20, "pde-global", options={"velocity": "x"})
