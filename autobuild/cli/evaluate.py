@@ -7,6 +7,7 @@ import argparse
 import json
 from typing import Any
 
+from autobuild.cli._common import PATH, recipe_value
 from autobuild.cli.train import add_data_arguments, config_overrides
 
 _S = argparse.SUPPRESS
@@ -18,13 +19,16 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser("evaluate", help="val top-1/top-5 of a classifier, mAP of a detector",
                        description="Evaluate a saved run or model on the val split of --data "
                                    "(default: the data it trained on).")
-    p.add_argument("run_dir", metavar="RUN", help="a run or saved model directory")
+    p.add_argument("run_dir", metavar="RUN", type=PATH, help="a run or saved model directory")
     add_data_arguments(p)
     p.add_argument("--last", action="store_true",
                    help=f"evaluate {LAST_WEIGHTS} instead of {BEST_WEIGHTS}")
-    p.add_argument("--batch-size", type=int, default=_S, help="evaluation batch size")
-    p.add_argument("--device", default=_S, help="auto (default), cpu, cuda, cuda:N")
-    p.add_argument("--workers", type=int, default=_S, help="data loader processes")
+    p.add_argument("--batch-size", type=recipe_value("batch_size"), default=_S,
+                   help="evaluation batch size")
+    p.add_argument("--device", type=recipe_value("device"), default=_S,
+                   help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--workers", type=recipe_value("workers"), default=_S,
+                   help="data loader processes")
     p.add_argument("--amp", action="store_true", default=_S, help="mixed precision")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(run=run)
@@ -34,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
     from autobuild.io import load
     from autobuild.rewrite import plan_of
     from autobuild.train import BEST_WEIGHTS, LAST_WEIGHTS, TrainConfig
-    from autobuild.train.runs import data_for_run, read_run_record, task_for
+    from autobuild.train.rundir import read_run_record
+    from autobuild.train.runs import data_for_run, task_for
 
     record = read_run_record(args.run_dir)
     saved = (record or {}).get("config") or {}

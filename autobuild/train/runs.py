@@ -1,5 +1,5 @@
-"""Run directories: what a run recorded (``train.yaml``), the data it trained on, and
-which task (classification or detection) a model and a data spec make."""
+"""The data a run trained on, and which task (classification or detection) a model and a
+data spec make. What a run records about itself is :mod:`autobuild.train.rundir`."""
 
 from __future__ import annotations
 
@@ -9,21 +9,7 @@ from typing import Any
 from autobuild.errors import AutobuildError
 from autobuild.train.data import DATA_SPECS, build_data
 
-__all__ = ["RUN_FILE", "data_for_run", "is_main_process", "read_run_record", "task_for"]
-
-RUN_FILE = "train.yaml"
-
-
-def read_run_record(run: str) -> dict[str, Any] | None:
-    """The ``train.yaml`` record of a run directory (None for a directory `convert` wrote)."""
-    import yaml
-
-    try:
-        with open(os.path.join(run, RUN_FILE)) as f:
-            record = yaml.safe_load(f)
-        return record if isinstance(record, dict) else None
-    except (OSError, yaml.YAMLError):
-        return None
+__all__ = ["data_for_run", "is_main_process", "task_for"]
 
 
 def task_for(model: str, spec: str | None) -> str:

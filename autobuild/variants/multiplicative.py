@@ -228,7 +228,8 @@ class MultiplicativeVariant(Variant):
                "(stride > 1, the paper's first block of stages 2-4), skip (every block with a "
                "skip conv) or none", HARDBALL_PLACEMENTS),
         Option("expansion", "qlnet", "block width: 'qlnet' (4x the block's narrowest width, "
-               "2x above 256) or a number K (K x that width)"),
+               "2x above 256) or a number K (K x that width)", type=float, min=0.0, max=16.0,
+               min_inclusive=False, specials=("qlnet",)),
     )
     # A QL block replaces a whole block: it cannot compute a basic/bottleneck block's function.
     inits = ("scratch",)
