@@ -218,13 +218,23 @@ def staged_directory(dest: str, *, force: bool = False) -> Iterator[str]:
         raise
 
 
+def as_path(value: Any) -> Any:
+    """``str(value)`` for a ``pathlib.Path`` (any ``os.PathLike`` of str); anything else is
+    returned as it is, for the caller's own check to name it."""
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    return value
+
+
 # ---- plans -----------------------------------------------------------------------------
 def save_plan(plan: Plan, path: str) -> None:
+    path = as_path(path)
     atomic_write_text(path, plan.dumps("json" if path.endswith(".json") else "yaml"))
 
 
 def load_plan(path: str) -> Plan:
     """A plan from a file, or from a directory holding plan.yaml/plan.json."""
+    path = as_path(path)
     if not isinstance(path, str) or not path:
         raise AutobuildError(f"a plan is a file or directory path, got {path!r}")
     if os.path.isdir(path):
@@ -249,6 +259,7 @@ def load_placement(path: str) -> Placement:
     ``placement:`` key), or a plan file (its placement)."""
     import yaml
 
+    path = as_path(path)
     if not isinstance(path, str) or not os.path.isfile(path):
         raise AutobuildError(f"placement file {path!r} does not exist")
     try:
@@ -282,6 +293,7 @@ def save_weights(model: nn.Module, path: str) -> None:
 def save(model: nn.Module, directory: str, *, force: bool = False) -> str:
     """Write ``plan.yaml`` + ``weights.safetensors`` as ``directory`` (replacing it
     completely with ``force``); returns the directory."""
+    directory = as_path(directory)
     plan = plan_of(model)
     if plan is None:
         raise AutobuildError("this model has no plan: build it with autobuild.convert() or "
@@ -325,6 +337,18 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], path: str, *,
     model.load_state_dict(state, strict=False, assign=assign)
 
 
+def _init_non_persistent_buffers(model: nn.Module) -> None:
+    """Buffers the file does not hold (``persistent=False``: a function of the shapes, such
+    as the Dirac conv's δ) are still on the meta device after the assign: give them memory
+    and let their module fill them (timm's ``init_non_persistent_buffers`` convention)."""
+    for module in model.modules():
+        meta = [n for n, b in module.named_buffers(recurse=False) if b.device.type == "meta"]
+        if meta and callable(getattr(module, "init_non_persistent_buffers", None)):
+            for name in meta:
+                setattr(module, name, torch.empty_like(getattr(module, name), device="cpu"))
+            module.init_non_persistent_buffers()
+
+
 def _has_meta(model: nn.Module) -> bool:
     return any(t.device.type == "meta" for t in (*model.parameters(), *model.buffers()))
 
@@ -334,6 +358,8 @@ def load(directory: str, *, baseline: nn.Module | None = None,
     """Rebuild a saved model: the structure from its plan (on the meta device: nothing is
     initialised only to be overwritten), then its weights, assigned from the file."""
     from autobuild.api import build_plan
+
+    directory = as_path(directory)
 
     if not isinstance(directory, str) or not os.path.isdir(directory):
         raise AutobuildError(f"{directory!r} is not a saved model directory")
@@ -350,6 +376,7 @@ def load(directory: str, *, baseline: nn.Module | None = None,
     if model is not None:
         record = record_of(model)
         _load_state(model, state, path, assign=True)
+        _init_non_persistent_buffers(model)
         if _has_meta(model):  # a buffer the file does not hold (not persistent): build for real
             model = None
         else:

@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--subset", type=int, default=1000)
     parser.add_argument("--space", default=os.path.join(HERE, "..", "search_spaces",
                                                         "cifar10-resnet20-mixed.yaml"))
+    parser.add_argument("--strategies", nargs="+", choices=list(STRATEGIES),
+                        default=list(STRATEGIES))
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     from autobuild.search import hypervolume, load_space, run
@@ -47,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
-            for name, overrides in STRATEGIES.items():
+            for name in args.strategies:
+                overrides = STRATEGIES[name]
                 space = load_space(args.space, [
                     f"name={name}-{seed}", f"data={data}", f"seed={seed}",
                     f"budget.epochs={args.epochs}", f"budget.train_subset={args.subset}",
@@ -64,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
                 if not args.json:
                     print(rows[-1], flush=True)
     summary = {}
-    for name in STRATEGIES:
+    for name in args.strategies:
         hv = [r["hv"] for r in rows if r["strategy"] == name]
         half = [r["hv_half"] for r in rows if r["strategy"] == name]
         summary[name] = {"hv_mean": round(statistics.mean(hv), 4),

@@ -13,7 +13,9 @@ from torch import nn
 
 from autobuild.rewrite import Analysis, Baseline, record_of
 
-torch.set_num_threads(2)
+# The test models are tiny: a second OpenMP thread gains nothing and, when the machine is
+# busy, the two wait on each other (measured 10-20x slower; tests/train/conftest.py).
+torch.set_num_threads(1)
 
 
 def max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -73,7 +73,7 @@ def test_refuses_to_overwrite(tmp_path, capsys) -> None:
     (["convert", "resnet5", "--to", "quadratic"], "unknown model 'resnet5'"),
     (["convert", "resnet18", "--to", "cubic"], "unknown family 'cubic'"),
     (["convert", "resnet18", "--to", "quadratic", "--option", "kind=ours"],
-     "unknown option of quadratic 'kind'; valid: type"),
+     "unknown option of quadratic 'kind'; valid: memory, type"),
     (["convert", "resnet18", "--to", "quadratic", "--option", "type=t9"], "valid: ours, t2"),
     (["convert", "resnet18", "--to", "quadratic", "--option", "type"], "name=value"),
     (["convert", "cifar_resnet20", "--to", "quadratic", "--sites", "layer9.*"],

@@ -53,6 +53,8 @@ from torch import Tensor, fx, nn
 from torch.nn.modules.utils import _pair
 
 from autobuild.errors import AutobuildError, InfeasiblePlacement
+from autobuild.ops.common import NoAutocast, autocast_cast, autocast_dtype, fused_ok
+from autobuild.ops.dirac import dirac_conv2d, dirac_weight
 from autobuild.rewrite import (
     BuildRecord,
     Change,
@@ -125,6 +127,13 @@ class DiracConv2d(nn.Module):
                              persistent=False)
         self.reset_parameters()
 
+    @torch.no_grad()
+    def init_non_persistent_buffers(self) -> None:
+        """Fill δ (``autobuild.load`` builds on the meta device and assigns the saved state,
+        which does not hold δ)."""
+        self.delta.copy_(dirac_delta(self.out_channels, self.in_channels, self.kernel_size,
+                                     self.groups))
+
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, *, strided_ok: bool = False) -> DiracConv2d:
         """A (stride-1) Dirac conv with ``conv``'s geometry, or an error saying why δ is not
@@ -162,9 +171,23 @@ class DiracConv2d(nn.Module):
         return torch.addcmul(self.beta.view(shape) * w, self.alpha.view(shape), self.delta)
 
     def forward(self, x: Tensor) -> Tensor:
-        weight = (self.alpha.view(-1, 1, 1, 1) * self.delta if self.masked
-                  else self.effective_weight())
-        return F.conv2d(x, weight, self.bias, 1, self.padding, self.dilation, self.groups)
+        if self.masked:  # autobuild.masked(): the identity term only
+            weight = self.alpha.view(-1, 1, 1, 1) * self.delta
+            return F.conv2d(x, weight, self.bias, 1, self.padding, self.dilation, self.groups)
+        if fused_ok(None, x, self.weight, self.alpha, self.beta):
+            # Training: one Function that keeps x and W, not the rebuilt weight
+            # (autobuild.ops.dirac); same convolution, gradients in closed form.
+            dev = x.device.type
+            dtype = autocast_dtype(dev)
+            (x,) = autocast_cast(dtype, x)
+            with NoAutocast(dev, dtype is not None):
+                return dirac_conv2d(x, self.weight, self.alpha, self.beta, self.bias,
+                                    self.padding, self.dilation, self.groups)
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+            w = self.effective_weight()  # plain autograd (autobuild.ops.plain_ops)
+        else:  # inference: build the weight without δ's full pass
+            w = dirac_weight(self.weight, self.alpha, self.beta, self.groups)
+        return F.conv2d(x, w, self.bias, 1, self.padding, self.dilation, self.groups)
 
     @torch.no_grad()
     def folded(self, bn: nn.modules.batchnorm._BatchNorm | None = None) -> nn.Conv2d:

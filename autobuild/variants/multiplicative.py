@@ -57,6 +57,8 @@ import torch
 from torch import Tensor, fx, nn
 
 from autobuild.errors import AutobuildError
+from autobuild.ops.common import bn_trains, fused_ok
+from autobuild.ops.multiplicative import ql_branch_train
 from autobuild.rewrite import Counts, Option, Site, Variant, plan_of, register_family, root_of
 from autobuild.variants.base import count_replacement
 
@@ -67,6 +69,9 @@ __all__ = ["Hardball", "MultiplicativeVariant", "QLBlock", "QLNet", "check_symme
            "ql_width", "symmetry_transform"]
 
 LAYOUTS = ("plain", "qlnet")
+#: Training backward of the QL branch: "default" keeps the BN inputs (z, the product, the
+#: depthwise output); "save" keeps only the block input and recomputes the branch.
+MEMORY_MODES = ("default", "save")
 HARDBALL_PLACEMENTS = ("downsample", "skip", "none")
 #: QLNet's stage widths (the residual stream, expansion 1).
 QLNET_WIDTHS = (64, 128, 256, 512)
@@ -117,6 +122,8 @@ class QLBlock(nn.Module):
             self.skip = nn.Sequential(nn.Conv2d(inplanes, outplanes, 1, stride, bias=False),
                                       nn.BatchNorm2d(outplanes))
         self.hardball: nn.Module = Hardball() if hardball else nn.Identity()
+        #: "default" or "save" (MEMORY_MODES); an attribute, not part of the state_dict.
+        self.memory = "default"
         self.reset_parameters()
 
     @property
@@ -133,18 +140,37 @@ class QLBlock(nn.Module):
         # The block starts as its skip path: y = BN3(.) = 0 (QLNet, like zero-init residuals).
         self.bn3.weight.zero_()
 
+    def _fusable(self, x: Tensor) -> bool:
+        return (fused_ok(None, x, *self.parameters()) and bn_trains(self.bn1)
+                and bn_trains(self.bn2) and all(type(c) is nn.Conv2d for c in (
+                    self.conv1, self.conv2, self.conv3)))
+
     def forward(self, x: Tensor) -> Tensor:
         if self.masked:
             return self.hardball(self.skip(x))
+        if self._fusable(x):
+            # Training: fused ops keeping the BN inputs only, or (memory=save) the block
+            # input only (autobuild.ops.multiplicative); same kernels, same outputs.
+            y = self.bn3(ql_branch_train(self, x))
+            return self.hardball(self.skip(x) + y)
         y = self.bn1(self.conv1(x))
-        y = y[:, : self.width] * y[:, self.width:]
-        y = self.bn2(self.conv2(y))
+        a, b = y.chunk(2, 1)  # [:w] and [w:]: the same views, one op
+        y = self.bn2(self.conv2(a * b))
         y = self.bn3(self.conv3(y))
         return self.hardball(self.skip(x) + y)
 
     def extra_repr(self) -> str:
+        memory = ", memory=save" if self.memory == "save" else ""
         return (f"{self.inplanes}, {self.outplanes}, width={self.width}, stride={self.stride}, "
-                f"hardball={isinstance(self.hardball, Hardball)}")
+                f"hardball={isinstance(self.hardball, Hardball)}{memory}")
+
+
+def _with_memory(module: nn.Module, memory: str) -> nn.Module:
+    """Set every QL block's memory mode (an attribute: the state_dict is unchanged)."""
+    for m in module.modules():
+        if isinstance(m, QLBlock):
+            m.memory = memory
+    return module
 
 
 def _wants_hardball(placement: str, stride: int, skip_conv: bool) -> bool:
@@ -230,6 +256,10 @@ class MultiplicativeVariant(Variant):
         Option("expansion", "qlnet", "block width: 'qlnet' (4x the block's narrowest width, "
                "2x above 256) or a number K (K x that width)", type=float, min=0.0, max=16.0,
                min_inclusive=False, specials=("qlnet",)),
+        Option("memory", "default", "training backward of each QL block: 'default' keeps the "
+               "branch's BN inputs; 'save' keeps only the block input and recomputes the branch "
+               "(about the baseline's memory, one more conv1 and depthwise conv)",
+               MEMORY_MODES),
     )
     # A QL block replaces a whole block: it cannot compute a basic/bottleneck block's function.
     inits = ("scratch",)
@@ -289,8 +319,9 @@ class MultiplicativeVariant(Variant):
     def apply(self, rewriter: Rewriter, site: Site, options: dict[str, Any], init: str) -> None:
         if options["layout"] == "qlnet":
             expansion = _parse_expansion(options["expansion"])
-            rewriter.set_root(site, self._qlnet(rewriter.root_module, expansion,
-                                                options["hardball"]), note="QLNet layout")
+            model = self._qlnet(rewriter.root_module, expansion, options["hardball"])
+            rewriter.set_root(site, _with_memory(model, options.get("memory", "default")),
+                              note="QLNet layout")
             return
         rewriter.replace(site, self.build(site, rewriter.module(site), options, init))
 
@@ -301,6 +332,7 @@ class MultiplicativeVariant(Variant):
         width = ql_width(_block_basis(site, module), _parse_expansion(options["expansion"]))
         block = QLBlock(site.in_channels, site.out_channels, width, stride,
                         _wants_hardball(options["hardball"], stride, skip))
+        _with_memory(block, options.get("memory", "default"))
         param = next(module.parameters(), None)
         return block.to(param.device, param.dtype) if param is not None else block
 

@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from autobuild.errors import AutobuildError
+from autobuild.ops.pool import max_pool2d
 from autobuild.rewrite import Counts, Option, Region, Site, Variant, register_family
 from autobuild.variants.base import count_replacement
 
@@ -87,7 +88,14 @@ class ParameterFreeLayer(nn.Module):
         if self.pad != (0, 0):
             ph, pw = self.pad
             x = F.pad(x, (pw, pw, ph, ph), value=float("-inf"))
-        x = self.pool(x)
+        pool = self.pool
+        if type(pool) is nn.MaxPool2d and not pool.return_indices:
+            # Same outputs and gradients as the module; keeps 2 bytes per output for
+            # backward instead of the input and int64 indices (autobuild.ops.pool).
+            x = max_pool2d(x, pool.kernel_size, pool.stride, pool.padding, pool.dilation,
+                           pool.ceil_mode)
+        else:
+            x = pool(x)
         return x if self.conv is None else self.conv(x)
 
     def extra_repr(self) -> str:

@@ -58,6 +58,9 @@ from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock
 
 from autobuild.errors import AutobuildError, InfeasiblePlacement
+from autobuild.ops.batchnorm import bn_train_args
+from autobuild.ops.common import NoAutocast, autocast_dtype, bn_trains, fused_ok
+from autobuild.ops.pde import global_pde
 from autobuild.rewrite import Counts, Option, Region, Site, Variant, register_family
 from autobuild.variants.base import count_replacement
 
@@ -136,9 +139,33 @@ class GlobalLayer(nn.Module):
         self.diff_y = DepthwiseCoefficient(channels) if coeffs == "dwconv" else None
         self.bn_out = nn.BatchNorm2d(channels)
 
+    def _coefficients(self) -> list[DepthwiseCoefficient | None]:
+        return [self.u, self.v, self.diff_x, self.diff_y]
+
+    def _fused(self, f: Tensor) -> Tensor:
+        """Training: the coefficients' BN + ReLU and the PDE steps as one Function that
+        keeps f, the coefficient conv outputs and H_K (autobuild.ops.pde)."""
+        coefficients, bn_conf = [], []
+        for m in self._coefficients():
+            if m is None:
+                continue
+            y = m.conv(f)
+            rm, rv, momentum = bn_train_args(m.bn, y.shape)
+            coefficients.append((y, m.bn.weight, m.bn.bias, rm, rv))
+            bn_conf.append((momentum, m.bn.eps))
+        dev = f.device.type
+        with NoAutocast(dev, autocast_dtype(dev) is not None):
+            h = global_pde(f, tuple(m is not None for m in self._coefficients()), self.steps,
+                           self.dt, self.dx, self.dy, coefficients, bn_conf)
+        return torch.relu(self.bn_out(h))
+
     def forward(self, f: Tensor) -> Tensor:
         if self.masked:
             return f
+        coefficients = [m for m in self._coefficients() if m is not None]
+        if fused_ok(None, f, *(p for m in coefficients for p in m.parameters())) and all(
+                bn_trains(m.bn) and type(m.conv) is nn.Conv2d for m in coefficients):
+            return self._fused(f)
         h = f  # the official default init block is the identity: H^0 = h = f
         u = self.u(h) if self.u is not None else None
         v = self.v(h) if self.v is not None else None

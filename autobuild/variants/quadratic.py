@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from autobuild.errors import AutobuildError, InfeasiblePlacement
+from autobuild.ops.common import fused_ok
+from autobuild.ops.quadratic import ours_conv_train, ours_linear_train
 from autobuild.rewrite import Option, Site, Variant, register_family
 
 if TYPE_CHECKING:
@@ -40,6 +42,10 @@ QUADRATIC_TYPES = {"ours": 3, "t2": 1, "t3": 1, "t4": 2, "fan": 2, "volterra": 1
 PRESERVING_TYPES = ("ours", "fan", "volterra")
 #: Volterra layers above this many parameters are refused (A_o alone is (C·k²)² per output).
 VOLTERRA_MAX_PARAMS = 8_000_000
+#: ``ours``' training backward: "default" keeps the conv output (BN and product fused),
+#: "save" keeps only the input, weights and batch statistics and recomputes the conv.
+MEMORY_MODES = ("default", "save")
+
 
 
 class _Quadratic(nn.Module):
@@ -59,6 +65,8 @@ class _Quadratic(nn.Module):
             raise AutobuildError(f"unknown quadratic type {qtype!r}; valid: "
                                  f"{', '.join(QUADRATIC_TYPES)}")
         self.qtype = qtype
+        #: ``ours`` only: "default" or "save" (MEMORY_MODES); not part of the state_dict.
+        self.memory = "default"
         self.in_channels, self.out_channels = in_channels, out_channels
         n = QUADRATIC_TYPES[qtype]
         if qtype == "volterra":
@@ -175,7 +183,8 @@ class _Quadratic(nn.Module):
         raise AssertionError(q)
 
     def extra_repr(self) -> str:
-        return f"{self.in_channels}, {self.out_channels}, type={self.qtype}"
+        memory = ", memory=save" if self.memory == "save" else ""
+        return f"{self.in_channels}, {self.out_channels}, type={self.qtype}{memory}"
 
 
 class QuadraticConv2d(_Quadratic):
@@ -211,9 +220,23 @@ class QuadraticConv2d(_Quadratic):
     def _conv(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
+    def _numeric_padding(self) -> tuple[int, int] | None:
+        if not isinstance(self.padding, str):
+            return self.padding
+        if self.padding == "valid":
+            return (0, 0)
+        total = [d * (k - 1) for d, k in zip(self.dilation, self.kernel_size, strict=True)]
+        return None if any(t % 2 for t in total) else (total[0] // 2, total[1] // 2)
+
+    def _ours_train(self, x: Tensor) -> Tensor:
+        """Training forward of ``ours`` through the fused ops (autograd records)."""
+        return ours_conv_train(self, x, self._numeric_padding())
+
     def forward(self, x: Tensor) -> Tensor:
         if self.qtype == "volterra":
             return self._volterra(x)
+        if self.qtype == "ours" and fused_ok(self.bn, x, self.weight):
+            return self._ours_train(x)
         inp = x.square() if self.qtype == "t2" else x
         y = self._conv(inp, self.weight, self.bias)
         if self.bn is not None:
@@ -255,6 +278,10 @@ class QuadraticLinear(_Quadratic):
     def _batch_norm(self, channels: int) -> nn.Module:
         return nn.BatchNorm1d(channels)
 
+    def _ours_train(self, x: Tensor) -> Tensor:
+        """Training forward of ``ours`` through the fused ops (autograd records)."""
+        return ours_linear_train(self, x)
+
     def forward(self, x: Tensor) -> Tensor:
         if self.qtype == "volterra":
             lin = F.linear(x, self.weight, self.bias)
@@ -263,6 +290,8 @@ class QuadraticLinear(_Quadratic):
             ap = F.linear(x, self.quad.view(-1, self.in_channels))
             return lin + (ap.unflatten(-1, (self.out_channels, self.in_channels))
                           * x.unsqueeze(-2)).sum(-1)
+        if self.qtype == "ours" and fused_ok(self.bn, x, self.weight):
+            return self._ours_train(x)
         inp = x.square() if self.qtype == "t2" else x
         y = F.linear(inp, self.weight, self.bias)
         if self.bn is not None:
@@ -294,6 +323,10 @@ class QuadraticVariant(Variant):
         Option("type", "ours", "neuron type", tuple(QUADRATIC_TYPES)),
         Option("volterra_max_params", VOLTERRA_MAX_PARAMS,
                "largest volterra layer (parameters) that is built", None, int, min=1),
+        Option("memory", "default", "type ours, training: 'default' keeps the conv output for "
+               "backward; 'save' keeps only input, weights and BN statistics and recomputes "
+               "the conv in backward (about a quarter of the memory, one more conv)",
+               MEMORY_MODES),
     )
     primary_option = "type"
     leaf_modules = (QuadraticConv2d, QuadraticLinear)
@@ -359,6 +392,7 @@ class QuadraticVariant(Variant):
         if init == "preserve":
             layer.preserve(module.weight.detach(),
                            module.bias.detach() if module.bias is not None else None)
+        layer.memory = options.get("memory", "default")
         return layer
 
 
