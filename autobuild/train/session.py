@@ -287,10 +287,14 @@ class Session:
         if not self.out_dir:
             raise AutobuildError("resume needs the run directory (out_dir)")
         state = load_checkpoint(self.ckpt_path)
+        # The optimizer's state restores the hyper-parameters it was saved with; the recipe
+        # given now (`train --resume RUN --lr 0.01`) is the one that must apply from here on.
+        recipe = [{k: v for k, v in g.items() if k != "params"} for g in self.opt.param_groups]
         try:
             self.base.load_state_dict(state["model"])
             self.opt.load_state_dict(state["optimizer"])
             self.sched.load_state_dict(state["scheduler"])
+            self._apply_recipe(recipe)
             self.scaler.load_state_dict(state["scaler"])
             if self.ema is not None and state.get("ema"):
                 self.ema.load_state_dict(state["ema"])
@@ -303,6 +307,16 @@ class Session:
         self.first_epoch = int(state["epoch"]) + 1
         self.best_epoch = int(state["best_epoch"])
         set_rng_state(state["rng"])
+
+    def _apply_recipe(self, recipe: list[dict[str, Any]]) -> None:
+        """Put the current recipe's hyper-parameters back after a restore; the learning rate
+        is the schedule's value at the restored step, as ``LambdaLR`` computes it."""
+        for group, values in zip(self.opt.param_groups, recipe, strict=True):
+            group.update(values)
+        self.sched.base_lrs = [values["initial_lr"] for values in recipe]
+        for group, base, factor in zip(self.opt.param_groups, self.sched.base_lrs,
+                                       self.sched.lr_lambdas, strict=True):
+            group["lr"] = base * factor(self.sched.last_epoch)
 
     # ---- per step -----------------------------------------------------------------------
     @property
