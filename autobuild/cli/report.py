@@ -20,7 +20,7 @@ def open_study(args: argparse.Namespace) -> Any:
     from autobuild.search.study import load_study, open_storage
 
     url = resolve_storage(args.storage, args.study)
-    return load_study(args.study, open_storage(url, heartbeat=False), url)
+    return load_study(args.study, open_storage(url, heartbeat=False, create=False), url)
 
 
 def add_parser(sub: Any) -> None:
