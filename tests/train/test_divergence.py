@@ -91,3 +91,21 @@ def test_a_non_finite_validation_loss_is_a_divergence(tmp_path: Path) -> None:
     record = _record(run)
     assert record["status"] == "diverged" and "validation loss" in record["reason"]
     assert record["epochs_done"] == 0 and not (run / "checkpoint.pt").exists()
+
+
+def test_a_run_records_absolute_data_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture) -> None:
+    """`--data imagefolder:rel` is recorded absolute: evaluate/resume work from elsewhere."""
+    from tests.train.conftest import write_imagefolder
+
+    write_imagefolder(tmp_path / "imgs", {"train": 8, "val": 4})
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "cifar_resnet20", "--data", "imagefolder:imgs", "--epochs", "1",
+                 "--out", "run", *FAST]) == 0
+    assert _record(tmp_path / "run")["data"]["spec"] == f"imagefolder:{tmp_path / 'imgs'}"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "run"), "--device", "cpu", "--json"]) == 0
+    assert main(["train", "--resume", str(tmp_path / "run"), "--epochs", "2", *FAST]) == 0
