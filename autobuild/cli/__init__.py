@@ -44,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--import", dest="imports", action="append", default=[],
                         metavar="MODULE", help="import a module (name or .py path) that "
                         "registers families or models first; repeatable")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser,
+                                metavar="COMMAND",
+                                help="one of these (COMMAND --help for its flags)")
     for name in COMMANDS:
         importlib.import_module(f"autobuild.cli.{name}").add_parser(sub)
     return parser

@@ -7,7 +7,7 @@ import argparse
 import json
 from typing import Any
 
-from autobuild.cli._common import PATH, recipe_value
+from autobuild.cli._common import PATH, recipe_value, status
 from autobuild.cli.train import add_data_arguments, config_overrides
 
 _S = argparse.SUPPRESS
@@ -45,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
     saved = (record or {}).get("config") or {}
     keep = {k: saved[k] for k in ("amp", "amp_dtype", "channels_last", "batch_size") if k in saved}
     cfg = TrainConfig.from_dict({**keep, **config_overrides(args)})
+    status(f"loading {args.run_dir}")
     model = load(args.run_dir, weights_name=LAST_WEIGHTS if args.last else BEST_WEIGHTS)
     data_record = (record or {}).get("data")
     task = task_for(plan_of(model).model, args.data or (data_record or {}).get("spec"))
@@ -58,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
     from autobuild.train.loop import check_fits
 
     check_fits(model, data)
+    status(f"evaluating on {data.spec} ({len(data.val)} images)")  # type: ignore[arg-type]
     result = {"run": args.run_dir, "data": data.spec, **evaluate(model, data, cfg)}
     if args.json:
         print(json.dumps(result, indent=2))
