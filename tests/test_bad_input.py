@@ -415,3 +415,22 @@ def test_a_colour_folder_with_a_grayscale_first_image_trains_in_colour(tmp_path:
                folder / "train" / "bright" / "000.png")  # the first image read
     data = build_data(f"imagefolder:{folder}")
     assert data.input_size[0] == 3 and data.train[0][0].shape[0] == 3
+
+
+def test_an_absurd_build_is_refused_before_allocating(monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    """The size predicted by the analysis is checked against a documented, overridable
+    limit (here lowered, so that an ordinary conversion is 'absurd')."""
+    monkeypatch.setenv("AUTOBUILD_MAX_PARAMS", "100000")
+    with pytest.raises(AutobuildError, match="AUTOBUILD_MAX_PARAMS"):
+        autobuild.convert("cifar_resnet20", to="quadratic")
+    assert main(["convert", "cifar_resnet20", "--to", "quadratic"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "parameters" in err and "nothing was built" in err
+    monkeypatch.setenv("AUTOBUILD_MAX_PARAMS", "lots")
+    with pytest.raises(AutobuildError, match="AUTOBUILD_MAX_PARAMS"):
+        autobuild.convert("cifar_resnet20", to="quadratic")
+    monkeypatch.delenv("AUTOBUILD_MAX_PARAMS")
+    monkeypatch.setenv("AUTOBUILD_MAX_MACS", "1000")
+    with pytest.raises(AutobuildError, match="MACs per image"):
+        autobuild.convert("cifar_resnet20", to="quadratic")
