@@ -111,7 +111,7 @@ def test_report_export_and_resume_through_the_cli(in_tmp, capsys) -> None:
 @pytest.mark.parametrize("argv,needle", [
     (["report", "--study", "nope"], "no study database"),
     (["report", "--study", "nope", "--storage", "sqlite:///studies/x.db"],
-     "no study named 'nope'"),
+     "no study database 'studies/x.db'"),  # not created empty by a command that only reads
     (["search", "missing.yaml"], "does not exist"),
     (["search", "space.yaml", "--storage", "postgresql+psycopg://u:secret@127.0.0.1:1/x"],
      "cannot open storage postgresql+psycopg://u:***@127.0.0.1:1/x"),
