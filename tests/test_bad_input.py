@@ -244,6 +244,8 @@ CLI_CASES: list[tuple[str, list[str], list[str]]] = [
      ["--num-classes", "10"]),
     ("train-run-taken", ["train", "cifar_resnet20", "--data", SYNTH, "--out", "{run}", *FAST],
      ["--resume", "--force"]),
+    ("train-out-not-writable", ["train", "cifar_resnet20", "--data", SYNTH, "--out",
+                                "{a_file}/run", *FAST], ["a_file"]),
     ("train-resume-missing", ["train", "--resume", "{root}/nope"], ["nope"]),
     ("train-resume-with-to", ["train", "--resume", "{run}", "--to", "quadratic"],
      ["--resume", "--to"]),
@@ -434,3 +436,20 @@ def test_an_absurd_build_is_refused_before_allocating(monkeypatch: pytest.Monkey
     monkeypatch.setenv("AUTOBUILD_MAX_MACS", "1000")
     with pytest.raises(AutobuildError, match="MACs per image"):
         autobuild.convert("cifar_resnet20", to="quadratic")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_a_read_only_run_directory_is_refused_before_work(world: dict[str, str],
+                                                          tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(world["run"], run)
+    run.chmod(0o500)
+    try:
+        before = _snapshot(run)
+        assert main(["train", "--resume", str(run), "--epochs", "3", *FAST]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "cannot write" in err and "Traceback" not in err
+        assert _snapshot(run) == before
+    finally:
+        run.chmod(0o700)
