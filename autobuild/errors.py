@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
-__all__ = ["AutobuildError", "InfeasiblePlacement", "Terminated", "unknown_name"]
+__all__ = ["AutobuildError", "InfeasiblePlacement", "InvalidType", "InvalidValue", "Terminated",
+           "schema_error", "schema_message", "unknown_name"]
 
 
 class AutobuildError(Exception):
@@ -17,6 +19,14 @@ class AutobuildError(Exception):
     exit_code = 2
 
 
+class InvalidValue(AutobuildError, ValueError):
+    """An argument of the right type with a value outside what is allowed."""
+
+
+class InvalidType(AutobuildError, TypeError):
+    """An argument of the wrong type (never converted silently: 2.5 is not an integer)."""
+
+
 class InfeasiblePlacement(AutobuildError, ValueError):
     """A placement that cannot be built: overlapping or conflicting choices, a site the
     baseline does not have, or a site a family refuses. Raised before anything is built."""
@@ -26,14 +36,51 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (a scheduler preempting a worker): handled like Ctrl-C, exit code 143."""
 
 
-def unknown_name(what: str, name: str, valid: Iterable[str], hint: str = "") -> AutobuildError:
-    """An error for an unknown ``what`` that lists the valid names, closest ones first."""
+def unknown_name(what: str, name: str, valid: Iterable[str], hint: str = "", *,
+                 shown: int | None = None) -> AutobuildError:
+    """An error for an unknown ``what`` that lists the valid names, closest ones first
+    (at most ``shown`` of them, with their count, when there are too many to list)."""
     valid = sorted(valid)
     close = difflib.get_close_matches(name, valid, n=3, cutoff=0.6)
     msg = f"unknown {what} {name!r}"
     if close:
         msg += f" (did you mean {', '.join(close)}?)"
-    msg += f"; valid: {', '.join(valid)}"
+    if shown is not None and len(valid) > shown:
+        msg += f"; {len(valid)} valid names, e.g. {', '.join(valid[:shown])}"
+    else:
+        msg += f"; valid: {', '.join(valid)}"
     if hint:
         msg += f" ({hint})"
     return AutobuildError(msg)
+
+
+def schema_message(exc: Any, source: str = "",
+                   name: Callable[[tuple[Any, ...]], str] | None = None) -> str:
+    """One line for a pydantic ``ValidationError``: its first error, naming the offending
+    key (``name`` turns a location into what the user typed, e.g. ``--lr``) and the value.
+
+    Takes the exception duck-typed so that modules which never import pydantic can use it.
+    """
+    err = exc.errors()[0]
+    loc = tuple(err["loc"])
+    key = name(loc) if name else ".".join(str(p) for p in loc) or "(top level)"
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return f"{source}{key}: unknown key"
+    if kind == "missing":
+        return f"{source}{key}: is required"
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    msg = msg.replace("Input should be", "must be").replace("Input should have", "must have")
+    shown = err.get("input")
+    got = "" if isinstance(shown, dict) else f", got {shown!r}"
+    return f"{source}{key}: {msg}{got}"
+
+
+
+def schema_error(exc: Any, source: str = "",
+                 name: Callable[[tuple[Any, ...]], str] | None = None) -> AutobuildError:
+    """:func:`schema_message` as an :class:`InvalidType` (a value of the wrong type) or an
+    :class:`InvalidValue` (out of bounds, not one of the choices, an unknown key)."""
+    kind = exc.errors()[0]["type"]
+    wrong_type = kind.endswith(("_type", "_parsing")) or kind == "int_from_float"
+    return (InvalidType if wrong_type else InvalidValue)(schema_message(exc, source, name))

@@ -55,6 +55,22 @@ def _temp_name(path: str) -> str:
     return os.path.join(directory, f".{base}{_TMP}{os.getpid()}-{os.urandom(4).hex()}")
 
 
+def _umask() -> int:
+    try:  # read, not set: os.umask() would change it for every thread for a moment
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        umask = os.umask(0o022)
+        os.umask(umask)
+        return umask
+
+
+def _file_mode() -> int:
+    """The mode a plain ``open()`` gives a new file (0o666 less the umask). Libraries that
+    write through a temporary file of their own (safetensors: 0o600) are brought to it."""
+    return 0o666 & ~_umask()
+
+
 def _writable(path: str) -> None:
     directory = os.path.dirname(os.path.abspath(path)) or "."
     if not os.path.isdir(directory):
@@ -97,6 +113,7 @@ def _atomic_by_name(path: str, write: Callable[[str], None]) -> None:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     except OSError as exc:
         with contextlib.suppress(OSError):
@@ -175,9 +192,7 @@ def staged_directory(dest: str, *, force: bool = False) -> Iterator[str]:
         os.makedirs(parent, exist_ok=True)
         _clean_stale(dest)
         staging = tempfile.mkdtemp(prefix=f".{os.path.basename(dest)}{_TMP}", dir=parent)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(staging, 0o777 & ~umask)
+        os.chmod(staging, 0o777 & ~_umask())  # as os.mkdir would make it (mkdtemp: 0o700)
     except OSError as exc:
         raise AutobuildError(f"cannot write {dest!r}: {exc.strerror or exc}") from exc
     try:

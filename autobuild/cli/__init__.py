@@ -1,13 +1,16 @@
 """The ``autobuild`` command: one module per command, each with ``add_parser(sub)`` and
 ``run(args) -> int``; argument parsing and printing only, the work is the library's.
 
-Exit codes: 0 success, 2 bad input (one line on stderr; ``AUTOBUILD_DEBUG=1`` shows the
-traceback), 3 a diverged training run, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM).
+Exit codes (docs/cli.md): 0 success; 2 bad input or a refused action (one line on stderr,
+``autobuild: error: ...``, nothing written); 3 a diverged training run; 130 interrupted
+(Ctrl-C); 143 terminated (SIGTERM); 1 only for a bug (a traceback). ``--debug`` or
+``AUTOBUILD_DEBUG=1`` shows the traceback of any error.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
@@ -17,7 +20,7 @@ from collections.abc import Sequence
 from autobuild.cli._common import Parser
 from autobuild.errors import AutobuildError, Terminated
 
-__all__ = ["COMMANDS", "build_parser", "import_user_module", "main"]
+__all__ = ["COMMANDS", "build_parser", "import_user_module", "main", "one_line"]
 
 #: The command modules, in the order ``autobuild --help`` lists them.
 COMMANDS = ("models", "variants", "sites", "convert", "inspect", "fold", "symmetry", "train",
@@ -26,14 +29,24 @@ COMMANDS = ("models", "variants", "sites", "convert", "inspect", "fold", "symmet
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from autobuild import __version__
+
     parser = Parser(prog="autobuild",
                     description="Convert vision networks into quadratic, multiplicative, "
                                 "parameter-free, PDE-Global or Dirac variants; count, train "
-                                "and search them.")
+                                "and search them.",
+                    epilog="exit codes: 0 success, 2 bad input or refused action, 3 diverged "
+                           "training, 130 interrupted, 143 terminated, 1 a bug (docs/cli.md)")
+    parser.add_argument("--version", action="version", version=f"autobuild {__version__}",
+                        help="print the version and exit")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of any error (also AUTOBUILD_DEBUG=1)")
     parser.add_argument("--import", dest="imports", action="append", default=[],
                         metavar="MODULE", help="import a module (name or .py path) that "
                         "registers families or models first; repeatable")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser,
+                                metavar="COMMAND",
+                                help="one of these (COMMAND --help for its flags)")
     for name in COMMANDS:
         importlib.import_module(f"autobuild.cli.{name}").add_parser(sub)
     return parser
@@ -62,8 +75,9 @@ def import_user_module(spec: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit code (0 ok, 2 bad input, 3 diverged training)."""
-    debug = os.environ.get("AUTOBUILD_DEBUG") not in (None, "", "0")
+    """Run the CLI; returns the exit code (see the module docstring)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = os.environ.get("AUTOBUILD_DEBUG") not in (None, "", "0") or "--debug" in argv
     try:
         args = build_parser().parse_args(argv)
         for spec in args.imports:
@@ -72,12 +86,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AutobuildError as exc:
         if debug:
             traceback.print_exc()
-        print(f"autobuild: error: {exc}", file=sys.stderr)
+        print(f"autobuild: error: {one_line(exc)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt as exc:
         terminated = isinstance(exc, Terminated)
         print(f"autobuild: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
         return 143 if terminated else 130
+    except BrokenPipeError:
+        # The reader went away (`autobuild models | head -1`): what it wanted, it has.
+        # Python would complain again when flushing stdout at exit: point it at nothing.
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except Exception:  # a bug: the traceback is what a report needs
+        traceback.print_exc()
+        print("autobuild: internal error (a bug): please report it with the traceback above",
+              file=sys.stderr)
+        return 1
+
+
+def one_line(exc: BaseException) -> str:
+    """An error's message on one line. A worker process's error (a DataLoader's) arrives
+    wrapped with the worker's traceback: its last line is the message."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else type(exc).__name__
+    last = lines[-1]
+    head, sep, rest = last.partition(": ")
+    return rest if sep and head.rsplit(".", 1)[-1].endswith(("Error", "Placement")) else \
+        " ".join(lines)
 
 
 if __name__ == "__main__":  # pragma: no cover

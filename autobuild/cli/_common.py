@@ -1,22 +1,91 @@
-"""What the commands share: the parser class, argument groups, value parsers and printing."""
+"""What the commands share: the parser class, typed flag values, argument groups, value
+parsers and printing.
+
+Every flag is declared with its type and bounds (:data:`POSITIVE_INT`, :data:`PATH`, ...,
+and the training recipe's fields through :meth:`TrainConfig.flag_type`), so a bad value is
+refused while the command line is parsed, before any work starts.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
-from collections.abc import Sequence
-from typing import Any
+import sys
+from collections.abc import Callable, Sequence
+from typing import Annotated, Any
 
-from autobuild.errors import AutobuildError
+from pydantic import Field, TypeAdapter, ValidationError
 
-__all__ = ["Parser", "add_conversion_arguments", "human", "model_from_args", "parse_options",
-           "parse_size", "print_json", "print_summary", "table"]
+from autobuild.errors import AutobuildError, schema_message
+
+__all__ = ["DEVICE", "NON_NEGATIVE_INT", "PATH", "PORT", "POSITIVE_FLOAT", "POSITIVE_INT",
+           "STUDY", "Parser", "recipe_value",
+           "add_conversion_arguments", "flag_value", "human", "model_from_args",
+           "parse_options", "parse_size", "plural", "print_json", "print_summary", "status",
+           "table"]
 
 
 class Parser(argparse.ArgumentParser):
+    """argparse, with abbreviated flags refused (``--epoch`` is not ``--epochs``: a typo must
+    not turn into another flag) and every error one line that exits with code 2."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> None:  # one line, exit 2, like every other bad input
-        raise AutobuildError(f"{self.prog}: {message}")
+        raise AutobuildError(f"{message} (see `{self.prog} --help`)")
+
+
+# ---- typed flag values -------------------------------------------------------------------
+def flag_value(annotation: Any, name: str) -> Callable[[str], Any]:
+    """An argparse ``type=`` that parses a flag's text as ``annotation`` (a pydantic type
+    with its bounds) and says what is allowed when it is not."""
+    adapter: TypeAdapter[Any] = TypeAdapter(annotation)
+
+    def parse(text: str) -> Any:
+        try:
+            return adapter.validate_strings(text)
+        except ValidationError as exc:
+            message = schema_message(exc, "", lambda loc: "").lstrip(": ")
+            raise argparse.ArgumentTypeError(message) from None
+
+    parse.__name__ = name
+    return parse
+
+
+def _path(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must be a path, got an empty string")
+    return text
+
+
+POSITIVE_INT = flag_value(Annotated[int, Field(ge=1)], "positive integer")
+NON_NEGATIVE_INT = flag_value(Annotated[int, Field(ge=0)], "integer >= 0")
+POSITIVE_FLOAT = flag_value(Annotated[float, Field(gt=0, allow_inf_nan=False)], "number > 0")
+PORT = flag_value(Annotated[int, Field(ge=1, le=65535)], "port")
+#: A file or directory named by the user: never empty (``--out ""`` is not "here").
+PATH = _path
+#: A study name (the name of its SQLite file and of its artifact directory too).
+STUDY = flag_value(Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")],
+                   "study name")
+
+
+def recipe_value(name: str) -> Callable[[str], Any]:
+    """The ``type=`` of a flag that sets the training recipe's field ``name`` (checked by
+    :class:`~autobuild.train.TrainConfig`'s schema)."""
+
+    def parse(text: str) -> Any:
+        from autobuild.train.config import TrainConfig
+
+        return TrainConfig.flag_type(name)(text)
+
+    parse.__name__ = name
+    return parse
+
+
+DEVICE = recipe_value("device")
 
 
 # ---- value parsers ----------------------------------------------------------------------
@@ -24,18 +93,21 @@ def parse_size(text: str) -> tuple[int, int, int]:
     try:
         size = tuple(int(v) for v in text.replace("x", ",").split(","))
     except ValueError:
-        raise AutobuildError(f"--input-size must be C,H,W (e.g. 3,32,32), got {text!r}") from None
-    if len(size) != 3:
-        raise AutobuildError(f"--input-size must be C,H,W (e.g. 3,32,32), got {text!r}")
+        raise argparse.ArgumentTypeError(f"must be C,H,W (e.g. 3,32,32), got {text!r}") from None
+    if len(size) != 3 or min(size) < 1:
+        raise argparse.ArgumentTypeError(f"must be C,H,W of positive integers (e.g. 3,32,32), "
+                                         f"got {text!r}")
     return size  # type: ignore[return-value]
 
 
 def parse_options(pairs: Sequence[str] | None) -> dict[str, str]:
-    options = {}
+    options: dict[str, str] = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
-        if not sep or not key:
+        if not sep or not key.strip():
             raise AutobuildError(f"--option takes name=value, got {pair!r}")
+        if key.strip() in options:
+            raise AutobuildError(f"--option {key.strip()} is given twice")
         options[key.strip()] = value.strip()
     return options
 
@@ -50,14 +122,15 @@ def add_conversion_arguments(p: argparse.ArgumentParser, *, model_required: bool
                    help="family option, repeatable (e.g. type=ours)")
     p.add_argument("--sites", nargs="+", metavar="GLOB",
                    help="site name patterns (default: the family's default sites)")
-    p.add_argument("--placement", metavar="FILE",
+    p.add_argument("--placement", metavar="FILE", type=PATH,
                    help="a YAML/JSON file mapping sites to choices (families may be mixed)")
-    p.add_argument("--plan", help="build the model a plan file describes")
+    p.add_argument("--plan", type=PATH, help="build the model a plan file describes")
     p.add_argument("--init", choices=("scratch", "preserve"), default=None,
                    help="scratch (fresh weights) or preserve (start as the baseline's function)")
-    p.add_argument("--num-classes", type=int, help="classifier outputs")
+    p.add_argument("--num-classes", type=POSITIVE_INT, help="classifier outputs")
     p.add_argument("--input-size", type=parse_size, help="C,H,W used for shapes and counts")
-    p.add_argument("--weights", help="baseline weights: a file, or torchvision weights name")
+    p.add_argument("--weights", type=PATH,
+                   help="baseline weights: a file, or torchvision weights name")
 
 
 def model_from_args(args: argparse.Namespace, *, allow_baseline: bool = False
@@ -77,22 +150,25 @@ def model_from_args(args: argparse.Namespace, *, allow_baseline: bool = False
         if converting:
             raise AutobuildError("--to/--sites/--option/--placement cannot be combined with a "
                                  "plan or a saved run; edit the plan instead")
+        given = {"--num-classes": args.num_classes, "--input-size": args.input_size,
+                 "--init": args.init, "--weights": args.weights}
+        named = [flag for flag, value in given.items() if value is not None]
+        if named:
+            what = "--plan" if args.plan else f"a saved model ({args.model})"
+            raise AutobuildError(f"{', '.join(named)} cannot be combined with {what}: the "
+                                 "plan records them; edit the plan instead")
         if args.plan:
             plan = load_plan(args.plan)
             if args.model and args.model != plan.model:
                 raise AutobuildError(f"--plan is for {plan.model!r}, not {args.model!r}")
-            given = {"--num-classes": args.num_classes, "--input-size": args.input_size,
-                     "--init": args.init, "--weights": args.weights}
-            named = [flag for flag, value in given.items() if value is not None]
-            if named:
-                raise AutobuildError(f"{', '.join(named)} cannot be combined with --plan: the "
-                                     "plan records them; edit the plan instead")
             analysis = Analysis(plan_baseline(plan))
-            return analysis.build(plan.placement, plan.init), analysis
+            return _build(analysis, plan.placement, plan.init), analysis
+        status(f"loading {args.model}")
         model = load(args.model)
         return model, Analysis(plan_baseline(plan_of(model), device="meta"))
     if not args.model:
         raise AutobuildError("name a baseline model or a saved run directory")
+    status(f"analysing {args.model}")
     analysis = analyze(args.model, num_classes=args.num_classes, input_size=args.input_size,
                        weights=args.weights)
     init = args.init or "scratch"
@@ -100,19 +176,40 @@ def model_from_args(args: argparse.Namespace, *, allow_baseline: bool = False
         if args.family or args.sites or args.option:
             raise AutobuildError("--placement names every choice; it takes no --to/--sites/"
                                  "--option")
-        return analysis.build(load_placement(args.placement), init), analysis
+        return _build(analysis, load_placement(args.placement), init), analysis
     if not args.family:
         if not allow_baseline:
             raise AutobuildError("--to FAMILY or --placement FILE is required (see "
                                  "`autobuild variants`)")
         if args.sites or args.option:
             raise AutobuildError("--sites/--option need --to FAMILY")
-        return analysis.build(Placement(), init), analysis
+        return _build(analysis, Placement(), init), analysis
     placement = analysis.select(args.family, args.sites, parse_options(args.option))
-    return analysis.build(placement, init), analysis
+    return _build(analysis, placement, init), analysis
+
+
+def _build(analysis: Any, placement: Any, init: str) -> Any:
+    """Say what is about to be built (predicted from the analysis, nothing allocated), then
+    build it; an absurd size is refused by the analysis before allocating."""
+    cost = analysis.cost(placement)
+    status(f"building {analysis.baseline.name} -> {placement.summary()}: "
+           f"{human(cost.params)} params, {human(cost.macs)} MACs per image")
+    return analysis.build(placement, init)
 
 
 # ---- printing ---------------------------------------------------------------------------
+def status(message: str) -> None:
+    """A progress line on stderr for a person watching (a terminal, or AUTOBUILD_PROGRESS=1):
+    logs and pipes get only results and errors."""
+    if os.environ.get("AUTOBUILD_PROGRESS", "") not in ("", "0") or sys.stderr.isatty():
+        print(f"autobuild: {message}", file=sys.stderr, flush=True)
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """``1 site``, ``2 sites``."""
+    return f"{n} {word if n == 1 else (many or word + 's')}"
+
+
 def human(n: float) -> str:
     for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(n) >= scale:
@@ -140,9 +237,8 @@ def print_summary(summary: dict[str, Any]) -> None:
             for s in summary["sites"]]
     if rows:
         print(table(rows, ["site", "choice", "module", "params", "MACs"]))
-    n = len(rows)
     print(f"\n{summary['model']} -> {summary['placement']}, init={summary['init']}, "
-          f"{n} site{'s' if n != 1 else ''}, counted on {summary['counted']} at "
+          f"{plural(len(rows), 'site')}, counted on {summary['counted']} at "
           f"{'x'.join(map(str, summary['input_size']))}")
     for key in ("params", "macs", "flops"):
         b, a = summary[key]["before"], summary[key]["after"]

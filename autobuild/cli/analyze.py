@@ -8,6 +8,8 @@ import argparse
 import json
 from typing import Any
 
+from autobuild.cli._common import DEVICE, NON_NEGATIVE_INT, PATH, POSITIVE_FLOAT, POSITIVE_INT
+
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser(
@@ -17,20 +19,21 @@ def add_parser(sub: Any) -> None:
                     "statistics and histograms, gradient norms and weight distributions "
                     "(quadratic layers' first- and second-order terms apart), as CSV files "
                     "and PNG plots in --out.")
-    p.add_argument("run_dir", metavar="RUN", help="a run or saved model directory")
-    p.add_argument("--data", default=None,
+    p.add_argument("run_dir", metavar="RUN", type=PATH, help="a run or saved model directory")
+    p.add_argument("--data", default=None, type=PATH,
                    help="data spec (default: the data RUN trained on); see `train --help`")
-    p.add_argument("--data-dir", default=None, help="folder holding the CIFAR batches")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--compare", metavar="RUN2",
+    p.add_argument("--data-dir", default=None, type=PATH, help="folder holding the CIFAR batches")
+    p.add_argument("--out", required=True, type=PATH, help="output folder")
+    p.add_argument("--compare", metavar="RUN2", type=PATH,
                    help="a second run (e.g. the baseline) analysed on the same batches")
-    p.add_argument("--batches", type=int, default=4, help="val batches to run (default 4)")
-    p.add_argument("--batch-size", type=int, default=16, help="default 16")
-    p.add_argument("--saturation", type=float, default=6.0,
+    p.add_argument("--batches", type=POSITIVE_INT, default=4, help="val batches to run (default 4)")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=16, help="default 16")
+    p.add_argument("--saturation", type=POSITIVE_FLOAT, default=6.0,
                    help="|x| counted as saturated from this value (default 6)")
     p.add_argument("--last", action="store_true", help="analyse last.safetensors")
-    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
-    p.add_argument("--workers", type=int, default=0, help="data loader processes")
+    p.add_argument("--device", default="auto", type=DEVICE,
+                   help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--workers", type=NON_NEGATIVE_INT, default=0, help="data loader processes")
     p.add_argument("--no-plots", dest="plots", action="store_false", help="CSV files only")
     p.add_argument("--force", action="store_true", help="write into a non-empty --out")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")

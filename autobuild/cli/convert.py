@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from autobuild.cli._common import (
+    PATH,
     add_conversion_arguments,
     model_from_args,
     print_json,
@@ -14,10 +15,15 @@ from autobuild.cli._common import (
 
 
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser("convert", help="convert a baseline; print counts; optionally save")
+    p = sub.add_parser("convert", help="convert a baseline; print counts; optionally save",
+                       description="Convert a baseline (or rebuild a plan) with one family "
+                                   "(--to) or a mixed placement (--placement); print what "
+                                   "changed and the counts before/after; --out saves plan + "
+                                   "weights.")
     add_conversion_arguments(p, model_required=False)
-    p.add_argument("--out", help="directory for plan.yaml + weights.safetensors")
-    p.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
+    p.add_argument("--out", type=PATH, help="directory for plan.yaml + weights.safetensors")
+    p.add_argument("--force", action="store_true",
+                   help="replace a non-empty --out as a whole (in one step)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(run=run)
 

@@ -7,6 +7,7 @@ import argparse
 import json
 from typing import Any
 
+from autobuild.cli._common import PATH, recipe_value, status
 from autobuild.cli.train import add_data_arguments, config_overrides
 
 _S = argparse.SUPPRESS
@@ -18,13 +19,16 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser("evaluate", help="val top-1/top-5 of a classifier, mAP of a detector",
                        description="Evaluate a saved run or model on the val split of --data "
                                    "(default: the data it trained on).")
-    p.add_argument("run_dir", metavar="RUN", help="a run or saved model directory")
+    p.add_argument("run_dir", metavar="RUN", type=PATH, help="a run or saved model directory")
     add_data_arguments(p)
     p.add_argument("--last", action="store_true",
                    help=f"evaluate {LAST_WEIGHTS} instead of {BEST_WEIGHTS}")
-    p.add_argument("--batch-size", type=int, default=_S, help="evaluation batch size")
-    p.add_argument("--device", default=_S, help="auto (default), cpu, cuda, cuda:N")
-    p.add_argument("--workers", type=int, default=_S, help="data loader processes")
+    p.add_argument("--batch-size", type=recipe_value("batch_size"), default=_S,
+                   help="evaluation batch size")
+    p.add_argument("--device", type=recipe_value("device"), default=_S,
+                   help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--workers", type=recipe_value("workers"), default=_S,
+                   help="data loader processes")
     p.add_argument("--amp", action="store_true", default=_S, help="mixed precision")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(run=run)
@@ -34,12 +38,14 @@ def run(args: argparse.Namespace) -> int:
     from autobuild.io import load
     from autobuild.rewrite import plan_of
     from autobuild.train import BEST_WEIGHTS, LAST_WEIGHTS, TrainConfig
-    from autobuild.train.runs import data_for_run, read_run_record, task_for
+    from autobuild.train.rundir import read_run_record
+    from autobuild.train.runs import data_for_run, task_for
 
     record = read_run_record(args.run_dir)
     saved = (record or {}).get("config") or {}
     keep = {k: saved[k] for k in ("amp", "amp_dtype", "channels_last", "batch_size") if k in saved}
     cfg = TrainConfig.from_dict({**keep, **config_overrides(args)})
+    status(f"loading {args.run_dir}")
     model = load(args.run_dir, weights_name=LAST_WEIGHTS if args.last else BEST_WEIGHTS)
     data_record = (record or {}).get("data")
     task = task_for(plan_of(model).model, args.data or (data_record or {}).get("spec"))
@@ -53,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
     from autobuild.train.loop import check_fits
 
     check_fits(model, data)
+    status(f"evaluating on {data.spec} ({len(data.val)} images)")  # type: ignore[arg-type]
     result = {"run": args.run_dir, "data": data.spec, **evaluate(model, data, cfg)}
     if args.json:
         print(json.dumps(result, indent=2))

@@ -5,14 +5,18 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from autobuild.cli._common import NON_NEGATIVE_INT, PATH
 from autobuild.cli.report import add_study_arguments, open_study
 
 
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser("export", help="a trial's plan (and weights if kept) as a model dir")
+    p = sub.add_parser("export", help="a trial's plan (and weights if kept) as a model dir",
+                       description="Write a trial's plan (and its weights, if the study kept "
+                                   "them) as a saved model directory, ready for `autobuild "
+                                   "train`.")
     add_study_arguments(p)
-    p.add_argument("--trial", type=int, required=True, help="trial number")
-    p.add_argument("--out", required=True, help="directory to write")
+    p.add_argument("--trial", type=NON_NEGATIVE_INT, required=True, help="trial number")
+    p.add_argument("--out", required=True, type=PATH, help="directory to write")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     p.set_defaults(run=run)
 

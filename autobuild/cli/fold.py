@@ -5,14 +5,17 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from autobuild.cli._common import print_json
+from autobuild.cli._common import PATH, print_json
 
 
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser("fold", help="fold Dirac convs and their BN into plain convs")
-    p.add_argument("run_dir", metavar="RUN", help="a saved model directory")
-    p.add_argument("--out", required=True, help="directory for the folded model")
-    p.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
+    p = sub.add_parser("fold", help="fold Dirac convs and their BN into plain convs",
+                       description="Fold every Dirac conv and its batch norm into one plain "
+                                   "conv (exact to float precision) and save the result.")
+    p.add_argument("run_dir", metavar="RUN", type=PATH, help="a saved model directory")
+    p.add_argument("--out", required=True, type=PATH, help="directory for the folded model")
+    p.add_argument("--force", action="store_true",
+                   help="replace a non-empty --out as a whole (in one step)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(run=run)
 

@@ -6,18 +6,23 @@ import argparse
 import json
 from typing import Any
 
-from autobuild.cli._common import human, table
+from autobuild.cli._common import PATH, human, recipe_value, table
 
 
 def add_parser(sub: Any) -> None:
     from autobuild.cli.train import add_data_arguments
 
-    p = sub.add_parser("importance", help="RI importance of a trained model's converted sites")
-    p.add_argument("run_dir", metavar="RUN", help="a run or saved model directory")
+    p = sub.add_parser("importance", help="RI importance of a trained model's converted sites",
+                       description="Measure RI = P_M*P_W / max(dtop-1, eps) of every converted "
+                                   "site (its higher-order part masked exactly) on the val "
+                                   "split of --data (default: the data the run trained on).")
+    p.add_argument("run_dir", metavar="RUN", type=PATH, help="a run or saved model directory")
     add_data_arguments(p)
-    p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
-    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
-    p.add_argument("--csv", help="also write the table as CSV to this file")
+    p.add_argument("--batch-size", type=recipe_value("batch_size"), default=256,
+                   help="evaluation batch size")
+    p.add_argument("--device", type=recipe_value("device"), default="auto",
+                   help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--csv", type=PATH, help="also write the table as CSV to this file")
     p.add_argument("--json", action="store_true", help="print the table as JSON")
     p.set_defaults(run=run)
 
@@ -25,7 +30,8 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from autobuild.io import atomic_write_text, load
     from autobuild.search.importance import importance
-    from autobuild.train.runs import data_for_run, read_run_record
+    from autobuild.train.rundir import read_run_record
+    from autobuild.train.runs import data_for_run
 
     record = read_run_record(args.run_dir)
     data = data_for_run(args.data, (record or {}).get("data"), data_dir=args.data_dir,

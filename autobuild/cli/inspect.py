@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from autobuild.cli._common import print_json, print_summary
+from autobuild.cli._common import PATH, print_json, print_summary
 
 
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser("inspect", help="load a saved model and print its summary")
-    p.add_argument("run_dir", metavar="RUN", help="a saved model directory")
+    p = sub.add_parser("inspect", help="load a saved model and print its summary",
+                       description="Load a saved model (plan + weights) and print its "
+                                   "converted sites and counts.")
+    p.add_argument("run_dir", metavar="RUN", type=PATH, help="a saved model directory")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(run=run)
 

@@ -9,7 +9,8 @@ from autobuild.cli._common import print_json
 
 
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser("models", help="list baselines")
+    p = sub.add_parser("models", help="list baselines",
+                       description="List the registered baselines, one line each.")
     p.add_argument("--json", action="store_true", help="print a JSON list")
     p.set_defaults(run=run)
 

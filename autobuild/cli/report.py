@@ -6,10 +6,13 @@ import argparse
 import json
 from typing import Any
 
+from autobuild.cli._common import PATH, STUDY
+
 
 def add_study_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--study", required=True, help="study name")
-    p.add_argument("--storage", help="database URL (default: sqlite:///studies/<study>.db)")
+    p.add_argument("--study", required=True, type=STUDY, help="study name")
+    p.add_argument("--storage", type=PATH,
+                   help="database URL (default: sqlite:///studies/<study>.db)")
 
 
 def open_study(args: argparse.Namespace) -> Any:
@@ -17,13 +20,15 @@ def open_study(args: argparse.Namespace) -> Any:
     from autobuild.search.study import load_study, open_storage
 
     url = resolve_storage(args.storage, args.study)
-    return load_study(args.study, open_storage(url, heartbeat=False), url)
+    return load_study(args.study, open_storage(url, heartbeat=False, create=False), url)
 
 
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser("report", help="write a study's report (CSV, markdown, Pareto plot)")
+    p = sub.add_parser("report", help="write a study's report (CSV, markdown, Pareto plot)",
+                       description="Write trials.csv, report.md, pareto.png and ri.csv of a "
+                                   "study, and print the Pareto front and its hypervolume.")
     add_study_arguments(p)
-    p.add_argument("--out", help="report directory (default: reports/<study>)")
+    p.add_argument("--out", type=PATH, help="report directory (default: reports/<study>)")
     p.add_argument("--json", action="store_true", help="print what was written as JSON")
     p.set_defaults(run=run)
 

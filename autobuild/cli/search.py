@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from autobuild.cli._common import DEVICE, PATH, POSITIVE_INT, STUDY
 from autobuild.cli.worker import add_heartbeat_arguments, heartbeat
 
 
@@ -12,20 +13,22 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser("search", help="search where the new blocks go (Optuna)",
                        description="Run a placement search described by a YAML search space "
                                    "(see search_spaces/ and docs/search.md).")
-    p.add_argument("space", help="search space YAML file")
+    p.add_argument("space", type=PATH, help="search space YAML file")
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="KEY=VALUE", help="override a key of the space, e.g. "
                    "budget.epochs=1 (repeatable)")
-    p.add_argument("--n-trials", type=int, help="the study's number of finished trials "
+    p.add_argument("--n-trials", type=POSITIVE_INT, help="the study's number of finished trials "
                    "(shorthand for --set n_trials=N)")
-    p.add_argument("--study", help="study name (default: the space's name)")
-    p.add_argument("--storage", help="database URL (default: sqlite:///studies/<study>.db)")
-    p.add_argument("--artifacts", help="artifact directory every worker can reach (default: "
+    p.add_argument("--study", type=STUDY, help="study name (default: the space's name)")
+    p.add_argument("--storage", type=PATH,
+                   help="database URL (default: sqlite:///studies/<study>.db)")
+    p.add_argument("--artifacts", type=PATH,
+                   help="artifact directory every worker can reach (default: "
                    "beside the SQLite file, or studies/<study>-artifacts)")
     p.add_argument("--resume", action="store_true", help="continue the study where it stopped")
     p.add_argument("--join", action="store_true", help="create the study unless it exists, "
                    "then work on it (start this on every GPU/machine; PostgreSQL only)")
-    p.add_argument("--device", help="auto, cpu, cuda, cuda:N (default: the space's)")
+    p.add_argument("--device", type=DEVICE, help="auto, cpu, cuda, cuda:N (default: the space's)")
     p.add_argument("--quiet", action="store_true", help="no per-trial progress lines")
     add_heartbeat_arguments(p)
     p.set_defaults(run=run)

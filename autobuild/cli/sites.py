@@ -5,18 +5,29 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from autobuild.cli._common import human, parse_options, parse_size, print_json, table
+from autobuild.cli._common import (
+    POSITIVE_INT,
+    human,
+    parse_options,
+    parse_size,
+    plural,
+    print_json,
+    table,
+)
 from autobuild.errors import AutobuildError
 
 
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser("sites", help="list the candidate sites of a family in a baseline")
+    p = sub.add_parser("sites", help="list the candidate sites of a family in a baseline",
+                       description="List the sites of a baseline with their shapes, params "
+                                   "and MACs, and the families that take each (* marks a "
+                                   "family's default sites).")
     p.add_argument("model", help="baseline name (see `autobuild models`)")
     p.add_argument("--to", dest="family", default="all",
                    help="family (see `autobuild variants`), or all (the default)")
     p.add_argument("--option", action="append", metavar="NAME=VALUE",
                    help="family option, repeatable")
-    p.add_argument("--num-classes", type=int, help="classifier outputs")
+    p.add_argument("--num-classes", type=POSITIVE_INT, help="classifier outputs")
     p.add_argument("--input-size", type=parse_size, help="C,H,W used for shapes and counts")
     p.add_argument("--json", action="store_true", help="print a JSON list")
     p.set_defaults(run=run)
@@ -60,8 +71,8 @@ def run(args: argparse.Namespace) -> int:
             for s in sites]
     print(table(rows, ["site", "kind", "in", "out", "kernel", "stride", "output", "params",
                        "MACs", "families (* = default site)"]))
-    what = "sites" if args.family == "all" else f"{args.family} sites"
-    print(f"{len(sites)} {what} in {args.model}")
+    what = "site" if args.family == "all" else f"{args.family} site"
+    print(f"{plural(len(sites), what)} in {args.model}")
     return 0
 
 

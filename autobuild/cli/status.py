@@ -6,13 +6,16 @@ import argparse
 import json
 from typing import Any
 
-from autobuild.cli._common import table
+from autobuild.cli._common import PATH, STUDY, table
 
 
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser("status", help="where a search stands (fails stale trials too)")
-    p.add_argument("--storage", help="database URL (default: the study's SQLite file)")
-    p.add_argument("--study", help="one study (default: every study in the storage)")
+    p = sub.add_parser("status", help="where a search stands (fails stale trials too)",
+                       description="Trials by state, live workers, Pareto size and ETA of "
+                                   "every study in a storage (or one); re-queues the trials "
+                                   "of dead workers.")
+    p.add_argument("--storage", type=PATH, help="database URL (default: the study's SQLite file)")
+    p.add_argument("--study", type=STUDY, help="one study (default: every study in the storage)")
     p.add_argument("--json", action="store_true", help="print a JSON list")
     p.set_defaults(run=run)
 

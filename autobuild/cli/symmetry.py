@@ -5,15 +5,18 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from autobuild.cli._common import print_json
+from autobuild.cli._common import NON_NEGATIVE_INT, PATH, print_json
 
 
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser("symmetry", help="apply QLNet's orthogonal symmetry; print the change")
-    p.add_argument("run_dir", metavar="RUN", help="a saved model directory")
+    p = sub.add_parser("symmetry", help="apply QLNet's orthogonal symmetry; print the change",
+                       description="Apply random orthogonal transforms of QLNet's continuous "
+                                   "symmetry to a saved multiplicative model and print how "
+                                   "much its output changes (it should not).")
+    p.add_argument("run_dir", metavar="RUN", type=PATH, help="a saved model directory")
     p.add_argument("--check", action="store_true",
                    help="compare outputs before and after (the default and only action)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random rotations")
+    p.add_argument("--seed", type=NON_NEGATIVE_INT, default=0, help="seed of the random rotations")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(run=run)
 

@@ -5,10 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from dataclasses import fields
+from dataclasses import dataclass
 from typing import Any
 
-from autobuild.cli._common import add_conversion_arguments, model_from_args
+from autobuild.cli._common import (
+    PATH,
+    POSITIVE_INT,
+    add_conversion_arguments,
+    model_from_args,
+)
 from autobuild.errors import AutobuildError
 
 _S = argparse.SUPPRESS  # absent flags stay absent: a resumed run keeps its saved recipe
@@ -18,16 +23,16 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
     from autobuild.train.data import DATA_SPECS
     from autobuild.train.detection_data import AUGMENTATIONS, DETECTION_SPECS
 
-    p.add_argument("--data", default=None,
+    p.add_argument("--data", default=None, type=PATH,
                    help=f"classification: {DATA_SPECS}; detection: {DETECTION_SPECS}")
-    p.add_argument("--data-dir", default=None,
+    p.add_argument("--data-dir", default=None, type=PATH,
                    help="folder holding cifar-10-batches-py/ or cifar-100-python/ (default ./data)")
     p.add_argument("--download", action="store_true", help="download CIFAR if it is missing")
-    p.add_argument("--image-size", type=int, default=None,
+    p.add_argument("--image-size", type=POSITIVE_INT, default=None,
                    help="imagefolder crop size (default: the images' own size up to 64, else "
                         "224); for a detector, the size it resizes its inputs to (default its "
                         "own: 300 or 320)")
-    p.add_argument("--train-subset", type=int, default=None, metavar="N",
+    p.add_argument("--train-subset", type=POSITIVE_INT, default=None, metavar="N",
                    help="train on a fixed random subset of N images (val stays whole)")
     p.add_argument("--augment", choices=AUGMENTATIONS, default=None,
                    help="detection training augmentation (torchvision's references): ssd = "
@@ -36,32 +41,42 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _add_recipe_arguments(p: argparse.ArgumentParser) -> None:
+    """One flag per recipe field; each parses and bounds its value with the field's schema
+    (:meth:`TrainConfig.flag_type`), so a bad value is refused before any work."""
     from autobuild.train import TrainConfig
 
-    d = TrainConfig.__dataclass_fields__
+    def typed(name: str) -> Any:
+        return TrainConfig.flag_type(name)
+
     g = p.add_argument_group("recipe (classifier defaults: " + ", ".join(
-        f"{k}={d[k].default}" for k in ("epochs", "batch_size", "optimizer", "warmup_epochs",
-                                        "clip_grad")) + "; detectors default to torchvision's "
-        "detection recipe, see autobuild.train.detection.DETECTION_RECIPES)")
-    g.add_argument("--epochs", type=int, default=_S, help="training epochs")
-    g.add_argument("--batch-size", type=int, default=_S, help="per process (per GPU)")
+        f"{k}={TrainConfig.default(k)}" for k in ("epochs", "batch_size", "optimizer",
+                                                   "warmup_epochs", "clip_grad"))
+        + "; detectors default to torchvision's detection recipe, see "
+        "autobuild.train.detection.DETECTION_RECIPES)")
+    g.add_argument("--epochs", type=typed("epochs"), default=_S, help="training epochs (>= 1)")
+    g.add_argument("--batch-size", type=typed("batch_size"), default=_S,
+                   help="per process (per GPU)")
     g.add_argument("--optimizer", choices=("sgd", "adamw"), default=_S, help="optimizer")
-    g.add_argument("--lr", type=float, default=_S,
-                   help="peak lr (default 0.1 SGD / 1e-3 AdamW, times batch-size/128)")
-    g.add_argument("--momentum", type=float, default=_S, help="SGD momentum (default 0.9)")
+    g.add_argument("--lr", type=typed("lr"), default=_S,
+                   help="peak lr > 0 (default 0.1 SGD / 1e-3 AdamW, times batch-size/128)")
+    g.add_argument("--momentum", type=typed("momentum"), default=_S,
+                   help="SGD momentum in [0, 1) (default 0.9)")
     g.add_argument("--no-nesterov", dest="nesterov", action="store_false", default=_S,
                    help="plain momentum instead of Nesterov's")
-    g.add_argument("--weight-decay", type=float, default=_S,
+    g.add_argument("--weight-decay", type=typed("weight_decay"), default=_S,
                    help="default 5e-4 SGD / 0.05 AdamW; never on norms, biases, Dirac alpha/beta")
-    g.add_argument("--warmup-epochs", type=float, default=_S, help="linear warm-up length")
+    g.add_argument("--warmup-epochs", type=typed("warmup_epochs"), default=_S,
+                   help="linear warm-up length (>= 0)")
     g.add_argument("--lr-schedule", choices=("cosine", "multistep"), default=_S,
                    help="after warm-up: cosine to zero, or x lr-gamma at each milestone")
-    g.add_argument("--lr-milestones", type=int, nargs="+", default=_S, metavar="EPOCH",
-                   help="multistep epochs (default: 2/3 and 11/12 of the run)")
-    g.add_argument("--lr-gamma", type=float, default=_S, help="multistep factor (default 0.1)")
-    g.add_argument("--label-smoothing", type=float, default=_S, help="in [0, 1)")
-    g.add_argument("--clip-grad", default=_S,
-                   help="max grad norm; auto = 0.5 for quadratic/multiplicative (10 for "
+    g.add_argument("--lr-milestones", type=typed("lr_milestones"), nargs="+", default=_S,
+                   metavar="EPOCH", help="multistep epochs (default: 2/3 and 11/12 of the run)")
+    g.add_argument("--lr-gamma", type=typed("lr_gamma"), default=_S,
+                   help="multistep factor in (0, 1] (default 0.1)")
+    g.add_argument("--label-smoothing", type=typed("label_smoothing"), default=_S,
+                   help="in [0, 1)")
+    g.add_argument("--clip-grad", type=typed("clip_grad"), default=_S,
+                   help="max grad norm >= 0; auto = 0.5 for quadratic/multiplicative (10 for "
                         "detectors); 0 = off")
     g.add_argument("--amp", action="store_true", default=_S,
                    help="mixed precision (bf16 autocast by default)")
@@ -70,23 +85,28 @@ def _add_recipe_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=_S,
                    help="default: on for CUDA")
     g.add_argument("--compile", action="store_true", default=_S, help="torch.compile the model")
-    g.add_argument("--ema", type=float, default=_S, metavar="DECAY",
-                   help="keep an EMA of the weights (e.g. 0.9999); it is evaluated and saved")
-    g.add_argument("--seed", type=int, default=_S, help="seed of weights, data order, augmentation")
+    g.add_argument("--ema", type=typed("ema"), default=_S, metavar="DECAY",
+                   help="keep an EMA of the weights, decay in (0, 1) (e.g. 0.9999); it is "
+                        "evaluated and saved")
+    g.add_argument("--seed", type=typed("seed"), default=_S,
+                   help="seed of weights, data order, augmentation (>= 0)")
     g.add_argument("--deterministic", action="store_true", default=_S,
                    help="deterministic algorithms (slower)")
     g.add_argument("--sync-bn", action="store_true", default=_S, help="SyncBatchNorm under DDP")
-    g.add_argument("--device", default=_S, help="auto (default), cpu, cuda, cuda:N")
-    g.add_argument("--workers", type=int, default=_S, help="data loader processes")
-    g.add_argument("--log-interval", type=int, default=_S,
-                   help="steps between loss checks and progress updates")
+    g.add_argument("--device", type=typed("device"), default=_S,
+                   help="auto (default), cpu, cuda, cuda:N")
+    g.add_argument("--workers", type=typed("workers"), default=_S,
+                   help="data loader processes (>= 0)")
+    g.add_argument("--log-interval", type=typed("log_interval"), default=_S,
+                   help="steps between loss checks and progress updates (>= 1)")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=True,
-                   help="no progress bar or per-epoch lines")
-    g.add_argument("--tensorboard", default=_S, metavar="DIR",
+                   help="no progress bar or per-epoch lines (on stderr)")
+    g.add_argument("--tensorboard", type=typed("tensorboard"), default=_S, metavar="DIR",
                    help="log scalars every epoch, and activation / weight / gradient "
                         "histograms every --tensorboard-every epochs, to DIR")
-    g.add_argument("--tensorboard-every", type=int, default=_S, metavar="N",
-                   help="epochs between TensorBoard histograms (default 5, and the last)")
+    g.add_argument("--tensorboard-every", type=typed("tensorboard_every"), default=_S,
+                   metavar="N", help="epochs between TensorBoard histograms (default 5, and "
+                                     "the last)")
 
 
 def add_parser(sub: Any) -> None:
@@ -98,8 +118,8 @@ def add_parser(sub: Any) -> None:
                     "with torchvision's detection recipe; its backbone is what --to converts.")
     add_conversion_arguments(p, model_required=False)
     add_data_arguments(p)
-    p.add_argument("--out", help="run directory (default: runs/MODEL-FAMILY, or a saved "
-                                 "MODEL directory itself)")
+    p.add_argument("--out", type=PATH, help="run directory (default: runs/MODEL-FAMILY, or a "
+                                            "saved MODEL directory itself)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out (or in MODEL, a run directory)")
     p.add_argument("--force", action="store_true", help="overwrite a run directory")
@@ -112,7 +132,8 @@ def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The recipe fields the user gave on the command line."""
     from autobuild.train import TrainConfig
 
-    return {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    return {name: getattr(args, name) for name in TrainConfig.field_names()
+            if hasattr(args, name)}
 
 
 def _fit_to_data(args: argparse.Namespace, data: Any) -> None:
@@ -164,68 +185,143 @@ def _model_name(args: argparse.Namespace) -> str | None:
     return args.model
 
 
+@dataclass
+class _Job:
+    """What one `autobuild train` call trains, and where."""
+
+    run_dir: str
+    task: str
+    model: Any
+    data: Any
+    cfg: Any
+    resume: bool
+
+
 def run(args: argparse.Namespace) -> int:
-    from autobuild.train import TrainConfig, load_checkpoint, prepare_run_dir
-    from autobuild.train.checkpoint import CHECKPOINT_FILE
-    from autobuild.train.runs import is_main_process, task_for
+    from autobuild.train.runs import is_main_process
 
-    overrides = config_overrides(args)
-    if args.resume:
-        run_dir = args.out or args.model
-        if not run_dir:
-            raise AutobuildError("--resume needs the run directory: train --resume RUN")
-        if args.family or args.sites or args.option or args.plan:
-            raise AutobuildError("--resume continues a run as it was built; it takes no "
-                                 "--to/--sites/--option/--plan")
-        state = load_checkpoint(os.path.join(run_dir, CHECKPOINT_FILE))
-        from autobuild.api import build_plan
-        from autobuild.io import load_plan
-
-        plan = load_plan(run_dir)
-        record = state.get("data") or {}
-        task = task_for(plan.model, args.data or record.get("spec"))
-        cfg = TrainConfig.from_dict({**state["config"], **overrides})
-        data = _data(args, record, task)
-        model = build_plan(plan, load_baseline_weights=False)
-        result = _trainer(task)(model, data, cfg, out_dir=run_dir, resume=True)
-    else:
-        if not args.data:
-            from autobuild.train.data import DATA_SPECS
-
-            raise AutobuildError(f"--data is required ({DATA_SPECS}, or detection data)")
-        model_dir = bool(args.model and os.path.isdir(args.model))
-        run_dir = args.out or (args.model if model_dir else os.path.join(
-            "runs", f"{args.model}-{args.family or 'baseline'}"))
-        adopt = model_dir and os.path.abspath(run_dir) == os.path.abspath(args.model)
-        prepare_run_dir(run_dir, force=args.force, adopt=adopt, dry_run=True)
-        name = _model_name(args)
-        task = task_for(name, args.data) if name else "classification"
-        if task == "detection":
-            from autobuild.train.detection import default_augment, detection_config
-
-            args.augment = args.augment or default_augment(name)  # the reference's
-        data = _data(args, None, task)
-        if task == "detection":
-            if not (model_dir or args.plan):
-                _fit_detector_to_data(args, data)
-            elif args.image_size:
-                raise AutobuildError("--image-size applies to a new detector; a saved model "
-                                     "or plan keeps the size it was built at")
-            cfg = detection_config(name, **overrides)
-        else:
-            if not (model_dir or args.plan):
-                _fit_to_data(args, data)
-            cfg = TrainConfig(**overrides)
-        import torch
-
-        torch.manual_seed(cfg.seed)  # the initial weights are part of a reproducible run
-        model = model_from_args(args, allow_baseline=True)[0]
-        if is_main_process():  # only rank 0 touches the run directory
-            prepare_run_dir(run_dir, force=args.force, adopt=adopt)
-        result = _trainer(task)(model, data, cfg, out_dir=run_dir)
+    job = _resumed_job(args) if args.resume else _new_job(args)
+    result = _trainer(job.task)(job.model, job.data, job.cfg, out_dir=job.run_dir,
+                                resume=job.resume)
     if not is_main_process():
         return 0
-    return _report(args, run_dir, result, task)
+    return _report(args, job.run_dir, result, job.task)
+
+
+# ---- a new run: directory, recipe, data, model -------------------------------------------
+def _new_job(args: argparse.Namespace) -> _Job:
+    from autobuild.train import prepare_run_dir
+    from autobuild.train.runs import is_main_process
+
+    run_dir, adopt = _new_run_dir(args)
+    name = _model_name(args)
+    task = _task(name, args.data) if name else "classification"
+    cfg = _recipe(args, name, task)
+    data = _new_data(args, name, task)
+    model = _build_model(args, cfg)
+    if is_main_process():  # only rank 0 touches the run directory
+        prepare_run_dir(run_dir, force=args.force, adopt=adopt)
+    return _Job(run_dir, task, model, data, cfg, resume=False)
+
+
+def _new_run_dir(args: argparse.Namespace) -> tuple[str, bool]:
+    """Where the run goes, refused (before any work) if that would lose another run;
+    whether it trains a saved model in its own directory (``adopt``)."""
+    from autobuild.train import prepare_run_dir
+    from autobuild.train.rundir import default_run_dir
+
+    if not args.data:
+        from autobuild.train.data import DATA_SPECS
+
+        raise AutobuildError(f"--data is required ({DATA_SPECS}, or detection data)")
+    model_dir = bool(args.model and os.path.isdir(args.model))
+    run_dir = args.out or (args.model if model_dir else default_run_dir(args.model,
+                                                                        args.family))
+    adopt = model_dir and os.path.abspath(run_dir) == os.path.abspath(args.model)
+    prepare_run_dir(run_dir, force=args.force, adopt=adopt, dry_run=True)
+    return run_dir, adopt
+
+
+def _task(name: str, spec: str | None) -> str:
+    from autobuild.train.runs import task_for
+
+    return task_for(name, spec)
+
+
+def _recipe(args: argparse.Namespace, name: str | None, task: str) -> Any:
+    """The recipe: the task's defaults, then the flags given (each already checked against
+    the schema while parsing; here the combination is)."""
+    from autobuild.train import TrainConfig
+
+    if task == "detection":
+        from autobuild.train.detection import detection_config
+
+        return detection_config(name or "", **config_overrides(args))
+    return TrainConfig(**config_overrides(args))
+
+
+def _new_data(args: argparse.Namespace, name: str | None, task: str) -> Any:
+    """The data, and a new model fitted to it (classes, input size)."""
+    building = not (args.plan or (args.model and os.path.isdir(args.model)))
+    if task == "detection":
+        from autobuild.train.detection import default_augment
+
+        args.augment = args.augment or default_augment(name or "")  # the reference's
+        if not building and args.image_size:
+            raise AutobuildError("--image-size applies to a new detector; a saved model or "
+                                 "plan keeps the size it was built at")
+    data = _data(args, None, task)
+    if building:
+        (_fit_detector_to_data if task == "detection" else _fit_to_data)(args, data)
+    return data
+
+
+def _build_model(args: argparse.Namespace, cfg: Any) -> Any:
+    import torch
+
+    torch.manual_seed(cfg.seed)  # the initial weights are part of a reproducible run
+    return model_from_args(args, allow_baseline=True)[0]
+
+
+# ---- a resumed run ---------------------------------------------------------------------
+def _resumed_job(args: argparse.Namespace) -> _Job:
+    """Continue a run from its checkpoint, with the recipe it recorded (flags given now
+    override it); refused, before anything is written, when nothing is left to train."""
+    from autobuild.api import build_plan
+    from autobuild.io import load_plan
+    from autobuild.train import TrainConfig, load_checkpoint
+    from autobuild.train.checkpoint import CHECKPOINT_FILE
+    from autobuild.train.config import check_resume
+    from autobuild.train.rundir import check_writable
+
+    run_dir = _resume_dir(args)
+    state = load_checkpoint(os.path.join(run_dir, CHECKPOINT_FILE))
+    plan = load_plan(run_dir)
+    record = state.get("data") or {}
+    task = _task(plan.model, args.data or record.get("spec"))
+    cfg = TrainConfig.from_dict({**state["config"], **config_overrides(args)})
+    check_resume(cfg, int(state["epoch"]))
+    check_writable(run_dir)
+    data = _data(args, record, task)
+    model = build_plan(plan, load_baseline_weights=False)
+    return _Job(run_dir, task, model, data, cfg, resume=True)
+
+
+def _resume_dir(args: argparse.Namespace) -> str:
+    run_dir = args.out or args.model
+    if not run_dir:
+        raise AutobuildError("--resume needs the run directory: train --resume RUN")
+    given = {"--to": args.family, "--sites": args.sites, "--option": args.option,
+             "--plan": args.plan, "--placement": args.placement, "--init": args.init,
+             "--num-classes": args.num_classes, "--input-size": args.input_size,
+             "--weights": args.weights, "--force": args.force or None}
+    named = [flag for flag, value in given.items() if value is not None]
+    if named:
+        raise AutobuildError(f"--resume continues a run as it was built; it takes no "
+                             f"{', '.join(named)}")
+    if not os.path.isdir(run_dir):
+        raise AutobuildError(f"no run directory {run_dir!r} to resume")
+    return run_dir
 
 
 def _trainer(task: str) -> Any:

@@ -9,7 +9,9 @@ from autobuild.cli._common import print_json
 
 
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser("variants", help="list families, their options and site kinds")
+    p = sub.add_parser("variants", help="list families, their options and site kinds",
+                       description="List the families with their options (type, default, "
+                                   "choices, bounds) and the kinds of site they take.")
     p.add_argument("--json", action="store_true", help="print a JSON list")
     p.set_defaults(run=run)
 

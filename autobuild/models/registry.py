@@ -162,9 +162,10 @@ def _timm_entry(timm_name: str) -> ModelEntry:
     except ImportError as exc:
         raise AutobuildError("timm models need the optional extra: pip install "
                              "'autobuild[timm]'") from exc
-    if timm_name not in timm.list_models():
-        raise unknown_name("timm model", timm_name, timm.list_models()[:50],
-                           "first 50 shown; see timm.list_models()")
+    names = timm.list_models()
+    if timm_name not in names:  # the closest of all of them, and a few for the flavour
+        raise unknown_name("timm model", timm_name, names, "timm.list_models() lists them",
+                           shown=10)
 
     def builder(num_classes: int = 1000, **kw: Any) -> nn.Module:
         return timm.create_model(timm_name, pretrained=False, num_classes=num_classes, **kw)

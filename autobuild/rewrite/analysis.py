@@ -7,6 +7,11 @@ and build of a placement reuses it; nothing is traced or shape-propagated twice.
     a.check(p)                     # InfeasiblePlacement before anything is built
     a.cost(p)                      # Counts predicted without building the model
     a.build(p, init="preserve")    # the converted model; plan_of(model) is a.plan(p, init)
+
+A build whose predicted size is absurd is refused before anything is allocated: more than
+:data:`MAX_PARAMS` parameters or :data:`MAX_MACS` MACs per image (override with the
+environment variables ``AUTOBUILD_MAX_PARAMS`` / ``AUTOBUILD_MAX_MACS``, or
+``build(..., check_size=False)``).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import copy
 import difflib
 import itertools
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,7 +40,35 @@ from autobuild.rewrite.rewriter import Rewriter
 from autobuild.rewrite.sites import Region, Site, find_sites, select_sites
 from autobuild.rewrite.trace import trace
 
-__all__ = ["Analysis", "Baseline"]
+__all__ = ["MAX_MACS", "MAX_PARAMS", "Analysis", "Baseline", "size_limits"]
+
+#: 4G parameters: 16 GB of float32 weights (3x the largest torchvision classifier, which
+#: every family converts; ``expansion=1000000`` wanted 8G and 32 GB).
+MAX_PARAMS = 4_000_000_000
+#: 10T MACs per image: ~3x a quadratic ViT-H/14 at 518x518.
+MAX_MACS = 10_000_000_000_000
+
+
+def size_limits() -> tuple[int, int]:
+    """(max params, max MACs per image) of a build: the defaults or the environment's."""
+    limits = []
+    for var, default in (("AUTOBUILD_MAX_PARAMS", MAX_PARAMS), ("AUTOBUILD_MAX_MACS", MAX_MACS)):
+        text = os.environ.get(var, "").strip()
+        try:
+            value = int(float(text)) if text else default
+        except ValueError:
+            value = -1
+        if value < 1:
+            raise AutobuildError(f"{var}={text!r} must be a positive number (e.g. 8e9)")
+        limits.append(value)
+    return limits[0], limits[1]
+
+
+def _human(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return f"{n:.0f}"
 
 
 @dataclass
@@ -334,12 +368,33 @@ class Analysis:
         return Plan(b.name, _as_placement(placement), init, b.num_classes, b.input_size,
                     b.weights, b.leaf_names())
 
+    def check_size(self, placement: Placement | Mapping[str, Any]) -> Counts:
+        """The predicted counts of ``placement``; an :class:`AutobuildError` when they are
+        over :func:`size_limits` (nothing has been built or allocated)."""
+        counts = self.cost(placement)
+        max_params, max_macs = size_limits()
+        if counts.params > max_params or counts.macs > max_macs:
+            what = (f"{_human(counts.params)} parameters ({_human(4 * counts.params)}B in "
+                    f"float32)" if counts.params > max_params else
+                    f"{_human(counts.macs)} MACs per image")
+            var, limit = (("AUTOBUILD_MAX_PARAMS", max_params) if counts.params > max_params
+                          else ("AUTOBUILD_MAX_MACS", max_macs))
+            raise AutobuildError(
+                f"{self.baseline.name} -> {_as_placement(placement).summary()} would have "
+                f"{what}, over the limit of {_human(limit)}; nothing was built (check the "
+                f"options, e.g. a width or step count; set {var} to allow it)")
+        return counts
+
     def build(self, placement: Placement | Mapping[str, Any], init: str = "scratch", *,
-              model: nn.Module | None = None) -> nn.Module:
+              model: nn.Module | None = None, check_size: bool = True) -> nn.Module:
         """The converted model (a copy; the baseline is untouched). ``model``: build on this
-        module instead of a copy of the baseline (it must have the baseline's structure)."""
+        module instead of a copy of the baseline (it must have the baseline's structure).
+        An absurd size is refused before anything is allocated (see the module docstring);
+        a build on the meta device allocates nothing and is not checked."""
         placement = _as_placement(placement)
         self.check(placement, init)
+        if check_size and placement and torch.empty(()).device.type != "meta":
+            self.check_size(placement)
         target = copy.deepcopy(self.baseline.module) if model is None else model
         rewriter = self._rewriter(target)
         # Module swaps first (innermost first); the passes that need the graph (shared

@@ -36,7 +36,10 @@ class Option:
     """One ``--option name=value`` of a family: its type, default, allowed values or bounds.
 
     Strings (from the CLI or YAML) are converted; a value of the wrong type is refused,
-    never reinterpreted (``K=2.5`` for an int option is an error, not 2).
+    never reinterpreted (``K=2.5`` for an int option is an error, not 2). Options whose
+    value decides how much is built (a step count, a width) state a ``max``: an absurd value
+    is refused before anything is allocated. ``specials`` are named values accepted as they
+    are besides those of ``type`` (``expansion=qlnet`` next to ``expansion=2.5``).
     """
 
     name: str
@@ -48,8 +51,11 @@ class Option:
     max: float | None = None
     #: False: the value must be strictly above ``min`` (a time step, a scale).
     min_inclusive: bool = True
+    specials: tuple[Any, ...] = ()
 
     def parse(self, value: Any, family: str) -> Any:
+        if self.specials and isinstance(value, str) and value in self.specials:
+            return value
         value = self._convert(value, family)
         if self.choices is not None and value not in self.choices:
             raise AutobuildError(f"option {self.name}={value!r} of {family} is not valid; valid:"
@@ -59,8 +65,9 @@ class Option:
                 not self.min_inclusive and value == self.min))
             high = self.max is not None and value > self.max
             if low or high or (isinstance(value, float) and not math.isfinite(value)):
+                also = "".join(f" or {s}" for s in self.specials)
                 raise AutobuildError(f"option {self.name}={value!r} of {family} must be "
-                                     f"{self.bounds()}")
+                                     f"{self.bounds()}{also}")
         return value
 
     def bounds(self) -> str:
@@ -78,6 +85,8 @@ class Option:
         kind = {bool: "true or false", int: "an integer", float: "a number",
                 str: "a string"}.get(self.type, f"a {self.type.__name__}")
         shown = value if isinstance(value, str) else repr(value)
+        if self.specials:
+            kind += " or " + " or ".join(map(str, self.specials))
         bad = AutobuildError(f"option {self.name}={shown} of {family} must be {kind}")
         if self.type is bool:
             if isinstance(value, bool):
@@ -231,7 +240,8 @@ class Variant:
             "mask": self.mask_effect,
             "options": [{"name": o.name, "default": o.default, "choices": list(o.choices)
                          if o.choices else None, "type": o.type.__name__, "min": o.min,
-                         "max": o.max, "help": o.help} for o in self.options],
+                         "max": o.max, "specials": list(o.specials), "help": o.help}
+                        for o in self.options],
         }
 
 

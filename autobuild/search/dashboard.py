@@ -47,7 +47,7 @@ def serve(storage: str, *, study: str | None = None, port: int | None = None,
 
     if port is not None and not 1 <= port <= 65535:
         raise AutobuildError(f"--port must be in 1..65535, got {port}")
-    store = open_storage(storage, heartbeat=False)
+    store = open_storage(storage, heartbeat=False, create=False)
     folder = artifact_dir(storage, study or "", artifacts)
     artifact_store = FileSystemArtifactStore(folder) if os.path.isdir(folder) else None
     port = port or free_port()

@@ -165,8 +165,13 @@ def _plot(study: optuna.Study, frame: Any, path: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    from autobuild.io import atomic_file
+
+    try:
+        with atomic_file(path, "wb") as f:
+            fig.savefig(f, format="png")
+    finally:
+        plt.close(fig)
 
 
 def write_report(study: optuna.Study, out: str) -> dict[str, Any]:
@@ -184,10 +189,7 @@ def write_report(study: optuna.Study, out: str) -> dict[str, Any]:
     frame = trials_frame(study)
     atomic_write_text(os.path.join(out, "trials.csv"), frame.to_csv(index=False))
     atomic_write_text(os.path.join(out, "report.md"), _markdown(study, frame))
-    png = os.path.join(out, "pareto.png")
-    tmp = png + ".tmp.png"
-    _plot(study, frame, tmp)
-    os.replace(tmp, png)
+    _plot(study, frame, os.path.join(out, "pareto.png"))
     ri = pd.DataFrame(study.user_attrs.get("ri") or [])
     atomic_write_text(os.path.join(out, "ri.csv"), ri.to_csv(index=False))
     return {"out": out, "files": ["trials.csv", "report.md", "pareto.png", "ri.csv"],

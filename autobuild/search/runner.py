@@ -4,7 +4,7 @@ enqueue its seed trials, then run trials until the study holds ``n_trials`` fini
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import optuna
@@ -56,7 +56,7 @@ def _sampler(space: SearchSpace) -> optuna.samplers.BaseSampler:
 def _config(space: SearchSpace, device: str | None) -> Any:
     from autobuild.train import TrainConfig
 
-    known = {f.name for f in fields(TrainConfig)}
+    known = set(TrainConfig.field_names())
     extra = {k: v for k, v in space.budget.model_dump().items()
              if k not in ("train_subset", "image_size")}
     unknown = sorted(set(extra) - known)

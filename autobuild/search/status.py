@@ -46,7 +46,7 @@ def storage_status(url: str, study: str | None = None) -> list[dict[str, Any]]:
     """The status of ``study`` (or of every study) in the storage at ``url``."""
     from autobuild.search.study import load_study
 
-    store = open_storage(url, heartbeat=False)
+    store = open_storage(url, heartbeat=False, create=False)
     names = [study] if study else sorted(optuna.study.get_all_study_names(store))
     out = []
     for name in names:

@@ -54,12 +54,13 @@ def artifact_dir(storage_url: str, study_name: str, given: str | None = None) ->
     return os.path.abspath(os.path.join("studies", f"{study_name}-artifacts"))
 
 
-def open_storage(url: str, *, heartbeat: bool | tuple[int, int] | None = True
-                 ) -> optuna.storages.RDBStorage:
+def open_storage(url: str, *, heartbeat: bool | tuple[int, int] | None = True,
+                 create: bool = True) -> optuna.storages.RDBStorage:
     """Optuna's RDB storage on ``url``, with heartbeats (``heartbeat``: True for the default
     interval and grace period, or (interval, grace) seconds; False/None for none, e.g. to
     read a study) and the retry of stale trials; one line naming the URL (password masked)
-    when it cannot be opened."""
+    when it cannot be opened. ``create=False`` (the commands that only read a study):
+    a SQLite file that does not exist is refused, not created empty."""
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
     quiet_optuna()
@@ -68,6 +69,8 @@ def open_storage(url: str, *, heartbeat: bool | tuple[int, int] | None = True
                              f"or postgresql+psycopg://user@host/db, got {url!r}")
     if url.startswith("sqlite:///"):
         path = url[len("sqlite:///"):]
+        if path and path != ":memory:" and not create and not os.path.isfile(path):
+            raise AutobuildError(f"no study database {path!r} (check --storage / --study)")
         if path and path != ":memory:":
             try:
                 os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

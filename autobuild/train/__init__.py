@@ -15,7 +15,7 @@ Detectors (SSD with a converted backbone) train the same way on detection data:
 
 from __future__ import annotations
 
-from autobuild.train.checkpoint import load_checkpoint, prepare_run_dir
+from autobuild.train.checkpoint import load_checkpoint
 from autobuild.train.config import TrainConfig
 from autobuild.train.data import Data, build_data
 from autobuild.train.detection import (
@@ -31,15 +31,16 @@ from autobuild.train.detection_data import (
     synthetic_detection_sample,
 )
 from autobuild.train.loop import (
-                                  BEST_WEIGHTS,
-                                  LAST_WEIGHTS,
-                                  Callback,
-                                  DivergedError,
-                                  Result,
-                                  evaluate,
-                                  train,
+    BEST_WEIGHTS,
+    LAST_WEIGHTS,
+    Callback,
+    DivergedError,
+    Result,
+    evaluate,
+    train,
 )
 from autobuild.train.metrics import DetectionEpochMetrics, EpochMetrics
+from autobuild.train.rundir import prepare_run_dir, read_run_record
 
 __all__ = [
     "BEST_WEIGHTS",
@@ -61,6 +62,7 @@ __all__ = [
     "evaluate_detection",
     "load_checkpoint",
     "prepare_run_dir",
+    "read_run_record",
     "synthetic_detection_sample",
     "train",
     "train_detection",

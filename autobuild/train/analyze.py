@@ -316,10 +316,9 @@ def write_csv_rows(path: str, rows: Sequence[dict[str, Any]], header: Sequence[s
     for row in rows:
         writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()
                          if k in header})
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(buf.getvalue())
-    os.replace(tmp, path)
+    from autobuild.io import atomic_write_text
+
+    atomic_write_text(path, buf.getvalue())
 
 
 def _histogram_rows(analysis: Analysis, bins: int) -> list[dict[str, Any]]:

@@ -41,9 +41,10 @@ def _pyplot() -> Any:
 
 
 def _save(fig: Any, path: str) -> str:
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=100, format="png")
-    os.replace(tmp, path)
+    from autobuild.io import atomic_file
+
+    with atomic_file(path, "wb") as f:
+        fig.savefig(f, dpi=100, format="png")
     return path
 
 

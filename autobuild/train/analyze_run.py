@@ -48,7 +48,8 @@ def analyze_run(run: str, out_dir: str, *, data: str | None = None,
     from autobuild.train.detection_data import collate_detection
     from autobuild.train.distributed import Dist
     from autobuild.train.loop import BEST_WEIGHTS, LAST_WEIGHTS
-    from autobuild.train.runs import data_for_run, read_run_record, task_for
+    from autobuild.train.rundir import read_run_record
+    from autobuild.train.runs import data_for_run, task_for
     from autobuild.train.session import make_loader, resolve_device
 
     if batches < 1 or batch_size < 1:

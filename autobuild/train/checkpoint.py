@@ -11,8 +11,8 @@ import torch
 
 from autobuild.errors import AutobuildError
 
-__all__ = ["CHECKPOINT_FILE", "get_rng_state", "load_checkpoint", "prepare_run_dir",
-           "save_checkpoint", "set_rng_state"]
+__all__ = ["CHECKPOINT_FILE", "get_rng_state", "load_checkpoint", "save_checkpoint",
+           "set_rng_state"]
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -58,42 +58,3 @@ def load_checkpoint(path: str) -> dict[str, Any]:
     if not isinstance(state, dict) or "model" not in state or "epoch" not in state:
         raise AutobuildError(f"corrupt checkpoint {path!r}: not an autobuild training checkpoint")
     return state
-
-
-#: Files that mark a directory as holding a training run.
-RUN_MARKERS = (CHECKPOINT_FILE, "metrics.csv", "train.yaml")
-#: A directory `autobuild convert --out` wrote: training it in place keeps its weights.
-SAVED_MODEL = {"plan.yaml", "weights.safetensors"}
-INIT_WEIGHTS = "init.safetensors"
-
-
-def prepare_run_dir(path: str, *, force: bool = False, adopt: bool = False,
-                    dry_run: bool = False) -> None:
-    """Make ``path`` ready for a new run, never losing another run or a user's weights.
-
-    A directory holding a run (checkpoint, metrics) or anything else is refused unless
-    ``force``. With ``adopt`` (training a saved model in its own directory), a directory
-    holding just plan + weights is accepted and its weights are kept as ``init.safetensors``.
-    ``dry_run`` only checks.
-    """
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise AutobuildError(f"{path!r} exists and is not a directory")
-    entries = set(os.listdir(path)) if os.path.isdir(path) else set()
-    adopting = adopt and entries and entries <= SAVED_MODEL | {INIT_WEIGHTS}
-    if entries and not force and not adopting:
-        if entries & set(RUN_MARKERS):
-            raise AutobuildError(f"{path!r} holds another run; pass --resume to continue it or "
-                                 "--force to overwrite it (or choose another --out)")
-        raise AutobuildError(f"{path!r} is not empty; choose another --out or pass --force")
-    if dry_run:
-        return
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as exc:
-        raise AutobuildError(f"cannot create {path!r}: {exc.strerror}") from exc
-    weights = os.path.join(path, "weights.safetensors")
-    if adopting and os.path.exists(weights):
-        from autobuild.io import atomic_copy
-
-        # A copy, not a move: other DDP ranks may still be loading these weights.
-        atomic_copy(weights, os.path.join(path, INIT_WEIGHTS))

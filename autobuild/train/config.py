@@ -1,13 +1,26 @@
-"""The training recipe: one dataclass, every field a CLI flag of ``autobuild train``."""
+"""The training recipe: one declarative schema, every field a CLI flag of ``autobuild train``.
+
+Each field states its type and bounds once, here; the CLI flags (``autobuild train --lr``),
+the API (``TrainConfig(lr=...)``), a search space's ``budget`` and a run's ``train.yaml`` are
+all validated by it. A bad value is one line naming the field and its flag::
+
+    lr (--lr): must be greater than 0, got -1.0
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+import argparse
+import math
+import os
+import re
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
 
-from autobuild.errors import AutobuildError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
-__all__ = ["CLIP_FAMILIES", "DETECTION_CLIP_FAMILIES", "TrainConfig"]
+from autobuild.errors import InvalidValue, schema_error, schema_message
+
+__all__ = ["CLIP_FAMILIES", "DETECTION_CLIP_FAMILIES", "TrainConfig", "check_resume", "flag_of"]
 
 #: Families whose products of activations blow up without clipping (QuadraLib clips at 0.5).
 CLIP_FAMILIES = {"quadratic": 0.5, "multiplicative": 0.5}
@@ -16,84 +29,114 @@ CLIP_FAMILIES = {"quadratic": 0.5, "multiplicative": 0.5}
 #: (docs/benchmarks.md, Detection).
 DETECTION_CLIP_FAMILIES = {"quadratic": 10.0, "multiplicative": 10.0}
 
+PositiveInt = Annotated[int, Field(ge=1)]
+#: numpy seeds are 32-bit and every DDP rank adds its rank: leave room for 65536 ranks.
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1 - 65536)]
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:[0-9]+)?)$")
 
-@dataclass
-class TrainConfig:
-    """A training recipe. Defaults are the usual CIFAR ResNet recipe (SGD + cosine)."""
 
-    epochs: int = 200
-    batch_size: int = 128
-    optimizer: str = "sgd"  # or "adamw"
+def flag_of(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def _name(loc: tuple[Any, ...]) -> str:
+    field = str(loc[0]) if loc else "(recipe)"
+    index = "".join(f"[{p}]" for p in loc[1:])
+    return f"{field}{index} ({flag_of(field)})"
+
+
+class TrainConfig(BaseModel):
+    """A training recipe. Defaults are the usual CIFAR ResNet recipe (SGD + cosine).
+
+    Values are never converted across types (``epochs=2.5`` and ``amp=1`` are refused); a
+    bad field raises :class:`~autobuild.errors.InvalidValue` /
+    :class:`~autobuild.errors.InvalidType` naming it."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True,
+                              allow_inf_nan=False, validate_default=False)
+
+    epochs: Annotated[int, Field(ge=1, le=1_000_000)] = 200
+    batch_size: Annotated[int, Field(ge=1, le=1_048_576)] = 128
+    optimizer: Literal["sgd", "adamw"] = "sgd"
     #: Peak learning rate; None = 0.1 for SGD, 1e-3 for AdamW (scaled by batch_size / 128).
-    lr: float | None = None
-    momentum: float = 0.9
+    lr: Annotated[float, Field(gt=0)] | None = None
+    #: SGD momentum (a negative one is gradient ascent in disguise; 1 never forgets).
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
     nesterov: bool = True
     #: None = 5e-4 for SGD, 0.05 for AdamW; never applied to norms, biases, Dirac alpha/beta.
-    weight_decay: float | None = None
+    weight_decay: Annotated[float, Field(ge=0)] | None = None
     #: Linear warm-up length, capped at a quarter of the run so short runs still anneal.
-    warmup_epochs: float = 5.0
+    warmup_epochs: Annotated[float, Field(ge=0)] = 5.0
     #: "cosine" (to zero) or "multistep" (x lr_gamma at each of lr_milestones), after warm-up.
-    lr_schedule: str = "cosine"
+    lr_schedule: Literal["cosine", "multistep"] = "cosine"
     #: Epochs where "multistep" decays; None = at 2/3 and 11/12 of the run (SSD300's 80, 110
     #: of 120 epochs).
-    lr_milestones: list[int] | None = None
-    lr_gamma: float = 0.1
-    label_smoothing: float = 0.0
+    lr_milestones: list[PositiveInt] | None = None
+    lr_gamma: Annotated[float, Field(gt=0, le=1)] = 0.1
+    label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0
     #: Max gradient norm; "auto" = 0.5 for quadratic/multiplicative plans (10 for detectors),
-    #: else none; 0 = off.
+    #: else none; 0 = off. A negative norm would flip the gradient: refused.
     clip_grad: float | str = "auto"
     amp: bool = False
-    amp_dtype: str = "bf16"  # or "fp16" (uses a GradScaler)
+    amp_dtype: Literal["bf16", "fp16"] = "bf16"  # fp16 uses a GradScaler
     #: None = on for CUDA, off for CPU.
     channels_last: bool | None = None
     compile: bool = False
     #: EMA decay per step (e.g. 0.9999); None = no EMA. Evaluation and saving use the EMA.
-    ema: float | None = None
-    seed: int = 0
+    ema: Annotated[float, Field(gt=0, lt=1)] | None = None
+    seed: Seed = 0
     deterministic: bool = False
     sync_bn: bool = False
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1"
-    workers: int | None = None  # None = min(8, cores) on CUDA, 0 on CPU
+    #: Data loader processes; None = min(8, cores) on CUDA, 0 on CPU.
+    workers: Annotated[int, Field(ge=0, le=256)] | None = None
     #: Train-loss/accuracy synchronisation interval in steps (also the divergence check).
-    log_interval: int = 20
+    log_interval: Annotated[int, Field(ge=1)] = 20
     progress: bool = False
     #: TensorBoard log directory (rank 0): scalars every epoch, histograms every
-    #: ``tensorboard_every`` epochs. None = no logging.
-    tensorboard: str | None = None
-    tensorboard_every: int = 5
+    #: ``tensorboard_every`` epochs. None = no logging. Recorded as an absolute path.
+    tensorboard: Annotated[str, Field(min_length=1)] | None = None
+    tensorboard_every: PositiveInt = 5
 
-    def __post_init__(self) -> None:
-        self.validate()
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise schema_error(exc, "", _name) from None
 
-    def validate(self) -> None:
-        """Reject nonsense early, as one-line errors."""
-        if self.epochs < 1 or self.batch_size < 1:
-            raise AutobuildError("--epochs and --batch-size must be at least 1")
-        if self.optimizer not in ("sgd", "adamw"):
-            raise AutobuildError(f"--optimizer must be sgd or adamw, got {self.optimizer!r}")
-        if self.amp_dtype not in ("bf16", "fp16"):
-            raise AutobuildError(f"--amp-dtype must be bf16 or fp16, got {self.amp_dtype!r}")
-        if isinstance(self.clip_grad, str) and self.clip_grad != "auto":
+    @field_validator("clip_grad", mode="before")
+    @classmethod
+    def _clip_grad(cls, value: Any) -> Any:
+        if value == "auto":
+            return value
+        if isinstance(value, str):  # from the command line or an old record
             try:
-                self.clip_grad = float(self.clip_grad)
+                value = float(value)
             except ValueError:
-                raise AutobuildError(f"--clip-grad must be a number or auto, got "
-                                     f"{self.clip_grad!r}") from None
-        if self.ema is not None and not 0.0 < self.ema < 1.0:
-            raise AutobuildError(f"--ema is a decay in (0, 1), got {self.ema}")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise AutobuildError("--label-smoothing must be in [0, 1)")
-        if self.lr_schedule not in ("cosine", "multistep"):
-            raise AutobuildError(f"--lr-schedule must be cosine or multistep, got "
-                                 f"{self.lr_schedule!r}")
-        if self.lr_milestones is not None:
-            self.lr_milestones = sorted(int(m) for m in self.lr_milestones)
-            if any(m < 1 for m in self.lr_milestones):
-                raise AutobuildError("--lr-milestones are epochs, at least 1")
-        if not 0.0 < self.lr_gamma <= 1.0:
-            raise AutobuildError(f"--lr-gamma must be in (0, 1], got {self.lr_gamma}")
-        if self.tensorboard_every < 1:
-            raise AutobuildError("--tensorboard-every must be at least 1")
+                raise ValueError("must be a number >= 0 or auto") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not math.isfinite(value) or value < 0:
+            raise ValueError("must be a number >= 0 (0 = off) or auto")
+        return float(value)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not _DEVICE.match(value):
+            raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
+        return value
+
+    @field_validator("lr_milestones")
+    @classmethod
+    def _milestones(cls, value: list[int] | None) -> list[int] | None:
+        return sorted(set(value)) if value is not None else None
+
+    @field_validator("tensorboard")
+    @classmethod
+    def _absolute(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("must be a directory path")
+        return os.path.abspath(os.path.expanduser(value)) if value is not None else None
 
     # ---- resolved values ------------------------------------------------------------------
     def peak_lr(self) -> float:
@@ -124,13 +167,60 @@ class TrainConfig:
         return sorted({max(1, round(self.epochs * 2 / 3)), max(1, round(self.epochs * 11 / 12))})
 
     # ---- persistence ----------------------------------------------------------------------
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return list(cls.model_fields)
+
+    @classmethod
+    def default(cls, name: str) -> Any:
+        return cls.model_fields[name].default
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return self.model_dump()
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
+        """A recipe from a record (a checkpoint's, a run's): keys of older versions that
+        no longer exist are ignored; every known key is validated."""
+        known = cls.model_fields
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def replace(self, **changes: Any) -> TrainConfig:
         return TrainConfig.from_dict({**self.to_dict(), **changes})
+
+    # ---- the command line -----------------------------------------------------------------
+    @classmethod
+    def flag_type(cls, name: str) -> Callable[[str], Any]:
+        """An argparse ``type=`` for field ``name``: parses the flag's text and checks it
+        against this schema at parse time (a bad ``--lr`` is refused before any work)."""
+        info = cls.model_fields[name]
+        annotation: Any = (Annotated[(info.annotation, *info.metadata)] if info.metadata
+                           else info.annotation)
+        if name == "lr_milestones":  # nargs="+": one element per call
+            annotation = PositiveInt
+        adapter: TypeAdapter[Any] = TypeAdapter(annotation)
+
+        def parse(text: str) -> Any:
+            try:  # the text as the field's type, within its bounds...
+                value = adapter.validate_strings(text)
+            except ValidationError as exc:
+                message = schema_message(exc, "", lambda loc: "").lstrip(": ")
+                raise argparse.ArgumentTypeError(message) from None
+            if name == "lr_milestones":
+                return value
+            try:  # ...and through the field's own validators
+                return cls(**{name: value}).to_dict()[name]
+            except InvalidValue as exc:
+                raise argparse.ArgumentTypeError(str(exc).partition(": ")[2]) from None
+
+        parse.__name__ = name  # argparse names the type in some messages
+        return parse
+
+
+def check_resume(cfg: TrainConfig, done: int) -> None:
+    """A resumed run must have epochs left: ``--epochs`` below what is done is refused
+    before anything is written (it would rewrite the run's record for nothing)."""
+    if cfg.epochs <= done:
+        raise InvalidValue(f"epochs (--epochs) {cfg.epochs}: the run has already trained "
+                           f"{done} epoch{'s' if done != 1 else ''}; pass --epochs N with "
+                           f"N > {done} to train further")

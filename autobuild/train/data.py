@@ -184,6 +184,31 @@ def _cifar_classes(path: str, name: str, n: int) -> list[str]:
 
 
 # ---- ImageFolder ---------------------------------------------------------------------------
+#: Images whose headers decide a folder's channels (spread over the folder; reading every
+#: header of ImageNet would take minutes).
+MODE_SAMPLES = 512
+_GRAY = ("L", "I", "I;16", "1", "LA")
+
+
+def _mode_and_size(samples: list[tuple[str, int]]) -> tuple[str, int]:
+    """"L" when every sampled image is grayscale, else "RGB" (a colour folder with a few
+    grayscale images, like ImageNet, trains 3-channel models: those are converted); and the
+    longest side of the first image. Only headers are read."""
+    from PIL import Image, UnidentifiedImageError
+
+    step = max(1, len(samples) // MODE_SAMPLES)
+    modes = set()
+    longest = 0
+    for path, _ in samples[::step]:
+        try:
+            with Image.open(path) as img:
+                modes.add("L" if img.mode in _GRAY else "RGB")
+                longest = longest or max(img.size)
+        except (OSError, UnidentifiedImageError) as exc:
+            raise AutobuildError(f"cannot read image {path!r}: {exc}") from None
+    return ("L" if modes == {"L"} else "RGB"), longest
+
+
 def _imagefolder(root: str, image_size: int | None) -> Data:
     from PIL import Image
     from torchvision.datasets import ImageFolder
@@ -197,10 +222,12 @@ def _imagefolder(root: str, image_size: int | None) -> Data:
         probe = ImageFolder(os.path.join(root, "train"))
     except (FileNotFoundError, RuntimeError) as exc:
         raise AutobuildError(f"imagefolder:{root}: {exc}") from exc
-    # Channels and size come from the data: a grayscale folder trains 1-channel models.
-    with Image.open(probe.samples[0][0]) as first:
-        mode = "L" if first.mode in ("L", "I", "I;16", "1") else "RGB"
-        longest = max(first.size)
+    if len(probe.classes) < 2:
+        raise AutobuildError(f"imagefolder:{root}: train/ has {len(probe.classes)} class "
+                             f"folder{'s' if len(probe.classes) != 1 else ''} "
+                             f"({', '.join(probe.classes) or 'none'}); a classifier needs at "
+                             "least 2")
+    mode, longest = _mode_and_size(probe.samples)
     channels = 1 if mode == "L" else 3
     small = longest <= SMALL_IMAGE
     size = image_size or (longest if small else 224)
@@ -208,8 +235,11 @@ def _imagefolder(root: str, image_size: int | None) -> Data:
     train_t, val_t = _transforms(size, stats, small)
 
     def loader(path: str) -> Any:
-        with Image.open(path) as img:
-            return img.convert(mode)
+        try:
+            with Image.open(path) as img:
+                return img.convert(mode)
+        except (OSError, ValueError, SyntaxError) as exc:  # truncated or not an image
+            raise AutobuildError(f"cannot read image {path!r}: {exc}") from None
 
     train = ImageFolder(os.path.join(root, "train"), transform=train_t, loader=loader)
     try:

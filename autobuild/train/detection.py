@@ -281,10 +281,10 @@ def train_detection(model: nn.Module, data: DetectionData | str,
     steps = len(train_loader)
     if steps == 0:
         raise AutobuildError(f"{data.spec} has too few training images for one batch")
-    session.start(steps, resume=resume, metrics_cls=DetectionEpochMetrics,
-                  data_record=data_record(data))
-    session.probe = lambda: ("detection", [next(iter(val_loader))])
-    try:
+    with session:  # records how the run ended in train.yaml
+        session.start(steps, resume=resume, metrics_cls=DetectionEpochMetrics,
+                      data_record=data_record(data))
+        session.probe = lambda: ("detection", [next(iter(val_loader))])
         for epoch in range(session.first_epoch, cfg.epochs + 1):
             t0 = time.perf_counter()
             if device.type == "cuda":
@@ -319,14 +319,13 @@ def train_detection(model: nn.Module, data: DetectionData | str,
             loss_sum, box_sum, cls_sum, n, _ = dist.all_sum(sums).tolist()
             val = _evaluate(session.model_to_evaluate(), val_loader, cfg, device, dist,
                             data.classes)
+            session.check_finite(epoch, **{"validation mAP": val["map"]})
             metrics = DetectionEpochMetrics(
                 epoch, loss_sum / n, box_sum / n, cls_sum / n, val["map"], val["map_50"],
                 val["map_75"], session.opt.param_groups[0]["lr"], n / train_seconds,
                 time.perf_counter() - t0, peak_mem_mb(device))
             if session.end_epoch(metrics, metrics.map, callback):
                 break
-    finally:
-        session.close()
     best = session.best if math.isfinite(session.best) else 0.0
     return DetectionResult(session.eval_model, session.history, best, session.best_epoch,
                            session.stopped, out_dir, session.seconds)

@@ -123,69 +123,75 @@ def train(model: nn.Module, data: Data | str, config: TrainConfig | None = None,
     ``resume`` continues from ``out_dir/checkpoint.pt`` (model, optimizer, scheduler,
     scaler, EMA, epoch, RNG state). Refusing to overwrite another run is the caller's job
     (:func:`autobuild.train.prepare_run_dir`). Raises :class:`DivergedError` on a
-    non-finite loss.
+    non-finite training or validation loss (the last good checkpoint is kept and
+    ``train.yaml`` says why the run stopped).
     """
     cfg = config or TrainConfig()
     data = build_data(data) if isinstance(data, str) else data
     check_fits(model, data)
     session = Session(model, cfg, out_dir=out_dir, best_key="best_top1")
-    device, dist, net = session.device, session.dist, session.net
-    train_loader = make_loader(data.train, cfg, device, dist, True)
-    val_loader = make_loader(data.val, cfg, device, dist, False)
-    steps = len(train_loader)
-    if steps == 0:
+    train_loader = make_loader(data.train, cfg, session.device, session.dist, True)
+    val_loader = make_loader(data.val, cfg, session.device, session.dist, False)
+    if len(train_loader) == 0:
         raise AutobuildError(f"{data.name} has too few training images for one batch")
-    session.start(steps, resume=resume, metrics_cls=EpochMetrics, data_record=_data_record(data))
-    session.probe = lambda: ("classification", _first_batches(val_loader))
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    mem = session.memory_format
-    try:
+    with session:  # records how the run ended in train.yaml
+        session.start(len(train_loader), resume=resume, metrics_cls=EpochMetrics,
+                      data_record=_data_record(data))
+        session.probe = lambda: ("classification", _first_batches(val_loader))
         for epoch in range(session.first_epoch, cfg.epochs + 1):
             t0 = time.perf_counter()
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            train_loader.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
-            net.train()
-            sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss, correct, n, bad
-            bar = session.progress_bar(epoch, steps)
-            for i, (x, y) in enumerate(train_loader, 1):
-                x = x.to(device, non_blocking=True, memory_format=mem)
-                y = y.to(device, non_blocking=True)
-                with session.autocast():
-                    out = net(x)
-                    loss = criterion(out.float(), y)
-                session.step(loss)
-                # Accumulate on the device: no host sync per step (it would stall the GPU).
-                d = loss.detach().double()
-                sums += torch.stack([d * len(y), (out.argmax(1) == y).sum().double(),
-                                     torch.tensor(float(len(y)), device=device,
-                                                  dtype=torch.float64),
-                                     (~torch.isfinite(d)).double()])
-                if i % cfg.log_interval == 0 or i == steps:
-                    tot = session.sync(sums, epoch, i, bar)
-                    if bar is not None:
-                        elapsed = time.perf_counter() - t0
-                        bar.set_postfix(loss=f"{tot[0] / tot[2]:.3f}",
-                                        acc=f"{100 * tot[1] / tot[2]:.1f}%",
-                                        img_s=f"{tot[2] / elapsed:.0f}")
-                if bar is not None:
-                    bar.update()
-            if bar is not None:
-                bar.close()
-            train_seconds = time.perf_counter() - t0
-            loss_sum, correct, n, _ = dist.all_sum(sums).tolist()
+            loss, acc, images = _train_epoch(session, train_loader, criterion, epoch)
+            seconds = time.perf_counter() - t0
             val_loss, top1, top5 = _evaluate(session.model_to_evaluate(), val_loader, cfg,
-                                             device, dist, data.num_classes)
-            metrics = EpochMetrics(epoch, loss_sum / n, 100 * correct / n, val_loss, top1, top5,
-                                   session.opt.param_groups[0]["lr"], n / train_seconds,
-                                   time.perf_counter() - t0, peak_mem_mb(device))
+                                             session.device, session.dist, data.num_classes)
+            session.check_finite(epoch, **{"validation loss": val_loss})
+            metrics = EpochMetrics(epoch, loss, acc, val_loss, top1, top5,
+                                   session.opt.param_groups[0]["lr"], images / seconds,
+                                   time.perf_counter() - t0, peak_mem_mb(session.device))
             if session.end_epoch(metrics, top1, callback):
                 break
-    finally:
-        session.close()
     best = session.best if math.isfinite(session.best) else 0.0
     return Result(session.eval_model, session.history, best, session.best_epoch,
                   session.stopped, out_dir, session.seconds)
+
+
+def _train_epoch(session: Session, loader: DataLoader, criterion: nn.Module,
+                 epoch: int) -> tuple[float, float, float]:
+    """One pass over the training data: (mean loss, accuracy %, images), over all ranks.
+    Every ``log_interval`` steps the sums are synchronised, which is also where a
+    non-finite loss stops the run."""
+    device, mem, steps = session.device, session.memory_format, len(loader)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    loader.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
+    session.net.train()
+    sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss, correct, n, bad
+    bar = session.progress_bar(epoch, steps)
+    t0 = time.perf_counter()
+    for i, (x, y) in enumerate(loader, 1):
+        x = x.to(device, non_blocking=True, memory_format=mem)
+        y = y.to(device, non_blocking=True)
+        with session.autocast():
+            out = session.net(x)
+            loss = criterion(out.float(), y)
+        session.step(loss)
+        # Accumulate on the device: no host sync per step (it would stall the GPU).
+        d = loss.detach().double()
+        sums += torch.stack([d * len(y), (out.argmax(1) == y).sum().double(),
+                             torch.tensor(float(len(y)), device=device, dtype=torch.float64),
+                             (~torch.isfinite(d)).double()])
+        if i % session.cfg.log_interval == 0 or i == steps:
+            tot = session.sync(sums, epoch, i, bar)
+            if bar is not None:
+                bar.set_postfix(loss=f"{tot[0] / tot[2]:.3f}", acc=f"{100 * tot[1] / tot[2]:.1f}%",
+                                img_s=f"{tot[2] / (time.perf_counter() - t0):.0f}")
+        if bar is not None:
+            bar.update()
+    if bar is not None:
+        bar.close()
+    loss_sum, correct, n, _ = session.dist.all_sum(sums).tolist()
+    return loss_sum / n, 100 * correct / n, n
 
 
 def _first_batches(loader: DataLoader, n: int = 1) -> list[Any]:

@@ -1,5 +1,5 @@
-"""Run directories: what a run recorded (``train.yaml``), the data it trained on, and
-which task (classification or detection) a model and a data spec make."""
+"""The data a run trained on, and which task (classification or detection) a model and a
+data spec make. What a run records about itself is :mod:`autobuild.train.rundir`."""
 
 from __future__ import annotations
 
@@ -9,21 +9,7 @@ from typing import Any
 from autobuild.errors import AutobuildError
 from autobuild.train.data import DATA_SPECS, build_data
 
-__all__ = ["RUN_FILE", "data_for_run", "is_main_process", "read_run_record", "task_for"]
-
-RUN_FILE = "train.yaml"
-
-
-def read_run_record(run: str) -> dict[str, Any] | None:
-    """The ``train.yaml`` record of a run directory (None for a directory `convert` wrote)."""
-    import yaml
-
-    try:
-        with open(os.path.join(run, RUN_FILE)) as f:
-            record = yaml.safe_load(f)
-        return record if isinstance(record, dict) else None
-    except (OSError, yaml.YAMLError):
-        return None
+__all__ = ["absolute_data", "data_for_run", "is_main_process", "task_for"]
 
 
 def task_for(model: str, spec: str | None) -> str:
@@ -48,6 +34,23 @@ def task_for(model: str, spec: str | None) -> str:
     return "detection" if detector else "classification"
 
 
+def absolute_data(spec: str, data_dir: str | None) -> tuple[str, str | None]:
+    """The data spec and folder with absolute paths: what a run records must name the same
+    files from any working directory (``evaluate``/``--resume``/``analyze`` elsewhere)."""
+    name, sep, arg = spec.partition(":")
+    if name in ("imagefolder", "voc", "coco") and arg:
+        parts, options = arg.split(","), []
+        while name != "imagefolder" and len(parts) > 1 and "=" in parts[-1]:
+            options.insert(0, parts.pop())  # voc:PATH,train=...,val=...
+        path = os.path.abspath(os.path.expanduser(",".join(parts)))
+        spec = f"{name}{sep}{','.join([path, *options])}"
+    if name in ("cifar10", "cifar100") and not arg:
+        data_dir = data_dir or "data"  # build_data's default, relative to where it runs
+    if data_dir:
+        data_dir = os.path.abspath(os.path.expanduser(data_dir))
+    return spec, data_dir
+
+
 def data_for_run(spec: str | None, record: dict[str, Any] | None, *,
                  data_dir: str | None = None, download: bool = False,
                  image_size: int | None = None, train_subset: int | None = None,
@@ -61,7 +64,7 @@ def data_for_run(spec: str | None, record: dict[str, Any] | None, *,
     spec = spec or (record or {}).get("spec")
     if not spec:
         raise AutobuildError(f"--data is required ({DATA_SPECS})")
-    data_dir = data_dir or (record or {}).get("data_dir")
+    spec, data_dir = absolute_data(spec, data_dir or (record or {}).get("data_dir"))
     same = bool(record) and spec == record.get("spec")
     if is_detection_spec(spec):
         if train_subset is None and same:

@@ -3,9 +3,12 @@ loop (:mod:`autobuild.train.loop`) and the detection loop (:mod:`autobuild.train
 
 A :class:`Session` places the model (device, channels_last, SyncBN, DDP, compile), seeds the
 run, builds the optimizer, schedule, AMP scaler and EMA, restores a checkpoint, takes the
-optimizer step (clipping, AMP, EMA), detects divergence, and at the end of every epoch
-writes the run directory (rank 0 only), logs to TensorBoard and asks the callback whether to
-go on. The task supplies the batches, the loss and the validation metric.
+optimizer step (clipping, AMP, EMA), detects divergence (a non-finite training loss or
+validation metric), and at the end of every epoch writes the run directory (rank 0 only),
+logs to TensorBoard and asks the callback whether to go on. Used as a context manager
+around the epochs, it records how the run ended in ``train.yaml`` (finished, stopped,
+diverged, failed or interrupted, with the reason). The task supplies the batches, the loss
+and the validation metric.
 """
 
 from __future__ import annotations
@@ -15,18 +18,19 @@ import math
 import os
 import random
 import resource
+import sys
 import time
 from collections.abc import Callable, Sequence
+from types import TracebackType
 from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from autobuild.errors import AutobuildError
-from autobuild.io import PLAN_FILE, atomic_copy, atomic_write_text, save_plan, save_weights
+from autobuild.io import PLAN_FILE, atomic_copy, save_plan, save_weights
 from autobuild.optim import param_groups
 from autobuild.rewrite import plan_of, record_of, set_record
 from autobuild.train.checkpoint import (
@@ -36,10 +40,10 @@ from autobuild.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from autobuild.train.config import TrainConfig
+from autobuild.train.config import TrainConfig, check_resume
 from autobuild.train.distributed import Dist, init_distributed
 from autobuild.train.metrics import write_csv
-from autobuild.train.runs import RUN_FILE
+from autobuild.train.rundir import write_run_record
 
 __all__ = ["BEST_WEIGHTS", "LAST_WEIGHTS", "Callback", "DivergedError", "Session",
            "make_loader", "resolve_device"]
@@ -184,9 +188,27 @@ class Session:
         self.start_time = time.perf_counter()
         self.device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
         self.dist = init_distributed(self.device)
+        self._seed()
+        plan = plan_of(model)
+        families = {c.family for c in plan.conversions} if plan else set()
+        self.max_norm = cfg.max_grad_norm(families, clip_table)
+        self._place(model, compile_module)
+        self._optimizer()
+        self.memory_format = (torch.channels_last if channels_last(cfg, self.device)
+                              else torch.contiguous_format)
+        self.history: list[Any] = []
+        self.first_epoch, self.best, self.best_epoch = 1, -math.inf, 0
+        self.stopped = False
+        self.ema: Any = None
+        self.tensorboard: Any = None
+        self.recording = False  # whether this process writes train.yaml (after start())
+        #: Set by the task loop: returns a few validation batches for TensorBoard histograms.
+        self.probe: Callable[[], tuple[str, Sequence[Any]]] | None = None
+
+    def _seed(self) -> None:
+        cfg, rank = self.cfg, self.dist.rank
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        rank = self.dist.rank
         random.seed(cfg.seed + rank)
         np.random.seed(cfg.seed + rank)
         torch.manual_seed(cfg.seed + rank)  # ranks augment differently; DDP syncs weights
@@ -195,10 +217,11 @@ class Session:
             torch.backends.cudnn.benchmark = False
         elif self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
-        plan = plan_of(model)
-        families = {c.family for c in plan.conversions} if plan else set()
-        self.max_norm = cfg.max_grad_norm(families, clip_table)
 
+    def _place(self, model: nn.Module, compile_module: str | None) -> None:
+        """``base`` (the module saved and evaluated) on the device; ``net`` (what trains)
+        wrapped in DDP and compiled as the recipe says."""
+        cfg = self.cfg
         model = place_model(model, cfg, self.device)
         if cfg.sync_bn and self.device.type != "cuda":
             raise AutobuildError("--sync-bn needs CUDA (torch's SyncBatchNorm is GPU-only)")
@@ -207,7 +230,7 @@ class Session:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
             if record is not None:
                 set_record(model, record)
-        self.base = model  # the module that is saved and evaluated; `net` is what trains
+        self.base = model
         self.net: nn.Module = model
         if self.dist.enabled:
             self.net = nn.parallel.DistributedDataParallel(
@@ -217,6 +240,9 @@ class Session:
             self.base.get_submodule(compile_module).compile()
         elif cfg.compile:
             self.net = torch.compile(self.net)  # type: ignore[assignment]
+
+    def _optimizer(self) -> None:
+        cfg = self.cfg
         groups = param_groups(self.base, cfg.decay(), lr=cfg.peak_lr())
         if cfg.optimizer == "sgd":
             self.opt: torch.optim.Optimizer = torch.optim.SGD(
@@ -224,15 +250,6 @@ class Session:
                 nesterov=cfg.nesterov and cfg.momentum > 0)
         else:
             self.opt = torch.optim.AdamW(groups, lr=cfg.peak_lr())
-        self.memory_format = (torch.channels_last if channels_last(cfg, self.device)
-                              else torch.contiguous_format)
-        self.history: list[Any] = []
-        self.first_epoch, self.best, self.best_epoch = 1, -math.inf, 0
-        self.stopped = False
-        self.ema: Any = None
-        self.tensorboard: Any = None
-        #: Set by the task loop: returns a few validation batches for TensorBoard histograms.
-        self.probe: Callable[[], tuple[str, Sequence[Any]]] | None = None
 
     # ---- set-up -------------------------------------------------------------------------
     def start(self, steps_per_epoch: int, *, resume: bool, metrics_cls: Any,
@@ -255,9 +272,8 @@ class Session:
         if self.out_dir and self.dist.is_main:
             os.makedirs(self.out_dir, exist_ok=True)
             save_plan(plan_of(self.base), os.path.join(self.out_dir, PLAN_FILE))
-            # Human-readable; the checkpoint holds the same.
-            atomic_write_text(os.path.join(self.out_dir, RUN_FILE), yaml.safe_dump(
-                {"data": data_record, "config": cfg.to_dict()}, sort_keys=False))
+            self.recording = True
+            self.record("running")
         if cfg.tensorboard and self.dist.is_main:
             from autobuild.train.tensorboard import TensorBoardLogger
 
@@ -271,10 +287,14 @@ class Session:
         if not self.out_dir:
             raise AutobuildError("resume needs the run directory (out_dir)")
         state = load_checkpoint(self.ckpt_path)
+        # The optimizer's state restores the hyper-parameters it was saved with; the recipe
+        # given now (`train --resume RUN --lr 0.01`) is the one that must apply from here on.
+        recipe = [{k: v for k, v in g.items() if k != "params"} for g in self.opt.param_groups]
         try:
             self.base.load_state_dict(state["model"])
             self.opt.load_state_dict(state["optimizer"])
             self.sched.load_state_dict(state["scheduler"])
+            self._apply_recipe(recipe)
             self.scaler.load_state_dict(state["scaler"])
             if self.ema is not None and state.get("ema"):
                 self.ema.load_state_dict(state["ema"])
@@ -283,9 +303,20 @@ class Session:
         except (RuntimeError, ValueError, KeyError, TypeError) as exc:
             raise AutobuildError(f"checkpoint {self.ckpt_path!r} does not match this "
                                  f"model/recipe: {str(exc).splitlines()[0]}") from exc
+        check_resume(self.cfg, int(state["epoch"]))  # before anything is written
         self.first_epoch = int(state["epoch"]) + 1
         self.best_epoch = int(state["best_epoch"])
         set_rng_state(state["rng"])
+
+    def _apply_recipe(self, recipe: list[dict[str, Any]]) -> None:
+        """Put the current recipe's hyper-parameters back after a restore; the learning rate
+        is the schedule's value at the restored step, as ``LambdaLR`` computes it."""
+        for group, values in zip(self.opt.param_groups, recipe, strict=True):
+            group.update(values)
+        self.sched.base_lrs = [values["initial_lr"] for values in recipe]
+        for group, base, factor in zip(self.opt.param_groups, self.sched.base_lrs,
+                                       self.sched.lr_lambdas, strict=True):
+            group["lr"] = base * factor(self.sched.last_epoch)
 
     # ---- per step -----------------------------------------------------------------------
     @property
@@ -316,6 +347,42 @@ class Session:
         if self.ema is not None:
             self.ema.update_parameters(self.base)
 
+    def record(self, status: str, reason: str | None = None) -> None:
+        """Write ``train.yaml``: the data, the recipe and how the run stands (rank 0)."""
+        if self.recording:
+            write_run_record(self.out_dir, {  # type: ignore[arg-type]
+                "status": status, "reason": reason,
+                "epochs_done": self.history[-1].epoch if self.history else 0,
+                "data": self.data_record, "config": self.cfg.to_dict()})
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        """Record how the run ended (the last good checkpoint stays what it was)."""
+        try:
+            if exc is None:
+                self.record("stopped" if self.stopped else "finished")
+            elif isinstance(exc, DivergedError):
+                self.record("diverged", str(exc))
+            elif isinstance(exc, KeyboardInterrupt):
+                self.record("interrupted", type(exc).__name__)
+            else:
+                first = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
+                self.record("failed", f"{type(exc).__name__}: {first}"[:500])
+        finally:
+            self.close()
+
+    def check_finite(self, epoch: int, **values: float) -> None:
+        """A non-finite validation loss (or metric) is a divergence as much as a non-finite
+        training loss: the epoch is not saved, the last good checkpoint stays."""
+        bad = [f"{k} = {v}" for k, v in values.items() if not math.isfinite(v)]
+        if bad:
+            raise DivergedError(f"training diverged: non-finite {', '.join(bad)} in epoch "
+                                f"{epoch}; lower --lr or keep --clip-grad (e.g. 0.5); the last "
+                                "good checkpoint is kept (train --resume continues from it)")
+
     def sync(self, sums: torch.Tensor, epoch: int, step: int, bar: Any) -> list[float]:
         """Sum ``sums`` over ranks; its last entry counts non-finite losses. Every rank calls
         this at the same steps, on the summed flag, so no rank is left waiting."""
@@ -325,7 +392,8 @@ class Session:
                 bar.close()
             raise DivergedError(
                 f"training diverged: non-finite loss in epoch {epoch} (step {step}); "
-                "lower --lr, keep --clip-grad (e.g. 0.5), or use --amp-dtype bf16")
+                "lower --lr, keep --clip-grad (e.g. 0.5), or use --amp-dtype bf16; the last "
+                "good checkpoint is kept (train --resume continues from it)")
         return tot
 
     # ---- per epoch ----------------------------------------------------------------------
@@ -357,10 +425,11 @@ class Session:
                 self.best_key: self.best, "best_epoch": self.best_epoch,
                 "config": self.cfg.to_dict(), "data": self.data_record})
             write_csv(os.path.join(out, "metrics.csv"), self.history)
+            self.record("running")
         if self.tensorboard is not None:
             self._log_tensorboard(metrics)
-        if self.cfg.progress and self.dist.is_main:
-            print(metrics.line(), flush=True)
+        if self.cfg.progress and self.dist.is_main:  # stdout is the command's result
+            print(metrics.line(), file=sys.stderr, flush=True)
         self.dist.barrier()  # nobody starts the next epoch while rank 0 is still writing
         keep_going = True if callback is None else callback(metrics) is not False
         flag = self.dist.all_sum(torch.tensor([0.0 if keep_going else 1.0],

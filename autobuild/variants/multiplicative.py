@@ -141,7 +141,8 @@ class MultiplicativeVariant(Variant):
                "kernels shared by all channels (channel c uses kernel c mod K; K divides the "
                "width)", type=int, min=0, max=4096),
         Option("expansion", "qlnet", "block width: 'qlnet' (4x the block's narrowest width, "
-               "2x above 256) or a number K (K x that width)"),
+               "2x above 256) or a number K (K x that width)", type=float, min=0.0, max=16.0,
+               min_inclusive=False, specials=("qlnet",)),
         Option("memory", "default", "training backward of each QL block: 'default' keeps the "
                "branch's BN inputs; 'save' keeps only the block input and recomputes the branch "
                "(about the baseline's memory, one more conv1 and depthwise conv)",

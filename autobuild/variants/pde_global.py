@@ -130,10 +130,10 @@ class PdeGlobalVariant(Variant):
                "paper: the official CIFAR ResNet-Global (cifar_resnet* only)", LAYOUTS),
         Option("coeffs", "dwconv", "velocity/diffusivity: depthwise conv+BN+ReLU of h, "
                "constant (D=1, v=0), or constant_diffusivity (official --constant_Dxy)", COEFFS),
-        Option("K", 1, "PDE steps per Global layer", None, int, min=1),
+        Option("K", 1, "PDE steps per Global layer", None, int, min=1, max=100),
         Option("dt", 0.2, "PDE time step", None, float, min=0.0, min_inclusive=False),
         Option("blocks", 1, "basic blocks per stage of layout=paper (official -m: 1 = "
-               "ResNet-32-Global, 2 = ResNet-56-Global)", None, int, min=1),
+               "ResNet-32-Global, 2 = ResNet-56-Global)", None, int, min=1, max=64),
         Option("velocity", "dwconv", "the map of ReLU(BN(map(h))) for the velocity (official "
                "--custom_uv); none: no advection (diffusion only)", VELOCITIES),
         Option("diffusivity", "dwconv", "the map for the diffusivity (official --custom_dxy), "

@@ -111,13 +111,13 @@ def test_report_export_and_resume_through_the_cli(in_tmp, capsys) -> None:
 @pytest.mark.parametrize("argv,needle", [
     (["report", "--study", "nope"], "no study database"),
     (["report", "--study", "nope", "--storage", "sqlite:///studies/x.db"],
-     "no study named 'nope'"),
+     "no study database 'studies/x.db'"),  # not created empty by a command that only reads
     (["search", "missing.yaml"], "does not exist"),
     (["search", "space.yaml", "--storage", "postgresql+psycopg://u:secret@127.0.0.1:1/x"],
      "cannot open storage postgresql+psycopg://u:***@127.0.0.1:1/x"),
     (["search", "space.yaml", "--storage", "nonsense"], "must be a database URL"),
     (["search", "space.yaml", "--resume"], "no study 'tiny' to resume"),
-    (["search", "space.yaml", "--n-trials", "0"], "--n-trials must be at least 1"),
+    (["search", "space.yaml", "--n-trials", "0"], "--n-trials: must be greater than or equal to 1"),
     (["export", "--study", "tiny", "--trial", "9", "--out", "x"], "has no trial 9"),
 ])
 def test_errors_are_one_line(in_tmp, capsys, argv, needle) -> None:

@@ -200,7 +200,7 @@ def test_refusals() -> None:
                                              r"has none; it applies to e\.g\. cifar_resnet20"):
         convert_baseline(resolve_baseline("cifar_vgg16"), "pde-global")
     r20 = resolve_baseline("cifar_resnet20")
-    with pytest.raises(AutobuildError, match="K=0 of pde-global must be >= 1"):
+    with pytest.raises(AutobuildError, match=r"K=0 of pde-global must be in \[1, 100\]"):
         convert_baseline(r20, "pde-global", options={"K": "0"})
     with pytest.raises(AutobuildError, match="dt=-0.1 of pde-global must be > 0"):
         convert_baseline(r20, "pde-global", options={"dt": "-0.1"})

@@ -1,0 +1,182 @@
+"""Run directories: what a run records about itself (``train.yaml``, validated by a schema)
+and how a directory is made ready for a new run without losing another one.
+
+``train.yaml`` says what the run trained on, with which recipe, and how it stands::
+
+    status: diverged          # running, finished, stopped (early, by a callback), diverged,
+    reason: "training diverged: non-finite loss in epoch 3 (step 40); ..."   # failed, interrupted
+    epochs_done: 2            # epochs in checkpoint.pt (what --resume continues from)
+    data: {spec: imagefolder:/abs/path, ...}
+    config: {epochs: 200, lr: 0.1, ...}
+
+A directory holding a run is refused for a new one unless ``--force``; the message says
+whether ``--resume`` can continue it (only a run with a checkpoint can be continued).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from autobuild.errors import AutobuildError, schema_message
+
+__all__ = ["INIT_WEIGHTS", "RUN_FILE", "RUN_MARKERS", "SAVED_MODEL", "RunRecord",
+           "check_writable", "default_run_dir", "prepare_run_dir", "read_run_record",
+           "write_run_record"]
+
+RUN_FILE = "train.yaml"
+CHECKPOINT_FILE = "checkpoint.pt"
+#: Files that mark a directory as holding a training run.
+RUN_MARKERS = (CHECKPOINT_FILE, "metrics.csv", RUN_FILE)
+#: A directory `autobuild convert --out` wrote: training it in place keeps its weights.
+SAVED_MODEL = {"plan.yaml", "weights.safetensors"}
+INIT_WEIGHTS = "init.safetensors"
+STATUSES = ("running", "finished", "stopped", "diverged", "failed", "interrupted")
+
+
+class DataRecord(BaseModel):
+    """The data a run trained on (paths absolute: the run is usable from any directory)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    spec: Annotated[str, Field(min_length=1)]
+    data_dir: str | None = None
+    input_size: Annotated[list[Annotated[int, Field(ge=1)]],
+                          Field(min_length=3, max_length=3)] | None = None
+    num_classes: Annotated[int, Field(ge=1)] | None = None
+    train_subset: Annotated[int, Field(ge=1)] | None = None
+    augment: str | None = None
+    task: Literal["classification", "detection"] | None = None
+
+
+class RunRecord(BaseModel):
+    """The schema of ``train.yaml``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    #: None for the records of older versions, which did not say.
+    status: Literal[STATUSES] | None = None  # type: ignore[valid-type]
+    reason: str | None = None
+    epochs_done: Annotated[int, Field(ge=0)] | None = None
+    data: DataRecord
+    config: dict[str, Any]
+
+    @field_validator("config")
+    @classmethod
+    def _recipe(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from autobuild.train.config import TrainConfig
+
+        try:
+            return TrainConfig(**value).to_dict()
+        except AutobuildError as exc:
+            raise ValueError(str(exc)) from None
+
+
+def read_run_record(run: str) -> dict[str, Any] | None:
+    """The validated ``train.yaml`` of a run directory as a dict (None for a directory
+    without one, e.g. one `convert --out` wrote). A corrupt record is an error naming the
+    offending key, never silently ignored."""
+    path = os.path.join(run, RUN_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise AutobuildError(f"corrupt run record {path!r}: {first}") from exc
+    if not isinstance(data, dict):
+        raise AutobuildError(f"corrupt run record {path!r}: not a mapping (data, config, ...)")
+    try:
+        return RunRecord.model_validate(data).model_dump()
+    except ValidationError as exc:
+        raise AutobuildError(schema_message(exc, f"corrupt run record {path!r}: ")) from None
+
+
+def write_run_record(run: str, record: dict[str, Any]) -> None:
+    """Validate ``record`` and write it as ``train.yaml``, atomically."""
+    from autobuild.io import atomic_write_text
+
+    try:
+        clean = RunRecord.model_validate(record).model_dump()
+    except ValidationError as exc:  # the code's own record: a bug, named precisely
+        raise RuntimeError(schema_message(exc, "run record: ")) from None
+    atomic_write_text(os.path.join(run, RUN_FILE), yaml.safe_dump(clean, sort_keys=False))
+
+
+def default_run_dir(model: str, family: str | None) -> str:
+    """``runs/MODEL-FAMILY``, with characters that are awkward in a directory name (the
+    colon of ``timm:resnet18``, a slash) replaced."""
+    name = re.sub(r"[^A-Za-z0-9._+-]+", "_", f"{model}-{family or 'baseline'}").strip("._")
+    return os.path.join("runs", name or "run")
+
+
+def _describe(path: str, entries: set[str]) -> str:
+    """Why a directory holding a run cannot take a new one, and what the user can do."""
+    try:
+        record = read_run_record(path) or {}
+    except AutobuildError:
+        record = {}
+    state = record.get("status")
+    done = record.get("epochs_done")
+    how = f" ({state}{f' after {done} epochs' if done is not None else ''})" if state else ""
+    if CHECKPOINT_FILE in entries:
+        return (f"{path!r} holds another run{how}; pass --resume to continue it or --force to "
+                "overwrite it (or choose another --out)")
+    return (f"{path!r} holds a run that stopped before its first checkpoint{how}: there is "
+            "nothing to resume; pass --force to overwrite it (or choose another --out)")
+
+
+def check_writable(path: str) -> None:
+    """Refuse, before any work, a run directory this process cannot write."""
+    probe = path
+    while not os.path.exists(probe):
+        probe = os.path.dirname(os.path.abspath(probe))
+    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
+        raise AutobuildError(f"cannot write the run directory {path!r}: {probe!r} is not a "
+                             "writable directory")
+
+
+def prepare_run_dir(path: str, *, force: bool = False, adopt: bool = False,
+                    dry_run: bool = False) -> None:
+    """Make ``path`` ready for a new run, never losing another run or a user's weights.
+
+    A directory holding a run (checkpoint, metrics, record) or anything else is refused
+    unless ``force``, which replaces it as a whole, in one step (a staged empty directory is
+    swapped in: no file of the old run stays beside the new one). With ``adopt`` (training a
+    saved model in its own directory), a directory holding just plan + weights is accepted
+    and its weights are kept as ``init.safetensors``. ``dry_run`` only checks.
+    """
+    if not isinstance(path, str) or not path.strip():
+        raise AutobuildError(f"a run directory must be a non-empty path, got {path!r}")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise AutobuildError(f"{path!r} exists and is not a directory")
+    entries = set(os.listdir(path)) if os.path.isdir(path) else set()
+    adopting = bool(adopt and entries and entries <= SAVED_MODEL | {INIT_WEIGHTS})
+    if entries and not force and not adopting:
+        if entries & set(RUN_MARKERS):
+            raise AutobuildError(_describe(path, entries))
+        raise AutobuildError(f"{path!r} is not empty; choose another --out or pass --force")
+    check_writable(path)
+    if dry_run:
+        return
+    from autobuild.io import atomic_copy, staged_directory
+
+    weights = os.path.join(path, "weights.safetensors")
+    if entries and force:
+        with staged_directory(path, force=True) as staging:
+            if adopt and os.path.exists(weights):  # the saved model stays what it was
+                for name in (*sorted(SAVED_MODEL), INIT_WEIGHTS):
+                    src = weights if name == INIT_WEIGHTS else os.path.join(path, name)
+                    if os.path.exists(src):
+                        atomic_copy(src, os.path.join(staging, name))
+        return
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise AutobuildError(f"cannot create {path!r}: {exc.strerror}") from exc
+    if adopting and os.path.exists(weights):
+        # A copy, not a move: other DDP ranks may still be loading these weights.
+        atomic_copy(weights, os.path.join(path, INIT_WEIGHTS))

@@ -1,0 +1,455 @@
+"""The catalogue of bad inputs (issue 12): every command and the API refuse them cleanly.
+
+Each CLI case asserts exit code 2, one line on stderr starting ``autobuild: error:`` that
+names the culprit, no traceback, and that nothing on disk changed (the working directory,
+where default outputs would go, and the shared fixtures: a saved model, a plan, a run).
+Each API case asserts an :class:`AutobuildError` (never another exception) naming the culprit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+import autobuild
+from autobuild.cli import main
+from autobuild.errors import AutobuildError
+from autobuild.train import TrainConfig
+from tests.search.conftest import tiny_space
+from tests.train.conftest import write_imagefolder
+
+SYNTH = "synthetic:size=3x8x8,classes=4,train=16,val=8"
+FAST = ["--batch-size", "16", "--device", "cpu", "--no-progress", "--workers", "0"]
+
+
+def _snapshot(*roots: Path) -> dict[str, tuple[int, str]]:
+    """Every file and directory under ``roots``: mode and content hash."""
+    state: dict[str, tuple[int, str]] = {}
+    for root in roots:
+        for dirpath, dirnames, filenames in os.walk(root):
+            for name in dirnames + filenames:
+                path = os.path.join(dirpath, name)
+                st = os.lstat(path)
+                digest = ""
+                if os.path.isfile(path):
+                    with open(path, "rb") as f:
+                        digest = hashlib.sha256(f.read()).hexdigest()
+                state[path] = (st.st_mode, digest)
+    return state
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """What the cases point at: a saved model, its plan, a finished run, placements and
+    plans that are wrong in one way each, and image folders that are wrong in one way each."""
+    root = tmp_path_factory.mktemp("world")
+    model = str(root / "model")
+    assert main(["convert", "cifar_resnet20", "--to", "quadratic", "--out", model]) == 0
+    run = str(root / "run")
+    assert main(["train", "cifar_resnet20", "--data", SYNTH, "--epochs", "1", "--out", run,
+                 *FAST]) == 0
+    plan = yaml.safe_load(Path(model, "plan.yaml").read_text())
+    files = {
+        "bad_yaml.yaml": "sites: [unclosed\n",
+        "unknown_site.yaml": "nosuch.conv: quadratic\n",
+        "unknown_family.yaml": "conv1: cubic\n",
+        "list.yaml": "- conv1\n",
+        "plan_extra_key.yaml": yaml.safe_dump({**plan, "colour": "red"}),
+        "plan_no_model.yaml": yaml.safe_dump({k: v for k, v in plan.items() if k != "model"}),
+        "plan_bad_classes.yaml": yaml.safe_dump({**plan, "num_classes": -3}),
+        "empty.yaml": "",
+        "space_bad.yaml": yaml.safe_dump({**tiny_space(), "bogus_key": 1}),
+        "space_bad_epochs.yaml": yaml.safe_dump(tiny_space(budget={"epochs": 0})),
+    }
+    for name, text in files.items():
+        (root / name).write_text(text)
+    # image folders, each wrong in one way
+    write_imagefolder(root / "one_class", {"train": 2, "val": 2})
+    for split in ("train", "val"):
+        shutil.rmtree(root / "one_class" / split / "bright")
+    truncated = write_imagefolder(root / "truncated", {"train": 2, "val": 2})
+    png = truncated / "train" / "dark" / "000.png"
+    png.write_bytes(png.read_bytes()[:-30])  # a valid header, the pixels cut short
+    broken = write_imagefolder(root / "broken", {"train": 2, "val": 2})
+    (broken / "train" / "dark" / "000.png").write_bytes(b"not a png")
+    (root / "a_file").write_text("not a directory\n")
+    return {"root": str(root), "model": model, "run": run,
+            "plan": os.path.join(model, "plan.yaml"), **{
+                Path(n).stem: str(root / n) for n in files},
+            "one_class": str(root / "one_class"), "truncated": str(truncated),
+            "broken": str(broken), "a_file": str(root / "a_file")}
+
+
+# (id, argv with {placeholders} from `world` and {out} = a fresh path, words the line must hold)
+CLI_CASES: list[tuple[str, list[str], list[str]]] = [
+    # ---- conventions
+    ("unknown-command", ["frobnicate"], ["invalid choice", "frobnicate"]),
+    ("abbreviated-flag", ["train", "cifar_resnet20", "--data", SYNTH, "--epoch", "1"],
+     ["--epoch"]),
+    ("models-extra-arg", ["models", "--bogus"], ["--bogus"]),
+    ("import-missing", ["--import", "no_such_module_xyz", "models"], ["no_such_module_xyz"]),
+    # ---- convert: flags and their bounds
+    ("convert-out-empty", ["convert", "cifar_resnet20", "--to", "quadratic", "--out", ""],
+     ["--out", "empty"]),
+    ("convert-num-classes-0", ["convert", "cifar_resnet20", "--to", "quadratic",
+                               "--num-classes", "0"], ["--num-classes", "0"]),
+    ("convert-num-classes-neg", ["convert", "cifar_resnet20", "--to", "quadratic",
+                                 "--num-classes", "-5"], ["--num-classes", "-5"]),
+    ("convert-num-classes-text", ["convert", "cifar_resnet20", "--to", "quadratic",
+                                  "--num-classes", "x"], ["--num-classes", "'x'"]),
+    ("convert-input-size-text", ["convert", "cifar_resnet20", "--to", "quadratic",
+                                 "--input-size", "abc"], ["--input-size", "abc"]),
+    ("convert-input-size-zero", ["convert", "cifar_resnet20", "--to", "quadratic",
+                                 "--input-size", "3,0,32"], ["--input-size", "3,0,32"]),
+    ("convert-input-size-2d", ["convert", "cifar_resnet20", "--to", "quadratic",
+                               "--input-size", "32,32"], ["--input-size"]),
+    ("convert-init", ["convert", "cifar_resnet20", "--to", "quadratic", "--init", "random"],
+     ["--init", "random"]),
+    ("convert-unknown-model", ["convert", "resnet5", "--to", "quadratic"], ["resnet5"]),
+    ("convert-unknown-family", ["convert", "cifar_resnet20", "--to", "cubic"], ["cubic"]),
+    ("convert-no-family", ["convert", "cifar_resnet20"], ["--to"]),
+    ("convert-no-model", ["convert", "--to", "quadratic"], ["model"]),
+    ("convert-option-no-equals", ["convert", "cifar_resnet20", "--to", "quadratic",
+                                  "--option", "type"], ["--option", "name=value"]),
+    ("convert-option-twice", ["convert", "cifar_resnet20", "--to", "quadratic", "--option",
+                              "type=ours", "--option", "type=t2"], ["type", "twice"]),
+    ("convert-option-unknown", ["convert", "cifar_resnet20", "--to", "quadratic",
+                                "--option", "kind=ours"], ["kind"]),
+    ("convert-option-choice", ["convert", "cifar_resnet20", "--to", "quadratic",
+                               "--option", "type=t9"], ["type", "t9"]),
+    ("option-K-float", ["convert", "cifar_resnet20", "--to", "pde-global", "--option",
+                        "K=2.5"], ["K=2.5", "integer"]),
+    ("option-K-huge", ["convert", "cifar_resnet20", "--to", "pde-global", "--option",
+                       "K=1000000000"], ["K=1000000000"]),
+    ("option-K-zero", ["convert", "cifar_resnet20", "--to", "pde-global", "--option", "K=0"],
+     ["K=0"]),
+    ("option-dt-zero", ["convert", "cifar_resnet20", "--to", "pde-global", "--option",
+                        "dt=0"], ["dt"]),
+    ("option-dt-nan", ["convert", "cifar_resnet20", "--to", "pde-global", "--option",
+                       "dt=nan"], ["dt"]),
+    ("option-folded-2", ["convert", "cifar_resnet20", "--to", "dirac", "--option",
+                         "folded=2"], ["folded=2", "true or false"]),
+    ("option-expansion-huge", ["convert", "cifar_resnet20", "--to", "multiplicative",
+                               "--option", "expansion=1000000"], ["expansion"]),
+    ("option-expansion-text", ["convert", "cifar_resnet20", "--to", "multiplicative",
+                               "--option", "expansion=wide"], ["expansion=wide"]),
+    ("convert-sites-unknown", ["convert", "cifar_resnet20", "--to", "quadratic", "--sites",
+                               "layer9.*"], ["layer9.*"]),
+    ("convert-sites-with-placement", ["convert", "cifar_resnet20", "--sites", "conv1",
+                                      "--placement", "{unknown_site}"], ["--placement"]),
+    ("convert-out-taken", ["convert", "cifar_resnet20", "--to", "dirac", "--out", "{model}"],
+     ["--force"]),
+    ("convert-out-is-file", ["convert", "cifar_resnet20", "--to", "dirac", "--out",
+                             "{a_file}", "--force"], ["a_file"]),
+    ("convert-weights-missing", ["convert", "cifar_resnet20", "--to", "quadratic",
+                                 "--weights", "{root}/nope.safetensors"], ["nope"]),
+    # ---- plans and placements
+    ("plan-with-num-classes", ["convert", "--plan", "{plan}", "--num-classes", "10"],
+     ["--num-classes", "--plan"]),
+    ("plan-with-input-size", ["convert", "--plan", "{plan}", "--input-size", "3,32,32"],
+     ["--input-size", "--plan"]),
+    ("plan-with-init", ["convert", "--plan", "{plan}", "--init", "preserve"],
+     ["--init", "--plan"]),
+    ("plan-with-to", ["convert", "--plan", "{plan}", "--to", "dirac"], ["--to"]),
+    ("plan-missing", ["convert", "--plan", "{root}/nope.yaml"], ["nope.yaml"]),
+    ("plan-extra-key", ["convert", "--plan", "{plan_extra_key}"], ["colour"]),
+    ("plan-no-model", ["convert", "--plan", "{plan_no_model}"], ["model"]),
+    ("plan-bad-classes", ["convert", "--plan", "{plan_bad_classes}"], ["num_classes"]),
+    ("plan-bad-yaml", ["convert", "--plan", "{bad_yaml}"], ["bad_yaml"]),
+    ("placement-bad-yaml", ["convert", "cifar_resnet20", "--placement", "{bad_yaml}"],
+     ["bad_yaml"]),
+    ("placement-unknown-site", ["convert", "cifar_resnet20", "--placement",
+                                "{unknown_site}"], ["nosuch.conv"]),
+    ("placement-unknown-family", ["convert", "cifar_resnet20", "--placement",
+                                  "{unknown_family}"], ["cubic"]),
+    ("placement-list", ["convert", "cifar_resnet20", "--placement", "{list}"], ["list"]),
+    ("placement-empty-path", ["convert", "cifar_resnet20", "--placement", ""],
+     ["--placement"]),
+    # ---- sites / inspect / fold / symmetry
+    ("sites-unknown-model", ["sites", "resnet5"], ["resnet5"]),
+    ("sites-bad-option", ["sites", "cifar_resnet20", "--to", "pde-global", "--option",
+                          "K=-1"], ["K=-1"]),
+    ("inspect-missing", ["inspect", "{root}/nope"], ["nope"]),
+    ("inspect-not-a-model", ["inspect", "{root}"], ["plan.yaml"]),
+    ("fold-out-taken", ["fold", "{model}", "--out", "{run}"], ["--force"]),
+    ("fold-missing", ["fold", "{root}/nope", "--out", "{out}"], ["nope"]),
+    ("symmetry-missing", ["symmetry", "{root}/nope"], ["nope"]),
+    # ---- train: the recipe's bounds
+    ("train-clip-grad-neg", ["train", "cifar_resnet20", "--data", SYNTH, "--clip-grad", "-1"],
+     ["--clip-grad", "-1"]),
+    ("train-clip-grad-text", ["train", "cifar_resnet20", "--data", SYNTH, "--clip-grad",
+                              "big"], ["--clip-grad", "big"]),
+    ("train-weight-decay-neg", ["train", "cifar_resnet20", "--data", SYNTH,
+                                "--weight-decay", "-0.1"], ["--weight-decay", "-0.1"]),
+    ("train-lr-neg", ["train", "cifar_resnet20", "--data", SYNTH, "--lr", "-1"],
+     ["--lr", "-1"]),
+    ("train-lr-nan", ["train", "cifar_resnet20", "--data", SYNTH, "--lr", "nan"],
+     ["--lr", "nan"]),
+    ("train-momentum-neg", ["train", "cifar_resnet20", "--data", SYNTH, "--momentum", "-1"],
+     ["--momentum", "-1"]),
+    ("train-workers-neg", ["train", "cifar_resnet20", "--data", SYNTH, "--workers", "-1"],
+     ["--workers", "-1"]),
+    ("train-log-interval-0", ["train", "cifar_resnet20", "--data", SYNTH,
+                              "--log-interval", "0"], ["--log-interval", "0"]),
+    ("train-epochs-0", ["train", "cifar_resnet20", "--data", SYNTH, "--epochs", "0"],
+     ["--epochs", "0"]),
+    ("train-epochs-float", ["train", "cifar_resnet20", "--data", SYNTH, "--epochs", "2.5"],
+     ["--epochs", "2.5"]),
+    ("train-batch-size-0", ["train", "cifar_resnet20", "--data", SYNTH, "--batch-size", "0"],
+     ["--batch-size", "0"]),
+    ("train-optimizer", ["train", "cifar_resnet20", "--data", SYNTH, "--optimizer", "adam"],
+     ["--optimizer", "adam"]),
+    ("train-lr-gamma", ["train", "cifar_resnet20", "--data", SYNTH, "--lr-gamma", "2"],
+     ["--lr-gamma", "2"]),
+    ("train-label-smoothing", ["train", "cifar_resnet20", "--data", SYNTH,
+                               "--label-smoothing", "1"], ["--label-smoothing", "1"]),
+    ("train-ema", ["train", "cifar_resnet20", "--data", SYNTH, "--ema", "1.5"],
+     ["--ema", "1.5"]),
+    ("train-seed-neg", ["train", "cifar_resnet20", "--data", SYNTH, "--seed", "-1"],
+     ["--seed", "-1"]),
+    ("train-device", ["train", "cifar_resnet20", "--data", SYNTH, "--device", "tpu"],
+     ["--device", "tpu"]),
+    ("train-tensorboard-every", ["train", "cifar_resnet20", "--data", SYNTH,
+                                 "--tensorboard-every", "0"], ["--tensorboard-every", "0"]),
+    ("train-milestone-0", ["train", "cifar_resnet20", "--data", SYNTH, "--lr-milestones",
+                           "0"], ["--lr-milestones", "0"]),
+    ("train-train-subset-0", ["train", "cifar_resnet20", "--data", SYNTH, "--train-subset",
+                              "0"], ["--train-subset", "0"]),
+    ("train-out-empty", ["train", "cifar_resnet20", "--data", SYNTH, "--out", ""],
+     ["--out"]),
+    # ---- train: data and directories
+    ("train-no-data", ["train", "cifar_resnet20", "--out", "{out}"], ["--data"]),
+    ("train-bad-data-spec", ["train", "cifar_resnet20", "--data", "bogus", "--out", "{out}"],
+     ["bogus"]),
+    ("train-imagefolder-missing", ["train", "cifar_resnet20", "--data",
+                                   "imagefolder:{root}/nope", "--out", "{out}", *FAST],
+     ["nope"]),
+    ("train-one-class-folder", ["train", "cifar_resnet20", "--data",
+                                "imagefolder:{one_class}", "--out", "{out}", *FAST],
+     ["one_class", "class"]),
+    ("train-truncated-image", ["train", "cifar_resnet20", "--data",
+                               "imagefolder:{truncated}", "--epochs", "1", "--out", "{out}",
+                               *FAST], ["000.png"]),
+    ("train-unreadable-image", ["train", "cifar_resnet20", "--data", "imagefolder:{broken}",
+                                "--out", "{out}", *FAST], ["000.png", "cannot read"]),
+    ("train-num-classes-mismatch", ["train", "cifar_resnet20", "--data", SYNTH,
+                                    "--num-classes", "10", "--out", "{out}"],
+     ["--num-classes", "10"]),
+    ("train-run-taken", ["train", "cifar_resnet20", "--data", SYNTH, "--out", "{run}", *FAST],
+     ["--resume", "--force"]),
+    ("train-out-not-writable", ["train", "cifar_resnet20", "--data", SYNTH, "--out",
+                                "{a_file}/run", *FAST], ["a_file"]),
+    ("train-resume-missing", ["train", "--resume", "{root}/nope"], ["nope"]),
+    ("train-resume-with-to", ["train", "--resume", "{run}", "--to", "quadratic"],
+     ["--resume", "--to"]),
+    ("train-resume-fewer-epochs", ["train", "--resume", "{run}", "--epochs", "1"],
+     ["--epochs", "already trained 1 epoch"]),
+    ("train-resume-force", ["train", "--resume", "{run}", "--force"], ["--force"]),
+    # ---- evaluate / importance / analyze
+    ("evaluate-missing", ["evaluate", "{root}/nope", "--data", SYNTH], ["nope"]),
+    ("evaluate-batch-size-0", ["evaluate", "{run}", "--batch-size", "0"],
+     ["--batch-size", "0"]),
+    ("evaluate-bad-data", ["evaluate", "{run}", "--data", "bogus"], ["bogus"]),
+    ("importance-missing", ["importance", "{root}/nope", "--data", SYNTH], ["nope"]),
+    ("analyze-out-empty", ["analyze", "{run}", "--out", ""], ["--out"]),
+    ("analyze-batches-0", ["analyze", "{run}", "--out", "{out}", "--batches", "0"],
+     ["--batches", "0"]),
+    ("analyze-missing", ["analyze", "{root}/nope", "--out", "{out}"], ["nope"]),
+    # ---- search and its tools
+    ("search-space-missing", ["search", "{root}/nope.yaml", "--n-trials", "1"],
+     ["nope.yaml"]),
+    ("search-space-unknown-key", ["search", "{space_bad}", "--n-trials", "1"],
+     ["bogus_key"]),
+    ("search-budget-epochs-0", ["search", "{space_bad_epochs}"], ["budget.epochs"]),
+    ("search-n-trials-0", ["search", "{space_bad}", "--n-trials", "0"], ["--n-trials", "0"]),
+    ("search-bad-study-name", ["search", "{space_bad}", "--study", "../escape"],
+     ["--study"]),
+    ("search-heartbeat-neg", ["search", "{space_bad}", "--heartbeat", "-1"],
+     ["--heartbeat", "-1"]),
+    ("worker-sqlite", ["worker", "--storage", "sqlite:///{root}/s.db", "--study", "s"],
+     ["SQLite"]),
+    ("status-missing-study", ["status", "--study", "nope_study", "--storage",
+                              "sqlite:///{root}/nope.db"], ["nope"]),
+    ("report-missing-study", ["report", "--study", "nope_study", "--storage",
+                              "sqlite:///{root}/nope.db"], ["nope"]),
+    ("export-trial-neg", ["export", "--study", "s", "--trial", "-1", "--out", "{out}"],
+     ["--trial", "-1"]),
+    ("export-missing-study", ["export", "--study", "nope_study", "--storage",
+                              "sqlite:///{root}/nope.db", "--trial", "0", "--out", "{out}"],
+     ["nope"]),
+    ("dashboard-port-0", ["dashboard", "--port", "0"], ["--port", "0"]),
+    ("dashboard-port-huge", ["dashboard", "--port", "70000"], ["--port", "70000"]),
+]
+
+
+@pytest.mark.parametrize("argv,words", [pytest.param(a, w, id=i) for i, a, w in CLI_CASES])
+def test_cli_refuses_cleanly(argv: list[str], words: list[str], world: dict[str, str],
+                             tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                             capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.chdir(tmp_path)  # default outputs (runs/, studies/, reports/) would land here
+    values = {**world, "out": str(tmp_path / "out")}
+    argv = [a.format(**values) for a in argv]
+    words = [w.format(**values) for w in words]
+    before = _snapshot(tmp_path, Path(world["root"]))
+    code = main(argv)
+    if any("truncated" in a for a in argv):
+        # Found while training (images are decoded as they are read): the run directory
+        # records the failure, everything else is untouched.
+        record = yaml.safe_load((tmp_path / "out" / "train.yaml").read_text())
+        assert record["status"] == "failed" and "000.png" in record["reason"]
+        shutil.rmtree(tmp_path / "out")
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("autobuild: error: "), err
+    assert "autobuild: error: autobuild" not in lines[0]
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    assert _snapshot(tmp_path, Path(world["root"])) == before
+
+
+def _quadratic() -> Any:
+    return autobuild.variants.get_variant("quadratic")
+
+
+class _Impostor(autobuild.Variant):
+    name = "quadratic"
+
+
+API_CASES: list[tuple[str, Callable[[], Any], str]] = [
+    ("to-int", lambda: autobuild.convert("cifar_resnet20", to=3), "3"),
+    ("sites-int", lambda: autobuild.convert("cifar_resnet20", to="quadratic", sites=5),
+     "sites"),
+    ("sites-empty", lambda: autobuild.convert("cifar_resnet20", to="dirac", sites=[]),
+     "sites"),
+    ("options-list", lambda: autobuild.convert("cifar_resnet20", to="quadratic",
+                                               options=["type=ours"]), "options"),
+    ("input-size-text", lambda: autobuild.analyze("cifar_resnet20", input_size="abc"),
+     "input size"),
+    ("num-classes-text", lambda: autobuild.analyze("cifar_resnet20", num_classes="x"),
+     "num_classes"),
+    ("num-classes-bool", lambda: autobuild.analyze("cifar_resnet20", num_classes=True),
+     "num_classes"),
+    ("num-classes-0", lambda: autobuild.analyze("cifar_resnet20", num_classes=0),
+     "num_classes"),
+    ("K-float", lambda: autobuild.convert("cifar_resnet20", to="pde-global",
+                                          options={"K": 2.5}), "K=2.5"),
+    ("K-huge", lambda: autobuild.convert("cifar_resnet20", to="pde-global",
+                                         options={"K": 10**9}), "K="),
+    ("folded-int", lambda: autobuild.convert("cifar_resnet20", to="dirac",
+                                             options={"folded": 2}), "folded=2"),
+    ("expansion-huge", lambda: autobuild.convert("cifar_resnet20", to="multiplicative",
+                                                 options={"expansion": 1_000_000}),
+     "expansion"),
+    ("init", lambda: autobuild.convert("cifar_resnet20", to="quadratic", init=3), "init"),
+    ("placement-int", lambda: autobuild.Placement(5), "placement"),
+    ("register-duplicate", lambda: autobuild.register_variant(_Impostor), "quadratic"),
+    ("save-no-plan", lambda: autobuild.save(__import__("torch").nn.Linear(1, 1), "x"),
+     "plan"),
+    ("load-missing", lambda: autobuild.load("/nonexistent/autobuild-model"), "nonexistent"),
+    ("config-epochs-float", lambda: TrainConfig(epochs=2.5), "epochs"),
+    ("config-amp-int", lambda: TrainConfig(amp=1), "amp"),
+    ("config-lr-neg", lambda: TrainConfig(lr=-1.0), "lr"),
+    ("config-unknown", lambda: TrainConfig(epoch=3), "epoch"),
+    ("config-clip-grad-neg", lambda: TrainConfig(clip_grad=-1.0), "clip_grad"),
+]
+
+
+@pytest.mark.parametrize("call,word", [pytest.param(c, w, id=i) for i, c, w in API_CASES])
+def test_api_refuses_with_autobuild_error(call: Callable[[], Any], word: str,
+                                          tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(AutobuildError) as info:
+        call()
+    message = str(info.value)
+    assert word in message and "\n" not in message, message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_api_accepts_a_single_pattern_string() -> None:
+    """``sites="layer1*"`` is one pattern, not the characters of one."""
+    model = autobuild.convert("cifar_resnet20", to="quadratic", sites="layer1.*")
+    sites = autobuild.plan_of(model).placement.sites() if hasattr(
+        autobuild.plan_of(model).placement, "sites") else list(autobuild.plan_of(model)
+                                                               .placement)
+    assert sites and all(s.startswith("layer1.") for s in sites)
+
+
+_MAIN = "import sys; from autobuild.cli import main; sys.exit(main())"
+
+
+def test_broken_pipe_is_not_an_error(tmp_path: Path) -> None:
+    """``autobuild models | head -1``: exit 0, nothing on stderr."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run(f"{sys.executable} -c '{_MAIN}' models | head -1", shell=True,
+                          capture_output=True, text=True, env=env, cwd=tmp_path,
+                          executable="/bin/bash")
+    assert proc.stdout.count("\n") == 1 and proc.stderr == "", proc.stderr
+
+
+def test_version_and_debug(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.startswith("autobuild ")
+    assert main(["--debug", "convert", "resnet5", "--to", "quadratic"]) == 2
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_a_colour_folder_with_a_grayscale_first_image_trains_in_colour(tmp_path: Path) -> None:
+    """Channels come from the folder, not from its first image."""
+    from autobuild.train import build_data
+
+    folder = write_imagefolder(tmp_path / "mixed", {"train": 3, "val": 2})
+    write_imagefolder(tmp_path / "gray", {"train": 1, "val": 1}, mode="L")
+    os.replace(tmp_path / "gray" / "train" / "bright" / "000.png",
+               folder / "train" / "bright" / "000.png")  # the first image read
+    data = build_data(f"imagefolder:{folder}")
+    assert data.input_size[0] == 3 and data.train[0][0].shape[0] == 3
+
+
+def test_an_absurd_build_is_refused_before_allocating(monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    """The size predicted by the analysis is checked against a documented, overridable
+    limit (here lowered, so that an ordinary conversion is 'absurd')."""
+    monkeypatch.setenv("AUTOBUILD_MAX_PARAMS", "100000")
+    with pytest.raises(AutobuildError, match="AUTOBUILD_MAX_PARAMS"):
+        autobuild.convert("cifar_resnet20", to="quadratic")
+    assert main(["convert", "cifar_resnet20", "--to", "quadratic"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "parameters" in err and "nothing was built" in err
+    monkeypatch.setenv("AUTOBUILD_MAX_PARAMS", "lots")
+    with pytest.raises(AutobuildError, match="AUTOBUILD_MAX_PARAMS"):
+        autobuild.convert("cifar_resnet20", to="quadratic")
+    monkeypatch.delenv("AUTOBUILD_MAX_PARAMS")
+    monkeypatch.setenv("AUTOBUILD_MAX_MACS", "1000")
+    with pytest.raises(AutobuildError, match="MACs per image"):
+        autobuild.convert("cifar_resnet20", to="quadratic")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_a_read_only_run_directory_is_refused_before_work(world: dict[str, str],
+                                                          tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(world["run"], run)
+    run.chmod(0o500)
+    try:
+        before = _snapshot(run)
+        assert main(["train", "--resume", str(run), "--epochs", "3", *FAST]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "cannot write" in err and "Traceback" not in err
+        assert _snapshot(run) == before
+    finally:
+        run.chmod(0o700)

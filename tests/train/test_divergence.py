@@ -1,0 +1,111 @@
+"""A diverging run (issue 12): exit code 3 with its reason, for a non-finite training loss
+and for a non-finite validation loss; the last good checkpoint is kept, ``train.yaml`` says
+why, and the directory can be resumed (from that checkpoint) or overwritten (--force)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from autobuild.cli import main
+from autobuild.train import DivergedError, TrainConfig, build_data, train
+
+SYNTH = "synthetic:size=3x8x8,classes=4,train=32,val=16"
+FAST = ["--batch-size", "16", "--device", "cpu", "--no-progress", "--workers", "0"]
+EXPLODE = ["--lr", "1e6", "--clip-grad", "0", "--warmup-epochs", "0"]
+
+
+def _record(run: Path) -> dict:
+    return yaml.safe_load((run / "train.yaml").read_text())
+
+
+def _epoch_of_checkpoint(run: Path) -> int:
+    return int(torch.load(run / "checkpoint.pt", weights_only=False)["epoch"])
+
+
+def test_diverging_run_exits_3_and_can_be_resumed_or_overwritten(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run = tmp_path / "run"
+    base = ["train", "cifar_resnet20", "--data", SYNTH, "--out", str(run), *FAST]
+    assert main([*base, "--epochs", "1", "--lr", "0.01"]) == 0
+    capsys.readouterr()
+    weights = (run / "weights.safetensors").read_bytes()
+    # Epoch 2 with an absurd learning rate diverges: exit 3, one line with the reason.
+    assert main(["train", "--resume", str(run), "--epochs", "2", *EXPLODE, *FAST]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "diverged" in err[0] and "non-finite" in err[0], err
+    record = _record(run)
+    assert record["status"] == "diverged" and "non-finite" in record["reason"]
+    assert record["epochs_done"] == 1
+    assert _epoch_of_checkpoint(run) == 1  # the last good checkpoint is kept
+    assert (run / "weights.safetensors").read_bytes() == weights
+    # The directory is not silently reused for a new run ...
+    assert main([*base, "--epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "diverged after 1 epochs" in err and "--resume" in err and "--force" in err
+    # ... it resumes from the last good checkpoint with a saner recipe ...
+    assert main(["train", "--resume", str(run), "--epochs", "2", "--lr", "0.01", *FAST]) == 0
+    assert _record(run)["status"] == "finished" and _epoch_of_checkpoint(run) == 2
+    # ... or is overwritten as a whole.
+    assert main([*base, "--epochs", "1", "--force"]) == 0
+    assert _record(run)["status"] == "finished" and _epoch_of_checkpoint(run) == 1
+
+
+def test_divergence_in_the_first_epoch_leaves_nothing_to_resume(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run = tmp_path / "run"
+    base = ["train", "cifar_resnet20", "--data", SYNTH, "--epochs", "1", "--out", str(run),
+            *FAST]
+    assert main([*base, *EXPLODE]) == 3
+    capsys.readouterr()
+    assert _record(run)["status"] == "diverged" and not (run / "checkpoint.pt").exists()
+    assert main(["train", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "checkpoint" in err and "Traceback" not in err
+    assert main(base) == 2
+    err = capsys.readouterr().err
+    assert "nothing to resume" in err and "--force" in err
+    assert main([*base, "--force"]) == 0
+    assert {"checkpoint.pt", "weights.safetensors", "plan.yaml"} <= set(os.listdir(run))
+    assert _record(run)["status"] == "finished"
+
+
+def test_a_non_finite_validation_loss_is_a_divergence(tmp_path: Path) -> None:
+    import autobuild
+
+    data = build_data(SYNTH)
+    model = autobuild.analyze("cifar_resnet20", num_classes=4, input_size=(3, 8, 8)).build(
+        autobuild.Placement())
+    # Trains normally; its validation outputs are NaN (a finite training loss, a non-finite
+    # validation loss: the case a check of the training loss alone lets through).
+    model.register_forward_hook(lambda m, i, out: out if m.training else out * float("nan"))
+    run = tmp_path / "run"
+    with pytest.raises(DivergedError, match="non-finite validation loss") as info:
+        train(model, data, TrainConfig(epochs=2, batch_size=16, device="cpu", workers=0,
+                                       progress=False), out_dir=str(run))
+    assert info.value.exit_code == 3
+    record = _record(run)
+    assert record["status"] == "diverged" and "validation loss" in record["reason"]
+    assert record["epochs_done"] == 0 and not (run / "checkpoint.pt").exists()
+
+
+def test_a_run_records_absolute_data_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture) -> None:
+    """`--data imagefolder:rel` is recorded absolute: evaluate/resume work from elsewhere."""
+    from tests.train.conftest import write_imagefolder
+
+    write_imagefolder(tmp_path / "imgs", {"train": 8, "val": 4})
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "cifar_resnet20", "--data", "imagefolder:imgs", "--epochs", "1",
+                 "--out", "run", *FAST]) == 0
+    assert _record(tmp_path / "run")["data"]["spec"] == f"imagefolder:{tmp_path / 'imgs'}"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "run"), "--device", "cpu", "--json"]) == 0
+    assert main(["train", "--resume", str(tmp_path / "run"), "--epochs", "2", *FAST]) == 0
