@@ -32,6 +32,28 @@ def _tuple(v: int | Sequence[int], n: int) -> tuple[int, ...]:
     return t
 
 
+@torch.no_grad()
+def fold_into(conv: nn.Module, weight: Tensor, bias: Tensor | None,
+              bn: nn.modules.batchnorm._BatchNorm | None) -> nn.Module:
+    """``conv`` (a fresh plain conv of the right geometry, with a bias iff ``bias`` or ``bn``)
+    set to compute ``conv(x, weight) + bias`` followed by ``bn`` in eval mode; the algebra in
+    float64, so that the fold is exact to the layer's own precision."""
+    w = weight.double()
+    b = bias.double() if bias is not None else None
+    if bn is not None:
+        scale = torch.rsqrt(bn.running_var.double() + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight.double()
+        w = w * scale.view(-1, *([1] * (w.dim() - 1)))
+        b = (b if b is not None else torch.zeros_like(scale)) - bn.running_mean.double()
+        b = b * scale + (bn.bias.double() if bn.bias is not None else 0.0)
+    conv = conv.to(weight.device, weight.dtype)
+    conv.weight.copy_(w)
+    if b is not None:
+        conv.bias.copy_(b)
+    return conv
+
+
 class DiracConvNd(nn.Module):
     """``conv(x, diag(α)·δ + diag(β)·W/‖W_o‖) + b`` in ``dims`` (1-3) spatial dimensions,
     stride 1, "same" padding (DiracNets v2; per-output-channel α = 1, β = 0.1 at init)."""
@@ -104,23 +126,11 @@ class DiracConvNd(nn.Module):
     @torch.no_grad()
     def folded(self, bn: nn.modules.batchnorm._BatchNorm | None = None) -> nn.Module:
         """The plain conv this layer (and ``bn``, in eval mode, when given) computes."""
-        w = self.effective_weight().double()
-        b = self.bias.double() if self.bias is not None else None
-        if bn is not None:
-            scale = torch.rsqrt(bn.running_var.double() + bn.eps)
-            if bn.weight is not None:
-                scale = scale * bn.weight.double()
-            w = w * scale.view(self._scale_shape())
-            b = (b if b is not None else torch.zeros_like(scale)) - bn.running_mean.double()
-            b = b * scale + (bn.bias.double() if bn.bias is not None else 0.0)
+        w = self.effective_weight()  # v1: its inputs are NCReLU's, twice the channels
         conv = _CONV[self.dims][1](w.shape[1] * self.groups, self.out_channels,
                                    self.kernel_size, 1, self.padding, self.dilation,
-                                   self.groups, bias=b is not None)
-        conv = conv.to(self.weight.device, self.weight.dtype)
-        conv.weight.copy_(w)
-        if b is not None:
-            conv.bias.copy_(b)
-        return conv
+                                   self.groups, bias=self.bias is not None or bn is not None)
+        return fold_into(conv, w, self.bias, bn)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

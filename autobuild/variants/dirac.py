@@ -80,6 +80,7 @@ from autobuild.variants._dirac_layers import (
     DiracConvNd,
     DiracConvV1,
     NCReLU,
+    fold_into,
 )
 from autobuild.variants.base import count_replacement
 
@@ -200,23 +201,9 @@ class DiracConv2d(nn.Module):
     @torch.no_grad()
     def folded(self, bn: nn.modules.batchnorm._BatchNorm | None = None) -> nn.Conv2d:
         """The plain conv this layer (and ``bn``, in eval mode, when given) computes."""
-        w = self.effective_weight().double()
-        b = self.bias.double() if self.bias is not None else None
-        if bn is not None:
-            var, mean = bn.running_var.double(), bn.running_mean.double()
-            scale = torch.rsqrt(var + bn.eps)
-            if bn.weight is not None:
-                scale = scale * bn.weight.double()
-            w = w * scale.view(-1, 1, 1, 1)
-            b = (b if b is not None else torch.zeros_like(mean)) - mean
-            b = b * scale + (bn.bias.double() if bn.bias is not None else 0.0)
         conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, 1, self.padding,
-                         self.dilation, self.groups, bias=b is not None)
-        conv = conv.to(self.weight.device, self.weight.dtype)
-        conv.weight.copy_(w)
-        if b is not None:
-            conv.bias.copy_(b)
-        return conv
+                         self.dilation, self.groups, bias=self.bias is not None or bn is not None)
+        return fold_into(conv, self.effective_weight(), self.bias, bn)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
