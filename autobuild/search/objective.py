@@ -280,7 +280,9 @@ class Objective:
             if done:
                 source = min(done, key=lambda t: t.number)
                 for name, value in source.user_attrs.items():
-                    if name not in trial.user_attrs and name != "reused_from":
+                    # the result, not why the source was enqueued (a seed's kind)
+                    if name not in trial.user_attrs and name not in ("reused_from",
+                                                                     "seed_kind"):
                         trial.set_user_attr(name, value)
                 for name, value in source.system_attrs.items():
                     if name.startswith("constraints:"):

@@ -246,6 +246,8 @@ def _after_trial(search: Search) -> Any:
             if not changed:
                 continue
             params.update(dict.fromkeys(changed, "keep"))
+            if search.space.seeding.baseline and all(v == "keep" for v in params.values()):
+                break  # every decision reverted: the baseline, already a seed
             enqueued += 1
             study.enqueue_trial(dict(params),
                                 user_attrs={"seed_kind": f"revert_top_ri_{enqueued}"})

@@ -199,7 +199,8 @@ def test_revert_seeds_are_distinct_placements(in_tmp) -> None:
             if t.user_attrs.get("seed_kind") in ("all_converted", *(
                 s.user_attrs["seed_kind"] for s in seeds))]
     assert seeds and len(keys) == len(set(keys))
-    assert len(seeds) <= 2  # two decisions (stage3, convs) to revert
+    # two decisions (stage3, convs): reverting both would be the baseline, already a seed
+    assert len(seeds) == 1 and seeds[0].user_attrs["placement"] != "baseline"
 
 
 def test_the_front_lists_a_reused_placement_once(in_tmp) -> None:
@@ -213,4 +214,5 @@ def test_the_front_lists_a_reused_placement_once(in_tmp) -> None:
     work(search, 2)
     trials = _trials(search.study)
     assert trials[1].user_attrs["reused_from"] == 0
+    assert "seed_kind" not in trials[1].user_attrs  # the result is reused, not the reason
     assert [t.number for t in pareto_trials(search.study)] == [0]
