@@ -3,6 +3,9 @@ enqueue its seed trials, then run trials until the study holds ``n_trials`` fini
 
 from __future__ import annotations
 
+import hashlib
+import os
+import socket
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -38,19 +41,33 @@ class Search:
     artifacts: str
 
 
-def _sampler(space: SearchSpace) -> optuna.samplers.BaseSampler:
+def _sampler(space: SearchSpace, seed: int | None = None) -> optuna.samplers.BaseSampler:
+    seed = space.seed if seed is None else seed
     s = space.sampler
     if s == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=space.seed)
+        return optuna.samplers.NSGAIISampler(seed=seed)
     if s == "tpe":
-        return optuna.samplers.TPESampler(seed=space.seed)
+        return optuna.samplers.TPESampler(seed=seed)
     if s == "random":
-        return optuna.samplers.RandomSampler(seed=space.seed)
+        return optuna.samplers.RandomSampler(seed=seed)
     if s == "bruteforce":
-        return optuna.samplers.BruteForceSampler(seed=space.seed)
+        return optuna.samplers.BruteForceSampler(seed=seed)
     # Optuna's default: TPE for one objective, NSGA-II for several.
-    return (optuna.samplers.TPESampler(seed=space.seed) if len(space.objectives) == 1
-            else optuna.samplers.NSGAIISampler(seed=space.seed))
+    return (optuna.samplers.TPESampler(seed=seed) if len(space.objectives) == 1
+            else optuna.samplers.NSGAIISampler(seed=seed))
+
+
+def _sampler_seed(space: SearchSpace, study: optuna.Study, created: bool, join: bool) -> int:
+    """The space's seed for the process that created the study. A sampler with the same seed
+    proposes the same placements again (which the search would only reuse), so a resumed
+    study seeds from how far it got (reproducible) and each joining worker from its process
+    as well (workers cannot be reproducible: they race)."""
+    if created:
+        return space.seed
+    key = f"{space.seed}:{len(study.get_trials(deepcopy=False))}"
+    if join:
+        key += f":{socket.gethostname()}:{os.getpid()}"
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=4).digest(), "big")
 
 
 def _config(space: SearchSpace, device: str | None) -> Any:
@@ -110,6 +127,7 @@ def prepare(space: SearchSpace, *, storage: str | None = None, study_name: str |
     objective = Objective(space, analysis, data, config,
                           artifact_store=artifact_store(folder), quiet=quiet)
     study = None if exists else _create(space, name, store, objective)
+    created = study is not None
     if study is None:  # it existed, or another process created it a moment ago
         study = load_study(name, store, url)
         recorded = _fingerprint(study)
@@ -121,7 +139,7 @@ def prepare(space: SearchSpace, *, storage: str | None = None, study_name: str |
             refuse_second_sqlite_worker(study)
     if heartbeat is not None:  # `status` judges staleness with the workers' grace period
         study.set_user_attr("heartbeat", list(heartbeat))
-    study.sampler = _sampler(space)
+    study.sampler = _sampler(space, _sampler_seed(space, study, created, join))
     return Search(space, study, objective, url, folder)
 
 
@@ -165,7 +183,6 @@ def artifact_store(folder: str) -> Any:
             raise AutobuildError("s3:// artifacts need boto3: pip install boto3") from exc
         bucket = folder[len("s3://"):].split("/", 1)[0]
         return Boto3ArtifactStore(bucket)
-    import os
 
     from optuna.artifacts import FileSystemArtifactStore
 

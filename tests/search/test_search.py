@@ -216,3 +216,20 @@ def test_the_front_lists_a_reused_placement_once(in_tmp) -> None:
     assert trials[1].user_attrs["reused_from"] == 0
     assert "seed_kind" not in trials[1].user_attrs  # the result is reused, not the reason
     assert [t.number for t in pareto_trials(search.study)] == [0]
+
+
+def test_joining_and_resuming_samplers_do_not_replay_the_creators_proposals(monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    from autobuild.search import runner
+
+    space = load_space(tiny_space())
+    study = SimpleNamespace(get_trials=lambda deepcopy=False: [None] * 5)
+    assert runner._sampler_seed(space, study, created=True, join=False) == space.seed
+    resumed = runner._sampler_seed(space, study, created=False, join=False)
+    assert resumed != space.seed  # a resumed random sampler would re-propose trial 0, 1, ...
+    assert resumed == runner._sampler_seed(space, study, created=False, join=False)
+    monkeypatch.setattr(runner.os, "getpid", lambda: 1000)
+    first = runner._sampler_seed(space, study, created=False, join=True)
+    monkeypatch.setattr(runner.os, "getpid", lambda: 1001)
+    assert runner._sampler_seed(space, study, created=False, join=True) != first
