@@ -152,6 +152,10 @@ class Variant:
     example_models: ClassVar[tuple[str, ...]] = ("cifar_resnet20",)
     #: What :func:`autobuild.masked` switches off, in words (docs and `autobuild variants`).
     mask_effect: ClassVar[str] = ""
+    #: Options whose default changed: ``{plan_version: {option: old default}}``. A plan
+    #: written at that version or before that omits the option meant the old default (plans
+    #: record every option since version 3, so a later default change needs a new version).
+    legacy_defaults: ClassVar[dict[int, dict[str, Any]]] = {}
 
     def contract_cases(self) -> list[tuple[str, dict[str, Any], list[str] | None]]:
         """(model, options, site patterns) the registry-driven contract tests run: by

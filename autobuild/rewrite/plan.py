@@ -32,7 +32,9 @@ from autobuild.rewrite.placement import Choice, Placement
 
 __all__ = ["INITS", "PLAN_VERSION", "Conversion", "Plan"]
 
-PLAN_VERSION = 2
+#: 3: every option of every conversion is recorded (plans of version 2 may omit options
+#: added later; a family's ``legacy_defaults`` say what their omission meant).
+PLAN_VERSION = 3
 INITS = ("scratch", "preserve")
 
 
@@ -144,7 +146,8 @@ class Plan:
             convs = data.get("conversions") or []
             if not isinstance(convs, list):
                 raise ValueError("'conversions' must be a list")
-            conversions = [_conversion(c, i) for i, c in enumerate(convs)]
+            conversions = [_with_legacy_defaults(_conversion(c, i), version)
+                           for i, c in enumerate(convs)]
             num_classes = data.get("num_classes")
             if num_classes is not None and (not isinstance(num_classes, int)
                                             or isinstance(num_classes, bool) or num_classes < 1):
@@ -180,6 +183,22 @@ class Plan:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise AutobuildError(f"corrupt plan {source}: {first}") from exc
         return cls.from_dict(data, source)
+
+
+def _with_legacy_defaults(conversion: Conversion, version: int) -> Conversion:
+    """Fill the options a plan of an older ``version`` omits with the defaults they had then
+    (a saved model must rebuild to the network it was, not to today's defaults)."""
+    from autobuild.rewrite.family import get_family
+
+    try:
+        legacy = get_family(conversion.family).legacy_defaults
+    except AutobuildError:  # an unknown family is reported where the plan is built
+        return conversion
+    for since, defaults in sorted(legacy.items()):
+        if version <= since:
+            for name, value in defaults.items():
+                conversion.options.setdefault(name, value)
+    return conversion
 
 
 def _conversion(data: Any, index: int) -> Conversion:

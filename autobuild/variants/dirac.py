@@ -231,15 +231,28 @@ def dirac_problem(conv: nn.Module, *, strided_ok: bool = False) -> str:
 
 
 # ---- network scope: ResNet -> DiracNet ------------------------------------------------------
-def _branch_convs(analysis: Analysis) -> list[fx.Node]:
-    """The conv calls on the residual branches of every block (what becomes Dirac convs;
-    the shortcuts, projection convs included, disappear with the skip connections)."""
+def _branch_modules(analysis: Analysis) -> list[fx.Node]:
+    """The module calls on the residual branches of every block (the shortcuts, projection
+    convs included, disappear with the skip connections)."""
     branch_nodes: set[fx.Node] = set()
     for block in analysis.blocks.values():
         branch_nodes |= ancestors(block.branch, {block.input}) & block.members
+    return [n for n in analysis.gm.graph.nodes if n in branch_nodes and n.op == "call_module"]
+
+
+def _branch_convs(analysis: Analysis) -> list[fx.Node]:
+    """The conv calls on the residual branches: what becomes Dirac convs."""
     gm = analysis.gm
-    return [n for n in gm.graph.nodes if n in branch_nodes and n.op == "call_module"
-            and isinstance(gm.get_submodule(n.target), nn.Conv2d)]
+    return [n for n in _branch_modules(analysis)
+            if isinstance(gm.get_submodule(n.target), nn.Conv2d)]
+
+
+def _is_other_conv(module: nn.Module) -> bool:
+    """A layer that convolves but is not a plain nn.Conv2d (e.g. a quadratic conv): removing
+    the skips around it would not make a DiracNet."""
+    weight = getattr(module, "weight", None)
+    return not isinstance(module, nn.Conv2d) and (
+        hasattr(module, "kernel_size") or (isinstance(weight, torch.Tensor) and weight.dim() == 4))
 
 
 def _network_problem(analysis: Analysis) -> str:
@@ -248,6 +261,13 @@ def _network_problem(analysis: Analysis) -> str:
                 "ResNet without its skip connections; it applies to e.g. cifar_resnet20, "
                 "resnet18, resnet34); use --option scope=convs to Dirac-parametrise single convs")
     calls = Counter(n.target for n in analysis.gm.graph.nodes if n.op == "call_module")
+    for node in _branch_modules(analysis):
+        module = analysis.gm.get_submodule(node.target)
+        if _is_other_conv(module):
+            return (f"{node.target} is a {type(module).__name__}, not an nn.Conv2d: only plain "
+                    "convs become Dirac convs (convert the baseline, not a converted network)")
+    if not _branch_convs(analysis):
+        return "its residual branches hold no nn.Conv2d to Dirac-parametrise"
     for node in _branch_convs(analysis):
         problem = dirac_problem(analysis.gm.get_submodule(node.target), strided_ok=True)
         if calls[node.target] > 1:
@@ -350,8 +370,12 @@ def fold(model: nn.Module) -> nn.Module:
     """A new model in which each Dirac conv and the BN that follows it are one ``nn.Conv2d``
     (BN in eval mode, i.e. its running statistics): the plain ReLU → conv chain of the
     released DiracNets, equal to ``model`` in eval mode to float precision. Its plan is
-    ``model``'s with ``folded=true``, so it saves and loads as plan + weights."""
+    ``model``'s with ``folded=true``, so it saves and loads as plan + weights; a model whose
+    baseline itself holds Dirac convs (a DiracNet preset) is refused, since its plan cannot
+    say they are folded."""
     record = record_of(model)
+    if record is not None:
+        _refuse_baseline_diracs(model, record)
     new = copy.deepcopy(model)
     plan = record.plan if record is not None else None
     changes = _fold_in_place(root_of(new), plan.leaf_modules if plan is not None else ())
@@ -366,6 +390,21 @@ def fold(model: nn.Module) -> nn.Module:
         set_record(new, BuildRecord(plan.replace(placement=placement), record.site_modules,
                                     record.changes + changes, record.root))
     return new
+
+
+def _refuse_baseline_diracs(model: nn.Module, record: BuildRecord) -> None:
+    """A plan marks its *dirac choices* folded; Dirac convs that the baseline itself holds (a
+    DiracNet preset) would be rebuilt unfolded by the plan while the weights are folded."""
+    owned = [record.site_modules.get(site, site) for site, choice in
+             record.plan.placement.items() if choice.family == DiracVariant.name]
+    for name, module in root_of(model).named_modules():
+        if isinstance(module, (DiracConv2d, DiracConvNd)) and not any(
+                path in ("", "network") or name == path or name.startswith(path + ".")
+                for path in owned):
+            raise AutobuildError(
+                f"{name} is a Dirac conv of the baseline {record.plan.model!r} itself, which a "
+                "plan cannot mark folded (the saved model would rebuild unfolded); fold a "
+                "network converted with --to dirac, or call .folded() on the layers in Python")
 
 
 # ---- the family -----------------------------------------------------------------------------

@@ -153,6 +153,8 @@ class PdeGlobalVariant(Variant):
     )
     inits = ("scratch",)
     primary_option = "layout"
+    # Plans saved before bn_eps existed (version 2) built PyTorch's eps.
+    legacy_defaults = {2: {"bn_eps": "1e-5"}}
     leaf_modules = (GlobalLayer,)
     mask_effect = "the Global layer (it becomes the identity: the stage is its first block)"
     example_models = ("cifar_resnet20", "cifar_resnet32", "resnet18", "resnet50")

@@ -54,3 +54,25 @@ def test_mixed_plan_is_one_placement() -> None:
     m = autobuild.build_plan(plan)
     assert m.layer1[0].conv1.qtype == "t4" and m.layer2[0].conv1.qtype == "ours"
     assert autobuild.plan_of(m).family == "quadratic"
+
+
+def test_an_older_plan_means_the_defaults_of_its_time() -> None:
+    # pde-global's coefficient BN eps became the official code's (= channels) in plan
+    # version 3; a version-2 plan, which had no bn_eps, built PyTorch's 1e-5.
+    import torch
+    import yaml
+
+    from autobuild.rewrite import PLAN_VERSION, Plan
+
+    current = autobuild.plan_of(autobuild.convert("cifar_resnet20", "pde-global"))
+    data = yaml.safe_load(current.dumps())
+    assert data["autobuild_plan"] == PLAN_VERSION == 3
+    assert data["conversions"][0]["options"]["bn_eps"] == "channels"
+    del data["conversions"][0]["options"]["bn_eps"]
+    assert Plan.from_dict(dict(data)).conversions[0].options["bn_eps"] == "channels"
+    data["autobuild_plan"] = 2
+    old = Plan.from_dict(data)
+    assert old.conversions[0].options["bn_eps"] == "1e-5"
+    model = autobuild.api.build_plan(old)
+    eps = {m.eps for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    assert 1e-5 in eps and not any(e >= 1 for e in eps)

@@ -51,7 +51,7 @@ def test_dashboard_serves_the_study_and_its_artifacts(in_tmp) -> None:
         served = detail["trials"][0]
         artifact = trial.user_attrs["plan_artifact"]
         body = _get(f"{base}/artifacts/{summary['study_id']}/{served['trial_id']}/{artifact}")
-        assert b"autobuild_plan: 2" in body
+        assert b"autobuild_plan: 3" in body
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -46,7 +46,7 @@ def test_a_four_trial_study_records_everything(in_tmp) -> None:
     store = optuna.artifacts.FileSystemArtifactStore("studies/tiny-artifacts")
     with store.open_reader(trials[1].user_attrs["plan_artifact"]) as f:
         plan = f.read().decode()
-    assert "autobuild_plan: 2" in plan and "pde-global" in plan
+    assert "autobuild_plan: 3" in plan and "pde-global" in plan
 
 
 def test_identical_placements_are_trained_once(in_tmp) -> None:

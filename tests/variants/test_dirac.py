@@ -228,3 +228,20 @@ def test_fold_cli_round_trip(tmp_path, capsys) -> None:
     with torch.no_grad():
         assert max_rel_diff(model(x), loaded(x)) <= 1e-4
     assert main(["fold", out, "--out", str(tmp_path / "again")]) == 2
+
+
+def test_a_network_of_other_convs_is_refused_not_silently_left() -> None:
+    # QuadraLib's qresnet10 is a ResNet of quadratic convs: removing its skips would not
+    # make a DiracNet, and the conversion used to report success having done only that.
+    with pytest.raises(AutobuildError, match="QuadraticConv2d, not an nn.Conv2d"):
+        autobuild.convert("qresnet10", "dirac")
+
+
+def test_folding_a_dirac_preset_is_refused_rather_than_saved_unloadable() -> None:
+    # The preset's Dirac convs belong to the baseline: its plan cannot say they are folded,
+    # so a saved fold would rebuild unfolded and refuse its own weights.
+    model = autobuild.analyze("cifar_diracnet16_1").build({})
+    with pytest.raises(AutobuildError, match="Dirac conv of the baseline"):
+        fold(model)
+    converted = autobuild.convert("cifar_resnet20", "dirac")
+    assert autobuild.plan_of(fold(converted)) is not None  # a converted network still folds
