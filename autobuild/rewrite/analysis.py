@@ -259,8 +259,15 @@ class Analysis:
             chosen = variant.default_sites(candidates, opts)
             if not chosen:
                 shown = ", ".join(s.name for s in candidates[:20])
-                raise InfeasiblePlacement(f"{variant.name} has no default site in {name}; name "
-                                          f"sites with --sites (candidates: {shown})")
+                # A site refused with these options (e.g. an even pool kernel) is the likelier
+                # culprit than a missing --sites: say why it was left out.
+                refused = next(((s, variant.refusal(s, opts, self)) for s in accepted
+                                if s not in candidates and variant.refusal(s, opts, self)),
+                               None)
+                why = (f"; {refused[0].name} is left out because {refused[1]}" if refused
+                       else "")
+                raise InfeasiblePlacement(f"{variant.name} has no default site in {name}{why}; "
+                                          f"name sites with --sites (candidates: {shown})")
         else:
             patterns = [sites] if isinstance(sites, str) else list(sites)
             if not patterns:

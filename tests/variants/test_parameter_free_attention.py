@@ -180,3 +180,8 @@ def test_cli_lists_attention_sites_for_every_family(capsys) -> None:
     assert sites["blocks.0.attn"]["families"] == ["parameter-free"]
     assert sites["blocks.0.attn"]["default_for"] == []        # PfLayer keeps even blocks
     assert sites["blocks.1.attn"]["default_for"] == ["parameter-free"]
+
+
+def test_no_default_site_says_which_option_left_the_attentions_out() -> None:
+    with pytest.raises(AutobuildError, match=r"attn is left out because kernel=4 must be odd"):
+        autobuild.convert("vit_micro_cifar", "parameter-free", options={"kernel": 4})
