@@ -78,39 +78,14 @@ def _writable(path: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_file(path: str, mode: str = "w") -> Iterator[IO[Any]]:
-    """Write ``path`` atomically: yields a file object on a temporary name in the same
-    directory; on success it is flushed, fsynced and renamed over ``path``."""
+def _replacing(path: str) -> Iterator[str]:
+    """A temporary name beside ``path`` for the caller to write; on success the file is
+    fsynced, given ``open()``'s mode and renamed over ``path`` (then the directory is
+    fsynced); on any failure it is removed and ``path`` is untouched."""
     _writable(path)
     tmp = _temp_name(path)
     try:
-        with open(tmp, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise AutobuildError(f"cannot write {path!r}: {exc.strerror or exc}") from exc
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    with atomic_file(path, "w") as f:
-        f.write(text)
-
-
-def _atomic_by_name(path: str, write: Callable[[str], None]) -> None:
-    """Atomic write for libraries that take a file name (safetensors, torch.save)."""
-    _writable(path)
-    tmp = _temp_name(path)
-    try:
-        write(tmp)
+        yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, _file_mode())
@@ -124,6 +99,25 @@ def _atomic_by_name(path: str, write: Callable[[str], None]) -> None:
             os.remove(tmp)
         raise
     _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+@contextlib.contextmanager
+def atomic_file(path: str, mode: str = "w") -> Iterator[IO[Any]]:
+    """Write ``path`` atomically: yields a file object on a temporary name in the same
+    directory; on success it is flushed, fsynced and renamed over ``path``."""
+    with _replacing(path) as tmp, open(tmp, mode) as f:
+        yield f
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    with atomic_file(path, "w") as f:
+        f.write(text)
+
+
+def _atomic_by_name(path: str, write: Callable[[str], None]) -> None:
+    """Atomic write for libraries that take a file name (safetensors, torch.save)."""
+    with _replacing(path) as tmp:
+        write(tmp)
 
 
 def atomic_copy(src: str, dst: str) -> None:
