@@ -11,8 +11,21 @@ from typing import Any
 __all__ = ["DetectionEpochMetrics", "EpochMetrics", "write_csv"]
 
 
+class _EpochRecord:
+    """A metrics row: its dataclass fields are the CSV columns; ``epoch`` is an int, the rest
+    floats."""
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, float]) -> Any:
+        return cls(**{f.name: (int if f.name == "epoch" else float)(data[f.name])
+                      for f in fields(cls)})  # type: ignore[arg-type]
+
+
 @dataclass
-class EpochMetrics:
+class EpochMetrics(_EpochRecord):
     """What one epoch measured (val_* are on the whole val set, on every rank's share)."""
 
     epoch: int
@@ -27,14 +40,6 @@ class EpochMetrics:
     #: Peak GPU memory allocated (CUDA) or peak resident memory of the process (CPU), MiB.
     peak_mem_mb: float
 
-    def to_dict(self) -> dict[str, float]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, float]) -> EpochMetrics:
-        return cls(**{f.name: (int if f.name == "epoch" else float)(data[f.name])
-                      for f in fields(cls)})
-
     def line(self) -> str:
         return (f"epoch {self.epoch}: train loss {self.train_loss:.4f} acc {self.train_acc:.2f}% "
                 f"| val loss {self.val_loss:.4f} top-1 {self.val_top1:.2f}% top-5 "
@@ -43,7 +48,7 @@ class EpochMetrics:
 
 
 @dataclass
-class DetectionEpochMetrics:
+class DetectionEpochMetrics(_EpochRecord):
     """One detection epoch: SSD's training losses and the COCO-style val mAP (0..1)."""
 
     epoch: int
@@ -57,14 +62,6 @@ class DetectionEpochMetrics:
     images_per_s: float
     seconds: float
     peak_mem_mb: float
-
-    def to_dict(self) -> dict[str, float]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, float]) -> DetectionEpochMetrics:
-        return cls(**{f.name: (int if f.name == "epoch" else float)(data[f.name])
-                      for f in fields(cls)})
 
     def line(self) -> str:
         return (f"epoch {self.epoch}: train loss {self.train_loss:.4f} (box "
