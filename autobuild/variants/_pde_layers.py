@@ -15,17 +15,20 @@ from autobuild.ops.batchnorm import bn_train_args
 from autobuild.ops.common import NoAutocast, autocast_dtype, bn_trains, fused_ok
 from autobuild.ops.pde import global_pde
 
-__all__ = ["BN_EPS", "COEFFS", "DIFFUSIVITIES", "INIT_BLOCKS", "MAPS", "PAPER_WIDTHS",
-           "VELOCITIES", "Bottleneck1", "Coefficient", "GlobalLayer", "ResNetGlobal",
-           "coefficient_map", "pde_steps", "resolve_coeffs"]
+__all__ = ["ACTS", "BN_EPS", "COEFFS", "DIFFUSIVITIES", "H_PREV", "INIT_BLOCKS", "MAPS",
+           "PAPER_WIDTHS", "VELOCITIES", "VELOCITY_FROM", "Bottleneck1", "Coefficient",
+           "GlobalLayer", "ResNetGlobal", "SeparableConv3x3", "basic_block",
+           "coefficient_map", "parse_widths", "pde_steps", "resolve_coeffs"]
 
 COEFFS = ("dwconv", "constant", "constant_diffusivity")
 #: The maps a coefficient (or the init block) can be, by the official ``get_init_block``
 #: names: ``dwconv`` is the official default coefficient conv (timm ``create_conv2d``,
 #: depthwise 3x3, no bias); ``dwconv_bias`` is the official ``DwConv`` (nn.Conv2d, bias).
 MAPS = ("dwconv", "identity", "basicblock", "bottleneck", "dwconv_bias", "pwconv", "fullconv")
-#: ``none``: no advection (v = 0: diffusion only).
-VELOCITIES = (*MAPS, "none")
+#: ``isotropic``: the velocity half of the official ``use_dot``, one nonlinear field for
+#: both axes, u = v = act(BN_u(conv_u g) · act(BN_v(conv_v g))); ``none``: no advection
+#: (v = 0: diffusion only).
+VELOCITIES = (*MAPS, "isotropic", "none")
 #: ``isotropic``: the official ``use_dot`` form, one nonlinear field for both axes,
 #: D = ReLU(BN_x(conv_x h) · ReLU(BN_y(conv_y h))); ``constant``: the official
 #: ``--constant_Dxy`` (D = cDx = cDy = 1); ``none``: no diffusion (D = 0: advection only).
@@ -35,17 +38,41 @@ INIT_BLOCKS = ("identity", "basicblock", "bottleneck", "dwconv_bias", "pwconv", 
 #: Coefficient batch-norm eps: ``channels`` is the official ``norm_layer(planes, planes)``
 #: (eps = the channel count); ``1e-5`` is PyTorch's default.
 BN_EPS = ("channels", "1e-5")
-#: Channels of the four stages of the official CIFAR ResNet-Global.
+#: Channels of the four stages of the official CIFAR ResNet-Global (-m 1 --n1 16 --n2 32
+#: --n3 64 --n4 64, the paper's ResNet-32-Global).
 PAPER_WIDTHS = (16, 32, 64, 64)
+#: The activation of the coefficient fields and of the output (official ``--use_silu``).
+ACTS = ("relu", "silu")
+#: H^-1 of the scheme: the layer input f, or H^0 = init_block(f) (official ``--init_h0_h``).
+H_PREV = ("f", "init_block")
+#: What the velocity is computed from: H^0 = init_block(f), or f (official ``--use_f_for_g``).
+VELOCITY_FROM = ("h", "f")
+#: The most channels a stage of layout=paper may have (a typo must not allocate gigabytes).
+MAX_WIDTH = 4096
+
+
+def parse_widths(text: str) -> tuple[int, ...]:
+    """``"16,32,64,64"`` -> (16, 32, 64, 64): the official --n1..--n4 (three numbers: the
+    three-stage network of the official ``-o``/``--original`` and of WideResnet-Global)."""
+    try:
+        widths = tuple(int(w) for w in str(text).split(","))
+    except ValueError:
+        widths = ()
+    if len(widths) not in (3, 4) or not all(1 <= w <= MAX_WIDTH for w in widths):
+        raise AutobuildError(f"widths={text!r}: give 3 or 4 comma-separated channel counts in "
+                             f"[1, {MAX_WIDTH}], e.g. widths=16,32,64,64 (the official --n1.."
+                             f"--n4) or widths=64,128,256 (WRN-40-4-Global)")
+    return widths
 
 
 def pde_steps(f: Tensor, h: Tensor, u: Tensor | None, v: Tensor | None,
               diff_x: Tensor | float, diff_y: Tensor | float, steps: int, dt: float,
-              dx: int = 1, dy: int = 1, source: bool = True) -> Tensor:
-    """``steps`` steps of the official three-level scheme from H^-1 = f, H^0 = h (see
-    ``autobuild.variants.pde_global``); ``u``/``v`` None means zero velocity, a float
-    diffusivity a constant one; ``source=False`` drops the 2·dt·f term (the official
-    ``--no_f``). Tensors are (N, C, H, W)."""
+              dx: int = 1, dy: int = 1, source: bool = True,
+              h_prev: Tensor | None = None) -> Tensor:
+    """``steps`` steps of the official three-level scheme from H^-1 = ``h_prev`` (f by
+    default), H^0 = h (see ``autobuild.variants.pde_global``); ``u``/``v`` None means zero
+    velocity, a float diffusivity a constant one; ``source=False`` drops the 2·dt·f term
+    (the official ``--no_f``). Tensors are (N, C, H, W)."""
     bx2 = diff_x * (2 * dt / dx ** 2)  # 2·Bx
     by2 = diff_y * (2 * dt / dy ** 2)
     denom = 1 + bx2 + by2
@@ -56,7 +83,7 @@ def pde_steps(f: Tensor, h: Tensor, u: Tensor | None, v: Tensor | None,
         # 2E = 2·(∂u/∂x + ∂v/∂y)·dt, with the official (rolled) central differences.
         e2 = ((torch.roll(u, dx, -2) - torch.roll(u, -dx, -2)) * (dt / dx)
               + (torch.roll(v, dy, -1) - torch.roll(v, -dy, -1)) * (dt / dy))
-    h_prev = f
+    h_prev = f if h_prev is None else h_prev
     for _ in range(steps):
         # Periodic borders: roll over the spatial axes only (-2 = x/height, -1 = y/width).
         xp, xm = torch.roll(h, dx, -2), torch.roll(h, -dx, -2)  # H[i-1, j], H[i+1, j]
@@ -87,8 +114,35 @@ class Bottleneck1(nn.Module):
         return torch.relu(self.bn3(self.conv3(y)) + x)
 
 
-def coefficient_map(kind: str, channels: int) -> nn.Module:
-    """One of :data:`MAPS` on ``channels`` channels (shape-preserving)."""
+class SeparableConv3x3(nn.Module):
+    """The official ``sep_conv3x3``: a depthwise 3x3 conv (carrying the stride) and a 1x1
+    conv, no BN or activation between them, no biases (the official ``spatialConv`` and
+    ``pointConv`` are ``depthwise`` and ``pointwise`` here)."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
+        super().__init__()
+        self.depthwise = nn.Conv2d(in_channels, in_channels, 3, stride, 1,
+                                   groups=in_channels, bias=False)
+        self.pointwise = nn.Conv2d(in_channels, out_channels, 1, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.pointwise(self.depthwise(x))
+
+
+def basic_block(inplanes: int, planes: int, stride: int = 1,
+                downsample: nn.Module | None = None, separable: bool = False) -> BasicBlock:
+    """torchvision's BasicBlock, which is the official one; ``separable`` swaps its two 3x3
+    convs for :class:`SeparableConv3x3` (the official ``--separable``)."""
+    block = BasicBlock(inplanes, planes, stride, downsample)
+    if separable:
+        block.conv1 = SeparableConv3x3(inplanes, planes, stride)
+        block.conv2 = SeparableConv3x3(planes, planes)
+    return block
+
+
+def coefficient_map(kind: str, channels: int, separable: bool = False) -> nn.Module:
+    """One of :data:`MAPS` on ``channels`` channels (shape-preserving); ``separable``
+    applies to ``basicblock`` (the official Bottleneck ignores it, so does ours)."""
     if kind == "dwconv":
         return nn.Conv2d(channels, channels, 3, padding=1, groups=channels, bias=False)
     if kind == "dwconv_bias":
@@ -98,7 +152,7 @@ def coefficient_map(kind: str, channels: int) -> nn.Module:
     if kind == "fullconv":
         return nn.Conv2d(channels, channels, 3, padding=1)
     if kind == "basicblock":
-        return BasicBlock(channels, channels)
+        return basic_block(channels, channels, separable=separable)
     if kind == "bottleneck":
         return Bottleneck1(channels)
     if kind == "identity":
@@ -106,21 +160,30 @@ def coefficient_map(kind: str, channels: int) -> nn.Module:
     raise AutobuildError(f"unknown Global-layer map {kind!r}; valid: {', '.join(MAPS)}")
 
 
-class Coefficient(nn.Module):
-    """A PDE coefficient field: ReLU(BN(map(h))); the map is a depthwise 3x3 conv by
-    default (kept under the name ``conv`` whatever it is, so state_dicts stay stable)."""
+def _activation(act: str) -> nn.Module:
+    if act not in ACTS:
+        raise AutobuildError(f"unknown Global-layer act {act!r}; valid: {', '.join(ACTS)}")
+    return nn.SiLU() if act == "silu" else nn.ReLU()
 
-    def __init__(self, channels: int, kind: str = "dwconv", eps: float = 1e-5) -> None:
+
+class Coefficient(nn.Module):
+    """A PDE coefficient field: act(BN(map(h))), act = ReLU unless ``act="silu"``; the map
+    is a depthwise 3x3 conv by default (kept under the name ``conv`` whatever it is, so
+    state_dicts stay stable)."""
+
+    def __init__(self, channels: int, kind: str = "dwconv", eps: float = 1e-5,
+                 act: str = "relu", separable: bool = False) -> None:
         super().__init__()
-        self.conv = coefficient_map(kind, channels)
+        self.conv = coefficient_map(kind, channels, separable)
         self.bn = nn.BatchNorm2d(channels, eps=eps)
+        self.act = _activation(act)
 
     def pre(self, h: Tensor) -> Tensor:
         """The map's output, before the batch norm."""
         return self.conv(h)
 
     def forward(self, h: Tensor) -> Tensor:
-        return torch.relu(self.bn(self.conv(h)))
+        return self.act(self.bn(self.conv(h)))
 
 
 #: Kept for code that imported the former name.
@@ -144,8 +207,8 @@ def resolve_coeffs(coeffs: str, velocity: str, diffusivity: str) -> tuple[str, s
 
 
 class GlobalLayer(nn.Module):
-    """Kag & Saligrama's Global layer (``GlobalFeatureBlock_Diffusion`` of the official code,
-    no residual, H^-1 = f, H^0 = init_block(f)); see ``autobuild.variants.pde_global``."""
+    """Kag & Saligrama's Global layer (``GlobalFeatureBlock_Diffusion`` of the official code:
+    H^-1 = f, H^0 = init_block(f)); see ``autobuild.variants.pde_global`` for the options."""
 
     #: autobuild.masked(): the layer is the identity (its stage is just its first block).
     masked: bool = False
@@ -153,36 +216,46 @@ class GlobalLayer(nn.Module):
     def __init__(self, channels: int, steps: int = 1, dt: float = 0.2, coeffs: str = "dwconv",
                  dx: int = 1, dy: int = 1, *, velocity: str = "dwconv",
                  diffusivity: str = "dwconv", init_block: str = "identity",
-                 bn_eps: str = "channels", residual: bool = False, source: bool = True) -> None:
+                 bn_eps: str = "channels", residual: bool = False, source: bool = True,
+                 act: str = "relu", h_prev: str = "f", velocity_from: str = "h",
+                 cdx: float = 1.0, cdy: float = 1.0, separable: bool = False) -> None:
         super().__init__()
         velocity, diffusivity = resolve_coeffs(coeffs, velocity, diffusivity)
         for name, value, valid in (("velocity", velocity, VELOCITIES),
                                    ("diffusivity", diffusivity, DIFFUSIVITIES),
-                                   ("init_block", init_block, INIT_BLOCKS), ("bn_eps", bn_eps,
-                                                                             BN_EPS)):
+                                   ("init_block", init_block, INIT_BLOCKS),
+                                   ("bn_eps", bn_eps, BN_EPS), ("act", act, ACTS),
+                                   ("h_prev", h_prev, H_PREV),
+                                   ("velocity_from", velocity_from, VELOCITY_FROM)):
             if value not in valid:
                 raise AutobuildError(f"unknown Global-layer {name} {value!r}; valid: "
                                      f"{', '.join(valid)}")
-        if steps < 1 or not dt > 0 or dx < 1 or dy < 1:
-            raise AutobuildError(f"the Global layer needs K >= 1, dt > 0 and dx, dy >= 1 (got "
-                                 f"K={steps}, dt={dt}, dx={dx}, dy={dy})")
+        if steps < 1 or not dt > 0 or dx < 1 or dy < 1 or not (cdx >= 0 and cdy >= 0):
+            raise AutobuildError(f"the Global layer needs K >= 1, dt > 0, dx, dy >= 1 and "
+                                 f"cdx, cdy >= 0 (got K={steps}, dt={dt}, dx={dx}, dy={dy}, "
+                                 f"cdx={cdx}, cdy={cdy})")
         self.channels, self.steps, self.dt, self.coeffs = channels, steps, dt, coeffs
         self.dx, self.dy = dx, dy
         self.velocity, self.diffusivity, self.init_kind = velocity, diffusivity, init_block
         # The official --use_res (output + f) and --no_f (source=False).
         self.residual, self.source = bool(residual), bool(source)
+        # The official --init_h0_h, --use_f_for_g, --cDx/--cDy (constant diffusivity only).
+        self.h_prev, self.velocity_from = h_prev, velocity_from
+        self.cdx, self.cdy = float(cdx), float(cdy)
         # The official code's quirk: its coefficient BNs are norm_layer(planes, planes).
         eps = float(channels) if bn_eps == "channels" else 1e-5
-        self.init_block = None if init_block == "identity" else coefficient_map(init_block,
-                                                                                channels)
+        self.init_block = (None if init_block == "identity"
+                           else coefficient_map(init_block, channels, separable))
         learned_v = velocity != "none"
-        self.u = Coefficient(channels, velocity, eps) if learned_v else None
-        self.v = Coefficient(channels, velocity, eps) if learned_v else None
+        kind_v = "dwconv" if velocity == "isotropic" else velocity
+        self.u = Coefficient(channels, kind_v, eps, act, separable) if learned_v else None
+        self.v = Coefficient(channels, kind_v, eps, act, separable) if learned_v else None
         learned_d = diffusivity not in ("constant", "none")
-        kind = "dwconv" if diffusivity == "isotropic" else diffusivity
-        self.diff_x = Coefficient(channels, kind, eps) if learned_d else None
-        self.diff_y = Coefficient(channels, kind, eps) if learned_d else None
+        kind_d = "dwconv" if diffusivity == "isotropic" else diffusivity
+        self.diff_x = Coefficient(channels, kind_d, eps, act, separable) if learned_d else None
+        self.diff_y = Coefficient(channels, kind_d, eps, act, separable) if learned_d else None
         self.bn_out = nn.BatchNorm2d(channels)
+        self.act = _activation(act)
 
     def _coefficients(self) -> list[Coefficient | None]:
         return [self.u, self.v, self.diff_x, self.diff_y]
@@ -205,13 +278,29 @@ class GlobalLayer(nn.Module):
         return torch.relu(self.bn_out(h))
 
     def _fusable(self, f: Tensor) -> bool:
-        # The fused op starts from H^0 = f, has the source term and knows D ∈ {learned, 1}.
-        if (self.init_block is not None or self.diffusivity in ("isotropic", "none")
-                or not self.source):
+        # The fused op starts from H^0 = H^-1 = f, has the source term, ReLU fields, one
+        # field per coefficient and knows D ∈ {learned, 1}.
+        if (self.init_block is not None or not self.source or self.act_name != "relu"
+                or "isotropic" in (self.velocity, self.diffusivity)
+                or self.diffusivity == "none"
+                or (self.diffusivity == "constant" and (self.cdx, self.cdy) != (1.0, 1.0))):
             return False
         coefficients = [m for m in self._coefficients() if m is not None]
         return fused_ok(None, f, *(p for m in coefficients for p in m.parameters())) and all(
             bn_trains(m.bn) for m in coefficients)
+
+    @property
+    def act_name(self) -> str:
+        return "silu" if isinstance(self.act, nn.SiLU) else "relu"
+
+    def _field_pair(self, a: Coefficient, b: Coefficient, x: Tensor,
+                    isotropic: bool) -> tuple[Tensor, Tensor]:
+        """The two fields of a coefficient pair; ``isotropic`` is the official ``use_dot``:
+        one field act(BN_a(map_a x) · act(BN_b(map_b x))) for both axes."""
+        if isotropic:
+            field = self.act(a.bn(a.conv(x)) * b(x))
+            return field, field
+        return a(x), b(x)
 
     def forward(self, f: Tensor) -> Tensor:
         if self.masked:
@@ -220,50 +309,62 @@ class GlobalLayer(nn.Module):
             out = self._fused(f)
             return out + f if self.residual else out
         h = self.init_block(f) if self.init_block is not None else f
-        u = self.u(h) if self.u is not None else None
-        v = self.v(h) if self.v is not None else None
+        u = v = None
+        if self.u is not None and self.v is not None:
+            g = f if self.velocity_from == "f" else h
+            u, v = self._field_pair(self.u, self.v, g, self.velocity == "isotropic")
         diff_x: Tensor | float
         diff_y: Tensor | float
         if self.diff_x is not None and self.diff_y is not None:
-            if self.diffusivity == "isotropic":
-                diff_x = diff_y = torch.relu(self.diff_x.bn(self.diff_x.conv(h)) * self.diff_y(h))
-            else:
-                diff_x, diff_y = self.diff_x(h), self.diff_y(h)
-        else:  # the official cDx = cDy = 1, or no diffusion at all
-            diff_x = diff_y = 0.0 if self.diffusivity == "none" else 1.0
+            diff_x, diff_y = self._field_pair(self.diff_x, self.diff_y, h,
+                                              self.diffusivity == "isotropic")
+        elif self.diffusivity == "none":
+            diff_x = diff_y = 0.0
+        else:  # the official constant_Dxy: D = cDx, cDy (1 by default)
+            diff_x, diff_y = self.cdx, self.cdy
         h = pde_steps(f, h, u, v, diff_x, diff_y, self.steps, self.dt, self.dx, self.dy,
-                      self.source)
-        out = torch.relu(self.bn_out(h))
+                      self.source, h if self.h_prev == "init_block" else f)
+        out = self.act(self.bn_out(h))
         return out + f if self.residual else out
 
     def extra_repr(self) -> str:
         return (f"{self.channels}, K={self.steps}, dt={self.dt}, velocity={self.velocity}, "
                 f"diffusivity={self.diffusivity}, init={self.init_kind}, dx={self.dx}, "
-                f"dy={self.dy}, residual={self.residual}, source={self.source}")
+                f"dy={self.dy}, residual={self.residual}, source={self.source}, "
+                f"act={self.act_name}, h_prev={self.h_prev}, "
+                f"velocity_from={self.velocity_from}")
 
 
 class ResNetGlobal(nn.Module):
-    """The official CIFAR ResNet-Global (``model.pdenet``): four stages of ``blocks`` basic
-    blocks with a Global layer after stages 1-3 (``layer_options``: GlobalLayer's)."""
+    """The official CIFAR ResNet-Global (``model.pdenet`` / ``pdenet_original``): a 3x3 stem,
+    three or four stages of ``blocks`` basic blocks (``widths`` channels; strides 1, 2, 2,
+    2) with a Global layer after stages 1-3, average pooling and a Linear head
+    (``layer_options``: GlobalLayer's). Three widths give the official three-stage network
+    (``-o``, and ``wideresnet.wide_resnet`` with widths × its ``-wdt``)."""
 
     def __init__(self, num_classes: int = 10, in_chans: int = 3,
                  widths: Sequence[int] = PAPER_WIDTHS, blocks: int = 1, steps: int = 1,
-                 dt: float = 0.2, coeffs: str = "dwconv", **layer_options: object) -> None:
+                 dt: float = 0.2, coeffs: str = "dwconv", separable: bool = False,
+                 **layer_options: object) -> None:
         super().__init__()
-        w1, w2, w3, w4 = widths
+        if len(widths) not in (3, 4):
+            raise AutobuildError(f"ResNet-Global has 3 or 4 stages (got widths={widths})")
+        w1 = widths[0]
         self.conv1 = nn.Conv2d(in_chans, w1, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(w1)
         self.relu = nn.ReLU(inplace=True)
-        opts = dict(steps=steps, dt=dt, coeffs=coeffs, **layer_options)
-        self.layer1 = _stage(w1, w1, blocks, 1)
+        opts = dict(steps=steps, dt=dt, coeffs=coeffs, separable=separable, **layer_options)
+        self.layer1 = _stage(w1, w1, blocks, 1, separable)
         self.global1 = GlobalLayer(w1, **opts)  # type: ignore[arg-type]
-        self.layer2 = _stage(w1, w2, blocks, 2)
-        self.global2 = GlobalLayer(w2, **opts)  # type: ignore[arg-type]
-        self.layer3 = _stage(w2, w3, blocks, 2)
-        self.global3 = GlobalLayer(w3, **opts)  # type: ignore[arg-type]
-        self.layer4 = _stage(w3, w4, blocks, 2)  # the official layer4 is strided as well
+        self.layer2 = _stage(w1, widths[1], blocks, 2, separable)
+        self.global2 = GlobalLayer(widths[1], **opts)  # type: ignore[arg-type]
+        self.layer3 = _stage(widths[1], widths[2], blocks, 2, separable)
+        self.global3 = GlobalLayer(widths[2], **opts)  # type: ignore[arg-type]
+        # The official layer4 is strided as well; the three-stage network has none.
+        self.layer4 = (_stage(widths[2], widths[3], blocks, 2, separable) if len(widths) == 4
+                       else nn.Identity())
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(w4, num_classes)
+        self.fc = nn.Linear(widths[-1], num_classes)
         for m in self.modules():  # the official init: N(0, 2/(k·k·out)) convs, unit BNs
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -277,11 +378,12 @@ class ResNetGlobal(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-def _stage(inplanes: int, planes: int, blocks: int, stride: int) -> nn.Sequential:
+def _stage(inplanes: int, planes: int, blocks: int, stride: int,
+           separable: bool = False) -> nn.Sequential:
     downsample = None
     if stride != 1 or inplanes != planes:
         downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False),
                                    nn.BatchNorm2d(planes))
-    layers = [BasicBlock(inplanes, planes, stride, downsample)]
-    layers += [BasicBlock(planes, planes) for _ in range(blocks - 1)]
+    layers = [basic_block(inplanes, planes, stride, downsample, separable)]
+    layers += [basic_block(planes, planes, separable=separable) for _ in range(blocks - 1)]
     return nn.Sequential(*layers)

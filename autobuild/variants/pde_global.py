@@ -38,6 +38,15 @@ The ablations of the paper and the official flags (each also on layout=paper):
   dx=, dy=      the grid spacing (the official ``--dx``/``--dy``: shifts and scales).
   residual=     true adds f to the output (the official ``--use_res``).
   source=       false drops the 2·dt·f term of the scheme (the official ``--no_f``).
+  act=          ``silu``: SiLU instead of ReLU for the fields and the output (``--use_silu``).
+  h_prev=       ``init_block``: H^-1 = init_block(f) instead of f (``--init_h0_h``).
+  velocity_from= ``f``: the velocity maps read f instead of H^0 (``use_f_for_g``).
+  velocity=isotropic with diffusivity=isotropic is the official ``use_dot``.
+  cdx=, cdy=    the constants of diffusivity=constant (``--cDx``/``--cDy``, default 1).
+  separable=    depthwise-separable 3x3 convs in the basic blocks (``--separable``).
+  widths=       layout=paper: 3 or 4 stage widths (``--n1``..``--n4``; three = ``-o`` and
+                WideResnet-Global, whose widths are n_i × ``-wdt``, with init_block=basicblock).
+  (``--old_style`` is velocity=dwconv_bias diffusivity=dwconv_bias.)
   bn_eps=       ``channels`` (default): the official code builds the coefficient batch norms
                 as ``norm_layer(planes, planes)``, i.e. eps = the channel count (16/32/64),
                 which damps the coefficients; autobuild reproduces it so that weights
@@ -80,16 +89,20 @@ from torch import nn
 from autobuild.errors import AutobuildError, InfeasiblePlacement
 from autobuild.rewrite import Counts, Option, Region, Site, Variant, register_family
 from autobuild.variants._pde_layers import (
+    ACTS,
     BN_EPS,
     COEFFS,
     DIFFUSIVITIES,
+    H_PREV,
     INIT_BLOCKS,
     PAPER_WIDTHS,
     VELOCITIES,
+    VELOCITY_FROM,
     Coefficient,
     DepthwiseCoefficient,
     GlobalLayer,
     ResNetGlobal,
+    parse_widths,
     pde_steps,
     resolve_coeffs,
 )
@@ -98,14 +111,16 @@ from autobuild.variants.base import count_replacement
 if TYPE_CHECKING:
     from autobuild.rewrite import Analysis, Rewriter
 
-__all__ = ["BN_EPS", "COEFFS", "DIFFUSIVITIES", "INIT_BLOCKS", "LAYOUTS", "PAPER_WIDTHS",
-           "VELOCITIES", "Coefficient", "DepthwiseCoefficient", "GlobalLayer",
-           "PdeGlobalVariant", "ResNetGlobal", "pde_steps"]
+__all__ = ["ACTS", "BN_EPS", "COEFFS", "DIFFUSIVITIES", "H_PREV", "INIT_BLOCKS", "LAYOUTS",
+           "PAPER_WIDTHS", "VELOCITIES", "VELOCITY_FROM", "Coefficient", "DepthwiseCoefficient",
+           "GlobalLayer", "PdeGlobalVariant", "ResNetGlobal", "pde_steps"]
 
 LAYOUTS = ("plain", "paper")
 #: GlobalLayer keyword arguments taken from the options as they are.
 _LAYER_OPTIONS = ("coeffs", "dx", "dy", "velocity", "diffusivity", "init_block", "bn_eps",
-                  "residual", "source")
+                  "residual", "source", "act", "h_prev", "velocity_from", "cdx", "cdy",
+                  "separable")
+_DEFAULT_WIDTHS = ",".join(map(str, PAPER_WIDTHS))
 
 
 def _layer_kwargs(options: dict[str, Any]) -> dict[str, Any]:
@@ -150,6 +165,21 @@ class PdeGlobalVariant(Variant):
                type=bool),
         Option("source", True, "keep the source term 2·dt·f (false: the official --no_f)",
                type=bool),
+        Option("act", "relu", "activation of the coefficient fields and the output (silu: "
+               "the official --use_silu)", ACTS),
+        Option("h_prev", "f", "H^-1 of the scheme: f, or init_block(f) (the official "
+               "--init_h0_h)", H_PREV),
+        Option("velocity_from", "h", "compute the velocity from H^0 = init_block(f) (h) or "
+               "from f (the official --use_f_for_g)", VELOCITY_FROM),
+        Option("cdx", 1.0, "the constant diffusivity along H when diffusivity=constant (the "
+               "official --cDx)", None, float, min=0.0, max=1e6),
+        Option("cdy", 1.0, "the constant diffusivity along W when diffusivity=constant (the "
+               "official --cDy)", None, float, min=0.0, max=1e6),
+        Option("separable", False, "depthwise-separable 3x3 convs in the basic blocks (stage "
+               "blocks of layout=paper, basicblock maps; the official --separable)", type=bool),
+        Option("widths", _DEFAULT_WIDTHS, "layout=paper: channels of the 3 or 4 stages (the "
+               "official --n1..--n4; 3 numbers: the three-stage network, e.g. 64,128,256 for "
+               "WRN-40-4-Global)"),
     )
     inits = ("scratch",)
     primary_option = "layout"
@@ -167,11 +197,17 @@ class PdeGlobalVariant(Variant):
         # Every ablation choice once, on one stage (they build the same layer everywhere).
         defaults = {o.name: o.default for o in self.options}
         for name, choices in (("velocity", VELOCITIES), ("diffusivity", DIFFUSIVITIES),
-                              ("init_block", INIT_BLOCKS), ("bn_eps", BN_EPS)):
+                              ("init_block", INIT_BLOCKS), ("bn_eps", BN_EPS),
+                              ("act", ACTS), ("h_prev", H_PREV),
+                              ("velocity_from", VELOCITY_FROM)):
             cases += [(self.example_models[0], {name: c}, ["layer2"]) for c in choices
                       if c != defaults[name]]
         cases.append((self.example_models[0], {"dx": 2, "dy": 3}, ["layer1"]))
         cases.append((self.example_models[0], {"residual": True, "source": False}, ["layer3"]))
+        cases.append((self.example_models[0], {"init_block": "basicblock", "separable": True,
+                                               "diffusivity": "constant", "cdx": 0.5},
+                       ["layer2"]))
+        cases.append(("cifar_resnet32", {"layout": "paper", "widths": "32,64,128"}, None))
         return cases
 
     def accepts(self, site: Site, options: dict[str, Any]) -> bool:
@@ -189,11 +225,20 @@ class PdeGlobalVariant(Variant):
         if not math.isfinite(options["dt"]) or options["dt"] <= 0:
             raise InfeasiblePlacement(f"pde-global needs a finite dt > 0 (got dt="
                                       f"{options['dt']}); e.g. --option dt=0.2")
-        if options["layout"] != "paper" and options["blocks"] != 1:
-            raise InfeasiblePlacement("option blocks of pde-global applies to layout=paper "
-                                      "only; add --option layout=paper or drop it")
+        for name, default in (("blocks", 1), ("widths", _DEFAULT_WIDTHS)):
+            if options["layout"] != "paper" and options[name] != default:
+                raise InfeasiblePlacement(f"option {name} of pde-global applies to "
+                                          f"layout=paper only; add --option layout=paper or "
+                                          f"drop it")
+        unused = [n for n in ("cdx", "cdy") if options[n] != 1.0]
+        if unused and "constant" not in (options["coeffs"], options["diffusivity"]) \
+                and options["coeffs"] != "constant_diffusivity":
+            raise InfeasiblePlacement(f"option {unused[0]} of pde-global sets a constant "
+                                      f"diffusivity; add --option diffusivity=constant (or "
+                                      f"coeffs=constant_diffusivity) or drop it")
         try:
             resolve_coeffs(options["coeffs"], options["velocity"], options["diffusivity"])
+            parse_widths(options["widths"])
         except AutobuildError as e:
             raise InfeasiblePlacement(f"pde-global: {e}") from None
 
@@ -219,7 +264,8 @@ class PdeGlobalVariant(Variant):
         if options["layout"] == "paper":
             root = rewriter.root_module
             net = ResNetGlobal(root.fc.out_features, root.conv1.in_channels,
-                               blocks=options["blocks"], **kwargs)
+                               parse_widths(options["widths"]), blocks=options["blocks"],
+                               **kwargs)
             rewriter.set_root(site, _like(net, root), note="official CIFAR ResNet-Global")
             return
         stage = rewriter.module(site)

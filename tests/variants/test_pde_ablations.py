@@ -33,22 +33,28 @@ def official_forward(layer: GlobalLayer, f: Tensor, training: bool = False) -> T
     c = f.shape[1]
     eps = float(c)
 
+    act = F.silu if layer.act_name == "silu" else F.relu  # the official use_silu
+
     def coeff(m: Any, h: Tensor) -> Tensor:
-        return F.relu(_bn(m.bn, m.conv(h), eps, training))
+        return act(_bn(m.bn, m.conv(h), eps, training))
 
     h = layer.init_block(f) if layer.init_block is not None else f
-    h0 = f
+    h0 = h if layer.h_prev == "init_block" else f  # the official init_h0_h
+    g0 = f if layer.velocity_from == "f" else h  # the official use_f_for_g
     zero = torch.zeros_like(f)
-    g = coeff(layer.u, h) if layer.u is not None else zero
-    g1 = coeff(layer.v, h) if layer.v is not None else zero
-    if layer.diffusivity == "constant":
-        d_x: Tensor | float = 1.0
-        d_y: Tensor | float = 1.0
+    if layer.velocity == "isotropic":  # the official use_dot, velocity half
+        g = g1 = act(_bn(layer.u.bn, layer.u.conv(g0), eps, training) * coeff(layer.v, g0))
+    else:
+        g = coeff(layer.u, g0) if layer.u is not None else zero
+        g1 = coeff(layer.v, g0) if layer.v is not None else zero
+    if layer.diffusivity == "constant":  # the official constant_Dxy: cDx, cDy
+        d_x: Tensor | float = layer.cdx
+        d_y: Tensor | float = layer.cdy
     elif layer.diffusivity == "none":
         d_x = d_y = 0.0
     elif layer.diffusivity == "isotropic":  # the official use_dot
-        d_x = d_y = F.relu(_bn(layer.diff_x.bn, layer.diff_x.conv(h), eps, training)
-                           * coeff(layer.diff_y, h))
+        d_x = d_y = act(_bn(layer.diff_x.bn, layer.diff_x.conv(h), eps, training)
+                        * coeff(layer.diff_y, h))
     else:
         d_x, d_y = coeff(layer.diff_x, h), coeff(layer.diff_y, h)
     dt, dx, dy = layer.dt, layer.dx, layer.dy
@@ -68,7 +74,7 @@ def official_forward(layer: GlobalLayer, f: Tensor, training: bool = False) -> T
         if layer.source:  # the official no_f == False
             h = h + d * 2 * dt * f
         h0 = prev
-    out = F.relu(_bn(layer.bn_out, h, 1e-5, training))
+    out = act(_bn(layer.bn_out, h, 1e-5, training))
     return out + f if layer.residual else out  # the official use_res
 
 
@@ -91,6 +97,13 @@ ABLATIONS: list[dict[str, Any]] = [
     {"init_block": "basicblock"}, {"init_block": "bottleneck"},
     {"dx": 2, "dy": 1, "steps": 3}, {"diffusivity": "none", "velocity": "pwconv", "steps": 2},
     {"residual": True}, {"source": False, "steps": 2},
+    # The official --use_silu, --init_h0_h, --use_f_for_g, use_dot, --cDx/--cDy, --separable.
+    {"act": "silu"}, {"act": "silu", "coeffs": "constant"},
+    {"init_block": "basicblock", "h_prev": "init_block", "steps": 2},
+    {"init_block": "bottleneck", "velocity_from": "f"},
+    {"velocity": "isotropic", "diffusivity": "isotropic"},
+    {"diffusivity": "constant", "cdx": 0.5, "cdy": 2.0},
+    {"init_block": "basicblock", "velocity": "basicblock", "separable": True},
 ]
 
 
@@ -165,6 +178,13 @@ OFFICIAL_PARAMS: list[tuple[dict[str, Any], int]] = [
     ({"diffusivity": "identity"}, 159_386), ({"diffusivity": "basicblock"}, 353_818),
     ({"diffusivity": "bottleneck"}, 279_002), ({"diffusivity": "fullconv"}, 256_378),
     ({"init_block": "basicblock"}, 258_618), ({"init_block": "bottleneck"}, 221_210),
+    # --separable; -o (three stages, -m 1 and -m 2); --n1 6 --n2 8 --n3 16 --n4 16;
+    # WideResnet-Global -m 1 -wdt 4 (n1..n3 = 16/32/64 x 4, cell_type BasicBlock), and its
+    # small variant --n1 3 --n2 4 --n3 3 -wdt 4 (the runner's "22K" line).
+    ({"separable": True}, 33_066), ({"widths": (16, 32, 64)}, 83_194),
+    ({"widths": (16, 32, 64), "blocks": 2}, 180_410), ({"widths": (6, 8, 16, 16)}, 12_140),
+    ({"widths": (64, 128, 256), "init_block": "basicblock"}, 2_798_282),
+    ({"widths": (12, 16, 12), "init_block": "basicblock"}, 22_518),
 ]
 
 
@@ -191,3 +211,26 @@ def test_ablation_options_on_a_plan_and_their_refusals() -> None:
                                                      "velocity": "identity"})
     with pytest.raises(AutobuildError, match="velocity='x' of pde-global is not valid"):
         convert_baseline(r20, "pde-global", options={"velocity": "x"})
+    for options, message in (
+            ({"layout": "paper", "widths": "16,32"}, "give 3 or 4 comma-separated"),
+            ({"layout": "paper", "widths": "16,x,64"}, "give 3 or 4 comma-separated"),
+            ({"layout": "paper", "widths": "16,32,64,99999"}, r"in \[1, 4096\]"),
+            ({"widths": "8,8,8"}, "widths of pde-global applies to layout=paper"),
+            ({"cdx": 2.0}, "cdx of pde-global sets a constant diffusivity"),
+            ({"act": "gelu"}, "act='gelu' of pde-global is not valid")):
+        with pytest.raises(AutobuildError, match=message):
+            convert_baseline(resolve_baseline("cifar_resnet32"), "pde-global", options=options)
+
+
+def test_wide_resnet_global_reproduces_the_official_counts_and_macs() -> None:
+    """WRN-40-4-Global (the official runner: 2.8M params, 425M MACs) and ResNet-56-Global
+    (330K, 30M) through the CLI's path: a plan on cifar_resnet32 with layout=paper."""
+    base = resolve_baseline("cifar_resnet32")
+    for options, params, macs in (
+            ({"layout": "paper", "widths": "64,128,256", "init_block": "basicblock"},
+             2_798_282, 425.3e6),
+            ({"layout": "paper", "blocks": 2}, 332_602, 30.1e6)):
+        conv = convert_baseline(base, "pde-global", options=options)
+        counted = autobuild.count(conv.model, (3, 32, 32))
+        assert counted.params == params == conv.analysis.cost(conv.plan.placement).params
+        assert abs(counted.macs - macs) < 0.05e6
