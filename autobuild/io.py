@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from autobuild.errors import AutobuildError
-from autobuild.rewrite import Placement, Plan, plan_of, record_of, set_record
+from autobuild.rewrite import Placement, Plan, get_family, plan_of, record_of, set_record
 
 __all__ = ["PLAN_FILE", "WEIGHTS_FILE", "atomic_copy", "atomic_file", "atomic_torch_save",
            "atomic_write_text", "ensure_writable_dir", "load", "load_placement", "load_plan",
@@ -311,9 +311,29 @@ def read_weights(path: str) -> dict[str, torch.Tensor]:
         raise AutobuildError(f"corrupt weights {path!r}: {first}") from exc
 
 
+def _legacy_parameters(plan: Plan) -> dict[str, float]:
+    """The parameters weights saved with ``plan`` may lack, by name, and the value that
+    reproduces the saved function (the families' ``legacy_parameters``)."""
+    fills: dict[str, float] = {}
+    for conversion in plan.conversions:
+        for since, values in get_family(conversion.family).legacy_parameters.items():
+            if plan.written_version <= since:
+                fills.update(values)
+    return fills
+
+
+def _fill_legacy(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor],
+                 fills: dict[str, float]) -> dict[str, torch.Tensor]:
+    added = {k: torch.full(t.shape, fills[k.rsplit(".", 1)[-1]], dtype=t.dtype)
+             for k, t in expected.items()
+             if k not in state and k.rsplit(".", 1)[-1] in fills}
+    return {**state, **added} if added else state
+
+
 def _load_state(model: nn.Module, state: dict[str, torch.Tensor], path: str, *,
-                assign: bool) -> None:
+                assign: bool, fills: dict[str, float] | None = None) -> None:
     expected = model.state_dict(keep_vars=True)
+    state = _fill_legacy(state, expected, fills or {})
     # safetensors stores a tied (shared) tensor once: an alias the file lacks is not missing.
     names_of: dict[int, list[str]] = {}
     for name, t in expected.items():
@@ -362,6 +382,7 @@ def load(directory: str, *, baseline: nn.Module | None = None,
     if not os.path.exists(path):
         raise AutobuildError(f"{directory!r} has a plan but no {weights_name}")
     state = read_weights(path)
+    fills = _legacy_parameters(plan)
     model = None
     if baseline is None:
         with contextlib.suppress(AutobuildError, RuntimeError, NotImplementedError, TypeError,
@@ -369,7 +390,7 @@ def load(directory: str, *, baseline: nn.Module | None = None,
             model = build_plan(plan, load_baseline_weights=False, device="meta")
     if model is not None:
         record = record_of(model)
-        _load_state(model, state, path, assign=True)
+        _load_state(model, state, path, assign=True, fills=fills)
         _init_non_persistent_buffers(model)
         if _has_meta(model):  # a buffer the file does not hold (not persistent): build for real
             model = None
@@ -377,5 +398,5 @@ def load(directory: str, *, baseline: nn.Module | None = None,
             set_record(model, record)
     if model is None:
         model = build_plan(plan, baseline, load_baseline_weights=False)
-        _load_state(model, state, path, assign=False)
+        _load_state(model, state, path, assign=False, fills=fills)
     return model

@@ -40,3 +40,31 @@ def test_load_skips_initialisation_and_is_bit_exact(family, tmp_path, monkeypatc
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
     assert autobuild.plan_of(loaded) == autobuild.plan_of(model)
+
+
+def test_a_fan_model_saved_before_its_output_bias_loads_as_it_was(tmp_path) -> None:  # noqa: ANN001
+    """Plan version 2 wrote fan without the output bias c (``bias_sq``): its weights lack
+    it and load fills c = 0, the neuron they were trained as; a version-3 file lacking it is
+    still refused."""
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    model = autobuild.convert("cifar_resnet20", "quadratic", options={"type": "fan"}).eval()
+    for name, p in model.named_parameters():
+        if name.endswith("bias_sq"):
+            p.data.zero_()
+    autobuild.save(model, tmp_path / "m")
+    weights = tmp_path / "m" / "weights.safetensors"
+    state = {k: v for k, v in load_file(weights).items() if not k.endswith("bias_sq")}
+    assert len(state) < len(load_file(weights))
+    save_file(state, weights)
+    with pytest.raises(autobuild.AutobuildError, match="missing"):
+        autobuild.load(tmp_path / "m")
+    plan_file = next((tmp_path / "m").glob("plan.*"))
+    text = plan_file.read_text()
+    assert "autobuild_plan: 3" in text
+    plan_file.write_text(text.replace("autobuild_plan: 3", "autobuild_plan: 2"))
+    loaded = autobuild.load(tmp_path / "m").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))

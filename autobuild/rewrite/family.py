@@ -52,11 +52,14 @@ class Option:
     #: False: the value must be strictly above ``min`` (a time step, a scale).
     min_inclusive: bool = True
     specials: tuple[Any, ...] = ()
+    #: Other spellings of a choice, (spelling, choice): the float 1e-5 arrives as "1e-05".
+    aliases: tuple[tuple[Any, Any], ...] = ()
 
     def parse(self, value: Any, family: str) -> Any:
         if self.specials and isinstance(value, str) and value in self.specials:
             return value
         value = self._convert(value, family)
+        value = dict(self.aliases).get(value, value)
         if self.choices is not None and value not in self.choices:
             raise AutobuildError(f"option {self.name}={value!r} of {family} is not valid; valid:"
                                  f" {', '.join(map(str, self.choices))}")
@@ -156,6 +159,10 @@ class Variant:
     #: written at that version or before that omits the option meant the old default (plans
     #: record every option since version 3, so a later default change needs a new version).
     legacy_defaults: ClassVar[dict[int, dict[str, Any]]] = {}
+    #: Parameters a layer gained later: ``{plan_version: {parameter name: value}}``. Weights
+    #: saved with a plan of that version or before lack them; ``autobuild.load`` fills them
+    #: with the value that computes the function the model had when it was saved.
+    legacy_parameters: ClassVar[dict[int, dict[str, float]]] = {}
 
     def contract_cases(self) -> list[tuple[str, dict[str, Any], list[str] | None]]:
         """(model, options, site patterns) the registry-driven contract tests run: by

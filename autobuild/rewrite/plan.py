@@ -82,6 +82,9 @@ class Plan:
         self.weights = weights
         self.leaf_modules = [str(m) for m in leaf_modules]
         self.version = PLAN_VERSION
+        #: The version the plan was written at (a plan is always saved at PLAN_VERSION;
+        #: loading needs the old one to know which weights the file may lack).
+        self.written_version = version
 
     @property
     def conversions(self) -> list[Conversion]:
@@ -163,7 +166,7 @@ class Plan:
             leaves = data.get("leaf_modules") or []
             if not isinstance(leaves, list) or not all(isinstance(m, str) for m in leaves):
                 raise ValueError("'leaf_modules' must be a list of names")
-            return cls(model, conversions, init, num_classes, size, weights, leaves)
+            return cls(model, conversions, init, num_classes, size, weights, leaves, version)
         except AutobuildError as exc:
             raise type(exc)(f"plan {source}: {exc}") from exc
         except (KeyError, TypeError, ValueError) as exc:

@@ -160,7 +160,7 @@ class PdeGlobalVariant(Variant):
         Option("dy", 1, "grid spacing along W (official --dy)", None, int, min=1),
         Option("bn_eps", "channels", "eps of the coefficient batch norms: channels (the "
                "official code's norm_layer(planes, planes)) or 1e-5 (PyTorch's default)",
-               BN_EPS),
+               BN_EPS, aliases=(("1e-05", "1e-5"), ("0.00001", "1e-5"))),
         Option("residual", False, "add the layer input to its output (official --use_res)",
                type=bool),
         Option("source", True, "keep the source term 2·dt·f (false: the official --no_f)",

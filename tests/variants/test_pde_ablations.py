@@ -211,6 +211,9 @@ def test_ablation_options_on_a_plan_and_their_refusals() -> None:
                                                      "velocity": "identity"})
     with pytest.raises(AutobuildError, match="velocity='x' of pde-global is not valid"):
         convert_baseline(r20, "pde-global", options={"velocity": "x"})
+    # The float 1e-5 (Python, YAML's 1.0e-5) is the choice "1e-5".
+    conv = convert_baseline(r20, "pde-global", sites=["layer2"], options={"bn_eps": 1e-5})
+    assert conv.plan.placement["layer2"].opts["bn_eps"] == "1e-5"
     for options, message in (
             ({"layout": "paper", "widths": "16,32"}, "give 3 or 4 comma-separated"),
             ({"layout": "paper", "widths": "16,x,64"}, "give 3 or 4 comma-separated"),
