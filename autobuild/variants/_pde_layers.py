@@ -16,15 +16,17 @@ from autobuild.ops.common import NoAutocast, autocast_dtype, bn_trains, fused_ok
 from autobuild.ops.pde import global_pde
 
 __all__ = ["ACTS", "BN_EPS", "COEFFS", "DIFFUSIVITIES", "H_PREV", "INIT_BLOCKS", "MAPS",
-           "PAPER_WIDTHS", "VELOCITIES", "VELOCITY_FROM", "Bottleneck1", "Coefficient",
-           "GlobalLayer", "ResNetGlobal", "SeparableConv3x3", "basic_block",
+           "PAPER_WIDTHS", "VELOCITIES", "VELOCITY_FROM", "BasicDense", "Bottleneck1",
+           "Coefficient", "GlobalLayer", "ResNetGlobal", "SeparableConv3x3", "basic_block",
            "coefficient_map", "parse_widths", "pde_steps", "resolve_coeffs"]
 
 COEFFS = ("dwconv", "constant", "constant_diffusivity")
 #: The maps a coefficient (or the init block) can be, by the official ``get_init_block``
 #: names: ``dwconv`` is the official default coefficient conv (timm ``create_conv2d``,
 #: depthwise 3x3, no bias); ``dwconv_bias`` is the official ``DwConv`` (nn.Conv2d, bias).
-MAPS = ("dwconv", "identity", "basicblock", "bottleneck", "dwconv_bias", "pwconv", "fullconv")
+#: ``basicdense`` is the official ``BasicDense`` (DenseNet-Global's cell_type).
+MAPS = ("dwconv", "identity", "basicblock", "bottleneck", "dwconv_bias", "pwconv", "fullconv",
+        "basicdense")
 #: ``isotropic``: the velocity half of the official ``use_dot``, one nonlinear field for
 #: both axes, u = v = act(BN_u(conv_u g) · act(BN_v(conv_v g))); ``none``: no advection
 #: (v = 0: diffusion only).
@@ -34,7 +36,8 @@ VELOCITIES = (*MAPS, "isotropic", "none")
 #: ``--constant_Dxy`` (D = cDx = cDy = 1); ``none``: no diffusion (D = 0: advection only).
 DIFFUSIVITIES = (*MAPS, "isotropic", "constant", "none")
 #: The official ``cell_type``: the block that makes H^0 = init(f) (``identity``: H^0 = f).
-INIT_BLOCKS = ("identity", "basicblock", "bottleneck", "dwconv_bias", "pwconv", "fullconv")
+INIT_BLOCKS = ("identity", "basicblock", "bottleneck", "dwconv_bias", "pwconv", "fullconv",
+               "basicdense")
 #: Coefficient batch-norm eps: ``channels`` is the official ``norm_layer(planes, planes)``
 #: (eps = the channel count); ``1e-5`` is PyTorch's default.
 BN_EPS = ("channels", "1e-5")
@@ -140,6 +143,21 @@ def basic_block(inplanes: int, planes: int, stride: int = 1,
     return block
 
 
+class BasicDense(nn.Module):
+    """The official ``BasicDenseLayer(planes, bn_size=2)``: BN-ReLU-1x1 conv to 2·C-BN-ReLU-
+    3x3 conv back to C, no skip (DenseNet-Global's init block)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.norm1 = nn.BatchNorm2d(channels)
+        self.conv1 = nn.Conv2d(channels, 2 * channels, 1, bias=False)
+        self.norm2 = nn.BatchNorm2d(2 * channels)
+        self.conv2 = nn.Conv2d(2 * channels, channels, 3, padding=1, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv2(torch.relu(self.norm2(self.conv1(torch.relu(self.norm1(x))))))
+
+
 def coefficient_map(kind: str, channels: int, separable: bool = False) -> nn.Module:
     """One of :data:`MAPS` on ``channels`` channels (shape-preserving); ``separable``
     applies to ``basicblock`` (the official Bottleneck ignores it, so does ours)."""
@@ -155,6 +173,8 @@ def coefficient_map(kind: str, channels: int, separable: bool = False) -> nn.Mod
         return basic_block(channels, channels, separable=separable)
     if kind == "bottleneck":
         return Bottleneck1(channels)
+    if kind == "basicdense":
+        return BasicDense(channels)
     if kind == "identity":
         return nn.Identity()
     raise AutobuildError(f"unknown Global-layer map {kind!r}; valid: {', '.join(MAPS)}")

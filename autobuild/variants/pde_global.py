@@ -27,8 +27,8 @@ The ablations of the paper and the official flags (each also on layout=paper):
 
   velocity=     the map in ReLU(BN(map(h))) for u and v, the official ``--custom_uv``:
                 dwconv (default) | identity | basicblock | bottleneck | dwconv_bias (the
-                official 'DwConv', with bias) | pwconv | fullconv; ``none``: v = 0
-                (diffusion only).
+                official 'DwConv', with bias) | pwconv | fullconv | basicdense (the official
+                'BasicDense'); ``none``: v = 0 (diffusion only).
   diffusivity=  the same maps for Dx, Dy (``--custom_dxy``), or ``isotropic`` (the official
                 ``use_dot``: one nonlinear field D = ReLU(BN_x(conv_x h)·ReLU(BN_y(conv_y h)))
                 for both axes), ``constant`` (D = 1), ``none`` (D = 0: advection only).
@@ -69,6 +69,10 @@ Layouts (``--option layout=...``):
          after stages 1-3, average pooling and a Linear head with the baseline's classes.
          Counts at 32x32: 161K params / 14.8M MACs for the official code (measured here:
          161,402 / 14.8M); the paper reports 168K / 15M (ResNet-32: 473K / 70M).
+         On a DenseNet-BC (``cifar_densenet_bc*``): the official DenseNet-Global, the
+         baseline's class with ``dense_layers`` layers per dense block and a Global layer
+         after each transition (465,442 params on cifar_densenet_bc100 with
+         init_block=basicdense, as the official code).
 
 Deliberate difference from the official code: the
 division by 1 + 2Bx + 2By is a division, not a product with its reciprocal, so that
@@ -121,6 +125,9 @@ _LAYER_OPTIONS = ("coeffs", "dx", "dy", "velocity", "diffusivity", "init_block",
                   "residual", "source", "act", "h_prev", "velocity_from", "cdx", "cdy",
                   "separable")
 _DEFAULT_WIDTHS = ",".join(map(str, PAPER_WIDTHS))
+#: The DenseNet-BC baseline (``autobuild.models.cifar``) that layout=paper turns into the
+#: official DenseNet-Global; named, not imported: families sit below the model zoo.
+_DENSENET = "CifarDenseNet"
 
 
 def _layer_kwargs(options: dict[str, Any]) -> dict[str, Any]:
@@ -177,6 +184,9 @@ class PdeGlobalVariant(Variant):
                "official --cDy)", None, float, min=0.0, max=1e6),
         Option("separable", False, "depthwise-separable 3x3 convs in the basic blocks (stage "
                "blocks of layout=paper, basicblock maps; the official --separable)", type=bool),
+        Option("dense_layers", 8, "layout=paper on a DenseNet-BC: layers per dense block of "
+               "the DenseNet-Global (the official --n1..--n3 there; its runner's 8)", None, int,
+               min=1, max=200),
         Option("widths", _DEFAULT_WIDTHS, "layout=paper: channels of the 3 or 4 stages (the "
                "official --n1..--n4; 3 numbers: the three-stage network, e.g. 64,128,256 for "
                "WRN-40-4-Global)"),
@@ -208,15 +218,18 @@ class PdeGlobalVariant(Variant):
                                                "diffusivity": "constant", "cdx": 0.5},
                        ["layer2"]))
         cases.append(("cifar_resnet32", {"layout": "paper", "widths": "32,64,128"}, None))
+        cases.append(("cifar_densenet_bc100", {"layout": "paper", "dense_layers": 2,
+                                               "init_block": "basicdense"}, None))
         return cases
 
     def accepts(self, site: Site, options: dict[str, Any]) -> bool:
         return site.kind == ("network" if options["layout"] == "paper" else "stage")
 
     def refusal(self, site: Site, options: dict[str, Any], analysis: Analysis) -> str:
-        if options["layout"] == "paper" and site.module_type != "CifarResNet":
-            return (f"layout=paper builds the CIFAR ResNet-Global and replaces a cifar_resnet* "
-                    f"baseline, not a {site.module_type}; use layout=plain for other ResNets")
+        if options["layout"] == "paper" and site.module_type not in ("CifarResNet", _DENSENET):
+            return (f"layout=paper builds the official CIFAR ResNet-Global or DenseNet-Global "
+                    f"and replaces a cifar_resnet* or cifar_densenet_bc* baseline, not a "
+                    f"{site.module_type}; use layout=plain for other ResNets")
         return ""
 
     def check(self, sites: Sequence[Site], options: dict[str, Any], init: str,
@@ -225,11 +238,17 @@ class PdeGlobalVariant(Variant):
         if not math.isfinite(options["dt"]) or options["dt"] <= 0:
             raise InfeasiblePlacement(f"pde-global needs a finite dt > 0 (got dt="
                                       f"{options['dt']}); e.g. --option dt=0.2")
-        for name, default in (("blocks", 1), ("widths", _DEFAULT_WIDTHS)):
+        dense = any(s.module_type == _DENSENET for s in sites)
+        for name, default in (("blocks", 1), ("widths", _DEFAULT_WIDTHS), ("dense_layers", 8)):
             if options["layout"] != "paper" and options[name] != default:
                 raise InfeasiblePlacement(f"option {name} of pde-global applies to "
                                           f"layout=paper only; add --option layout=paper or "
                                           f"drop it")
+            if options["layout"] == "paper" and options[name] != default and dense != (
+                    name == "dense_layers"):
+                which = "a DenseNet-BC" if name == "dense_layers" else "a CIFAR ResNet"
+                raise InfeasiblePlacement(f"option {name} of pde-global layout=paper applies "
+                                          f"to {which} baseline only; drop it")
         unused = [n for n in ("cdx", "cdy") if options[n] != 1.0]
         if unused and "constant" not in (options["coeffs"], options["diffusivity"]) \
                 and options["coeffs"] != "constant_diffusivity":
@@ -263,6 +282,16 @@ class PdeGlobalVariant(Variant):
         kwargs = _layer_kwargs(options)
         if options["layout"] == "paper":
             root = rewriter.root_module
+            if site.module_type == _DENSENET:
+                # The baseline's own class with fewer layers and a Global layer after each
+                # transition (the official densenet.DenseNet with global_ft).
+                n = options["dense_layers"]
+                net = type(root)(root.growth, (n,) * len(root.block_config),
+                                 root.classifier.out_features,
+                                 root.features.conv0.in_channels,
+                                 global_layer=lambda c: GlobalLayer(c, **kwargs))
+                rewriter.set_root(site, _like(net, root), note="official DenseNet-Global")
+                return
             net = ResNetGlobal(root.fc.out_features, root.conv1.in_channels,
                                parse_widths(options["widths"]), blocks=options["blocks"],
                                **kwargs)

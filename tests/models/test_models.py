@@ -25,6 +25,24 @@ def test_cifar_vgg(depth: int) -> None:
     assert isinstance(m.classifier, torch.nn.Linear)
 
 
+@pytest.mark.parametrize("depth,params,paper", [(100, 769_162, 0.8e6),
+                                                (250, 15_324_406, 15.3e6),
+                                                (190, 25_624_430, 25.6e6)])
+def test_cifar_densenet_bc_matches_huang_et_al(depth: int, params: int, paper: float) -> None:
+    """Exact counts of the reference DenseNet-BC (gpleiss/efficient_densenet_pytorch, as
+    PDE-Global ships it; 769,162 measured by instantiating it) and the paper's Table 2."""
+    m = build_model(f"cifar_densenet_bc{depth}", num_classes=10)
+    assert sum(p.numel() for p in m.parameters()) == params
+    assert params == pytest.approx(paper, abs=0.05e6)
+    if depth == 100:
+        assert m(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+        c = autobuild.count(m, (3, 32, 32))
+        assert c.macs == pytest.approx(288e6, rel=1e-3)
+        # Other families find their sites in it: every 3x3 conv after the stem.
+        pf = autobuild.convert("cifar_densenet_bc100", "parameter-free")
+        assert len(autobuild.plan_of(pf).sites) == 48
+
+
 def test_resnet50_reference_counts() -> None:
     c = autobuild.count(build_model("resnet50"), (3, 224, 224))
     assert c.params == pytest.approx(25.56e6, rel=5e-3)

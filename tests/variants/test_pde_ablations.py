@@ -104,6 +104,7 @@ ABLATIONS: list[dict[str, Any]] = [
     {"velocity": "isotropic", "diffusivity": "isotropic"},
     {"diffusivity": "constant", "cdx": 0.5, "cdy": 2.0},
     {"init_block": "basicblock", "velocity": "basicblock", "separable": True},
+    {"init_block": "basicdense", "velocity": "basicdense"},
 ]
 
 
@@ -185,6 +186,7 @@ OFFICIAL_PARAMS: list[tuple[dict[str, Any], int]] = [
     ({"widths": (16, 32, 64), "blocks": 2}, 180_410), ({"widths": (6, 8, 16, 16)}, 12_140),
     ({"widths": (64, 128, 256), "init_block": "basicblock"}, 2_798_282),
     ({"widths": (12, 16, 12), "init_block": "basicblock"}, 22_518),
+    ({"init_block": "basicdense"}, 269_594), ({"velocity": "basicdense"}, 375_770),
 ]
 
 
@@ -220,6 +222,7 @@ def test_ablation_options_on_a_plan_and_their_refusals() -> None:
             ({"layout": "paper", "widths": "16,32,64,99999"}, r"in \[1, 4096\]"),
             ({"widths": "8,8,8"}, "widths of pde-global applies to layout=paper"),
             ({"cdx": 2.0}, "cdx of pde-global sets a constant diffusivity"),
+            ({"layout": "paper", "dense_layers": 4}, "applies to a DenseNet-BC baseline only"),
             ({"act": "gelu"}, "act='gelu' of pde-global is not valid")):
         with pytest.raises(AutobuildError, match=message):
             convert_baseline(resolve_baseline("cifar_resnet32"), "pde-global", options=options)
@@ -237,3 +240,28 @@ def test_wide_resnet_global_reproduces_the_official_counts_and_macs() -> None:
         counted = autobuild.count(conv.model, (3, 32, 32))
         assert counted.params == params == conv.analysis.cost(conv.plan.placement).params
         assert abs(counted.macs - macs) < 0.05e6
+
+
+def test_densenet_global_is_the_official_one() -> None:
+    """layout=paper on DenseNet-BC-100 builds the official DenseNet-Global (the runner's
+    --model Densenet-Global --n1 8 --n2 8 --n3 8, cell_type BasicDense): 465,442 params and
+    132.8M MACs, as the official densenet.DenseNet instantiated here (the runner's comment
+    says 526K / 168M, which the official code does not build)."""
+    base = resolve_baseline("cifar_densenet_bc100")
+    conv = convert_baseline(base, "pde-global",
+                            options={"layout": "paper", "init_block": "basicdense"})
+    counted = autobuild.count(conv.model, (3, 32, 32))
+    assert counted.params == 465_442 == conv.analysis.cost(conv.plan.placement).params
+    assert abs(counted.macs - 132.77e6) < 0.01e6
+    net = conv.model
+    layers = [isinstance(net.features.get_submodule(f"global{i}"), GlobalLayer) for i in (1, 2)]
+    assert layers == [True, True] and len(net.features.denseblock3) == 8
+    # The official names, so the official checkpoints' dense layers load by name.
+    assert "features.denseblock1.denselayer1.norm1.weight" in net.state_dict()
+    with pytest.raises(AutobuildError, match="widths of pde-global layout=paper applies to a "
+                                             "CIFAR ResNet"):
+        convert_baseline(base, "pde-global", options={"layout": "paper", "widths": "8,8,8"})
+    small = convert_baseline(base, "pde-global", options={"layout": "paper", "dense_layers": 2})
+    y = small.model(torch.randn(2, 3, 32, 32))
+    y.sum().backward()
+    assert y.shape == (2, 10)
