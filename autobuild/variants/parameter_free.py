@@ -10,9 +10,17 @@ it (``site.extra['bn']`` / ``['act']``). Layouts (``--option layout=...``):
                        (PfLayer's ``EffBottleneck``: AvgPool2d(2,2) + 3x3 conv+BN+ReLU);
                        every other site becomes a stride-1 max-pool as in ``max``.
 
-``--option pool=avg|identity`` swaps the max-pool for the other parameter-free operations of
-PfLayer's layer study: an average (zero padding excluded) or nothing at all (stride-1,
-same-size sites only; where the channel count changes, the 1x1 conv remains).
+``--option pool=avg|identity|shift`` swaps the max-pool for the other parameter-free operations
+of PfLayer's layer study: an average (zero padding excluded) or nothing at all (stride-1,
+same-size sites only; where the channel count changes, the 1x1 conv remains); or for Wu et
+al.'s shift (CVPR 2018, "Shift: A Zero FLOP, Zero Parameter Alternative to Spatial
+Convolutions", which PfLayer's paper cites): the channels are split into one group per
+kernel tap (the remainder of the division goes to the centre, zero-shift group) and each
+group is translated by its tap's offset with zero fill (``Shift2d``). It keeps the conv's
+kernel, stride, padding and dilation, so the output has the conv's size (a strided shift is
+the stride-1 one with every s-th pixel kept); it has no parameters and no MACs, and needs
+an odd kernel (a centre tap). It is placed exactly as the pools: BN dropped after a lone
+shift, a 1x1 conv (BN kept) where the channel count changes.
 
 Attention sites (``vit_pf.py`` / ``pit_pf.py``: ViT-S-max, PiT-S-max): a self-attention on
 (tokens, dim) becomes PfLayer's efficient layer, Linear(dim, ratio·dim) -> GELU ->
@@ -36,7 +44,9 @@ The activation module is never removed. torchvision's Bottleneck calls ONE ReLU 
 times, so the ReLU after conv2 cannot be dropped without editing the graph; it is also
 harmless: every spatial conv of the baselines we ship reads a ReLU output (or a max-pool
 of one), the max-pool of non-negative values is non-negative (MaxPool2d pads with -inf),
-and ReLU is then the identity, so the converted net computes exactly PfLayer's function.
+and ReLU is then the identity, so the converted net computes exactly PfLayer's function
+(pool=avg and pool=shift, which fill with zeros, keep non-negative maps non-negative too,
+so the ReLU is the identity there as well).
 (A user who converts a conv that reads signed inputs gets pool -> ReLU there.)
 
 Default sites: every spatial conv except the stem (the conv that reads the image): for
@@ -119,6 +129,9 @@ def layer_problem(site: Site, conv: nn.Module, layout: str, op: str = "max") -> 
         return f"pool=identity keeps the size and the conv (padding {p}) does not"
     if op == "avg" and (max(d) > 1 or any(pi > ki // 2 for pi, ki in zip(p, k, strict=True))):
         return f"pool=avg has no dilation or padding over half its kernel (dilation {d})"
+    if op == "shift" and any(ki % 2 == 0 for ki in k):
+        return (f"pool=shift needs odd kernel sides (kernel {k}: the shift's centre group has "
+                "no tap to stay on); use pool=max or pool=avg")
     return ""
 
 
@@ -146,9 +159,10 @@ def build_layer(site: Site, conv: nn.Conv2d, layout: str,
         kept.stride = (1, 1)
         return ParameterFreeLayer(nn.AvgPool2d(s, s, ceil_mode=True), kept), False
     # MaxPool2d pads with -inf itself up to half its kernel; dilated convs (SSD's fc6:
-    # 3x3, dilation 6, padding 6) need the padding done explicitly.
-    inline = all(pi <= ki // 2 for pi, ki in zip(p, k, strict=True))
-    pool = make_pool(op, k, s, p if inline else 0, d)
+    # 3x3, dilation 6, padding 6) need the padding done explicitly. The shift pads itself,
+    # with zeros, whatever the padding.
+    inline = op == "shift" or all(pi <= ki // 2 for pi, ki in zip(p, k, strict=True))
+    pool = make_pool(op, k, s, p if inline else 0, d, channels=conv.in_channels)
     pad = (0, 0) if inline else p
     if conv.in_channels == conv.out_channels:
         return ParameterFreeLayer(pool, pad=pad), True
@@ -208,8 +222,10 @@ class ParameterFreeVariant(Variant):
         Option("layout", "max", "conv sites. max: every site a pool (R50-max); hybrid: strided "
                "sites keep AvgPool2d + stride-1 conv, the rest a pool (R50-hybrid)", LAYOUTS),
         Option("pool", "max", "the parameter-free operation: max (PfLayer's models), avg "
-               "(average, zero padding excluded) or identity (no spatial operation: stride-1, "
-               "same-size sites only; on attentions a token-wise MLP)", POOLS),
+               "(average, zero padding excluded), identity (no spatial operation: stride-1, "
+               "same-size sites only; on attentions a token-wise MLP) or shift (Wu et al. "
+               "2018: one channel group per kernel tap, each translated by its offset with "
+               "zero fill; odd kernels)", POOLS),
         Option("ratio", 3, "attention sites: hidden width = ratio x dim (PfLayer: 3, the "
                "width of the qkv projection it replaces)", type=int, min=1, max=16),
         Option("kernel", 3, "attention sites: pool window on the token grid (odd)", type=int,
