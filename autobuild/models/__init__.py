@@ -30,6 +30,7 @@ __all__ = [
 def _load_builtin_models() -> None:
     from autobuild.models import (  # noqa: F401  (they register)
         cifar,
+        darts,
         diracnets,
         qlnet,
         quadralib,

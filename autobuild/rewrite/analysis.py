@@ -249,8 +249,9 @@ class Analysis:
         if not accepted:
             kinds = "/".join(variant.site_kinds)
             examples = ", ".join(variant.example_models)
+            hint = variant.hint_without_sites(list(self._sites.values()), opts)
             raise InfeasiblePlacement(f"{variant.name} converts {kinds} sites and {name} has "
-                                      f"none; it applies to e.g. {examples}")
+                                      f"none; " + (hint or f"it applies to e.g. {examples}"))
         if sites is None and not candidates:
             first = accepted[0]
             raise InfeasiblePlacement(f"{variant.name} cannot convert site {first.name} of "

@@ -164,6 +164,11 @@ class Variant:
     #: with the value that computes the function the model had when it was saved.
     legacy_parameters: ClassVar[dict[int, dict[str, float]]] = {}
 
+    def hint_without_sites(self, sites: Sequence[Site], options: dict[str, Any]) -> str:
+        """What to do when a baseline has no site these options accept (e.g. another
+        option value that converts it); "" names the example models instead."""
+        return ""
+
     def contract_cases(self) -> list[tuple[str, dict[str, Any], list[str] | None]]:
         """(model, options, site patterns) the registry-driven contract tests run: by
         default every choice of every option that has choices, on ``example_models[0]``."""

@@ -4,8 +4,6 @@ formulas and the options that select these pieces)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock
@@ -17,7 +15,7 @@ from autobuild.ops.pde import global_pde
 
 __all__ = ["ACTS", "BN_EPS", "COEFFS", "DIFFUSIVITIES", "H_PREV", "INIT_BLOCKS", "MAPS",
            "PAPER_WIDTHS", "VELOCITIES", "VELOCITY_FROM", "BasicDense", "Bottleneck1",
-           "Coefficient", "GlobalLayer", "ResNetGlobal", "SeparableConv3x3", "basic_block",
+           "Coefficient", "GlobalLayer", "SeparableConv3x3", "basic_block",
            "coefficient_map", "parse_widths", "pde_steps", "resolve_coeffs"]
 
 COEFFS = ("dwconv", "constant", "constant_diffusivity")
@@ -328,7 +326,11 @@ class GlobalLayer(nn.Module):
         if self._fusable(f):
             out = self._fused(f)
             return out + f if self.residual else out
-        h = self.init_block(f) if self.init_block is not None else f
+        return self.solve(f, self.init_block(f) if self.init_block is not None else f)
+
+    def solve(self, f: Tensor, h: Tensor) -> Tensor:
+        """The layer from a given H^0 = ``h`` (plain autograd): the coefficients, the K
+        steps, act(BN(H^K)) and the residual."""
         u = v = None
         if self.u is not None and self.v is not None:
             g = f if self.velocity_from == "f" else h
@@ -353,57 +355,3 @@ class GlobalLayer(nn.Module):
                 f"dy={self.dy}, residual={self.residual}, source={self.source}, "
                 f"act={self.act_name}, h_prev={self.h_prev}, "
                 f"velocity_from={self.velocity_from}")
-
-
-class ResNetGlobal(nn.Module):
-    """The official CIFAR ResNet-Global (``model.pdenet`` / ``pdenet_original``): a 3x3 stem,
-    three or four stages of ``blocks`` basic blocks (``widths`` channels; strides 1, 2, 2,
-    2) with a Global layer after stages 1-3, average pooling and a Linear head
-    (``layer_options``: GlobalLayer's). Three widths give the official three-stage network
-    (``-o``, and ``wideresnet.wide_resnet`` with widths × its ``-wdt``)."""
-
-    def __init__(self, num_classes: int = 10, in_chans: int = 3,
-                 widths: Sequence[int] = PAPER_WIDTHS, blocks: int = 1, steps: int = 1,
-                 dt: float = 0.2, coeffs: str = "dwconv", separable: bool = False,
-                 **layer_options: object) -> None:
-        super().__init__()
-        if len(widths) not in (3, 4):
-            raise AutobuildError(f"ResNet-Global has 3 or 4 stages (got widths={widths})")
-        w1 = widths[0]
-        self.conv1 = nn.Conv2d(in_chans, w1, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(w1)
-        self.relu = nn.ReLU(inplace=True)
-        opts = dict(steps=steps, dt=dt, coeffs=coeffs, separable=separable, **layer_options)
-        self.layer1 = _stage(w1, w1, blocks, 1, separable)
-        self.global1 = GlobalLayer(w1, **opts)  # type: ignore[arg-type]
-        self.layer2 = _stage(w1, widths[1], blocks, 2, separable)
-        self.global2 = GlobalLayer(widths[1], **opts)  # type: ignore[arg-type]
-        self.layer3 = _stage(widths[1], widths[2], blocks, 2, separable)
-        self.global3 = GlobalLayer(widths[2], **opts)  # type: ignore[arg-type]
-        # The official layer4 is strided as well; the three-stage network has none.
-        self.layer4 = (_stage(widths[2], widths[3], blocks, 2, separable) if len(widths) == 4
-                       else nn.Identity())
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(widths[-1], num_classes)
-        for m in self.modules():  # the official init: N(0, 2/(k·k·out)) convs, unit BNs
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.relu(self.bn1(self.conv1(x)))
-        x = self.global1(self.layer1(x))
-        x = self.global2(self.layer2(x))
-        x = self.global3(self.layer3(x))
-        x = self.layer4(x)
-        return self.fc(torch.flatten(self.avgpool(x), 1))
-
-
-def _stage(inplanes: int, planes: int, blocks: int, stride: int,
-           separable: bool = False) -> nn.Sequential:
-    downsample = None
-    if stride != 1 or inplanes != planes:
-        downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False),
-                                   nn.BatchNorm2d(planes))
-    layers = [basic_block(inplanes, planes, stride, downsample, separable)]
-    layers += [basic_block(planes, planes, separable=separable) for _ in range(blocks - 1)]
-    return nn.Sequential(*layers)

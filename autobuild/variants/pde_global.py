@@ -73,6 +73,9 @@ Layouts (``--option layout=...``):
          baseline's class with ``dense_layers`` layers per dense block and a Global layer
          after each transition (465,442 params on cifar_densenet_bc100 with
          init_block=basicdense, as the official code).
+         On DARTS-V2 (``cifar_darts_v2``): the official DARTS-Global, ``cells`` cells and,
+         before each reduction cell, a Global layer whose H^0 is one more normal cell
+         (``CellGlobalLayer``; 791,938 params, as the official code).
 
 Deliberate difference from the official code: the
 division by 1 + 2Bx + 2By is a division, not a product with its reciprocal, so that
@@ -105,11 +108,11 @@ from autobuild.variants._pde_layers import (
     Coefficient,
     DepthwiseCoefficient,
     GlobalLayer,
-    ResNetGlobal,
     parse_widths,
     pde_steps,
     resolve_coeffs,
 )
+from autobuild.variants._pde_networks import CellGlobalLayer, ResNetGlobal
 from autobuild.variants.base import count_replacement
 
 if TYPE_CHECKING:
@@ -125,9 +128,16 @@ _LAYER_OPTIONS = ("coeffs", "dx", "dy", "velocity", "diffusivity", "init_block",
                   "residual", "source", "act", "h_prev", "velocity_from", "cdx", "cdy",
                   "separable")
 _DEFAULT_WIDTHS = ",".join(map(str, PAPER_WIDTHS))
-#: The DenseNet-BC baseline (``autobuild.models.cifar``) that layout=paper turns into the
-#: official DenseNet-Global; named, not imported: families sit below the model zoo.
-_DENSENET = "CifarDenseNet"
+#: The DenseNet-BC and DARTS baselines (``autobuild.models``) that layout=paper turns into
+#: the official DenseNet- and DARTS-Global; named, not imported: families sit below the zoo.
+_DENSENET, _DARTS = "CifarDenseNet", "DartsNetwork"
+#: The options that shape each layout=paper network, by baseline class.
+_PAPER_OPTIONS = {"CifarResNet": ("blocks", "widths"), _DENSENET: ("dense_layers",),
+                  _DARTS: ("cells",)}
+_BASELINE_NAMES = {"CifarResNet": "a CIFAR ResNet", _DENSENET: "a DenseNet-BC",
+                   _DARTS: "a DARTS"}
+_PAPER_NAMES = {"CifarResNet": "ResNet-Global", _DENSENET: "DenseNet-Global",
+                _DARTS: "DARTS-Global"}
 
 
 def _layer_kwargs(options: dict[str, Any]) -> dict[str, Any]:
@@ -187,6 +197,9 @@ class PdeGlobalVariant(Variant):
         Option("dense_layers", 8, "layout=paper on a DenseNet-BC: layers per dense block of "
                "the DenseNet-Global (the official --n1..--n3 there; its runner's 8)", None, int,
                min=1, max=200),
+        Option("cells", 6, "layout=paper on DARTS: cells of the DARTS-Global (the official "
+               "-m there; its runner's 6; at least 5, so that a normal cell precedes each "
+               "reduction)", None, int, min=5, max=60),
         Option("widths", _DEFAULT_WIDTHS, "layout=paper: channels of the 3 or 4 stages (the "
                "official --n1..--n4; 3 numbers: the three-stage network, e.g. 64,128,256 for "
                "WRN-40-4-Global)"),
@@ -195,7 +208,7 @@ class PdeGlobalVariant(Variant):
     primary_option = "layout"
     # Plans saved before bn_eps existed (version 2) built PyTorch's eps.
     legacy_defaults = {2: {"bn_eps": "1e-5"}}
-    leaf_modules = (GlobalLayer,)
+    leaf_modules = (GlobalLayer, CellGlobalLayer)
     mask_effect = "the Global layer (it becomes the identity: the stage is its first block)"
     example_models = ("cifar_resnet20", "cifar_resnet32", "resnet18", "resnet50")
 
@@ -220,16 +233,25 @@ class PdeGlobalVariant(Variant):
         cases.append(("cifar_resnet32", {"layout": "paper", "widths": "32,64,128"}, None))
         cases.append(("cifar_densenet_bc100", {"layout": "paper", "dense_layers": 2,
                                                "init_block": "basicdense"}, None))
+        cases.append(("cifar_darts_v2", {"layout": "paper", "cells": 5}, None))
         return cases
 
     def accepts(self, site: Site, options: dict[str, Any]) -> bool:
         return site.kind == ("network" if options["layout"] == "paper" else "stage")
 
     def refusal(self, site: Site, options: dict[str, Any], analysis: Analysis) -> str:
-        if options["layout"] == "paper" and site.module_type not in ("CifarResNet", _DENSENET):
-            return (f"layout=paper builds the official CIFAR ResNet-Global or DenseNet-Global "
-                    f"and replaces a cifar_resnet* or cifar_densenet_bc* baseline, not a "
-                    f"{site.module_type}; use layout=plain for other ResNets")
+        if options["layout"] == "paper" and site.module_type not in _PAPER_OPTIONS:
+            return (f"layout=paper builds the official CIFAR ResNet-, DenseNet- or "
+                    f"DARTS-Global and replaces a cifar_resnet*, cifar_densenet_bc* or "
+                    f"cifar_darts_v2 baseline, not a {site.module_type}; use layout=plain for "
+                    f"other ResNets")
+        return ""
+
+    def hint_without_sites(self, sites: Sequence[Site], options: dict[str, Any]) -> str:
+        network = next((s for s in sites if s.kind == "network"), None)
+        if options["layout"] != "paper" and network and network.module_type in _PAPER_OPTIONS:
+            return ("--option layout=paper converts this network into the official "
+                    f"{_PAPER_NAMES[network.module_type]}")
         return ""
 
     def check(self, sites: Sequence[Site], options: dict[str, Any], init: str,
@@ -238,17 +260,7 @@ class PdeGlobalVariant(Variant):
         if not math.isfinite(options["dt"]) or options["dt"] <= 0:
             raise InfeasiblePlacement(f"pde-global needs a finite dt > 0 (got dt="
                                       f"{options['dt']}); e.g. --option dt=0.2")
-        dense = any(s.module_type == _DENSENET for s in sites)
-        for name, default in (("blocks", 1), ("widths", _DEFAULT_WIDTHS), ("dense_layers", 8)):
-            if options["layout"] != "paper" and options[name] != default:
-                raise InfeasiblePlacement(f"option {name} of pde-global applies to "
-                                          f"layout=paper only; add --option layout=paper or "
-                                          f"drop it")
-            if options["layout"] == "paper" and options[name] != default and dense != (
-                    name == "dense_layers"):
-                which = "a DenseNet-BC" if name == "dense_layers" else "a CIFAR ResNet"
-                raise InfeasiblePlacement(f"option {name} of pde-global layout=paper applies "
-                                          f"to {which} baseline only; drop it")
+        self._check_network_options(sites, options)
         unused = [n for n in ("cdx", "cdy") if options[n] != 1.0]
         if unused and "constant" not in (options["coeffs"], options["diffusivity"]) \
                 and options["coeffs"] != "constant_diffusivity":
@@ -260,6 +272,28 @@ class PdeGlobalVariant(Variant):
             parse_widths(options["widths"])
         except AutobuildError as e:
             raise InfeasiblePlacement(f"pde-global: {e}") from None
+
+    def _check_network_options(self, sites: Sequence[Site], options: dict[str, Any]) -> None:
+        """The options that shape a layout=paper network belong to one kind of baseline."""
+        defaults = {o.name: o.default for o in self.options}
+        types = {s.module_type for s in sites}
+        for kind, names in _PAPER_OPTIONS.items():
+            for name in names:
+                if options[name] == defaults[name]:
+                    continue
+                if options["layout"] != "paper":
+                    raise InfeasiblePlacement(f"option {name} of pde-global applies to "
+                                              f"layout=paper only; add --option layout=paper "
+                                              f"or drop it")
+                if kind not in types:
+                    raise InfeasiblePlacement(f"option {name} of pde-global layout=paper "
+                                              f"applies to {_BASELINE_NAMES[kind]} baseline "
+                                              f"only; drop it")
+        if (options["layout"] == "paper" and _DARTS in types
+                and options["init_block"] != "identity"):
+            raise InfeasiblePlacement("the Global layers of DARTS-Global start from a DARTS "
+                                      "cell (the official cell_type DartCell); drop "
+                                      "init_block")
 
     def region(self, site: Site, options: dict[str, Any], analysis: Analysis) -> Region:
         """layout=plain replaces the stage's blocks after the first (which stays, and may
@@ -291,6 +325,14 @@ class PdeGlobalVariant(Variant):
                                  root.features.conv0.in_channels,
                                  global_layer=lambda c: GlobalLayer(c, **kwargs))
                 rewriter.set_root(site, _like(net, root), note="official DenseNet-Global")
+                return
+            if site.module_type == _DARTS:
+                # Fewer cells, and before each reduction cell a Global layer whose H^0 is one
+                # more normal cell (the official darts.DARTS_NetworkCIFAR with global_ft).
+                net = type(root)(root.c, root.classifier.out_features, options["cells"],
+                                 root.genotype, root.stem[0].in_channels,
+                                 global_cell=lambda cell, c: CellGlobalLayer(cell, c, **kwargs))
+                rewriter.set_root(site, _like(net, root), note="official DARTS-Global")
                 return
             net = ResNetGlobal(root.fc.out_features, root.conv1.in_channels,
                                parse_widths(options["widths"]), blocks=options["blocks"],

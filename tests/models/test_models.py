@@ -43,6 +43,20 @@ def test_cifar_densenet_bc_matches_huang_et_al(depth: int, params: int, paper: f
         assert len(autobuild.plan_of(pf).sites) == 48
 
 
+def test_cifar_darts_v2_matches_the_reference_network() -> None:
+    """DARTS-V2 (36 channels, 20 cells, no auxiliary tower): 3,349,342 params as the
+    reference DARTS_NetworkCIFAR (PDE-Global's darts.py, auxiliary=False) instantiated here,
+    the paper's 3.3M; the reference module names, so its weights load by name."""
+    m = build_model("cifar_darts_v2", num_classes=10)
+    assert sum(p.numel() for p in m.parameters()) == 3_349_342
+    c = autobuild.count(m, (3, 32, 32))
+    assert c.macs == pytest.approx(528.36e6, rel=1e-4)
+    assert "cells.0._ops.0.op.1.weight" in m.state_dict()  # a sep conv's first depthwise
+    assert m(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    q = autobuild.convert("cifar_darts_v2", "parameter-free")
+    assert len(autobuild.plan_of(q).sites) == 198
+
+
 def test_resnet50_reference_counts() -> None:
     c = autobuild.count(build_model("resnet50"), (3, 224, 224))
     assert c.params == pytest.approx(25.56e6, rel=5e-3)

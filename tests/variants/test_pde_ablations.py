@@ -265,3 +265,30 @@ def test_densenet_global_is_the_official_one() -> None:
     y = small.model(torch.randn(2, 3, 32, 32))
     y.sum().backward()
     assert y.shape == (2, 10)
+
+
+def test_darts_global_is_the_official_one() -> None:
+    """layout=paper on DARTS-V2 builds the official DARTS-Global (the runner's --model
+    DARTS-Global -m 6 --n1 36): a Global layer whose H^0 is a normal DARTS cell before each
+    reduction cell; 791,938 params and 210.9M MACs as the official darts.py instantiated
+    here (auxiliary=False; the runner's comment says 783K / 213M)."""
+    base = resolve_baseline("cifar_darts_v2")
+    conv = convert_baseline(base, "pde-global", options={"layout": "paper"})
+    counted = autobuild.count(conv.model, (3, 32, 32))
+    assert counted.params == 791_938 == conv.analysis.cost(conv.plan.placement).params
+    assert abs(counted.macs - 210.93e6) < 0.01e6
+    globals_ = [i for i, c in enumerate(conv.model.cells) if isinstance(c, GlobalLayer)]
+    assert globals_ == [2, 5] and len(conv.model.cells) == 8
+    y = conv.model(torch.randn(2, 3, 32, 32))
+    y.sum().backward()
+    assert y.shape == (2, 10)
+    with pytest.raises(AutobuildError, match="start from a DARTS cell"):
+        convert_baseline(base, "pde-global", options={"layout": "paper",
+                                                      "init_block": "basicblock"})
+    with pytest.raises(AutobuildError, match="cells of pde-global layout=paper applies to a "
+                                             "DARTS baseline only"):
+        convert_baseline(resolve_baseline("cifar_resnet32"), "pde-global",
+                         options={"layout": "paper", "cells": 9})
+    with pytest.raises(AutobuildError, match="--option layout=paper converts this network "
+                                             "into the official DARTS-Global"):
+        convert_baseline(base, "pde-global")
