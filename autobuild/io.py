@@ -311,29 +311,38 @@ def read_weights(path: str) -> dict[str, torch.Tensor]:
         raise AutobuildError(f"corrupt weights {path!r}: {first}") from exc
 
 
-def _legacy_parameters(plan: Plan) -> dict[str, float]:
-    """The parameters weights saved with ``plan`` may lack, by name, and the value that
-    reproduces the saved function (the families' ``legacy_parameters``)."""
-    fills: dict[str, float] = {}
+#: (parameter name, value, the layer classes that own it) of a legacy fill.
+_Fill = tuple[str, float, tuple[type, ...]]
+
+
+def _legacy_parameters(plan: Plan) -> list[_Fill]:
+    """The parameters weights saved with ``plan`` may lack and the value that reproduces the
+    saved function (the families' ``legacy_parameters``), on the families' own layers."""
+    fills: list[_Fill] = []
     for conversion in plan.conversions:
-        for since, values in get_family(conversion.family).legacy_parameters.items():
+        family = get_family(conversion.family)
+        for since, values in family.legacy_parameters.items():
             if plan.written_version <= since:
-                fills.update(values)
+                fills += [(n, v, tuple(family.leaf_modules)) for n, v in values.items()]
     return fills
 
 
-def _fill_legacy(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor],
-                 fills: dict[str, float]) -> dict[str, torch.Tensor]:
-    added = {k: torch.full(t.shape, fills[k.rsplit(".", 1)[-1]], dtype=t.dtype)
-             for k, t in expected.items()
-             if k not in state and k.rsplit(".", 1)[-1] in fills}
+def _fill_legacy(model: nn.Module, state: dict[str, torch.Tensor],
+                 expected: dict[str, torch.Tensor], fills: list[_Fill]) -> dict[str, torch.Tensor]:
+    added = {}
+    for key, t in expected.items():
+        owner, _, name = key.rpartition(".")
+        for param, value, layers in fills:
+            if key not in state and name == param and isinstance(model.get_submodule(owner),
+                                                                  layers):
+                added[key] = torch.full(t.shape, value, dtype=t.dtype)
     return {**state, **added} if added else state
 
 
 def _load_state(model: nn.Module, state: dict[str, torch.Tensor], path: str, *,
-                assign: bool, fills: dict[str, float] | None = None) -> None:
+                assign: bool, fills: list[_Fill] | None = None) -> None:
     expected = model.state_dict(keep_vars=True)
-    state = _fill_legacy(state, expected, fills or {})
+    state = _fill_legacy(model, state, expected, fills or [])
     # safetensors stores a tied (shared) tensor once: an alias the file lacks is not missing.
     names_of: dict[int, list[str]] = {}
     for name, t in expected.items():

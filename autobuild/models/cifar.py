@@ -164,7 +164,7 @@ class CifarDenseNet(nn.Module):
                  num_classes: int = 10, in_chans: int = 3, compression: float = 0.5,
                  global_layer: Callable[[int], nn.Module] | None = None) -> None:
         super().__init__()
-        self.growth, self.block_config = growth, tuple(block_config)
+        self.growth, self.block_config, self.compression = growth, tuple(block_config), compression
         c = 2 * growth
         self.features = nn.Sequential(OrderedDict(
             [("conv0", nn.Conv2d(in_chans, c, 3, padding=1, bias=False))]))

@@ -54,12 +54,20 @@ class Option:
     specials: tuple[Any, ...] = ()
     #: Other spellings of a choice, (spelling, choice): the float 1e-5 arrives as "1e-05".
     aliases: tuple[tuple[Any, Any], ...] = ()
+    #: Validates a converted value and returns its one canonical spelling (raises
+    #: AutobuildError), so that two spellings of one network are one placement.
+    normalize: Callable[[Any], Any] | None = None
 
     def parse(self, value: Any, family: str) -> Any:
         if self.specials and isinstance(value, str) and value in self.specials:
             return value
         value = self._convert(value, family)
         value = dict(self.aliases).get(value, value)
+        if self.normalize is not None:
+            try:
+                value = self.normalize(value)
+            except AutobuildError as e:
+                raise AutobuildError(f"option {self.name} of {family}: {e}") from None
         if self.choices is not None and value not in self.choices:
             raise AutobuildError(f"option {self.name}={value!r} of {family} is not valid; valid:"
                                  f" {', '.join(map(str, self.choices))}")

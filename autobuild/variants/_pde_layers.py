@@ -16,7 +16,7 @@ from autobuild.ops.pde import global_pde
 __all__ = ["ACTS", "BN_EPS", "COEFFS", "DIFFUSIVITIES", "H_PREV", "INIT_BLOCKS", "MAPS",
            "PAPER_WIDTHS", "VELOCITIES", "VELOCITY_FROM", "BasicDense", "Bottleneck1",
            "Coefficient", "GlobalLayer", "SeparableConv3x3", "basic_block",
-           "coefficient_map", "parse_widths", "pde_steps", "resolve_coeffs"]
+           "canonical_widths", "coefficient_map", "parse_widths", "pde_steps", "resolve_coeffs"]
 
 COEFFS = ("dwconv", "constant", "constant_diffusivity")
 #: The maps a coefficient (or the init block) can be, by the official ``get_init_block``
@@ -53,17 +53,24 @@ MAX_WIDTH = 4096
 
 
 def parse_widths(text: str) -> tuple[int, ...]:
-    """``"16,32,64,64"`` -> (16, 32, 64, 64): the official --n1..--n4 (three numbers: the
-    three-stage network of the official ``-o``/``--original`` and of WideResnet-Global)."""
+    """``"16/32/64/64"`` (or with commas, or spaces) -> (16, 32, 64, 64): the official
+    --n1..--n4 (three numbers: the three-stage network of the official ``-o``/``--original``
+    and of WideResnet-Global)."""
     try:
-        widths = tuple(int(w) for w in str(text).split(","))
+        widths = tuple(int(w) for w in str(text).replace(",", "/").split("/"))
     except ValueError:
         widths = ()
     if len(widths) not in (3, 4) or not all(1 <= w <= MAX_WIDTH for w in widths):
-        raise AutobuildError(f"widths={text!r}: give 3 or 4 comma-separated channel counts in "
-                             f"[1, {MAX_WIDTH}], e.g. widths=16,32,64,64 (the official --n1.."
-                             f"--n4) or widths=64,128,256 (WRN-40-4-Global)")
+        raise AutobuildError(f"widths={text!r}: give 3 or 4 channel counts in [1, "
+                             f"{MAX_WIDTH}] separated by '/', e.g. widths=16/32/64/64 (the "
+                             f"official --n1..--n4) or widths=64/128/256 (WRN-40-4-Global)")
     return widths
+
+
+def canonical_widths(text: str) -> str:
+    """The one spelling of a ``widths`` value ("16/32/64/64"); '/' because a placement's
+    short form ``family:name=value,...`` separates options with commas."""
+    return "/".join(map(str, parse_widths(text)))
 
 
 def pde_steps(f: Tensor, h: Tensor, u: Tensor | None, v: Tensor | None,

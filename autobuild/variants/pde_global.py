@@ -108,6 +108,7 @@ from autobuild.variants._pde_layers import (
     Coefficient,
     DepthwiseCoefficient,
     GlobalLayer,
+    canonical_widths,
     parse_widths,
     pde_steps,
     resolve_coeffs,
@@ -127,7 +128,7 @@ LAYOUTS = ("plain", "paper")
 _LAYER_OPTIONS = ("coeffs", "dx", "dy", "velocity", "diffusivity", "init_block", "bn_eps",
                   "residual", "source", "act", "h_prev", "velocity_from", "cdx", "cdy",
                   "separable")
-_DEFAULT_WIDTHS = ",".join(map(str, PAPER_WIDTHS))
+_DEFAULT_WIDTHS = "/".join(map(str, PAPER_WIDTHS))
 #: The DenseNet-BC and DARTS baselines (``autobuild.models``) that layout=paper turns into
 #: the official DenseNet- and DARTS-Global; named, not imported: families sit below the zoo.
 _DENSENET, _DARTS = "CifarDenseNet", "DartsNetwork"
@@ -138,6 +139,29 @@ _BASELINE_NAMES = {"CifarResNet": "a CIFAR ResNet", _DENSENET: "a DenseNet-BC",
                    _DARTS: "a DARTS"}
 _PAPER_NAMES = {"CifarResNet": "ResNet-Global", _DENSENET: "DenseNet-Global",
                 _DARTS: "DARTS-Global"}
+#: What layout=paper reads off a DenseNet or DARTS baseline to rebuild it.
+_REBUILT_FROM = {_DENSENET: ("growth", "block_config", "compression", "classifier", "features"),
+                 _DARTS: ("c", "genotype", "classifier", "stem")}
+
+
+def _without_effect(options: dict[str, Any], baselines: set[str]) -> tuple[str, str] | None:
+    """An option set away from its default that changes nothing with the others, and why
+    (None if none): a placement must name one network once, not twice under two keys."""
+    # H^0 differs from f only through an init block (a DARTS cell in DARTS-Global).
+    has_init = options["init_block"] != "identity" or (
+        options["layout"] == "paper" and _DARTS in baselines)
+    velocity = resolve_coeffs(options["coeffs"], options["velocity"],
+                              options["diffusivity"])[0]
+    if options["h_prev"] != "f" and not has_init:
+        return "h_prev", "H^0 is f without an init_block"
+    if options["velocity_from"] != "h" and (not has_init or velocity == "none"):
+        return "velocity_from", "H^0 is f without an init_block, or there is no velocity"
+    maps = (options["velocity"], options["diffusivity"], options["init_block"])
+    paper_resnet = options["layout"] == "paper" and "CifarResNet" in baselines
+    if options["separable"] and "basicblock" not in maps and not paper_resnet:
+        return "separable", "no basic block: it applies to layout=paper's ResNet stages and " \
+                            "basicblock maps"
+    return None
 
 
 def _layer_kwargs(options: dict[str, Any]) -> dict[str, Any]:
@@ -159,7 +183,8 @@ class PdeGlobalVariant(Variant):
     site_kinds = ("stage",)
     options = (
         Option("layout", "plain", "plain: each stage keeps its first block + a Global layer; "
-               "paper: the official CIFAR ResNet-Global (cifar_resnet* only)", LAYOUTS),
+               "paper: the official CIFAR ResNet-, DenseNet- or DARTS-Global (cifar_resnet*, "
+               "cifar_densenet_bc*, cifar_darts_v2)", LAYOUTS),
         Option("coeffs", "dwconv", "velocity/diffusivity: depthwise conv+BN+ReLU of h, "
                "constant (D=1, v=0), or constant_diffusivity (official --constant_Dxy)", COEFFS),
         Option("K", 1, "PDE steps per Global layer", None, int, min=1, max=100),
@@ -200,16 +225,17 @@ class PdeGlobalVariant(Variant):
         Option("cells", 6, "layout=paper on DARTS: cells of the DARTS-Global (the official "
                "-m there; its runner's 6; at least 5, so that a normal cell precedes each "
                "reduction)", None, int, min=5, max=60),
-        Option("widths", _DEFAULT_WIDTHS, "layout=paper: channels of the 3 or 4 stages (the "
-               "official --n1..--n4; 3 numbers: the three-stage network, e.g. 64,128,256 for "
-               "WRN-40-4-Global)"),
+        Option("widths", _DEFAULT_WIDTHS, "layout=paper: channels of the 3 or 4 stages, '/' "
+               "between them (the official --n1..--n4; 3 numbers: the three-stage network, "
+               "e.g. 64/128/256 for WRN-40-4-Global)", normalize=canonical_widths),
     )
     inits = ("scratch",)
     primary_option = "layout"
     # Plans saved before bn_eps existed (version 2) built PyTorch's eps.
     legacy_defaults = {2: {"bn_eps": "1e-5"}}
     leaf_modules = (GlobalLayer, CellGlobalLayer)
-    mask_effect = "the Global layer (it becomes the identity: the stage is its first block)"
+    mask_effect = ("the Global layer (it becomes the identity: the stage is its first block; "
+                   "in DARTS-Global the Global layer and the cell that starts it)")
     example_models = ("cifar_resnet20", "cifar_resnet32", "resnet18", "resnet50")
 
     def contract_cases(self) -> list[tuple[str, dict[str, Any], list[str] | None]]:
@@ -223,14 +249,16 @@ class PdeGlobalVariant(Variant):
                               ("init_block", INIT_BLOCKS), ("bn_eps", BN_EPS),
                               ("act", ACTS), ("h_prev", H_PREV),
                               ("velocity_from", VELOCITY_FROM)):
-            cases += [(self.example_models[0], {name: c}, ["layer2"]) for c in choices
-                      if c != defaults[name]]
+            # h_prev and velocity_from act through an init block (H^0 = f without one).
+            extra = {"init_block": "pwconv"} if name in ("h_prev", "velocity_from") else {}
+            cases += [(self.example_models[0], {name: c, **extra}, ["layer2"])
+                      for c in choices if c != defaults[name]]
         cases.append((self.example_models[0], {"dx": 2, "dy": 3}, ["layer1"]))
         cases.append((self.example_models[0], {"residual": True, "source": False}, ["layer3"]))
         cases.append((self.example_models[0], {"init_block": "basicblock", "separable": True,
                                                "diffusivity": "constant", "cdx": 0.5},
                        ["layer2"]))
-        cases.append(("cifar_resnet32", {"layout": "paper", "widths": "32,64,128"}, None))
+        cases.append(("cifar_resnet32", {"layout": "paper", "widths": "32/64/128"}, None))
         cases.append(("cifar_densenet_bc100", {"layout": "paper", "dense_layers": 2,
                                                "init_block": "basicdense"}, None))
         cases.append(("cifar_darts_v2", {"layout": "paper", "cells": 5}, None))
@@ -240,6 +268,13 @@ class PdeGlobalVariant(Variant):
         return site.kind == ("network" if options["layout"] == "paper" else "stage")
 
     def refusal(self, site: Site, options: dict[str, Any], analysis: Analysis) -> str:
+        if options["layout"] == "paper" and site.module_type in _REBUILT_FROM:
+            root = analysis.module(site)
+            missing = [a for a in _REBUILT_FROM[site.module_type] if not hasattr(root, a)]
+            if missing:
+                return (f"layout=paper rebuilds autobuild's {site.module_type} from its "
+                        f"{', '.join(missing)}; this {site.module_type} has no such "
+                        f"attribute (another class of the same name?)")
         if options["layout"] == "paper" and site.module_type not in _PAPER_OPTIONS:
             return (f"layout=paper builds the official CIFAR ResNet-, DenseNet- or "
                     f"DARTS-Global and replaces a cifar_resnet*, cifar_densenet_bc* or "
@@ -250,7 +285,8 @@ class PdeGlobalVariant(Variant):
     def hint_without_sites(self, sites: Sequence[Site], options: dict[str, Any]) -> str:
         network = next((s for s in sites if s.kind == "network"), None)
         if options["layout"] != "paper" and network and network.module_type in _PAPER_OPTIONS:
-            return ("--option layout=paper converts this network into the official "
+            extra = " --option init_block=basicdense" if network.module_type == _DENSENET else ""
+            return (f"--option layout=paper{extra} converts this network into the official "
                     f"{_PAPER_NAMES[network.module_type]}")
         return ""
 
@@ -269,9 +305,13 @@ class PdeGlobalVariant(Variant):
                                       f"coeffs=constant_diffusivity) or drop it")
         try:
             resolve_coeffs(options["coeffs"], options["velocity"], options["diffusivity"])
-            parse_widths(options["widths"])
         except AutobuildError as e:
             raise InfeasiblePlacement(f"pde-global: {e}") from None
+        useless = _without_effect(options, {s.module_type for s in sites})
+        if useless:
+            name, why = useless
+            raise InfeasiblePlacement(f"option {name} of pde-global changes nothing here "
+                                      f"({why}); drop it")
 
     def _check_network_options(self, sites: Sequence[Site], options: dict[str, Any]) -> None:
         """The options that shape a layout=paper network belong to one kind of baseline."""
@@ -322,9 +362,12 @@ class PdeGlobalVariant(Variant):
                 n = options["dense_layers"]
                 net = type(root)(root.growth, (n,) * len(root.block_config),
                                  root.classifier.out_features,
-                                 root.features.conv0.in_channels,
+                                 root.features.conv0.in_channels, root.compression,
                                  global_layer=lambda c: GlobalLayer(c, **kwargs))
-                rewriter.set_root(site, _like(net, root), note="official DenseNet-Global")
+                official = options["init_block"] == "basicdense"  # the official cell_type
+                rewriter.set_root(site, _like(net, root), note="official DenseNet-Global" if
+                                  official else "DenseNet-Global (the official one has "
+                                  "init_block=basicdense)")
                 return
             if site.module_type == _DARTS:
                 # Fewer cells, and before each reduction cell a Global layer whose H^0 is one

@@ -334,7 +334,8 @@ class QuadraticVariant(Variant):
     summary = "second-order neurons replacing Conv2d/Linear layers (6 types)"
     paper = "QuadraLib (Xu et al., MLSys 2022); Fan et al. 2018; Zoumpourlis et al. 2017"
     site_kinds = ("conv", "linear")
-    # fan's output bias c came in plan version 3; c = 0 is the neuron those weights had.
+    # fan's output bias c came while plans were at version 2: such a plan's weights may lack
+    # it, and c = 0 is the neuron they had (a file that has it keeps its own).
     legacy_parameters = {2: {"bias_sq": 0.0}}
     options = (
         Option("type", "ours", "neuron type", tuple(QUADRATIC_TYPES)),

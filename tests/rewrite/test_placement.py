@@ -152,9 +152,11 @@ def _cases(model: str):
     for v in list_variants():
         for _, options, sites in v.contract_cases():
             try:
-                yield v.name, options, a.select(v.name, sites, options)
+                placement = a.select(v.name, sites, options)
+                a.cost(placement)  # checks the options against this baseline
             except AutobuildError:
                 continue  # the family has no such site in this baseline
+            yield v.name, options, placement
 
 
 @pytest.mark.parametrize("model", ["cifar_resnet20", "resnet18", "resnet50", "cifar_vgg16",

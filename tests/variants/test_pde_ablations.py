@@ -15,6 +15,7 @@ import autobuild
 from autobuild.errors import AutobuildError
 from autobuild.models import resolve_baseline
 from autobuild.ops import plain_ops
+from autobuild.rewrite import Choice, Placement
 from autobuild.variants.pde_global import GlobalLayer, ResNetGlobal
 from tests.conftest import convert_baseline
 
@@ -216,11 +217,24 @@ def test_ablation_options_on_a_plan_and_their_refusals() -> None:
     # The float 1e-5 (Python, YAML's 1.0e-5) is the choice "1e-5".
     conv = convert_baseline(r20, "pde-global", sites=["layer2"], options={"bn_eps": 1e-5})
     assert conv.plan.placement["layer2"].opts["bn_eps"] == "1e-5"
+    # widths: commas (the official flags' habit) and spaces are one canonical spelling, and
+    # the short choice form (options separated by commas) carries it.
+    r32 = resolve_baseline("cifar_resnet32")
+    keys = {convert_baseline(r32, "pde-global", options={"layout": "paper", "widths": w}
+                             ).plan.placement.key for w in ("32,64,128", "32/ 64/128")}
+    choice = Choice.parse("pde-global:layout=paper,widths=32/64/128")
+    assert len(keys) == 1 and choice.opts["widths"] == "32/64/128"
+    assert Placement({"network": str(choice)}).key in keys
     for options, message in (
-            ({"layout": "paper", "widths": "16,32"}, "give 3 or 4 comma-separated"),
-            ({"layout": "paper", "widths": "16,x,64"}, "give 3 or 4 comma-separated"),
-            ({"layout": "paper", "widths": "16,32,64,99999"}, r"in \[1, 4096\]"),
-            ({"widths": "8,8,8"}, "widths of pde-global applies to layout=paper"),
+            ({"layout": "paper", "widths": "16/32"}, "give 3 or 4 channel counts"),
+            ({"layout": "paper", "widths": "16/x/64"}, "give 3 or 4 channel counts"),
+            ({"layout": "paper", "widths": "16/32/64/99999"}, r"in \[1, 4096\]"),
+            ({"widths": "8/8/8"}, "widths of pde-global applies to layout=paper"),
+            # Options that would change nothing are refused (one network, one placement).
+            ({"separable": True}, "option separable of pde-global changes nothing"),
+            ({"h_prev": "init_block"}, "option h_prev of pde-global changes nothing"),
+            ({"velocity_from": "f", "init_block": "pwconv", "velocity": "none"},
+             "option velocity_from of pde-global changes nothing"),
             ({"cdx": 2.0}, "cdx of pde-global sets a constant diffusivity"),
             ({"layout": "paper", "dense_layers": 4}, "applies to a DenseNet-BC baseline only"),
             ({"act": "gelu"}, "act='gelu' of pde-global is not valid")):
@@ -233,7 +247,7 @@ def test_wide_resnet_global_reproduces_the_official_counts_and_macs() -> None:
     (330K, 30M) through the CLI's path: a plan on cifar_resnet32 with layout=paper."""
     base = resolve_baseline("cifar_resnet32")
     for options, params, macs in (
-            ({"layout": "paper", "widths": "64,128,256", "init_block": "basicblock"},
+            ({"layout": "paper", "widths": "64/128/256", "init_block": "basicblock"},
              2_798_282, 425.3e6),
             ({"layout": "paper", "blocks": 2}, 332_602, 30.1e6)):
         conv = convert_baseline(base, "pde-global", options=options)
@@ -260,7 +274,14 @@ def test_densenet_global_is_the_official_one() -> None:
     assert "features.denseblock1.denselayer1.norm1.weight" in net.state_dict()
     with pytest.raises(AutobuildError, match="widths of pde-global layout=paper applies to a "
                                              "CIFAR ResNet"):
-        convert_baseline(base, "pde-global", options={"layout": "paper", "widths": "8,8,8"})
+        convert_baseline(base, "pde-global", options={"layout": "paper", "widths": "8/8/8"})
+    # The baseline's compression is kept (the official DenseNet's argument).
+    from autobuild.models.cifar import CifarDenseNet
+
+    wide = CifarDenseNet(12, (4, 4, 4), compression=1.0)
+    g = autobuild.convert(wide, "pde-global", options={"layout": "paper", "dense_layers": 2},
+                          input_size=(3, 32, 32))
+    assert g.features.transition1.conv.out_channels == 24 + 2 * 12
     small = convert_baseline(base, "pde-global", options={"layout": "paper", "dense_layers": 2})
     y = small.model(torch.randn(2, 3, 32, 32))
     y.sum().backward()
