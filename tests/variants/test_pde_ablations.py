@@ -313,3 +313,22 @@ def test_darts_global_is_the_official_one() -> None:
     with pytest.raises(AutobuildError, match="--option layout=paper converts this network "
                                              "into the official DARTS-Global"):
         convert_baseline(base, "pde-global")
+
+
+def test_a_foreign_class_of_a_known_name_is_refused_not_crashed() -> None:
+    class CifarDenseNet(nn.Module):  # a user's network, not autobuild's DenseNet-BC
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.fc = nn.Linear(8, 10)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.fc(self.conv(x).mean((2, 3)))
+
+    with pytest.raises(AutobuildError, match="rebuilds autobuild's CifarDenseNet from its "
+                                             "growth, block_config"):
+        autobuild.convert(CifarDenseNet(), "pde-global", options={"layout": "paper"},
+                          input_size=(3, 32, 32))
+    with pytest.raises(AutobuildError, match="--option layout=paper --option "
+                                             "init_block=basicdense converts"):
+        autobuild.convert("cifar_densenet_bc100", "pde-global")
