@@ -34,6 +34,7 @@ from autobuild.rewrite.graph import (
     Block,
     call_site_nodes,
     is_activation,
+    is_residual_add,
     module_members,
     node_shape,
 )
@@ -136,10 +137,15 @@ def _conv_site(name: str, node: fx.Node, gm: fx.GraphModule, call: int,
     extra: dict[str, Any] = {"stem": isinstance(node.args[0], fx.Node)
                              and node.args[0].op == "placeholder"}
     user = next(iter(node.users)) if len(node.users) == 1 else None
+    out = node  # the layer's output: the conv's, or its BN's
     if user is not None and user.op == "call_module" and isinstance(
             gm.get_submodule(user.target), nn.modules.batchnorm._BatchNorm):
         extra["bn"] = str(user.target)
+        out = user
         user = next(iter(user.users)) if len(user.users) == 1 else None
+    # The last layer of a residual branch (a basic block's second conv): its output is added
+    # to the shortcut as it is.
+    extra["into_add"] = any(is_residual_add(u) for u in out.users)
     if user is not None and is_activation(user, gm):
         extra["act"] = (str(user.target) if user.op == "call_module"
                         else f"fn:{getattr(user.target, '__name__', user.target)}")

@@ -5,7 +5,8 @@ Site: one spatial Conv2d call (kernel > 1) together with the BN and activation t
 it (``site.extra['bn']`` / ``['act']``). Layouts (``--option layout=...``):
 
   max     (R50-max)    conv + BN + act  ->  MaxPool2d(k, stride=s, padding=p); the BN becomes
-                       nn.Identity, as in PfLayer's ``MaxBottleneck`` (no BN after the pool).
+                       nn.Identity, as in PfLayer's ``MaxBottleneck`` (no BN after the pool),
+                       unless the site ends a residual branch (below).
   hybrid  (R50-hybrid) strided sites keep their conv at stride 1 behind an AvgPool2d(s, s)
                        (PfLayer's ``EffBottleneck``: AvgPool2d(2,2) + 3x3 conv+BN+ReLU);
                        every other site becomes a stride-1 max-pool as in ``max``.
@@ -52,7 +53,11 @@ so the ReLU is the identity there as well).
 Default sites: every spatial conv except the stem (the conv that reads the image): for
 ResNet-50 that is exactly the 16 bottleneck 3x3 convs PfLayer replaces. For basic-block
 ResNets and VGGs it is every 3x3 conv after the stem; an identity basic block then has no
-weights left in its branch (pass ``--sites`` to keep some convs). Reference counts at
+weights left in its branch but the BN of its second conv, which stays: a pool that ends a
+residual branch keeps its BN (PfLayer has no such site; its pools are followed by a 1x1
+conv and BN). Without it the branch pool(ReLU(pool(x))) >= x doubles the activations at
+every block; cifar_resnet20 trained that way reached losses of 1e16 and stayed at chance,
+with the BN it learns (docs/benchmarks.md). Pass ``--sites`` to keep some convs. Reference counts at
 224x224 (the PfLayer paper): ResNet-50 25.56M / 4.1G MACs; R50-max 14.23M / 2.2G;
 R50-hybrid 17.33M / 2.6G; autobuild measures 25.56M / 4.09G, 14.23M / 2.24G and
 17.33M / 2.59G, the paper's figures at its one-decimal precision.
@@ -140,9 +145,12 @@ def _hybrid(layout: str, conv: nn.Conv2d) -> bool:
     return layout == "hybrid" and max(_pair(conv.stride)) > 1
 
 
-def drops_bn(conv: nn.Conv2d, layout: str) -> bool:
-    """A lone pool replaces conv + BN (PfLayer's MaxBottleneck has no BN after the pool)."""
-    return not _hybrid(layout, conv) and conv.in_channels == conv.out_channels
+def drops_bn(site: Site, conv: nn.Conv2d, layout: str) -> bool:
+    """A lone pool replaces conv + BN (PfLayer's MaxBottleneck has no BN after the pool),
+    except at the end of a residual branch: there the BN is all that normalises the branch
+    before the addition (PfLayer's pool is followed by a 1x1 conv and its BN)."""
+    return (not _hybrid(layout, conv) and conv.in_channels == conv.out_channels
+            and not site.extra.get("into_add"))
 
 
 def build_layer(site: Site, conv: nn.Conv2d, layout: str,
@@ -165,7 +173,7 @@ def build_layer(site: Site, conv: nn.Conv2d, layout: str,
     pool = make_pool(op, k, s, p if inline else 0, d, channels=conv.in_channels)
     pad = (0, 0) if inline else p
     if conv.in_channels == conv.out_channels:
-        return ParameterFreeLayer(pool, pad=pad), True
+        return ParameterFreeLayer(pool, pad=pad), drops_bn(site, conv, layout)
     # A pool keeps the channel count: a 1x1 conv maps it, and the BN after it stays.
     mix = nn.Conv2d(conv.in_channels, conv.out_channels, 1, bias=conv.bias is not None)
     mix.to(conv.weight.device, conv.weight.dtype)
@@ -270,7 +278,7 @@ class ParameterFreeVariant(Variant):
         region = analysis.region(site.name)
         bn = site.extra.get("bn")
         if (site.kind == "conv" and bn
-                and drops_bn(analysis.module(site), options["layout"])):
+                and drops_bn(site, analysis.module(site), options["layout"])):
             region = region | Region(analysis.call_nodes(bn), frozenset({bn}))
         return region
 

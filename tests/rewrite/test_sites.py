@@ -34,7 +34,10 @@ def test_resnet50_sites() -> None:
     assert b.extra["shortcut"] == "projection"
     assert next(s for s in kinds["block"] if s.name == "layer2.1").extra["shortcut"] == "identity"
     conv = next(s for s in kinds["conv"] if s.name == "layer1.0.conv2")
-    assert conv.extra == {"stem": False, "bn": "layer1.0.bn2", "act": "layer1.0.relu"}
+    assert conv.extra == {"stem": False, "bn": "layer1.0.bn2", "act": "layer1.0.relu",
+                          "into_add": False}
+    last = next(s for s in kinds["conv"] if s.name == "layer1.0.conv3")
+    assert last.extra["into_add"] and last.extra["bn"] == "layer1.0.bn3"
     assert conv.output_shape == (64, 56, 56) and conv.macs == 56 * 56 * 64 * 64 * 9
     assert next(s for s in kinds["conv"] if s.name == "conv1").extra["stem"]
 

@@ -126,14 +126,30 @@ def test_basic_block_matches_hand_written_reference() -> None:
     m = convert_baseline(base, "parameter-free").model.eval()
     blk = m.layer2[0]  # 16 -> 32 channels, stride 2, option-A shortcut
     assert blk.conv1.conv.kernel_size == (1, 1) and isinstance(blk.bn1, nn.BatchNorm2d)
-    assert blk.conv2.conv is None and isinstance(blk.bn2, nn.Identity)
+    # conv2 ends the residual branch: its BN stays (the only normalisation before the add).
+    assert blk.conv2.conv is None and isinstance(blk.bn2, nn.BatchNorm2d)
     x = torch.relu(torch.randn(2, 16, 16, 16))  # a block reads a ReLU output
     with torch.no_grad():
         out = F.relu(_bn(blk.bn1, F.conv2d(F.max_pool2d(x, 3, 2, 1), blk.conv1.conv.weight)))
-        out = F.max_pool2d(out, 3, 1, 1)
+        out = _bn(blk.bn2, F.max_pool2d(out, 3, 1, 1))
         short = F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, 8, 8))
         ref = F.relu(out + short)
         assert max_rel_diff(ref, blk(x)) <= 1e-6
+
+
+def test_a_branch_of_pools_stays_normalised() -> None:
+    """Every conv of cifar_resnet20 after the stem becomes a pool. Without the BN before each
+    residual addition the branch is pool(ReLU(pool(x))) >= x, so activations at least double
+    per block (2^9 over the 9 blocks; training then saw losses of 1e16); with it, freshly
+    initialised, the features stay within a few times the stem's."""
+    torch.manual_seed(0)
+    m = autobuild.convert("cifar_resnet20", "parameter-free").train()
+    feats = {}
+    m.layer1.register_forward_hook(lambda mod, i, o: feats.setdefault("in", i[0]))
+    m.layer3.register_forward_hook(lambda mod, i, o: feats.setdefault("out", o))
+    m(torch.randn(64, 3, 32, 32))
+    growth = feats["out"].abs().mean() / feats["in"].abs().mean()
+    assert growth < 16, growth
 
 
 def test_vgg_every_conv_but_the_stem() -> None:
@@ -182,9 +198,10 @@ class _Detector(nn.Module):
 
 def test_bn_of_a_rooted_model_is_found() -> None:
     base = Baseline(_Detector(), "custom:_Detector", (3, 32, 32), root="backbone")
-    m = convert_baseline(base, "parameter-free", sites=["backbone.layer1.0.conv2"]).model
-    assert isinstance(m.backbone.layer1[0].bn2, nn.Identity)
-    assert isinstance(m.backbone.layer1[0].conv2, ParameterFreeLayer)
+    # conv1 (conv2 ends the branch, so its BN would stay whatever the root).
+    m = convert_baseline(base, "parameter-free", sites=["backbone.layer1.0.conv1"]).model
+    assert isinstance(m.backbone.layer1[0].bn1, nn.Identity)
+    assert isinstance(m.backbone.layer1[0].conv1, ParameterFreeLayer)
 
 
 # ---- refusals ----------------------------------------------------------------------------

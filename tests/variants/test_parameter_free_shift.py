@@ -110,16 +110,18 @@ def test_shift_refusals() -> None:
 
 # ---- converted networks: counts, training, refusals ------------------------------------------
 def _expected_params(base: nn.Module, sites: list[str]) -> int:
-    """The baseline minus each site's conv; a same-width site loses its BN too, a
-    channel-changing one gains a bias-free 1x1 conv (its BN stays)."""
+    """The baseline minus each site's conv; a same-width site loses its BN too unless it
+    ends a residual branch (conv2 of a basic block), a channel-changing one gains a
+    bias-free 1x1 conv (its BN stays)."""
     modules = dict(base.named_modules())
     total = sum(p.numel() for p in base.parameters())
     for name in sites:
         conv = modules[name]
         total -= conv.weight.numel()
         if conv.in_channels == conv.out_channels:
-            bn = modules[name.replace("conv", "bn")]
-            total -= bn.weight.numel() + bn.bias.numel()
+            if not name.endswith("conv2"):
+                bn = modules[name.replace("conv", "bn")]
+                total -= bn.weight.numel() + bn.bias.numel()
         else:
             total += conv.in_channels * conv.out_channels
     return total
