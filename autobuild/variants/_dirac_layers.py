@@ -16,7 +16,6 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules.utils import _pair
 
 from autobuild.errors import AutobuildError
 from autobuild.ops.common import NoAutocast, autocast_cast, autocast_dtype, fused_ok
@@ -34,6 +33,23 @@ def _tuple(v: int | Sequence[int], n: int) -> tuple[int, ...]:
     if len(t) != n:
         raise AutobuildError(f"expected {n} values, got {t}")
     return t
+
+
+def _set_geometry(conv: nn.Module, in_channels: int, out_channels: int,
+                  kernel_size: int | Sequence[int], dilation: int | Sequence[int], groups: int,
+                  dims: int) -> None:
+    """A Dirac conv's shape attributes and its (uninitialised) filter W, with the "same"
+    padding that makes δ an identity; refuses an even kernel (δ has no centre)."""
+    k, d = _tuple(kernel_size, dims), _tuple(dilation, dims)
+    if any(v % 2 == 0 for v in k):
+        raise AutobuildError(f"a Dirac conv needs an odd kernel (a centre for δ), got {k}")
+    if in_channels % groups or out_channels % groups:
+        raise AutobuildError(f"channels {in_channels}->{out_channels} are not divisible by "
+                             f"groups={groups}")
+    conv.in_channels, conv.out_channels, conv.groups = in_channels, out_channels, groups
+    conv.kernel_size, conv.dilation = k, d
+    conv.padding = tuple(di * (ki - 1) // 2 for ki, di in zip(k, d, strict=True))
+    conv.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *k))
 
 
 @torch.no_grad()
@@ -70,20 +86,12 @@ class DiracConvNd(nn.Module):
                  kernel_size: int | Sequence[int] = 3, dilation: int | Sequence[int] = 1,
                  groups: int = 1, bias: bool = False) -> None:
         super().__init__()
-        k, d = _tuple(kernel_size, self.dims), _tuple(dilation, self.dims)
-        if any(v % 2 == 0 for v in k):
-            raise AutobuildError(f"a Dirac conv needs an odd kernel (a centre for δ), got {k}")
-        if in_channels % groups or out_channels % groups:
-            raise AutobuildError(f"channels {in_channels}->{out_channels} are not divisible by "
-                                 f"groups={groups}")
-        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
-        self.kernel_size, self.dilation = k, d
-        self.padding = tuple(di * (ki - 1) // 2 for ki, di in zip(k, d, strict=True))
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *k))
+        _set_geometry(self, in_channels, out_channels, kernel_size, dilation, groups, self.dims)
         self.alpha = nn.Parameter(torch.ones(out_channels))
         self.beta = nn.Parameter(torch.full((out_channels,), 0.1))
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
-        delta = nn.init.dirac_(torch.empty(out_channels, in_channels // groups, *k), groups)
+        delta = nn.init.dirac_(torch.empty(out_channels, in_channels // groups,
+                                           *self.kernel_size), groups)
         self.register_buffer("delta", delta, persistent=False)
         nn.init.kaiming_normal_(self.weight, mode="fan_out", nonlinearity="relu")
 
@@ -223,23 +231,14 @@ class DiracConv2d(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int | Sequence[int] = 3,
                  dilation: int | Sequence[int] = 1, groups: int = 1, bias: bool = False) -> None:
         super().__init__()
-        kp, dp = _pair(kernel_size), _pair(dilation)
-        k, d = (int(kp[0]), int(kp[1])), (int(dp[0]), int(dp[1]))
-        if any(v % 2 == 0 for v in k):
-            raise AutobuildError(f"a Dirac conv needs an odd kernel (a centre for δ), got {k}")
-        if in_channels % groups or out_channels % groups:
-            raise AutobuildError(f"channels {in_channels}->{out_channels} are not divisible by "
-                                 f"groups={groups}")
-        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
-        self.kernel_size, self.dilation = k, d
-        self.padding = (d[0] * (k[0] - 1) // 2, d[1] * (k[1] - 1) // 2)
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *k))
+        _set_geometry(self, in_channels, out_channels, kernel_size, dilation, groups, 2)
         self.alpha = nn.Parameter(torch.full((out_channels,), ALPHA_INIT))
         self.beta = nn.Parameter(torch.full((out_channels,), BETA_INIT))
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
         # δ is a function of the shape: rebuilt, never saved (the state_dict holds only
         # what training changes).
-        self.register_buffer("delta", dirac_delta(out_channels, in_channels, k, groups),
+        self.register_buffer("delta", dirac_delta(out_channels, in_channels, self.kernel_size,
+                                                  groups),
                              persistent=False)
         self.reset_parameters()
 
