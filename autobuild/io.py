@@ -330,12 +330,11 @@ def _legacy_parameters(plan: Plan) -> list[_Fill]:
 def _fill_legacy(model: nn.Module, state: dict[str, torch.Tensor],
                  expected: dict[str, torch.Tensor], fills: list[_Fill]) -> dict[str, torch.Tensor]:
     added = {}
-    for key, t in expected.items():
+    for key in (k for k in expected if k not in state) if fills else ():
         owner, _, name = key.rpartition(".")
         for param, value, layers in fills:
-            if key not in state and name == param and isinstance(model.get_submodule(owner),
-                                                                  layers):
-                added[key] = torch.full(t.shape, value, dtype=t.dtype)
+            if name == param and isinstance(model.get_submodule(owner), layers):
+                added[key] = torch.full(expected[key].shape, value, dtype=expected[key].dtype)
     return {**state, **added} if added else state
 
 

@@ -21,7 +21,8 @@ group is translated by its tap's offset with zero fill (``Shift2d``). It keeps t
 kernel, stride, padding and dilation, so the output has the conv's size (a strided shift is
 the stride-1 one with every s-th pixel kept); it has no parameters and no MACs, and needs
 an odd kernel (a centre tap). It is placed exactly as the pools: BN dropped after a lone
-shift, a 1x1 conv (BN kept) where the channel count changes.
+shift (kept where it ends a residual branch), a 1x1 conv (BN kept) where the channel count
+changes.
 
 Attention sites (``vit_pf.py`` / ``pit_pf.py``: ViT-S-max, PiT-S-max): a self-attention on
 (tokens, dim) becomes PfLayer's efficient layer, Linear(dim, ratio·dim) -> GELU ->
@@ -57,10 +58,11 @@ weights left in its branch but the BN of its second conv, which stays: a pool th
 residual branch keeps its BN (PfLayer has no such site; its pools are followed by a 1x1
 conv and BN). Without it the branch pool(ReLU(pool(x))) >= x doubles the activations at
 every block; cifar_resnet20 trained that way reached losses of 1e16 and stayed at chance,
-with the BN it learns (docs/benchmarks.md). Pass ``--sites`` to keep some convs. Reference counts at
-224x224 (the PfLayer paper): ResNet-50 25.56M / 4.1G MACs; R50-max 14.23M / 2.2G;
-R50-hybrid 17.33M / 2.6G; autobuild measures 25.56M / 4.09G, 14.23M / 2.24G and
-17.33M / 2.59G, the paper's figures at its one-decimal precision.
+with the BN it learns (docs/benchmarks.md). Pass ``--sites`` to keep some convs.
+
+Reference counts at 224x224 (the PfLayer paper): ResNet-50 25.56M / 4.1G MACs; R50-max
+14.23M / 2.2G; R50-hybrid 17.33M / 2.6G; autobuild measures 25.56M / 4.09G, 14.23M / 2.24G
+and 17.33M / 2.59G, the paper's figures at its one-decimal precision.
 
 A max-pool cannot compute a convolution, so only ``--init scratch`` exists; the convs a
 hybrid layout keeps retain their weights.

@@ -144,14 +144,14 @@ _REBUILT_FROM = {_DENSENET: ("growth", "block_config", "compression", "classifie
                  _DARTS: ("c", "genotype", "classifier", "stem")}
 
 
-def _without_effect(options: dict[str, Any], baselines: set[str]) -> tuple[str, str] | None:
+def _without_effect(options: dict[str, Any], baselines: set[str],
+                    velocity: str) -> tuple[str, str] | None:
     """An option set away from its default that changes nothing with the others, and why
-    (None if none): a placement must name one network once, not twice under two keys."""
+    (None if none): a placement must name one network once, not twice under two keys.
+    ``velocity`` is the velocity map that ``coeffs`` resolves to."""
     # H^0 differs from f only through an init block (a DARTS cell in DARTS-Global).
     has_init = options["init_block"] != "identity" or (
         options["layout"] == "paper" and _DARTS in baselines)
-    velocity = resolve_coeffs(options["coeffs"], options["velocity"],
-                              options["diffusivity"])[0]
     if options["h_prev"] != "f" and not has_init:
         return "h_prev", "H^0 is f without an init_block"
     if options["velocity_from"] != "h" and (not has_init or velocity == "none"):
@@ -162,6 +162,31 @@ def _without_effect(options: dict[str, Any], baselines: set[str]) -> tuple[str, 
         return "separable", "no basic block: it applies to layout=paper's ResNet stages and " \
                             "basicblock maps"
     return None
+
+
+def _paper_network(kind: str, root: nn.Module, options: dict[str, Any],
+                   kwargs: dict[str, Any]) -> tuple[nn.Module, str]:
+    """The official network layout=paper builds from the baseline ``root``, and a note."""
+    if kind == _DENSENET:
+        # The baseline's own class with fewer layers and a Global layer after each
+        # transition (the official densenet.DenseNet with global_ft).
+        n = options["dense_layers"]
+        net = type(root)(root.growth, (n,) * len(root.block_config),
+                         root.classifier.out_features, root.features.conv0.in_channels,
+                         root.compression, global_layer=lambda c: GlobalLayer(c, **kwargs))
+        if options["init_block"] == "basicdense":  # the official cell_type
+            return net, "official DenseNet-Global"
+        return net, "DenseNet-Global (the official one has init_block=basicdense)"
+    if kind == _DARTS:
+        # Fewer cells, and before each reduction cell a Global layer whose H^0 is one more
+        # normal cell (the official darts.DARTS_NetworkCIFAR with global_ft).
+        net = type(root)(root.c, root.classifier.out_features, options["cells"],
+                         root.genotype, root.stem[0].in_channels,
+                         global_cell=lambda cell, c: CellGlobalLayer(cell, c, **kwargs))
+        return net, "official DARTS-Global"
+    net = ResNetGlobal(root.fc.out_features, root.conv1.in_channels,
+                       parse_widths(options["widths"]), blocks=options["blocks"], **kwargs)
+    return net, "official CIFAR ResNet-Global"
 
 
 def _layer_kwargs(options: dict[str, Any]) -> dict[str, Any]:
@@ -297,17 +322,17 @@ class PdeGlobalVariant(Variant):
             raise InfeasiblePlacement(f"pde-global needs a finite dt > 0 (got dt="
                                       f"{options['dt']}); e.g. --option dt=0.2")
         self._check_network_options(sites, options)
+        try:
+            velocity, diffusivity = resolve_coeffs(options["coeffs"], options["velocity"],
+                                                   options["diffusivity"])
+        except AutobuildError as e:
+            raise InfeasiblePlacement(f"pde-global: {e}") from None
         unused = [n for n in ("cdx", "cdy") if options[n] != 1.0]
-        if unused and "constant" not in (options["coeffs"], options["diffusivity"]) \
-                and options["coeffs"] != "constant_diffusivity":
+        if unused and diffusivity != "constant":
             raise InfeasiblePlacement(f"option {unused[0]} of pde-global sets a constant "
                                       f"diffusivity; add --option diffusivity=constant (or "
                                       f"coeffs=constant_diffusivity) or drop it")
-        try:
-            resolve_coeffs(options["coeffs"], options["velocity"], options["diffusivity"])
-        except AutobuildError as e:
-            raise InfeasiblePlacement(f"pde-global: {e}") from None
-        useless = _without_effect(options, {s.module_type for s in sites})
+        useless = _without_effect(options, {s.module_type for s in sites}, velocity)
         if useless:
             name, why = useless
             raise InfeasiblePlacement(f"option {name} of pde-global changes nothing here "
@@ -356,31 +381,8 @@ class PdeGlobalVariant(Variant):
         kwargs = _layer_kwargs(options)
         if options["layout"] == "paper":
             root = rewriter.root_module
-            if site.module_type == _DENSENET:
-                # The baseline's own class with fewer layers and a Global layer after each
-                # transition (the official densenet.DenseNet with global_ft).
-                n = options["dense_layers"]
-                net = type(root)(root.growth, (n,) * len(root.block_config),
-                                 root.classifier.out_features,
-                                 root.features.conv0.in_channels, root.compression,
-                                 global_layer=lambda c: GlobalLayer(c, **kwargs))
-                official = options["init_block"] == "basicdense"  # the official cell_type
-                rewriter.set_root(site, _like(net, root), note="official DenseNet-Global" if
-                                  official else "DenseNet-Global (the official one has "
-                                  "init_block=basicdense)")
-                return
-            if site.module_type == _DARTS:
-                # Fewer cells, and before each reduction cell a Global layer whose H^0 is one
-                # more normal cell (the official darts.DARTS_NetworkCIFAR with global_ft).
-                net = type(root)(root.c, root.classifier.out_features, options["cells"],
-                                 root.genotype, root.stem[0].in_channels,
-                                 global_cell=lambda cell, c: CellGlobalLayer(cell, c, **kwargs))
-                rewriter.set_root(site, _like(net, root), note="official DARTS-Global")
-                return
-            net = ResNetGlobal(root.fc.out_features, root.conv1.in_channels,
-                               parse_widths(options["widths"]), blocks=options["blocks"],
-                               **kwargs)
-            rewriter.set_root(site, _like(net, root), note="official CIFAR ResNet-Global")
+            net, note = _paper_network(site.module_type, root, options, kwargs)
+            rewriter.set_root(site, _like(net, root), note=note)
             return
         stage = rewriter.module(site)
         first = next(iter(stage.children()))
