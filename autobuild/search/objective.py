@@ -25,6 +25,9 @@ __all__ = ["Objective", "ResolvedGroup", "SurplusTrial", "resolve_groups"]
 #: Trial user attributes every trial gets (the report and the dashboard read them).
 ATTR_KEY = "placement_key"
 REUSE_POLL_S = 2.0
+#: A running trial names its placement key a moment after it starts; one older than this
+#: without a key never will (its worker died before), so nobody waits for it.
+KEYLESS_WAIT_S = 60.0
 
 
 class SurplusTrial(Exception):
@@ -273,6 +276,7 @@ class Objective:
         """The values of an earlier trial with the same placement (waiting for one that is
         running now, whoever runs it); None when this trial must train."""
         study = trial.study
+        first_seen: dict[int, float] = {}
         while True:
             same = [t for t in study.get_trials(deepcopy=False)
                     if t.number != trial.number and t.user_attrs.get(ATTR_KEY) == key]
@@ -293,9 +297,15 @@ class Objective:
                 return tuple(source.values)
             running = [t for t in same if t.state == optuna.trial.TrialState.RUNNING
                        and t.number < trial.number]
-            if not running:
+            if running:
+                time.sleep(REUSE_POLL_S)
+            elif _keyless_before(study, trial.number, first_seen):
+                # An earlier trial has not named its placement yet. Deciding now would race
+                # it: it may be this placement and, seeing this trial's higher number, train
+                # it too. The lower number trains; a later one waits for it.
+                time.sleep(REUSE_POLL_S / 10)
+            else:
                 return None
-            time.sleep(REUSE_POLL_S)
 
     # ---- records ----------------------------------------------------------------------
     def _upload_plan(self, trial: optuna.Trial, placement: Placement) -> None:
@@ -328,6 +338,17 @@ class Objective:
     def _say(self, line: str) -> None:
         if not self.quiet:
             print(line, file=sys.stderr, flush=True)
+
+
+def _keyless_before(study: optuna.Study, number: int, first_seen: dict[int, float]) -> bool:
+    """Whether a running trial numbered below ``number`` has not set its placement key yet
+    and may still do so: ``first_seen`` (trial number -> monotonic time, kept by the caller)
+    bounds the wait on each, without trusting other machines' clocks."""
+    now = time.monotonic()
+    keyless = [t.number for t in study.get_trials(
+        deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        if t.number < number and ATTR_KEY not in t.user_attrs]
+    return any(now - first_seen.setdefault(n, now) < KEYLESS_WAIT_S for n in keyless)
 
 
 def _curves(trial: optuna.Trial, cost_keys: list[str]) -> list[Curve]:

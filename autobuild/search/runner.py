@@ -288,25 +288,17 @@ def work(search: Search, n_trials: int) -> None:
     """Run trials until the study holds ``n_trials`` finished (complete or pruned) ones.
     Trials other workers are running count; a failed one does not (its retry runs). Stale
     trials (a worker that stopped sending heartbeats) are failed and re-queued here too."""
-    import signal
-    import threading
-
     from optuna.storages import fail_stale_trials
 
-    from autobuild.errors import Terminated
+    from autobuild.search.interrupts import deliver_outside_storage
     from autobuild.search.objective import SurplusTrial
     from autobuild.train import DivergedError
 
-    def on_term(signum: int, frame: Any) -> None:
-        raise Terminated()
-
-    main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, on_term) if main else None
     search.objective.n_trials = n_trials
     callbacks = [_after_trial(search), _pareto_line(search)]
     failures = 0
-    fail_stale_trials(search.study)  # even when no other worker is left to do it
-    try:
+    with deliver_outside_storage():
+        fail_stale_trials(search.study)  # even when no other worker is left to do it
         while finished(search.study) < n_trials:
             if finished(search.study) + running_elsewhere(search.study) >= n_trials:
                 wait_for_others(search.study)  # the last trials run elsewhere (or went stale)
@@ -323,9 +315,6 @@ def work(search: Search, n_trials: int) -> None:
                 if failures > n_trials:
                     raise AutobuildError(f"{failures} trials failed (see their fail_reason); "
                                          "stopping the search")
-    finally:
-        if main:
-            signal.signal(signal.SIGTERM, previous)
 
 
 def requeue_interrupted(study: optuna.Study, number: int | None) -> None:

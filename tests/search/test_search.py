@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -164,8 +165,8 @@ def test_ctrl_c_stops_cleanly_and_resume_finishes(in_tmp) -> None:
         if "epoch 1/6" in line:
             break
     proc.send_signal(signal.SIGINT)
-    proc.communicate(timeout=120)
-    assert proc.returncode == 130
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
     study = optuna.load_study(study_name="tiny", storage="sqlite:///studies/tiny.db")
     states = [t.state for t in study.trials]
     assert optuna.trial.TrialState.RUNNING not in states
@@ -233,3 +234,47 @@ def test_joining_and_resuming_samplers_do_not_replay_the_creators_proposals(monk
     first = runner._sampler_seed(space, study, created=False, join=True)
     monkeypatch.setattr(runner.os, "getpid", lambda: 1001)
     assert runner._sampler_seed(space, study, created=False, join=True) != first
+
+
+def test_a_trial_waits_for_an_earlier_one_that_has_not_named_its_placement(monkeypatch) -> None:
+    # Two workers start trials 0 and 1 with one placement. Trial 1 names it first: deciding
+    # then would let both train (trial 0 later sees only a *higher* trial with its key).
+    # Trial 1 must wait until trial 0 has named its placement, then reuse trial 0's result.
+    import threading
+
+    from autobuild.search import objective as objective_module
+
+    monkeypatch.setattr(objective_module, "REUSE_POLL_S", 0.05)
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    low, high = study.ask(), study.ask()
+    high.set_user_attr(objective_module.ATTR_KEY, "K")
+    waiter = objective_module.Objective.__new__(objective_module.Objective)
+    waiter.quiet = True
+    result: list = []
+    thread = threading.Thread(target=lambda: result.append(waiter._reuse(high, "K")))
+    thread.start()
+    time.sleep(0.3)
+    assert thread.is_alive()  # trial 0 has no key yet: trial 1 does not decide
+    low.set_user_attr(objective_module.ATTR_KEY, "K")
+    time.sleep(0.3)
+    assert thread.is_alive()  # trial 0 trains this placement: trial 1 waits for its result
+    study.tell(low, [50.0, 1e6])
+    thread.join(timeout=5)
+    assert result == [(50.0, 1e6)]
+    assert study.trials[1].user_attrs["reused_from"] == 0
+
+
+def test_a_keyless_trial_is_waited_for_a_bounded_time(monkeypatch) -> None:
+    from autobuild.search import objective as objective_module
+
+    monkeypatch.setattr(objective_module, "REUSE_POLL_S", 0.05)
+    monkeypatch.setattr(objective_module, "KEYLESS_WAIT_S", 0.3)
+    study = optuna.create_study()
+    study.ask()  # a worker that died before naming its placement
+    mine = study.ask()
+    mine.set_user_attr(objective_module.ATTR_KEY, "K")
+    waiter = objective_module.Objective.__new__(objective_module.Objective)
+    waiter.quiet = True
+    start = time.monotonic()
+    assert waiter._reuse(mine, "K") is None  # nothing to reuse: this trial trains
+    assert 0.3 <= time.monotonic() - start < 3
