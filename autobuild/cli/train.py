@@ -75,6 +75,15 @@ def _add_recipe_arguments(p: argparse.ArgumentParser) -> None:
                    help="multistep factor in (0, 1] (default 0.1)")
     g.add_argument("--label-smoothing", type=typed("label_smoothing"), default=_S,
                    help="in [0, 1)")
+    g.add_argument("--cutout", type=typed("cutout"), default=_S, metavar="PIXELS",
+                   help="cut a square of this side out of each training image (0 = off; "
+                        "DARTS and PDE-Global use 16)")
+    g.add_argument("--drop-path", type=typed("drop_path"), default=_S, metavar="RATE",
+                   help="DARTS drop path in [0, 1), raised linearly from 0 over the run "
+                        "(DARTS: 0.2)")
+    g.add_argument("--aux-weight", type=typed("aux_weight"), default=_S,
+                   help="weight of an auxiliary tower's loss in [0, 10] (default 0.4; "
+                        "cifar_darts_v2_aux)")
     g.add_argument("--clip-grad", type=typed("clip_grad"), default=_S,
                    help="max grad norm >= 0; auto = 0.5 for quadratic/multiplicative (10 for "
                         "detectors); 0 = off")
@@ -211,6 +220,7 @@ def run(args: argparse.Namespace) -> int:
 # ---- a new run: directory, recipe, data, model -------------------------------------------
 def _new_job(args: argparse.Namespace) -> _Job:
     from autobuild.train import prepare_run_dir
+    from autobuild.train.regularize import check_regularizers
     from autobuild.train.runs import is_main_process
 
     run_dir, adopt = _new_run_dir(args)
@@ -219,6 +229,7 @@ def _new_job(args: argparse.Namespace) -> _Job:
     cfg = _recipe(args, name, task)
     data = _new_data(args, name, task)
     model = _build_model(args, cfg)
+    check_regularizers(model, cfg, detection=task == "detection")
     if is_main_process():  # only rank 0 touches the run directory
         prepare_run_dir(run_dir, force=args.force, adopt=adopt)
     return _Job(run_dir, task, model, data, cfg, resume=False)

@@ -3,10 +3,12 @@ evaluation network, ``cifar_darts_v2`` (36 initial channels, 20 cells: 3.35M par
 paper's 3.3M), as PDE-Global's ``darts.py`` builds it (its baseline and, with Global layers,
 DARTS-Global).
 
-Two training devices of the DARTS recipe are not built: the auxiliary tower (a second
-classifier head whose loss is added with weight 0.4) and drop path inside the cells (raised
-from 0 to 0.2 over training). autobuild's training loop has neither; counts are compared
-with the reference code at ``auxiliary=False``.
+The DARTS recipe's two training devices are built: drop path inside the cells
+(:class:`DropPath`; training raises its rate from 0 to ``--drop-path``, DARTS's 0.2) and the
+auxiliary tower (:class:`AuxiliaryHead`, in ``cifar_darts_v2_aux``: a second classifier
+after the second reduction cell whose loss training adds with ``--aux-weight``, DARTS's
+0.4). The tower's 0.48M params only train; DARTS and PDE-Global count the network without
+it, as ``cifar_darts_v2`` does.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ import torch
 from torch import Tensor, nn
 
 from autobuild.models.registry import register_model
+from autobuild.rewrite import register_leaf_module
 
-__all__ = ["DARTS_V2", "Cell", "DartsNetwork", "FactorizedReduce", "Genotype"]
+__all__ = ["DARTS_V2", "AuxiliaryHead", "Cell", "DartsNetwork", "DropPath", "FactorizedReduce",
+           "Genotype"]
 
 #: (normal, normal_concat, reduce, reduce_concat): each cell node sums two ops applied to
 #: two earlier states (0, 1: the cell's inputs; 2..: its nodes).
@@ -106,6 +110,55 @@ OPS: dict[str, Callable[[int, int], nn.Module]] = {
 }
 
 
+class DropPath(nn.Module):
+    """DARTS's drop path on one op's output: in training, each sample's output is zeroed
+    with probability ``drop_prob`` and the others scaled by 1/(1 - ``drop_prob``); the
+    identity otherwise. ``drop_prob`` starts at 0: training's schedule sets it
+    (``drop_path_scheduled``). A leaf of the fx graph, so converted networks keep it."""
+
+    drop_path_scheduled = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.drop_prob = 0.0
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.drop_prob <= 0.0:
+            return x
+        keep = 1.0 - self.drop_prob
+        mask = torch.empty(x.shape[0], *(1,) * (x.dim() - 1), dtype=x.dtype, device=x.device)
+        return x / keep * mask.bernoulli_(keep)
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob}"
+
+
+class AuxiliaryHead(nn.Module):
+    """DARTS's auxiliary tower for 8x8 CIFAR features: ReLU, 5x5 average pool (stride 3),
+    1x1 conv to 128, BN, ReLU, 2x2 conv to 768, BN, ReLU, Linear. It passes its input on
+    unchanged; in training it also keeps its logits in ``auxiliary_logits``, which the
+    training loop adds to the loss (so the network's output stays one tensor, and the
+    tower costs nothing at evaluation). Module names follow the reference code."""
+
+    def __init__(self, channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.ReLU(), nn.AvgPool2d(5, stride=3, padding=0, count_include_pad=False),
+            nn.Conv2d(channels, 128, 1, bias=False), nn.BatchNorm2d(128), nn.ReLU(),
+            nn.Conv2d(128, 768, 2, bias=False), nn.BatchNorm2d(768), nn.ReLU())
+        self.classifier = nn.Linear(768, num_classes)
+        self.auxiliary_logits: Tensor | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training:
+            self.auxiliary_logits = self.classifier(self.features(x).flatten(1))
+        return x
+
+
+register_leaf_module(DropPath)
+register_leaf_module(AuxiliaryHead)
+
+
 class Cell(nn.Module):
     """One DARTS cell on the two previous states: both are mapped to ``c`` channels, each
     node sums two ops of earlier states, the output concatenates the listed nodes."""
@@ -122,12 +175,17 @@ class Cell(nn.Module):
         self.multiplier = len(self._concat)
         self._ops = nn.ModuleList(OPS[name](c, 2 if reduction and index < 2 else 1)
                                   for name, index in ops)
+        self.drop_path = DropPath()
+
+    def _op(self, k: int, states: list[Tensor]) -> Tensor:
+        out = self._ops[k](states[self._indices[k]])
+        # DARTS drops every op's output but an identity's (a skip keeps its path open).
+        return out if isinstance(self._ops[k], nn.Identity) else self.drop_path(out)
 
     def forward(self, s0: Tensor, s1: Tensor) -> Tensor:
         states = [self.preprocess0(s0), self.preprocess1(s1)]
         for i in range(len(self._ops) // 2):
-            states.append(self._ops[2 * i](states[self._indices[2 * i]])
-                          + self._ops[2 * i + 1](states[self._indices[2 * i + 1]]))
+            states.append(self._op(2 * i, states) + self._op(2 * i + 1, states))
         return torch.cat([states[i] for i in self._concat], dim=1)
 
 
@@ -135,11 +193,13 @@ class DartsNetwork(nn.Module):
     """DARTS's CIFAR evaluation network: a 3x3 stem of 3·C channels, ``layers`` cells with
     reduction cells (channels doubled) at 1/3 and 2/3 of the depth, average pooling, a
     Linear head. ``global_cell(cell, channels)``, when given, adds before each reduction cell
-    a Global layer whose H^0 is a further normal cell (PDE-Global's DARTS-Global)."""
+    a Global layer whose H^0 is a further normal cell (PDE-Global's DARTS-Global).
+    ``auxiliary`` adds the auxiliary tower after the second reduction cell."""
 
     def __init__(self, c: int = 36, num_classes: int = 10, layers: int = 20,
                  genotype: Genotype = DARTS_V2, in_chans: int = 3,
-                 global_cell: Callable[[Cell, int], nn.Module] | None = None) -> None:
+                 global_cell: Callable[[Cell, int], nn.Module] | None = None,
+                 auxiliary: bool = False) -> None:
         super().__init__()
         self.c, self.layers, self.genotype = c, layers, genotype
         c_curr = 3 * c
@@ -148,6 +208,7 @@ class DartsNetwork(nn.Module):
         c_pp, c_p, c_curr = c_curr, c_curr, c
         self.cells = nn.ModuleList()
         reduction = reduction_prev = False
+        self._auxiliary_after, c_auxiliary = -1, 0
         for i in range(layers):
             if i in (layers // 3, 2 * layers // 3):
                 if global_cell is not None:  # (the cell before is a normal one)
@@ -163,13 +224,18 @@ class DartsNetwork(nn.Module):
             self.cells.append(cell)
             reduction_prev = reduction
             c_pp, c_p = c_p, cell.multiplier * c_curr
+            if i == 2 * layers // 3:
+                self._auxiliary_after, c_auxiliary = len(self.cells) - 1, c_p
+        self.auxiliary_head = AuxiliaryHead(c_auxiliary, num_classes) if auxiliary else None
         self.global_pooling = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(c_p, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         s0 = s1 = self.stem(x)
-        for cell in self.cells:
+        for i, cell in enumerate(self.cells):
             s0, s1 = s1, cell(s0, s1)
+            if i == self._auxiliary_after and self.auxiliary_head is not None:
+                s1 = self.auxiliary_head(s1)  # the input, unchanged (logits kept aside)
         return self.classifier(self.global_pooling(s1).flatten(1))
 
 
@@ -177,3 +243,8 @@ register_model("cifar_darts_v2", lambda **kw: DartsNetwork(36, layers=20, **kw),
                input_size=(3, 32, 32), num_classes=10, source="cifar",
                description="DARTS-V2 (Liu et al. 2019), 36 channels, 20 cells, no auxiliary "
                            "tower")
+register_model("cifar_darts_v2_aux",
+               lambda **kw: DartsNetwork(36, layers=20, auxiliary=True, **kw),
+               input_size=(3, 32, 32), num_classes=10, source="cifar",
+               description="DARTS-V2 with its auxiliary tower (the network DARTS and "
+                           "PDE-Global train: --aux-weight 0.4 --drop-path 0.2)")

@@ -74,6 +74,15 @@ class TrainConfig(BaseModel):
     lr_milestones: list[PositiveInt] | None = None
     lr_gamma: Annotated[float, Field(gt=0, le=1)] = 0.1
     label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    #: Side of the square cut out of each training image (DeVries & Taylor 2017; PDE-Global
+    #: and DARTS train CIFAR with 16); 0 = off. Classifiers only.
+    cutout: Annotated[int, Field(ge=0, le=4096)] = 0
+    #: Drop path rate of DARTS cells at the end of the run (DARTS: 0.2): it rises linearly
+    #: from 0. 0 = off; refused for a model without drop path.
+    drop_path: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    #: Weight of an auxiliary tower's loss (DARTS: 0.4); used by models that have one
+    #: (cifar_darts_v2_aux), 0 = train the tower not at all.
+    aux_weight: Annotated[float, Field(ge=0, le=10)] = 0.4
     #: Max gradient norm; "auto" = 0.5 for quadratic/multiplicative plans (10 for detectors),
     #: else none; 0 = off. A negative norm would flip the gradient: refused.
     clip_grad: float | str = "auto"

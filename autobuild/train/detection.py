@@ -31,6 +31,7 @@ from autobuild.train.detection_data import (
 )
 from autobuild.train.distributed import Dist
 from autobuild.train.metrics import DetectionEpochMetrics
+from autobuild.train.regularize import check_regularizers
 from autobuild.train.session import (
     Callback,
     Session,
@@ -270,6 +271,7 @@ def train_detection(model: nn.Module, data: DetectionData | str,
     The best epoch is the one with the highest val mAP; ``--compile`` compiles the backbone
     (the heads and the loss have data-dependent shapes)."""
     cfg = config or detection_config("ssd300_vgg16")
+    check_regularizers(model, cfg, detection=True)
     data = build_detection_data(data) if isinstance(data, str) else data
     check_detector(model, data)
     prepare_detector(model)

@@ -23,6 +23,14 @@ from autobuild.train.config import TrainConfig
 from autobuild.train.data import Data, build_data
 from autobuild.train.distributed import Dist
 from autobuild.train.metrics import EpochMetrics
+from autobuild.train.regularize import (
+    auxiliary_heads,
+    auxiliary_loss,
+    check_regularizers,
+    cutout,
+    drop_path_modules,
+    set_drop_path,
+)
 from autobuild.train.session import (
     BEST_WEIGHTS,
     LAST_WEIGHTS,
@@ -129,19 +137,22 @@ def train(model: nn.Module, data: Data | str, config: TrainConfig | None = None,
     cfg = config or TrainConfig()
     data = build_data(data) if isinstance(data, str) else data
     check_fits(model, data)
+    check_regularizers(model, cfg)
     session = Session(model, cfg, out_dir=out_dir, best_key="best_top1")
     train_loader = make_loader(data.train, cfg, session.device, session.dist, True)
     val_loader = make_loader(data.val, cfg, session.device, session.dist, False)
     if len(train_loader) == 0:
         raise AutobuildError(f"{data.name} has too few training images for one batch")
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    drop_paths, heads = drop_path_modules(model), auxiliary_heads(model)
     with session:  # records how the run ended in train.yaml
         session.start(len(train_loader), resume=resume, metrics_cls=EpochMetrics,
                       data_record=_data_record(data))
         session.probe = lambda: ("classification", _first_batches(val_loader))
         for epoch in range(session.first_epoch, cfg.epochs + 1):
             t0 = time.perf_counter()
-            loss, acc, images = _train_epoch(session, train_loader, criterion, epoch)
+            set_drop_path(drop_paths, cfg.drop_path, epoch, cfg.epochs)
+            loss, acc, images = _train_epoch(session, train_loader, criterion, epoch, heads)
             seconds = time.perf_counter() - t0
             val_loss, top1, top5 = _evaluate(session.model_to_evaluate(), val_loader, cfg,
                                              session.device, session.dist, data.num_classes)
@@ -157,10 +168,10 @@ def train(model: nn.Module, data: Data | str, config: TrainConfig | None = None,
 
 
 def _train_epoch(session: Session, loader: DataLoader, criterion: nn.Module,
-                 epoch: int) -> tuple[float, float, float]:
+                 epoch: int, heads: list[nn.Module]) -> tuple[float, float, float]:
     """One pass over the training data: (mean loss, accuracy %, images), over all ranks.
     Every ``log_interval`` steps the sums are synchronised, which is also where a
-    non-finite loss stops the run."""
+    non-finite loss stops the run. The loss includes auxiliary ``heads``' weighted losses."""
     device, mem, steps = session.device, session.memory_format, len(loader)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -172,9 +183,13 @@ def _train_epoch(session: Session, loader: DataLoader, criterion: nn.Module,
     for i, (x, y) in enumerate(loader, 1):
         x = x.to(device, non_blocking=True, memory_format=mem)
         y = y.to(device, non_blocking=True)
+        x = cutout(x, session.cfg.cutout)
         with session.autocast():
             out = session.net(x)
             loss = criterion(out.float(), y)
+            aux = auxiliary_loss(heads, criterion, y, session.cfg.aux_weight)
+            if aux is not None:
+                loss = loss + aux
         session.step(loss)
         # Accumulate on the device: no host sync per step (it would stall the GPU).
         d = loss.detach().double()

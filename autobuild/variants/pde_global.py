@@ -141,7 +141,7 @@ _PAPER_NAMES = {"CifarResNet": "ResNet-Global", _DENSENET: "DenseNet-Global",
                 _DARTS: "DARTS-Global"}
 #: What layout=paper reads off a DenseNet or DARTS baseline to rebuild it.
 _REBUILT_FROM = {_DENSENET: ("growth", "block_config", "compression", "classifier", "features"),
-                 _DARTS: ("c", "genotype", "classifier", "stem")}
+                 _DARTS: ("c", "genotype", "classifier", "stem", "auxiliary_head")}
 
 
 def _without_effect(options: dict[str, Any], baselines: set[str],
@@ -182,7 +182,8 @@ def _paper_network(kind: str, root: nn.Module, options: dict[str, Any],
         # normal cell (the official darts.DARTS_NetworkCIFAR with global_ft).
         net = type(root)(root.c, root.classifier.out_features, options["cells"],
                          root.genotype, root.stem[0].in_channels,
-                         global_cell=lambda cell, c: CellGlobalLayer(cell, c, **kwargs))
+                         global_cell=lambda cell, c: CellGlobalLayer(cell, c, **kwargs),
+                         auxiliary=root.auxiliary_head is not None)
         return net, "official DARTS-Global"
     net = ResNetGlobal(root.fc.out_features, root.conv1.in_channels,
                        parse_widths(options["widths"]), blocks=options["blocks"], **kwargs)
@@ -209,7 +210,7 @@ class PdeGlobalVariant(Variant):
     options = (
         Option("layout", "plain", "plain: each stage keeps its first block + a Global layer; "
                "paper: the official CIFAR ResNet-, DenseNet- or DARTS-Global (cifar_resnet*, "
-               "cifar_densenet_bc*, cifar_darts_v2)", LAYOUTS),
+               "cifar_densenet_bc*, cifar_darts_v2[_aux])", LAYOUTS),
         Option("coeffs", "dwconv", "velocity/diffusivity: depthwise conv+BN+ReLU of h, "
                "constant (D=1, v=0), or constant_diffusivity (official --constant_Dxy)", COEFFS),
         Option("K", 1, "PDE steps per Global layer", None, int, min=1, max=100),

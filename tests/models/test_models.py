@@ -57,6 +57,32 @@ def test_cifar_darts_v2_matches_the_reference_network() -> None:
     assert len(autobuild.plan_of(q).sites) == 198
 
 
+def test_cifar_darts_v2_aux_is_the_reference_training_network() -> None:
+    """With its auxiliary tower: 3,825,768 params, as the reference DARTS_NetworkCIFAR with
+    auxiliary=True instantiated here (the tower adds 476,426); at evaluation the tower does
+    not run, so the MACs and the output are cifar_darts_v2's. DARTS-Global keeps the tower
+    (1,268,364 = 791,938 + 476,426, as the reference), and conversions keep it and the
+    cells' drop path."""
+    from autobuild.train.regularize import auxiliary_heads, drop_path_modules
+
+    m = build_model("cifar_darts_v2_aux", num_classes=10)
+    assert sum(p.numel() for p in m.parameters()) == 3_825_768
+    assert "auxiliary_head.features.5.weight" in m.state_dict()  # the reference names
+    assert autobuild.count(m, (3, 32, 32)).macs == pytest.approx(528.36e6, rel=1e-4)
+    plain = build_model("cifar_darts_v2", num_classes=10)
+    plain.load_state_dict({k: v for k, v in m.state_dict().items()
+                           if not k.startswith("auxiliary_head.")})
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(m.eval()(x), plain.eval()(x))
+    g = autobuild.convert("cifar_darts_v2_aux", "pde-global", options={"layout": "paper"})
+    assert sum(p.numel() for p in g.parameters()) == 1_268_364
+    q = autobuild.convert("cifar_darts_v2_aux", "parameter-free")
+    assert len(auxiliary_heads(q)) == 1 and len(drop_path_modules(q)) == 20
+    q.train()(x)
+    assert auxiliary_heads(q)[0].auxiliary_logits.shape == (2, 10)
+
+
 def test_resnet50_reference_counts() -> None:
     c = autobuild.count(build_model("resnet50"), (3, 224, 224))
     assert c.params == pytest.approx(25.56e6, rel=5e-3)
