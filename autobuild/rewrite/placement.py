@@ -92,9 +92,15 @@ class Choice:
         return {"family": self.family, "options": self.opts}
 
     def short(self) -> str:
-        """``family`` or ``family:primary`` (what differs from the defaults is not shown)."""
-        primary = get_family(self.family).primary_option
-        return f"{self.family}:{self.opts[primary]}" if primary else self.family
+        """``family`` or ``family:primary``, then the other options that differ from their
+        defaults in brackets: ``parameter-free:max[pool=shift]``."""
+        variant = get_family(self.family)
+        primary = variant.primary_option
+        head = f"{self.family}:{self.opts[primary]}" if primary else self.family
+        defaults = {o.name: o.default for o in variant.options}
+        changed = [f"{k}={v}" for k, v in self.options
+                   if k != primary and k in defaults and v != defaults[k]]
+        return f"{head}[{','.join(changed)}]" if changed else head
 
     def __str__(self) -> str:
         opts = ",".join(f"{k}={v}" for k, v in self.options)
