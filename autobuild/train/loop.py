@@ -48,6 +48,10 @@ from autobuild.train.session import (
 __all__ = ["BEST_WEIGHTS", "LAST_WEIGHTS", "Callback", "DivergedError", "Result",
            "check_fits", "evaluate", "resolve_device", "train"]
 
+#: A mean training cross-entropy over this many times ln(classes) (a uniform guess's loss)
+#: stops the run as diverged: logits off by thousands, from which no run recovers.
+EXPLODED_LOSS = 1000.0
+
 
 @dataclass
 class Result:
@@ -145,6 +149,9 @@ def train(model: nn.Module, data: Data | str, config: TrainConfig | None = None,
         raise AutobuildError(f"{data.name} has too few training images for one batch")
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     drop_paths, heads = drop_path_modules(model), auxiliary_heads(model)
+    # A finite loss can diverge too (an unnormalised residual stack doubling its activations
+    # at every block reached 1e16): far above a uniform guess's ln(C) is no training.
+    max_loss = EXPLODED_LOSS * math.log(max(data.num_classes, 2))
     with session:  # records how the run ended in train.yaml
         session.start(len(train_loader), resume=resume, metrics_cls=EpochMetrics,
                       data_record=_data_record(data))
@@ -152,7 +159,8 @@ def train(model: nn.Module, data: Data | str, config: TrainConfig | None = None,
         for epoch in range(session.first_epoch, cfg.epochs + 1):
             t0 = time.perf_counter()
             set_drop_path(drop_paths, cfg.drop_path, epoch, cfg.epochs)
-            loss, acc, images = _train_epoch(session, train_loader, criterion, epoch, heads)
+            loss, acc, images = _train_epoch(session, train_loader, criterion, epoch, heads,
+                                             max_loss)
             seconds = time.perf_counter() - t0
             val_loss, top1, top5 = _evaluate(session.model_to_evaluate(), val_loader, cfg,
                                              session.device, session.dist, data.num_classes)
@@ -168,10 +176,12 @@ def train(model: nn.Module, data: Data | str, config: TrainConfig | None = None,
 
 
 def _train_epoch(session: Session, loader: DataLoader, criterion: nn.Module,
-                 epoch: int, heads: list[nn.Module]) -> tuple[float, float, float]:
+                 epoch: int, heads: list[nn.Module], max_loss: float
+                 ) -> tuple[float, float, float]:
     """One pass over the training data: (mean loss, accuracy %, images), over all ranks.
     Every ``log_interval`` steps the sums are synchronised, which is also where a
-    non-finite loss stops the run. The loss includes auxiliary ``heads``' weighted losses."""
+    non-finite loss, or a mean loss over ``max_loss``, stops the run. The loss includes
+    auxiliary ``heads``' weighted losses."""
     device, mem, steps = session.device, session.memory_format, len(loader)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -197,7 +207,7 @@ def _train_epoch(session: Session, loader: DataLoader, criterion: nn.Module,
                              torch.tensor(float(len(y)), device=device, dtype=torch.float64),
                              (~torch.isfinite(d)).double()])
         if i % session.cfg.log_interval == 0 or i == steps:
-            tot = session.sync(sums, epoch, i, bar)
+            tot = session.sync(sums, epoch, i, bar, max_loss)
             if bar is not None:
                 bar.set_postfix(loss=f"{tot[0] / tot[2]:.3f}", acc=f"{100 * tot[1] / tot[2]:.1f}%",
                                 img_s=f"{tot[2] / (time.perf_counter() - t0):.0f}")

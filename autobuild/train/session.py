@@ -383,15 +383,20 @@ class Session:
                                 f"{epoch}; lower --lr or keep --clip-grad (e.g. 0.5); the last "
                                 "good checkpoint is kept (train --resume continues from it)")
 
-    def sync(self, sums: torch.Tensor, epoch: int, step: int, bar: Any) -> list[float]:
-        """Sum ``sums`` over ranks; its last entry counts non-finite losses. Every rank calls
-        this at the same steps, on the summed flag, so no rank is left waiting."""
+    def sync(self, sums: torch.Tensor, epoch: int, step: int, bar: Any,
+             max_loss: float | None = None) -> list[float]:
+        """Sum ``sums`` (loss sum, ..., count, non-finite count) over ranks. A non-finite
+        loss, or a mean loss above ``max_loss``, stops the run. Every rank calls this at the
+        same steps and decides on the summed values, so no rank is left waiting."""
         tot = self.dist.all_sum(sums.clone()).tolist()
-        if tot[-1] > 0:
+        mean = tot[0] / max(tot[-2], 1.0)
+        why = ("non-finite loss" if tot[-1] > 0 else f"mean loss {mean:.3g}, over {max_loss:.0f}"
+               if max_loss is not None and mean > max_loss else None)
+        if why is not None:
             if bar is not None:
                 bar.close()
             raise DivergedError(
-                f"training diverged: non-finite loss in epoch {epoch} (step {step}); "
+                f"training diverged: {why} in epoch {epoch} (step {step}); "
                 "lower --lr, keep --clip-grad (e.g. 0.5), or use --amp-dtype bf16; the last "
                 "good checkpoint is kept (train --resume continues from it)")
         return tot
