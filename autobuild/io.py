@@ -1,215 +1,24 @@
-"""Files: atomic writes for the whole project, plan files, and saved models (a directory with
-``plan.yaml`` and ``weights.safetensors``, never a pickle).
-
-Every file is written to a temporary name in its own directory, flushed, fsynced and renamed
-over the destination, so a reader sees the old file or the new one, never half of one. A
-saved model (several files) is written into a staging directory that is then swapped with
-the destination in one step, so the destination holds the complete old model or the
-complete new one at every instant.
-"""
+"""Plan files and saved models: a directory with ``plan.yaml`` and ``weights.safetensors``,
+never a pickle, written atomically (:mod:`autobuild.files`)."""
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import glob
 import os
-import shutil
-import tempfile
-from collections.abc import Callable, Iterator
-from typing import IO, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from autobuild.errors import AutobuildError
+from autobuild.files import _atomic_by_name, _step, atomic_write_text, staged_directory
 from autobuild.rewrite import Placement, Plan, get_family, plan_of, record_of, set_record
 
-__all__ = ["PLAN_FILE", "WEIGHTS_FILE", "atomic_copy", "atomic_file", "atomic_torch_save",
-           "atomic_write_text", "ensure_writable_dir", "load", "load_placement", "load_plan",
-           "read_weights", "save", "save_plan", "save_weights", "staged_directory"]
+__all__ = ["PLAN_FILE", "WEIGHTS_FILE", "load", "load_placement", "load_plan", "read_weights",
+           "save", "save_plan", "save_weights"]
 
 PLAN_FILE = "plan.yaml"
 WEIGHTS_FILE = "weights.safetensors"
-_TMP = ".tmp-"
-#: Test hook: called with a step name at each step of :func:`save` (fault injection).
-_fault_hook: Callable[[str], None] | None = None
-
-
-def _step(name: str) -> None:
-    if _fault_hook is not None:
-        _fault_hook(name)
-
-
-def _fsync_dir(path: str) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _temp_name(path: str) -> str:
-    directory, base = os.path.split(os.path.abspath(path))
-    return os.path.join(directory, f".{base}{_TMP}{os.getpid()}-{os.urandom(4).hex()}")
-
-
-def _umask() -> int:
-    try:  # read, not set: os.umask() would change it for every thread for a moment
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
-    except (OSError, StopIteration, ValueError):
-        umask = os.umask(0o022)
-        os.umask(umask)
-        return umask
-
-
-def _file_mode() -> int:
-    """The mode a plain ``open()`` gives a new file (0o666 less the umask). Libraries that
-    write through a temporary file of their own (safetensors: 0o600) are brought to it."""
-    return 0o666 & ~_umask()
-
-
-def _writable(path: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path)) or "."
-    if not os.path.isdir(directory):
-        raise AutobuildError(f"cannot write {path!r}: {directory!r} is not a directory")
-
-
-@contextlib.contextmanager
-def _replacing(path: str) -> Iterator[str]:
-    """A temporary name beside ``path`` for the caller to write; on success the file is
-    fsynced, given ``open()``'s mode and renamed over ``path`` (then the directory is
-    fsynced); on any failure it is removed and ``path`` is untouched."""
-    _writable(path)
-    tmp = _temp_name(path)
-    try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, _file_mode())
-        os.replace(tmp, path)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise AutobuildError(f"cannot write {path!r}: {exc.strerror or exc}") from exc
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
-
-
-@contextlib.contextmanager
-def atomic_file(path: str, mode: str = "w") -> Iterator[IO[Any]]:
-    """Write ``path`` atomically: yields a file object on a temporary name in the same
-    directory; on success it is flushed, fsynced and renamed over ``path``."""
-    with _replacing(path) as tmp, open(tmp, mode) as f:
-        yield f
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    with atomic_file(path, "w") as f:
-        f.write(text)
-
-
-def _atomic_by_name(path: str, write: Callable[[str], None]) -> None:
-    """Atomic write for libraries that take a file name (safetensors, torch.save)."""
-    with _replacing(path) as tmp:
-        write(tmp)
-
-
-def atomic_copy(src: str, dst: str) -> None:
-    """Copy ``src`` to ``dst`` atomically."""
-    _atomic_by_name(dst, lambda tmp: shutil.copyfile(src, tmp))
-
-
-def atomic_torch_save(obj: Any, path: str) -> None:
-    """``torch.save`` to ``path`` atomically."""
-    _atomic_by_name(path, lambda tmp: torch.save(obj, tmp))
-
-
-# ---- directories ---------------------------------------------------------------------------
-def ensure_writable_dir(path: str, *, force: bool = False) -> None:
-    """Refuse a non-empty ``path`` unless ``force`` (nothing is lost silently); refuse a file
-    or a directory that cannot be written. Creates nothing."""
-    if not isinstance(path, str) or not path.strip():
-        raise AutobuildError(f"an output directory must be a non-empty path, got {path!r}")
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise AutobuildError(f"{path!r} exists and is not a directory")
-    if os.path.isdir(path) and _entries(path) and not force:
-        raise AutobuildError(f"{path!r} is not empty; choose another --out or pass --force to "
-                             "overwrite it")
-    parent = os.path.dirname(os.path.abspath(path))
-    probe = path if os.path.isdir(path) else _existing_ancestor(parent)
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise AutobuildError(f"cannot write to {path!r}: {probe!r} is not writable")
-
-
-def _existing_ancestor(path: str) -> str:
-    while not os.path.exists(path):
-        path = os.path.dirname(path)
-    return path
-
-
-def _entries(path: str) -> list[str]:
-    return [e for e in os.listdir(path) if _TMP not in e]
-
-
-def _exchange(a: str, b: str) -> bool:
-    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False if unsupported."""
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
-
-
-def _clean_stale(dest: str) -> None:
-    """Remove staging/backup directories a killed save left beside ``dest``."""
-    directory, base = os.path.split(os.path.abspath(dest))
-    for stale in glob.glob(os.path.join(glob.escape(directory), f".{glob.escape(base)}{_TMP}*")):
-        shutil.rmtree(stale, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def staged_directory(dest: str, *, force: bool = False) -> Iterator[str]:
-    """Yield a staging directory beside ``dest``; when the block succeeds it replaces
-    ``dest`` in one step (the old content, if any, is removed afterwards). Refuses a
-    non-empty ``dest`` unless ``force``."""
-    ensure_writable_dir(dest, force=force)
-    dest = os.path.abspath(dest)
-    parent = os.path.dirname(dest)
-    try:
-        os.makedirs(parent, exist_ok=True)
-        _clean_stale(dest)
-        staging = tempfile.mkdtemp(prefix=f".{os.path.basename(dest)}{_TMP}", dir=parent)
-        os.chmod(staging, 0o777 & ~_umask())  # as os.mkdir would make it (mkdtemp: 0o700)
-    except OSError as exc:
-        raise AutobuildError(f"cannot write {dest!r}: {exc.strerror or exc}") from exc
-    try:
-        yield staging
-        _step("staged")
-        _fsync_dir(staging)
-        if not os.path.exists(dest):
-            os.rename(staging, dest)
-        elif _exchange(staging, dest):
-            _step("exchanged")
-            shutil.rmtree(staging, ignore_errors=True)  # now holds the old content
-        else:  # no atomic exchange: the old directory is parked, then removed
-            backup = _temp_name(dest)
-            os.rename(dest, backup)
-            os.rename(staging, dest)
-            shutil.rmtree(backup, ignore_errors=True)
-        _fsync_dir(parent)
-    except OSError as exc:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise AutobuildError(f"cannot write {dest!r}: {exc.strerror or exc}") from exc
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def as_path(value: Any) -> Any:

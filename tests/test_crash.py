@@ -18,19 +18,19 @@ from autobuild.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
-#: The steps of a save (autobuild.io: save() and staged_directory()), in order.
+#: The steps of a save (autobuild.io.save() and autobuild.files.staged_directory()), in order.
 STEPS = ("weights", "plan", "staged", "exchanged")
 
 _KILLED_SAVE = """
 import os, signal, sys
-from autobuild import io
+from autobuild import files
 from autobuild.cli import main
 
 step = sys.argv[1]
 def hook(name):
     if name == step:
         os.kill(os.getpid(), signal.SIGKILL)
-io._fault_hook = hook
+files._fault_hook = hook
 sys.exit(main(sys.argv[2:]))
 """
 

@@ -29,7 +29,8 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from autobuild.io import ensure_writable_dir, save
+    from autobuild.files import ensure_writable_dir
+    from autobuild.io import save
     from autobuild.summary import summarize
 
     if args.out:  # refuse before the (possibly slow) conversion

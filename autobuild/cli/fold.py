@@ -22,7 +22,8 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from autobuild import fold
-    from autobuild.io import ensure_writable_dir, load, save
+    from autobuild.files import ensure_writable_dir
+    from autobuild.io import load, save
     from autobuild.rewrite import plan_of
     from autobuild.summary import output_difference
 

@@ -28,7 +28,8 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from autobuild.io import atomic_write_text, load
+    from autobuild.files import atomic_write_text
+    from autobuild.io import load
     from autobuild.search.importance import importance
     from autobuild.train.rundir import read_run_record
     from autobuild.train.runs import data_for_run

@@ -44,7 +44,8 @@ def export_trial(study: optuna.Study, number: int, out: str, *, force: bool = Fa
     """Write trial ``number`` as ``out`` (plan + weights: the trial's trained weights when the
     space kept them, else freshly initialised ones)."""
     from autobuild.api import build_plan
-    from autobuild.io import ensure_writable_dir, load, save
+    from autobuild.files import ensure_writable_dir
+    from autobuild.io import load, save
 
     ensure_writable_dir(out, force=force)
     trial = _trial(study, number)

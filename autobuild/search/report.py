@@ -165,7 +165,7 @@ def _plot(study: optuna.Study, frame: Any, path: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    from autobuild.io import atomic_file
+    from autobuild.files import atomic_file
 
     try:
         with atomic_file(path, "wb") as f:
@@ -178,7 +178,7 @@ def write_report(study: optuna.Study, out: str) -> dict[str, Any]:
     """Write the report files into ``out`` (atomically, each); returns what was written."""
     import pandas as pd
 
-    from autobuild.io import atomic_write_text
+    from autobuild.files import atomic_write_text
 
     if not study.get_trials(deepcopy=False):
         raise AutobuildError(f"study {study.study_name!r} has no trials yet")

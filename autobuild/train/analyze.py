@@ -316,7 +316,7 @@ def write_csv_rows(path: str, rows: Sequence[dict[str, Any]], header: Sequence[s
     for row in rows:
         writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()
                          if k in header})
-    from autobuild.io import atomic_write_text
+    from autobuild.files import atomic_write_text
 
     atomic_write_text(path, buf.getvalue())
 

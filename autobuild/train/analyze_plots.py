@@ -41,7 +41,7 @@ def _pyplot() -> Any:
 
 
 def _save(fig: Any, path: str) -> str:
-    from autobuild.io import atomic_file
+    from autobuild.files import atomic_file
 
     with atomic_file(path, "wb") as f:
         fig.savefig(f, dpi=100, format="png")

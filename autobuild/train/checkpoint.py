@@ -41,7 +41,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save_checkpoint(path: str, state: dict[str, Any]) -> None:
     """Written atomically: a crash mid-write leaves the previous checkpoint intact."""
-    from autobuild.io import atomic_torch_save
+    from autobuild.files import atomic_torch_save
 
     atomic_torch_save(state, path)
 

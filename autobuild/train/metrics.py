@@ -82,6 +82,6 @@ def write_csv(path: str, history: Sequence[Any]) -> None:
     for m in history:
         writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v)
                          for k, v in m.to_dict().items()})
-    from autobuild.io import atomic_write_text
+    from autobuild.files import atomic_write_text
 
     atomic_write_text(path, buf.getvalue())

@@ -97,7 +97,7 @@ def read_run_record(run: str) -> dict[str, Any] | None:
 
 def write_run_record(run: str, record: dict[str, Any]) -> None:
     """Validate ``record`` and write it as ``train.yaml``, atomically."""
-    from autobuild.io import atomic_write_text
+    from autobuild.files import atomic_write_text
 
     try:
         clean = RunRecord.model_validate(record).model_dump()
@@ -162,7 +162,7 @@ def prepare_run_dir(path: str, *, force: bool = False, adopt: bool = False,
     check_writable(path)
     if dry_run:
         return
-    from autobuild.io import atomic_copy, staged_directory
+    from autobuild.files import atomic_copy, staged_directory
 
     weights = os.path.join(path, "weights.safetensors")
     if entries and force:

@@ -30,7 +30,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from autobuild.errors import AutobuildError
-from autobuild.io import PLAN_FILE, atomic_copy, save_plan, save_weights
+from autobuild.files import atomic_copy
+from autobuild.io import PLAN_FILE, save_plan, save_weights
 from autobuild.optim import param_groups
 from autobuild.rewrite import plan_of, record_of, set_record
 from autobuild.train.checkpoint import (
