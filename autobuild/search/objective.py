@@ -103,6 +103,8 @@ class Objective:
         self.last_model: torch.nn.Module | None = None
         #: The number of the trial running now (an interrupt re-queues it).
         self.current: int | None = None
+        #: trial number -> when this worker first saw it running without a placement key
+        self.keyless_seen: dict[int, float] = {}
         #: The study's target of finished trials (set by the worker loop) and whether the
         #: last trial stood down because it was beyond it.
         self.n_trials: int | None = None
@@ -276,7 +278,6 @@ class Objective:
         """The values of an earlier trial with the same placement (waiting for one that is
         running now, whoever runs it); None when this trial must train."""
         study = trial.study
-        first_seen: dict[int, float] = {}
         while True:
             same = [t for t in study.get_trials(deepcopy=False)
                     if t.number != trial.number and t.user_attrs.get(ATTR_KEY) == key]
@@ -299,7 +300,7 @@ class Objective:
                        and t.number < trial.number]
             if running:
                 time.sleep(REUSE_POLL_S)
-            elif _keyless_before(study, trial.number, first_seen):
+            elif _keyless_before(study, trial.number, self.keyless_seen):
                 # An earlier trial has not named its placement yet. Deciding now would race
                 # it: it may be this placement and, seeing this trial's higher number, train
                 # it too. The lower number trains; a later one waits for it.
@@ -342,8 +343,8 @@ class Objective:
 
 def _keyless_before(study: optuna.Study, number: int, first_seen: dict[int, float]) -> bool:
     """Whether a running trial numbered below ``number`` has not set its placement key yet
-    and may still do so: ``first_seen`` (trial number -> monotonic time, kept by the caller)
-    bounds the wait on each, without trusting other machines' clocks."""
+    and may still do so: ``first_seen`` (trial number -> monotonic time, kept by the worker
+    across its trials) bounds the wait on each, without trusting other machines' clocks."""
     now = time.monotonic()
     keyless = [t.number for t in study.get_trials(
         deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))

@@ -84,6 +84,19 @@ def _config(space: SearchSpace, device: str | None) -> Any:
                           "progress": False})
 
 
+def _check_budget(space: SearchSpace, config: Any) -> None:
+    """Regularisers the baseline cannot take (a drop path rate without DARTS cells, a
+    tower weight without a tower), refused before the study is touched. The structure is
+    built on the meta device: nothing is allocated."""
+    if not config.drop_path and config.aux_weight is None:
+        return
+    from autobuild.models import resolve_baseline
+    from autobuild.train.regularize import check_regularizers
+
+    baseline = resolve_baseline(space.baseline, device="meta")
+    check_regularizers(baseline.module, config, key="search space budget.")
+
+
 def _seed_params(search_groups: list, how: str) -> dict[str, str]:
     params = {}
     for group in search_groups:
@@ -111,8 +124,9 @@ def prepare(space: SearchSpace, *, storage: str | None = None, study_name: str |
     url = storage or default_storage(name)
     if join and url.startswith("sqlite"):
         raise AutobuildError(SQLITE_ONE_WORKER)
-    store = open_storage(url, heartbeat=heartbeat)
     config = _config(space, device)
+    _check_budget(space, config)
+    store = open_storage(url, heartbeat=heartbeat)
     exists = name in optuna.study.get_all_study_names(store)
     if exists and not (resume or join):
         raise AutobuildError(f"study {name!r} already exists in {mask_url(url)}; pass --resume "

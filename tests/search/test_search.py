@@ -249,7 +249,7 @@ def test_a_trial_waits_for_an_earlier_one_that_has_not_named_its_placement(monke
     low, high = study.ask(), study.ask()
     high.set_user_attr(objective_module.ATTR_KEY, "K")
     waiter = objective_module.Objective.__new__(objective_module.Objective)
-    waiter.quiet = True
+    waiter.quiet, waiter.keyless_seen = True, {}
     result: list = []
     thread = threading.Thread(target=lambda: result.append(waiter._reuse(high, "K")))
     thread.start()
@@ -274,7 +274,24 @@ def test_a_keyless_trial_is_waited_for_a_bounded_time(monkeypatch) -> None:
     mine = study.ask()
     mine.set_user_attr(objective_module.ATTR_KEY, "K")
     waiter = objective_module.Objective.__new__(objective_module.Objective)
-    waiter.quiet = True
+    waiter.quiet, waiter.keyless_seen = True, {}
     start = time.monotonic()
     assert waiter._reuse(mine, "K") is None  # nothing to reuse: this trial trains
     assert 0.3 <= time.monotonic() - start < 3
+    # The worker's next trial does not wait for the silent one again.
+    later = study.ask()
+    later.set_user_attr(objective_module.ATTR_KEY, "L")
+    start = time.monotonic()
+    assert waiter._reuse(later, "L") is None
+    assert time.monotonic() - start < 0.3
+
+
+def test_a_budget_the_baseline_cannot_take_is_refused_before_the_study(in_tmp, capsys) -> None:
+    import yaml
+
+    space = in_tmp / "space.yaml"
+    space.write_text(yaml.safe_dump(tiny_space(budget={"epochs": 1, "drop_path": 0.2})))
+    assert main(["search", str(space), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "budget.drop_path 0.2" in err and "no drop path" in err
+    assert not os.listdir(in_tmp / "studies")  # no study, no database, no artifacts
