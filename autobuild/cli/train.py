@@ -82,8 +82,8 @@ def _add_recipe_arguments(p: argparse.ArgumentParser) -> None:
                    help="DARTS drop path in [0, 1), raised linearly from 0 over the run "
                         "(DARTS: 0.2)")
     g.add_argument("--aux-weight", type=typed("aux_weight"), default=_S,
-                   help="weight of an auxiliary tower's loss in [0, 10] (default 0.4; "
-                        "cifar_darts_v2_aux)")
+                   help="weight of an auxiliary tower's loss in [0, 10] (default 0.4 for "
+                        "cifar_darts_v2_aux; 0 = the tower does not train)")
     g.add_argument("--clip-grad", type=typed("clip_grad"), default=_S,
                    help="max grad norm >= 0; auto = 0.5 for quadratic/multiplicative (10 for "
                         "detectors); 0 = off")
@@ -263,12 +263,16 @@ def _recipe(args: argparse.Namespace, name: str | None, task: str) -> Any:
     """The recipe: the task's defaults, then the flags given (each already checked against
     the schema while parsing; here the combination is)."""
     from autobuild.train import TrainConfig
+    from autobuild.train.regularize import check_regularizers
 
     if task == "detection":
         from autobuild.train.detection import detection_config
 
-        return detection_config(name or "", **config_overrides(args))
-    return TrainConfig(**config_overrides(args))
+        cfg = detection_config(name or "", **config_overrides(args))
+    else:
+        cfg = TrainConfig(**config_overrides(args))
+    check_regularizers(None, cfg, detection=task == "detection")  # before the data is read
+    return cfg
 
 
 def _new_data(args: argparse.Namespace, name: str | None, task: str) -> Any:

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from autobuild.errors import InvalidValue
 from autobuild.models.registry import register_model
 from autobuild.rewrite import register_leaf_module
 
@@ -114,31 +115,60 @@ class DropPath(nn.Module):
     """DARTS's drop path on one op's output: in training, each sample's output is zeroed
     with probability ``drop_prob`` and the others scaled by 1/(1 - ``drop_prob``); the
     identity otherwise. ``drop_prob`` starts at 0: training's schedule sets it
-    (``drop_path_scheduled``). A leaf of the fx graph, so converted networks keep it."""
+    (``drop_path_scheduled``). A leaf of the fx graph, so converted networks keep it.
+
+    The rate is also kept in a 0-d buffer that compiled code reads: a float attribute would
+    be a constant of the compiled graph, recompiled at every new rate."""
 
     drop_path_scheduled = True
 
     def __init__(self) -> None:
         super().__init__()
-        self.drop_prob = 0.0
+        self._drop_prob = 0.0
+        self.register_buffer("rate", torch.zeros(()), persistent=False)
+
+    @property
+    def drop_prob(self) -> float:
+        return self._drop_prob
+
+    @drop_prob.setter
+    def drop_prob(self, value: float) -> None:
+        self._drop_prob = float(value)
+        with torch.no_grad():
+            self.rate.fill_(self._drop_prob)
+
+    def init_non_persistent_buffers(self) -> None:
+        """Fill ``rate`` after a load that left it empty (``autobuild.io``)."""
+        with torch.no_grad():
+            self.rate.fill_(self._drop_prob)
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.training or self.drop_prob <= 0.0:
+        if not self.training:
             return x
-        keep = 1.0 - self.drop_prob
-        mask = torch.empty(x.shape[0], *(1,) * (x.dim() - 1), dtype=x.dtype, device=x.device)
+        shape = (x.shape[0], *(1,) * (x.dim() - 1))
+        if torch.compiler.is_compiling():  # the rate as data, whatever its value
+            keep = 1.0 - self.rate.to(x.dtype)
+            mask = (torch.rand(shape, dtype=x.dtype, device=x.device) < keep).to(x.dtype)
+            return x / keep * mask
+        if self._drop_prob <= 0.0:
+            return x
+        keep = 1.0 - self._drop_prob
+        mask = torch.empty(shape, dtype=x.dtype, device=x.device)
         return x / keep * mask.bernoulli_(keep)
 
     def extra_repr(self) -> str:
-        return f"drop_prob={self.drop_prob}"
+        return f"drop_prob={self._drop_prob}"
 
 
 class AuxiliaryHead(nn.Module):
     """DARTS's auxiliary tower for 8x8 CIFAR features: ReLU, 5x5 average pool (stride 3),
     1x1 conv to 128, BN, ReLU, 2x2 conv to 768, BN, ReLU, Linear. It passes its input on
-    unchanged; in training it also keeps its logits in ``auxiliary_logits``, which the
-    training loop adds to the loss (so the network's output stays one tensor, and the
-    tower costs nothing at evaluation). Module names follow the reference code."""
+    unchanged, so the network's output stays one tensor and the tower costs nothing at
+    evaluation. While training collects them (``collect``, set by the training loop), a
+    training forward also keeps the tower's logits in ``auxiliary_logits`` for the loop to
+    add to the loss and let go. Module names follow the reference code."""
+
+    SIZE = (8, 8)
 
     def __init__(self, channels: int, num_classes: int) -> None:
         super().__init__()
@@ -147,10 +177,15 @@ class AuxiliaryHead(nn.Module):
             nn.Conv2d(channels, 128, 1, bias=False), nn.BatchNorm2d(128), nn.ReLU(),
             nn.Conv2d(128, 768, 2, bias=False), nn.BatchNorm2d(768), nn.ReLU())
         self.classifier = nn.Linear(768, num_classes)
+        self.collect = False
         self.auxiliary_logits: Tensor | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.training:
+        if tuple(x.shape[-2:]) != self.SIZE:
+            raise InvalidValue(f"DARTS's auxiliary tower takes 8x8 features (32x32 images), "
+                               f"not {x.shape[-2]}x{x.shape[-1]}: use cifar_darts_v2 (no "
+                               "tower) at other sizes")
+        if self.training and self.collect:
             self.auxiliary_logits = self.classifier(self.features(x).flatten(1))
         return x
 

@@ -80,9 +80,10 @@ class TrainConfig(BaseModel):
     #: Drop path rate of DARTS cells at the end of the run (DARTS: 0.2): it rises linearly
     #: from 0. 0 = off; refused for a model without drop path.
     drop_path: Annotated[float, Field(ge=0, lt=1)] = 0.0
-    #: Weight of an auxiliary tower's loss (DARTS: 0.4); used by models that have one
-    #: (cifar_darts_v2_aux), 0 = train the tower not at all.
-    aux_weight: Annotated[float, Field(ge=0, le=10)] = 0.4
+    #: Weight of an auxiliary tower's loss; None = 0.4 (DARTS's) for a model that has one
+    #: (cifar_darts_v2_aux); 0 = the tower neither runs nor trains. Refused for a model
+    #: without a tower.
+    aux_weight: Annotated[float, Field(ge=0, le=10)] | None = None
     #: Max gradient norm; "auto" = 0.5 for quadratic/multiplicative plans (10 for detectors),
     #: else none; 0 = off. A negative norm would flip the gradient: refused.
     clip_grad: float | str = "auto"

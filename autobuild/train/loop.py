@@ -24,11 +24,11 @@ from autobuild.train.data import Data, build_data
 from autobuild.train.distributed import Dist
 from autobuild.train.metrics import EpochMetrics
 from autobuild.train.regularize import (
-    auxiliary_heads,
+    Regularizers,
     auxiliary_loss,
     check_regularizers,
     cutout,
-    drop_path_modules,
+    regularizers,
     set_drop_path,
 )
 from autobuild.train.session import (
@@ -135,20 +135,28 @@ def train(model: nn.Module, data: Data | str, config: TrainConfig | None = None,
     ``resume`` continues from ``out_dir/checkpoint.pt`` (model, optimizer, scheduler,
     scaler, EMA, epoch, RNG state). Refusing to overwrite another run is the caller's job
     (:func:`autobuild.train.prepare_run_dir`). Raises :class:`DivergedError` on a
-    non-finite training or validation loss (the last good checkpoint is kept and
-    ``train.yaml`` says why the run stopped).
+    non-finite training or validation loss, or an exploded training loss (the last good
+    checkpoint is kept and ``train.yaml`` says why the run stopped).
     """
     cfg = config or TrainConfig()
     data = build_data(data) if isinstance(data, str) else data
     check_fits(model, data)
     check_regularizers(model, cfg)
+    with regularizers(model, cfg) as reg:  # before DDP wraps the model: it freezes towers
+        session = _run(model, data, cfg, reg, callback, out_dir, resume)
+    best = session.best if math.isfinite(session.best) else 0.0
+    return Result(session.eval_model, session.history, best, session.best_epoch,
+                  session.stopped, out_dir, session.seconds)
+
+
+def _run(model: nn.Module, data: Data, cfg: TrainConfig, reg: Regularizers,
+         callback: Callback | None, out_dir: str | None, resume: bool) -> Session:
     session = Session(model, cfg, out_dir=out_dir, best_key="best_top1")
     train_loader = make_loader(data.train, cfg, session.device, session.dist, True)
     val_loader = make_loader(data.val, cfg, session.device, session.dist, False)
     if len(train_loader) == 0:
         raise AutobuildError(f"{data.name} has too few training images for one batch")
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    drop_paths, heads = drop_path_modules(model), auxiliary_heads(model)
     # A finite loss can diverge too (an unnormalised residual stack doubling its activations
     # at every block reached 1e16): far above a uniform guess's ln(C) is no training.
     max_loss = EXPLODED_LOSS * math.log(max(data.num_classes, 2))
@@ -158,8 +166,8 @@ def train(model: nn.Module, data: Data | str, config: TrainConfig | None = None,
         session.probe = lambda: ("classification", _first_batches(val_loader))
         for epoch in range(session.first_epoch, cfg.epochs + 1):
             t0 = time.perf_counter()
-            set_drop_path(drop_paths, cfg.drop_path, epoch, cfg.epochs)
-            loss, acc, images = _train_epoch(session, train_loader, criterion, epoch, heads,
+            set_drop_path(reg.drop_paths, cfg.drop_path, epoch, cfg.epochs)
+            loss, acc, images = _train_epoch(session, train_loader, criterion, epoch, reg,
                                              max_loss)
             seconds = time.perf_counter() - t0
             val_loss, top1, top5 = _evaluate(session.model_to_evaluate(), val_loader, cfg,
@@ -170,18 +178,16 @@ def train(model: nn.Module, data: Data | str, config: TrainConfig | None = None,
                                    time.perf_counter() - t0, peak_mem_mb(session.device))
             if session.end_epoch(metrics, top1, callback):
                 break
-    best = session.best if math.isfinite(session.best) else 0.0
-    return Result(session.eval_model, session.history, best, session.best_epoch,
-                  session.stopped, out_dir, session.seconds)
+    return session
 
 
 def _train_epoch(session: Session, loader: DataLoader, criterion: nn.Module,
-                 epoch: int, heads: list[nn.Module], max_loss: float
+                 epoch: int, reg: Regularizers, max_loss: float
                  ) -> tuple[float, float, float]:
     """One pass over the training data: (mean loss, accuracy %, images), over all ranks.
     Every ``log_interval`` steps the sums are synchronised, which is also where a
     non-finite loss, or a mean loss over ``max_loss``, stops the run. The loss includes
-    auxiliary ``heads``' weighted losses."""
+    the auxiliary towers' weighted losses."""
     device, mem, steps = session.device, session.memory_format, len(loader)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -197,7 +203,7 @@ def _train_epoch(session: Session, loader: DataLoader, criterion: nn.Module,
         with session.autocast():
             out = session.net(x)
             loss = criterion(out.float(), y)
-            aux = auxiliary_loss(heads, criterion, y, session.cfg.aux_weight)
+            aux = auxiliary_loss(reg.heads, criterion, y, reg.aux_weight)
             if aux is not None:
                 loss = loss + aux
         session.step(loss)

@@ -1,12 +1,17 @@
 """The DARTS/PDE-Global CIFAR recipe's regularisers: cutout on the training batch, a drop
-path rate raised over the run, and auxiliary heads' losses.
+path rate raised over the run, and auxiliary towers' losses.
 
 Models take part by duck typing (training knows no model zoo): a module whose class sets
 ``drop_path_scheduled = True`` has its ``drop_prob`` set each epoch; a module with an
-``auxiliary_logits`` attribute (a Tensor after a training forward) adds
-``aux_weight`` x its loss (``autobuild.models.darts`` builds both)."""
+``auxiliary_logits`` attribute is an auxiliary tower: while training sets its ``collect``,
+a training forward leaves its logits there, and ``aux_weight`` x their loss joins the loss
+(``autobuild.models.darts`` builds both)."""
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -14,14 +19,19 @@ from torch import Tensor, nn
 from autobuild.errors import InvalidValue
 from autobuild.train.config import TrainConfig
 
-__all__ = ["auxiliary_heads", "auxiliary_loss", "check_regularizers", "cutout",
-           "drop_path_modules", "set_drop_path"]
+__all__ = ["DEFAULT_AUX_WEIGHT", "Regularizers", "auxiliary_heads", "auxiliary_loss",
+           "check_regularizers", "cutout", "drop_path_modules", "regularizers",
+           "set_drop_path"]
+
+#: DARTS's weight of the auxiliary tower's loss (the default for a model with a tower).
+DEFAULT_AUX_WEIGHT = 0.4
 
 
 def cutout(x: Tensor, length: int, generator: torch.Generator | None = None) -> Tensor:
-    """DeVries & Taylor's cutout, one hole per image: a ``length`` x ``length`` square (cut
-    at the border) around a uniformly drawn centre is set to 0, after normalisation (as
-    PDE-Global's ``-ct`` and DARTS's ``--cutout`` do). ``x`` is an (N, C, H, W) batch."""
+    """DeVries & Taylor's cutout, one hole per image, in place: a ``length`` x ``length``
+    square (cut at the border) around a uniformly drawn centre is set to 0, after
+    normalisation (as PDE-Global's ``-ct`` and DARTS's ``--cutout`` do). ``x`` is an
+    (N, C, H, W) batch; its memory format is kept."""
     if length <= 0:
         return x
     n, _, h, w = x.shape
@@ -31,7 +41,7 @@ def cutout(x: Tensor, length: int, generator: torch.Generator | None = None) -> 
     xs = torch.arange(w, device=x.device).view(1, 1, w)
     half = length // 2  # the reference: rows [cy - half, cy + half), clipped
     hole = (ys >= cy - half) & (ys < cy + half) & (xs >= cx - half) & (xs < cx + half)
-    return x.masked_fill(hole.unsqueeze(1), 0)
+    return x.masked_fill_(hole.unsqueeze(1), 0)
 
 
 def drop_path_modules(model: nn.Module) -> list[nn.Module]:
@@ -61,14 +71,61 @@ def auxiliary_loss(heads: list[nn.Module], criterion: nn.Module, y: Tensor,
     return weight * torch.stack(losses).sum() if losses and weight > 0 else None
 
 
-def check_regularizers(model: nn.Module, cfg: TrainConfig, *, detection: bool = False) -> None:
-    """Refuse, before any work, a regulariser the model or task cannot take: cutout and drop
-    path on a detector, a drop path rate for a model without drop path."""
+def check_regularizers(model: nn.Module | None, cfg: TrainConfig, *, detection: bool = False,
+                       key: str = "--") -> None:
+    """Refuse, before any work, a regulariser the task or ``model`` cannot take (without a
+    model, what the task alone decides). ``key`` names the settings: ``--`` as flags,
+    ``budget.`` as a search space's keys."""
+
+    def name(field: str) -> str:
+        return f"{field} (--{field.replace('_', '-')})" if key == "--" else f"{key}{field}"
+
     if detection and (cfg.cutout or cfg.drop_path):
-        flag = "cutout (--cutout)" if cfg.cutout else "drop_path (--drop-path)"
-        raise InvalidValue(f"{flag} applies to classifiers; the detection recipe has its own "
-                           "augmentation (--augment)")
+        raise InvalidValue(f"{name('cutout' if cfg.cutout else 'drop_path')} applies to "
+                           "classifiers; the detection recipe has its own augmentation "
+                           "(--augment)")
+    if model is None:
+        return
     if cfg.drop_path > 0 and not drop_path_modules(model):
-        raise InvalidValue(f"drop_path (--drop-path) {cfg.drop_path}: this model has no drop "
-                           "path to schedule (DARTS cells have: cifar_darts_v2, "
-                           "cifar_darts_v2_aux and their conversions); leave it at 0")
+        raise InvalidValue(f"{name('drop_path')} {cfg.drop_path}: this model has no drop path "
+                           "to schedule (DARTS cells have: cifar_darts_v2, cifar_darts_v2_aux "
+                           "and their conversions); leave it at 0")
+    if cfg.aux_weight is not None and not auxiliary_heads(model):
+        raise InvalidValue(f"{name('aux_weight')} {cfg.aux_weight}: this model has no "
+                           "auxiliary tower (cifar_darts_v2_aux has); leave it out")
+
+
+@dataclass
+class Regularizers:
+    """What the training loop applies: the scheduled drop paths, the auxiliary towers that
+    collect their logits, and the weight of their loss."""
+
+    drop_paths: list[nn.Module]
+    heads: list[nn.Module]
+    aux_weight: float
+
+
+@contextlib.contextmanager
+def regularizers(model: nn.Module, cfg: TrainConfig) -> Iterator[Regularizers]:
+    """For the length of a run: towers collect their logits when their loss has a weight;
+    with weight 0 their parameters are frozen instead (DDP would otherwise wait for
+    gradients that never come). Afterwards the towers stop collecting, their parameters are
+    as they were, and drop path rates are back to 0."""
+    heads = auxiliary_heads(model)
+    weight = DEFAULT_AUX_WEIGHT if cfg.aux_weight is None else cfg.aux_weight
+    frozen = [p for h in heads for p in h.parameters() if p.requires_grad] if weight == 0 \
+        else []
+    for p in frozen:
+        p.requires_grad_(False)
+    for h in heads:
+        h.collect = weight > 0
+    drop_paths = drop_path_modules(model)
+    try:
+        yield Regularizers(drop_paths, heads if weight > 0 else [], weight)
+    finally:
+        for h in heads:
+            h.collect, h.auxiliary_logits = False, None
+        for p in frozen:
+            p.requires_grad_(True)
+        for m in drop_paths:
+            m.drop_prob = 0.0

@@ -79,6 +79,7 @@ def test_cifar_darts_v2_aux_is_the_reference_training_network() -> None:
     assert sum(p.numel() for p in g.parameters()) == 1_268_364
     q = autobuild.convert("cifar_darts_v2_aux", "parameter-free")
     assert len(auxiliary_heads(q)) == 1 and len(drop_path_modules(q)) == 20
+    auxiliary_heads(q)[0].collect = True  # as a training run sets it
     q.train()(x)
     assert auxiliary_heads(q)[0].auxiliary_logits.shape == (2, 10)
 

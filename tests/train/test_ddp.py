@@ -40,6 +40,26 @@ def test_torchrun_two_processes(tmp_path: Path) -> None:
     assert (run / "weights.safetensors").exists() and (run / "checkpoint.pt").exists()
 
 
+def test_torchrun_darts_with_an_idle_tower(tmp_path: Path) -> None:
+    """With --aux-weight 0 the tower neither runs nor trains: DDP must not wait for its
+    gradients (it did: "Expected to have finished reduction in the prior iteration")."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--standalone", "-m", "autobuild", "train", "cifar_darts_v2_aux",
+           "--data", "synthetic:size=3x32x32,classes=10,train=8,val=4", "--epochs", "1",
+           "--batch-size", "4", "--device", "cpu", "--out", str(tmp_path / "darts"),
+           "--no-progress", "--aux-weight", "0", "--drop-path", "0.2", "--cutout", "8"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            cwd=Path(__file__).resolve().parents[2], start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, stderr[-2000:]
+
+
 def test_torchrun_detection_evaluates_like_one_process(tmp_path: Path) -> None:
     """Two ranks train an SSDlite; the mAP they record (each rank scored its shard, rank 0
     pooled them in dataset order, with rank 0's BN statistics) is what one process measures

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from autobuild.errors import AutobuildError
 from autobuild.models.darts import DartsNetwork
 from autobuild.train import TrainConfig, train
 from autobuild.train.regularize import (
@@ -30,13 +31,15 @@ def _reference_cutout(img: np.ndarray, y: int, x: int, length: int) -> np.ndarra
 @pytest.mark.parametrize("length", [16, 7, 1, 40])
 def test_cutout_is_the_reference_cutout(length: int) -> None:
     x = torch.randn(6, 3, 32, 32)
-    ours = cutout(x, length, torch.Generator().manual_seed(3))
+    ours = cutout(x.clone(), length, torch.Generator().manual_seed(3))
     g = torch.Generator().manual_seed(3)  # the same centres, drawn as cutout draws them
     ys, xs = torch.randint(32, (6, 1, 1), generator=g), torch.randint(32, (6, 1, 1), generator=g)
     for i in range(6):
         ref = _reference_cutout(x[i].numpy(), int(ys[i]), int(xs[i]), length)
         np.testing.assert_array_equal(ours[i].numpy(), ref)
     assert cutout(x, 0) is x
+    nhwc = x.clone().contiguous(memory_format=torch.channels_last)
+    assert cutout(nhwc, length).is_contiguous(memory_format=torch.channels_last)
 
 
 def test_drop_path_zeroes_whole_samples_and_keeps_the_mean() -> None:
@@ -75,6 +78,9 @@ def test_an_identity_op_is_never_dropped() -> None:
 def test_the_auxiliary_loss_is_weighted_and_let_go() -> None:
     net = DartsNetwork(4, layers=5, auxiliary=True).train()
     heads = auxiliary_heads(net)
+    net(torch.randn(2, 3, 32, 32))
+    assert heads[0].auxiliary_logits is None  # outside a training run nothing is kept
+    heads[0].collect = True
     y = torch.tensor([1, 2])
     out = net(torch.randn(2, 3, 32, 32))
     logits = heads[0].auxiliary_logits
@@ -91,9 +97,45 @@ def test_training_trains_the_tower_only_with_a_weight(weight: float) -> None:
     torch.manual_seed(0)
     net = DartsNetwork(4, layers=5, auxiliary=True)
     before = net.auxiliary_head.classifier.weight.detach().clone()
+    rates: list[float] = []
+
+    def on_epoch(metrics) -> bool:
+        rates.append(drop_path_modules(net)[0].drop_prob)
+        return True
+
     cfg = TrainConfig(epochs=2, batch_size=16, aux_weight=weight, drop_path=0.2, cutout=8,
                       device="cpu", warmup_epochs=0)
-    train(net, "synthetic:size=3x32x32,classes=10,train=64,val=16", cfg)
+    train(net, "synthetic:size=3x32x32,classes=10,train=64,val=16", cfg, callback=on_epoch)
     moved = not torch.equal(before, net.auxiliary_head.classifier.weight)
     assert moved == (weight > 0)
-    assert drop_path_modules(net)[0].drop_prob == pytest.approx(0.1)  # 0.2 x (2 - 1) / 2
+    assert rates == [0.0, pytest.approx(0.1)]  # 0.2 x (epoch - 1) / 2
+    # After the run: rates back to 0, the tower idle and trainable again.
+    assert drop_path_modules(net)[0].drop_prob == 0.0
+    assert not net.auxiliary_head.collect and net.auxiliary_head.auxiliary_logits is None
+    assert all(p.requires_grad for p in net.auxiliary_head.parameters())
+
+
+def test_a_tower_on_other_than_8x8_features_is_refused_before_training() -> None:
+    net = DartsNetwork(4, layers=5, auxiliary=True)
+    with pytest.raises(AutobuildError, match="8x8 features"):
+        train(net, "synthetic:size=3x64x64,classes=10,train=16,val=4",
+              TrainConfig(epochs=1, batch_size=8, device="cpu"))
+
+
+def test_drop_path_compiles_once_for_every_rate() -> None:
+    """The rate is data in compiled code: a new rate each epoch recompiles nothing (a float
+    attribute did, until dynamo gave up after 8 and ran the network eagerly)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    m = drop_path_modules(DartsNetwork(4, layers=5))[0].train()
+    compiled = torch.compile(m, backend="eager")
+    x = torch.ones(64, 2, 3, 3)
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    for rate in (0.0, 0.1, 0.2, 0.3, 0.45, 0.5, 0.6, 0.7, 0.8, 0.9):
+        m.drop_prob = rate
+        y = compiled(x)
+        kept = y[y != 0]
+        assert torch.allclose(kept, torch.full_like(kept, 1 / (1 - rate)))
+    assert counters["stats"]["unique_graphs"] == 1
