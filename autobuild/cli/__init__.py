@@ -109,6 +109,11 @@ def one_line(exc: BaseException) -> str:
     """An error's message on one line. A worker process's error (a DataLoader's) arrives
     wrapped with the worker's traceback: its last line is the message."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    # torch.fx's interpreter appends where in the graph it was ("While executing %node ...",
+    # the traceback, a tlparse hint): the user's message is what comes before.
+    fx_note = next((i for i, ln in enumerate(lines) if ln.startswith("While executing ")), None)
+    if fx_note:
+        lines = lines[:fx_note]
     if len(lines) <= 1:
         return lines[0] if lines else type(exc).__name__
     last = lines[-1]

@@ -83,7 +83,7 @@ def _add_recipe_arguments(p: argparse.ArgumentParser) -> None:
                         "(DARTS: 0.2)")
     g.add_argument("--aux-weight", type=typed("aux_weight"), default=_S,
                    help="weight of an auxiliary tower's loss in [0, 10] (default 0.4 for "
-                        "cifar_darts_v2_aux; 0 = the tower does not train)")
+                        "cifar_darts_v2_aux; 0 = its loss counts for nothing)")
     g.add_argument("--clip-grad", type=typed("clip_grad"), default=_S,
                    help="max grad norm >= 0; auto = 0.5 for quadratic/multiplicative (10 for "
                         "detectors); 0 = off")

@@ -58,8 +58,13 @@ class deliver_outside_storage:  # noqa: N801 - used as a function: `with deliver
         self.resent = False  # the next delivery is our re-delivery, not a new signal
         self.timer: threading.Timer | None = None
         self.previous: dict[int, object] = {}
+        self.lock = threading.Lock()
+        self.closing = False  # the block is ending: signals are only recorded
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.closing:  # raised by __exit__, after the handlers are restored
+            self.pending = self.pending or signum
+            return
         ours, self.resent = self.resent, False
         first = self.pending is None
         if in_storage_call(frame) and (
@@ -74,8 +79,11 @@ class deliver_outside_storage:  # noqa: N801 - used as a function: `with deliver
         raise _exception(signum)
 
     def _resend(self, signum: int) -> None:
-        self.resent = True
-        os.kill(os.getpid(), signum)
+        with self.lock:  # never after __exit__ has begun (it would meet the old handlers)
+            if self.closing:
+                return
+            self.resent = True
+            os.kill(os.getpid(), signum)
 
     def _clear(self) -> int | None:
         if self.timer is not None:
@@ -92,8 +100,17 @@ class deliver_outside_storage:  # noqa: N801 - used as a function: `with deliver
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        pending = self._clear()
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)  # type: ignore[arg-type]
+        with self.lock:
+            self.closing = True
+        timer = self.timer
+        if timer is not None:
+            timer.cancel()
+            timer.join()
+        try:
+            for signum, handler in self.previous.items():
+                # (a signal sent before this point runs our handler here: it is recorded)
+                signal.signal(signum, handler)  # type: ignore[arg-type]
+        finally:
+            pending, self.pending, self.timer = self.pending, None, None
         if pending is not None and kind is None:
             raise _exception(pending)

@@ -30,6 +30,7 @@ from autobuild.train.regularize import (
     cutout,
     regularizers,
     set_drop_path,
+    settle,
 )
 from autobuild.train.session import (
     BEST_WEIGHTS,
@@ -142,8 +143,9 @@ def train(model: nn.Module, data: Data | str, config: TrainConfig | None = None,
     data = build_data(data) if isinstance(data, str) else data
     check_fits(model, data)
     check_regularizers(model, cfg)
-    with regularizers(model, cfg) as reg:  # before DDP wraps the model: it freezes towers
+    with regularizers(model, cfg) as reg:
         session = _run(model, data, cfg, reg, callback, out_dir, resume)
+    settle(session.eval_model)  # the EMA copy, if any, was made from the training model
     best = session.best if math.isfinite(session.best) else 0.0
     return Result(session.eval_model, session.history, best, session.best_epoch,
                   session.stopped, out_dir, session.seconds)

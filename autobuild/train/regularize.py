@@ -21,7 +21,7 @@ from autobuild.train.config import TrainConfig
 
 __all__ = ["DEFAULT_AUX_WEIGHT", "Regularizers", "auxiliary_heads", "auxiliary_loss",
            "check_regularizers", "cutout", "drop_path_modules", "regularizers",
-           "set_drop_path"]
+           "set_drop_path", "settle"]
 
 #: DARTS's weight of the auxiliary tower's loss (the default for a model with a tower).
 DEFAULT_AUX_WEIGHT = 0.4
@@ -68,7 +68,7 @@ def auxiliary_loss(heads: list[nn.Module], criterion: nn.Module, y: Tensor,
         logits, head.auxiliary_logits = head.auxiliary_logits, None
         if logits is not None:
             losses.append(criterion(logits.float(), y))
-    return weight * torch.stack(losses).sum() if losses and weight > 0 else None
+    return weight * torch.stack(losses).sum() if losses else None
 
 
 def check_regularizers(model: nn.Module | None, cfg: TrainConfig, *, detection: bool = False,
@@ -107,25 +107,25 @@ class Regularizers:
 
 @contextlib.contextmanager
 def regularizers(model: nn.Module, cfg: TrainConfig) -> Iterator[Regularizers]:
-    """For the length of a run: towers collect their logits when their loss has a weight;
-    with weight 0 their parameters are frozen instead (DDP would otherwise wait for
-    gradients that never come). Afterwards the towers stop collecting, their parameters are
-    as they were, and drop path rates are back to 0."""
+    """For the length of a run, towers collect their logits. Their loss joins with its
+    weight, also when that is 0: the tower then runs for nothing, but DDP gets the
+    gradients it waits for (zeros) and the optimizer's parameters stay the same whatever the
+    weight (a run resumes with another one). Afterwards (:func:`settle`) the towers stop
+    collecting and drop path rates are back to 0."""
     heads = auxiliary_heads(model)
-    weight = DEFAULT_AUX_WEIGHT if cfg.aux_weight is None else cfg.aux_weight
-    frozen = [p for h in heads for p in h.parameters() if p.requires_grad] if weight == 0 \
-        else []
-    for p in frozen:
-        p.requires_grad_(False)
     for h in heads:
-        h.collect = weight > 0
-    drop_paths = drop_path_modules(model)
+        h.collect = True
     try:
-        yield Regularizers(drop_paths, heads if weight > 0 else [], weight)
+        yield Regularizers(drop_path_modules(model), heads,
+                           DEFAULT_AUX_WEIGHT if cfg.aux_weight is None else cfg.aux_weight)
     finally:
-        for h in heads:
-            h.collect, h.auxiliary_logits = False, None
-        for p in frozen:
-            p.requires_grad_(True)
-        for m in drop_paths:
-            m.drop_prob = 0.0
+        settle(model)
+
+
+def settle(model: nn.Module) -> None:
+    """A model after training (also its EMA copy, made during the run): towers idle and
+    holding nothing, drop path rates 0."""
+    for h in auxiliary_heads(model):
+        h.collect, h.auxiliary_logits = False, None
+    for m in drop_path_modules(model):
+        m.drop_prob = 0.0

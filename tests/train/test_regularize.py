@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -16,6 +18,8 @@ from autobuild.train.regularize import (
     drop_path_modules,
     set_drop_path,
 )
+
+SYNTH32 = "synthetic:size=3x32x32,classes=10,train=64,val=16"
 
 
 def _reference_cutout(img: np.ndarray, y: int, x: int, length: int) -> np.ndarray:
@@ -92,8 +96,7 @@ def test_the_auxiliary_loss_is_weighted_and_let_go() -> None:
     assert heads[0].auxiliary_logits is None  # the tower does not run at evaluation
 
 
-@pytest.mark.parametrize("weight", [0.0, 0.4])
-def test_training_trains_the_tower_only_with_a_weight(weight: float) -> None:
+def test_training_trains_the_tower_and_adds_its_weighted_loss() -> None:
     torch.manual_seed(0)
     net = DartsNetwork(4, layers=5, auxiliary=True)
     before = net.auxiliary_head.classifier.weight.detach().clone()
@@ -103,16 +106,37 @@ def test_training_trains_the_tower_only_with_a_weight(weight: float) -> None:
         rates.append(drop_path_modules(net)[0].drop_prob)
         return True
 
-    cfg = TrainConfig(epochs=2, batch_size=16, aux_weight=weight, drop_path=0.2, cutout=8,
-                      device="cpu", warmup_epochs=0)
-    train(net, "synthetic:size=3x32x32,classes=10,train=64,val=16", cfg, callback=on_epoch)
-    moved = not torch.equal(before, net.auxiliary_head.classifier.weight)
-    assert moved == (weight > 0)
+    cfg = TrainConfig(epochs=2, batch_size=16, drop_path=0.2, cutout=8, device="cpu",
+                      warmup_epochs=0, ema=0.9)
+    result = train(net, SYNTH32, cfg, callback=on_epoch)
+    assert not torch.equal(before, net.auxiliary_head.classifier.weight)
     assert rates == [0.0, pytest.approx(0.1)]  # 0.2 x (epoch - 1) / 2
-    # After the run: rates back to 0, the tower idle and trainable again.
-    assert drop_path_modules(net)[0].drop_prob == 0.0
-    assert not net.auxiliary_head.collect and net.auxiliary_head.auxiliary_logits is None
-    assert all(p.requires_grad for p in net.auxiliary_head.parameters())
+    # After the run, the model and its EMA copy: rates back to 0, the towers idle, so a
+    # training-mode forward keeps nothing and the model can be copied.
+    for model in (net, result.model):
+        assert drop_path_modules(model)[0].drop_prob == 0.0
+        assert all(not h.collect and h.auxiliary_logits is None
+                   for h in auxiliary_heads(model))
+        model.train()(torch.randn(2, 3, 32, 32))
+        copy.deepcopy(model)
+
+
+def test_a_zero_weight_tower_changes_nothing_else() -> None:
+    """With weight 0 the tower runs for nothing (DDP then gets the zero gradients it waits
+    for): the rest of the network trains as the same network without a tower."""
+    torch.manual_seed(0)
+    with_tower = DartsNetwork(4, layers=5, auxiliary=True)
+    without = DartsNetwork(4, layers=5)
+    without.load_state_dict({k: v for k, v in with_tower.state_dict().items()
+                             if not k.startswith("auxiliary_head.")})
+    cfg = TrainConfig(epochs=1, batch_size=16, drop_path=0.2, cutout=8, device="cpu",
+                      warmup_epochs=0)
+    train(with_tower, SYNTH32, cfg.replace(aux_weight=0.0))
+    train(without, SYNTH32, cfg)
+    trained = without.state_dict()
+    for name, value in with_tower.state_dict().items():
+        if not name.startswith("auxiliary_head."):
+            torch.testing.assert_close(value, trained[name], rtol=0, atol=1e-6)
 
 
 def test_a_tower_on_other_than_8x8_features_is_refused_before_training() -> None:
