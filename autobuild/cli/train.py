@@ -229,7 +229,9 @@ def _new_job(args: argparse.Namespace) -> _Job:
     cfg = _recipe(args, name, task)
     data = _new_data(args, name, task)
     model = _build_model(args, cfg)
-    check_regularizers(model, cfg, detection=task == "detection")
+    detection = task == "detection"
+    check_regularizers(model, cfg, detection=detection,
+                       image_size=None if detection else data.input_size[1:])
     if is_main_process():  # only rank 0 touches the run directory
         prepare_run_dir(run_dir, force=args.force, adopt=adopt)
     return _Job(run_dir, task, model, data, cfg, resume=False)
@@ -363,9 +365,13 @@ def _report(args: argparse.Namespace, run_dir: str, result: Any, task: str) -> i
         print(json.dumps(summary, indent=2))
     elif task == "detection":
         print(f"best val mAP {best:.4f} (mAP@0.5 {summary['map_50'] or 0:.4f}, epoch "
-              f"{result.best_epoch}); {len(result.history)} epochs in {result.seconds:.0f}s; "
-              f"saved to {run_dir}")
+              f"{result.best_epoch}); {_epochs(len(result.history))} in "
+              f"{result.seconds:.0f}s; saved to {run_dir}")
     else:
         print(f"best val top-1 {best:.2f}% (epoch {result.best_epoch}); "
-              f"{len(result.history)} epochs in {result.seconds:.0f}s; saved to {run_dir}")
+              f"{_epochs(len(result.history))} in {result.seconds:.0f}s; saved to {run_dir}")
     return 0
+
+
+def _epochs(n: int) -> str:
+    return f"{n} epoch{'' if n == 1 else 's'}"

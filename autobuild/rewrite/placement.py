@@ -92,15 +92,18 @@ class Choice:
         return {"family": self.family, "options": self.opts}
 
     def short(self) -> str:
-        """``family`` or ``family:primary``, then the other options that differ from their
-        defaults in brackets: ``parameter-free:max[pool=shift]``."""
+        """``family`` or ``family:primary``; with other options away from their defaults,
+        those and the primary as name=value: ``parameter-free:layout=max,pool=shift``.
+        Either form is a choice :meth:`parse` reads back."""
         variant = get_family(self.family)
         primary = variant.primary_option
-        head = f"{self.family}:{self.opts[primary]}" if primary else self.family
         defaults = {o.name: o.default for o in variant.options}
         changed = [f"{k}={v}" for k, v in self.options
                    if k != primary and k in defaults and v != defaults[k]]
-        return f"{head}[{','.join(changed)}]" if changed else head
+        if changed:
+            named = [f"{primary}={self.opts[primary]}"] if primary else []
+            return f"{self.family}:{','.join(named + changed)}"
+        return f"{self.family}:{self.opts[primary]}" if primary else self.family
 
     def __str__(self) -> str:
         opts = ",".join(f"{k}={v}" for k, v in self.options)

@@ -49,7 +49,8 @@ def save_checkpoint(path: str, state: dict[str, Any]) -> None:
 def load_checkpoint(path: str) -> dict[str, Any]:
     if not os.path.exists(path):
         raise AutobuildError(f"no checkpoint at {path!r}: nothing to resume (train without "
-                             "--resume to start a run)")
+                             "--resume to start a run; --force to start it over a run that "
+                             "stopped before its first checkpoint)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated, not a zip, unpickling refused...

@@ -81,8 +81,8 @@ class TrainConfig(BaseModel):
     #: from 0. 0 = off; refused for a model without drop path.
     drop_path: Annotated[float, Field(ge=0, lt=1)] = 0.0
     #: Weight of an auxiliary tower's loss; None = 0.4 (DARTS's) for a model that has one
-    #: (cifar_darts_v2_aux); 0 = the tower's loss counts for nothing. Refused for a model
-    #: without a tower.
+    #: (cifar_darts_v2_aux); 0 = the tower's loss counts for nothing. A weight above 0 is
+    #: refused for a model without a tower.
     aux_weight: Annotated[float, Field(ge=0, le=10)] | None = None
     #: Max gradient norm; "auto" = 0.5 for quadratic/multiplicative plans (10 for detectors),
     #: else none; 0 = off. A negative norm would flip the gradient: refused.

@@ -142,7 +142,7 @@ def train(model: nn.Module, data: Data | str, config: TrainConfig | None = None,
     cfg = config or TrainConfig()
     data = build_data(data) if isinstance(data, str) else data
     check_fits(model, data)
-    check_regularizers(model, cfg)
+    check_regularizers(model, cfg, image_size=data.input_size[1:])
     with regularizers(model, cfg) as reg:
         session = _run(model, data, cfg, reg, callback, out_dir, resume)
     settle(session.eval_model)  # the EMA copy, if any, was made from the training model

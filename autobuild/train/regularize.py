@@ -72,25 +72,31 @@ def auxiliary_loss(heads: list[nn.Module], criterion: nn.Module, y: Tensor,
 
 
 def check_regularizers(model: nn.Module | None, cfg: TrainConfig, *, detection: bool = False,
-                       key: str = "--") -> None:
-    """Refuse, before any work, a regulariser the task or ``model`` cannot take (without a
-    model, what the task alone decides). ``key`` names the settings: ``--`` as flags,
-    ``budget.`` as a search space's keys."""
+                       key: str = "--", image_size: tuple[int, int] | None = None) -> None:
+    """Refuse, before any work, a regulariser the task, ``model`` or images cannot take
+    (without a model, what the task alone decides). ``key`` names the settings: ``--`` as
+    flags, ``budget.`` as a search space's keys."""
 
     def name(field: str) -> str:
         return f"{field} (--{field.replace('_', '-')})" if key == "--" else f"{key}{field}"
 
-    if detection and (cfg.cutout or cfg.drop_path):
-        raise InvalidValue(f"{name('cutout' if cfg.cutout else 'drop_path')} applies to "
-                           "classifiers; the detection recipe has its own augmentation "
-                           "(--augment)")
+    if detection and cfg.cutout:
+        raise InvalidValue(f"{name('cutout')} {cfg.cutout}: cutout is for classifiers; the "
+                           "detection recipe has its own augmentation (--augment)")
+    if detection and cfg.drop_path:
+        raise InvalidValue(f"{name('drop_path')} {cfg.drop_path}: drop path is for DARTS "
+                           "cells (cifar_darts_v2, cifar_darts_v2_aux); a detector has none")
+    if image_size is not None and cfg.cutout > max(image_size):
+        raise InvalidValue(f"{name('cutout')} {cfg.cutout}: larger than the "
+                           f"{image_size[0]}x{image_size[1]} images, it would blank them "
+                           f"whole; at most {max(image_size)} (DARTS uses 16 on 32x32)")
     if model is None:
         return
     if cfg.drop_path > 0 and not drop_path_modules(model):
         raise InvalidValue(f"{name('drop_path')} {cfg.drop_path}: this model has no drop path "
                            "to schedule (DARTS cells have: cifar_darts_v2, cifar_darts_v2_aux "
                            "and their conversions); leave it at 0")
-    if cfg.aux_weight is not None and not auxiliary_heads(model):
+    if cfg.aux_weight and not auxiliary_heads(model):
         raise InvalidValue(f"{name('aux_weight')} {cfg.aux_weight}: this model has no "
                            "auxiliary tower (cifar_darts_v2_aux has); leave it out")
 

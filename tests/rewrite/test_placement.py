@@ -50,6 +50,15 @@ def test_equal_placements_have_equal_keys_whatever_the_spelling_and_order() -> N
     assert a.summary() == "multiplicative:plain x1, quadratic:ours x1"
 
 
+@pytest.mark.parametrize("variant", list_variants(), ids=lambda v: v.name)
+def test_a_choice_label_reads_back_as_the_same_choice(variant) -> None:
+    """What convert, reports and the search show for a choice can be pasted into a
+    placement: the short label parses back to the choice (defaults filled in)."""
+    for _, options, _ in variant.contract_cases():
+        choice = Choice.of(variant.name, options)
+        assert Choice.parse(choice.short()) == choice, choice.short()
+
+
 def test_placement_round_trips_through_a_plan_and_a_file(tmp_path) -> None:
     p = Placement({"layer1.0.conv1": "quadratic:t4", "layer1.0.conv2": "quadratic:t4",
                    "layer3": "pde-global:coeffs=constant,K=2"})

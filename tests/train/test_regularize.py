@@ -163,3 +163,12 @@ def test_drop_path_compiles_once_for_every_rate() -> None:
         kept = y[y != 0]
         assert torch.allclose(kept, torch.full_like(kept, 1 / (1 - rate)))
     assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_a_zero_tower_weight_is_accepted_without_a_tower() -> None:
+    from autobuild.train.regularize import check_regularizers
+
+    net = DartsNetwork(4, layers=5)  # no tower
+    check_regularizers(net, TrainConfig(aux_weight=0.0))  # asks for nothing: accepted
+    with pytest.raises(AutobuildError, match="no auxiliary tower"):
+        check_regularizers(net, TrainConfig(aux_weight=0.4))
