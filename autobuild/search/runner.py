@@ -80,8 +80,9 @@ def _config(space: SearchSpace, device: str | None) -> Any:
     if unknown:
         raise AutobuildError(f"search space budget.{unknown[0]}: unknown key; valid: "
                              f"{', '.join(sorted(known | {'train_subset', 'image_size'}))}")
-    return TrainConfig(**{**extra, "seed": space.seed, "device": device or space.device,
-                          "progress": False})
+    return TrainConfig.from_space({**extra, "seed": space.seed,
+                                   "device": device or space.device, "progress": False},
+                                  "search space ", "budget")
 
 
 def _check_budget(space: SearchSpace, config: Any) -> None:

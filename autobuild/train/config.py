@@ -14,6 +14,7 @@ import math
 import os
 import re
 from collections.abc import Callable
+from contextvars import ContextVar
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
@@ -43,6 +44,11 @@ def _name(loc: tuple[Any, ...]) -> str:
     field = str(loc[0]) if loc else "(recipe)"
     index = "".join(f"[{p}]" for p in loc[1:])
     return f"{field}{index} ({flag_of(field)})"
+
+
+#: How a bad field is named in errors: as its flag, or (a search space) as the space's key.
+_NAMES: ContextVar[tuple[str, Callable[[tuple[Any, ...]], str]]] = ContextVar(
+    "autobuild_recipe_names", default=("", _name))
 
 
 class TrainConfig(BaseModel):
@@ -112,7 +118,17 @@ class TrainConfig(BaseModel):
         try:
             super().__init__(**data)
         except ValidationError as exc:
-            raise schema_error(exc, "", _name) from None
+            raise schema_error(exc, *_NAMES.get()) from None
+
+    @classmethod
+    def from_space(cls, data: dict[str, Any], source: str, key: str) -> TrainConfig:
+        """A recipe from a search space's ``key`` (``budget``): a bad field is named as the
+        space's key (``search space budget.lr``), not as a flag."""
+        token = _NAMES.set((source, lambda loc: ".".join((key, *map(str, loc)))))
+        try:
+            return cls(**data)
+        finally:
+            _NAMES.reset(token)
 
     @field_validator("clip_grad", mode="before")
     @classmethod

@@ -295,3 +295,17 @@ def test_a_budget_the_baseline_cannot_take_is_refused_before_the_study(in_tmp, c
     err = capsys.readouterr().err
     assert "budget.drop_path 0.2" in err and "no drop path" in err
     assert not os.listdir(in_tmp / "studies")  # no study, no database, no artifacts
+
+
+@pytest.mark.parametrize(("budget", "needle"), [
+    ({"cutout": -1}, "search space budget.cutout: must be greater than or equal to 0"),
+    ({"lr": 0}, "search space budget.lr: must be greater than 0"),
+])
+def test_a_bad_budget_value_names_the_space_key(in_tmp, capsys, budget, needle) -> None:
+    import yaml
+
+    space = in_tmp / "space.yaml"
+    space.write_text(yaml.safe_dump(tiny_space(budget={"epochs": 1, **budget})))
+    assert main(["search", str(space), "--quiet"]) == 2
+    assert needle in capsys.readouterr().err
+    assert not os.listdir(in_tmp / "studies")
