@@ -43,8 +43,11 @@ def run(args: argparse.Namespace) -> int:
     study = run_search(space, storage=args.storage, study_name=args.study, resume=args.resume,
                        join=args.join, n_trials=args.n_trials, device=args.device,
                        quiet=args.quiet, artifacts=args.artifacts, heartbeat=heartbeat(args))
-    front = pareto_trials(study)
-    print(f"study {study.study_name}: {len(study.trials)} trials, Pareto front: "
-          f"{', '.join(str(t.number) for t in front) or 'none'}; "
-          f"`autobuild report --study {study.study_name}` writes the report")
+    front = [str(t.number) for t in pareto_trials(study)]
+    done = sum(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials)
+    named = f"trial{'s' if len(front) > 1 else ''} {', '.join(front)}" if front else "empty"
+    print(f"study {study.study_name}: {done} trial{'s' if done != 1 else ''} finished "
+          f"({len(study.trials)} in all), "
+          f"Pareto front: {named}; `autobuild report --study {study.study_name}` writes the "
+          "report")
     return 0
