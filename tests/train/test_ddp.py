@@ -10,25 +10,29 @@ import sys
 from pathlib import Path
 
 
-def test_torchrun_two_processes(tmp_path: Path) -> None:
-    run = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def _torchrun(args: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """``autobuild ARGS`` in two gloo processes under torchrun. In a session of its own, so
+    a hang kills torchrun's workers too, not just torchrun."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--standalone", "-m", "autobuild", "train", "cifar_resnet20",
-           "--data", "synthetic:size=3x8x8,classes=4,train=64,val=20", "--epochs", "2",
-           "--batch-size", "8", "--device", "cpu", "--out", str(run),
-           "--no-progress"]
-    # A session of its own, so a hang kills torchrun's workers too, not just torchrun.
+           "--standalone", "-m", "autobuild", *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env, cwd=Path(__file__).resolve().parents[2],
-                            start_new_session=True)
+                            env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            cwd=Path(__file__).resolve().parents[2], start_new_session=True)
     try:
-        stdout, stderr = proc.communicate(timeout=150)
+        stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
         raise
-    out = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def test_torchrun_two_processes(tmp_path: Path) -> None:
+    run = tmp_path / "ddp"
+    out = _torchrun(["train", "cifar_resnet20", "--data",
+                     "synthetic:size=3x8x8,classes=4,train=64,val=20", "--epochs", "2",
+                     "--batch-size", "8", "--device", "cpu", "--out", str(run),
+                     "--no-progress"], timeout=150)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.count("best val top-1") == 1  # only rank 0 reports
     with open(run / "metrics.csv") as f:
@@ -41,23 +45,15 @@ def test_torchrun_two_processes(tmp_path: Path) -> None:
 
 
 def test_torchrun_darts_with_an_idle_tower(tmp_path: Path) -> None:
-    """With --aux-weight 0 the tower neither runs nor trains: DDP must not wait for its
-    gradients (it did: "Expected to have finished reduction in the prior iteration")."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--standalone", "-m", "autobuild", "train", "cifar_darts_v2_aux",
-           "--data", "synthetic:size=3x32x32,classes=10,train=8,val=4", "--epochs", "1",
-           "--batch-size", "4", "--device", "cpu", "--out", str(tmp_path / "darts"),
-           "--no-progress", "--aux-weight", "0", "--drop-path", "0.2", "--cutout", "8"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"},
-                            cwd=Path(__file__).resolve().parents[2], start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    assert proc.returncode == 0, stderr[-2000:]
+    """With --aux-weight 0 the tower's loss counts for nothing: DDP must still get every
+    gradient it waits for (it failed: "Expected to have finished reduction in the prior
+    iteration")."""
+    out = _torchrun(["train", "cifar_darts_v2_aux", "--data",
+                     "synthetic:size=3x32x32,classes=10,train=8,val=4", "--epochs", "1",
+                     "--batch-size", "4", "--device", "cpu", "--out", str(tmp_path / "darts"),
+                     "--no-progress", "--aux-weight", "0", "--drop-path", "0.2", "--cutout",
+                     "8"], timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
 
 
 def test_torchrun_detection_evaluates_like_one_process(tmp_path: Path) -> None:
@@ -66,21 +62,10 @@ def test_torchrun_detection_evaluates_like_one_process(tmp_path: Path) -> None:
     on the saved weights."""
     run = tmp_path / "det"
     spec = "synthetic-detection:size=48,train=8,val=5"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--standalone", "-m", "autobuild", "train", "ssdlite320_mobilenet_v3_large",
-           "--data", spec, "--image-size", "48", "--epochs", "1", "--batch-size", "2",
-           "--device", "cpu", "--out", str(run), "--no-progress", "--workers", "0"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env, cwd=Path(__file__).resolve().parents[2],
-                            start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    assert proc.returncode == 0, stderr[-2000:]
+    out = _torchrun(["train", "ssdlite320_mobilenet_v3_large", "--data", spec, "--image-size",
+                     "48", "--epochs", "1", "--batch-size", "2", "--device", "cpu", "--out",
+                     str(run), "--no-progress", "--workers", "0"], timeout=240)
+    assert out.returncode == 0, out.stderr[-2000:]
     with open(run / "metrics.csv") as f:
         recorded = float(next(csv.DictReader(f))["map"])
     from autobuild.io import load
