@@ -49,8 +49,9 @@ from autobuild.train.session import (
 __all__ = ["BEST_WEIGHTS", "LAST_WEIGHTS", "Callback", "DivergedError", "Result",
            "check_fits", "evaluate", "resolve_device", "train"]
 
-#: A mean training cross-entropy over this many times ln(classes) (a uniform guess's loss)
-#: stops the run as diverged: logits off by thousands, from which no run recovers.
+#: A mean training loss (cross-entropy, plus any auxiliary tower's) over this many times
+#: ln(classes), a uniform guess's loss, stops the run as diverged: logits off by thousands,
+#: from which no run recovers.
 EXPLODED_LOSS = 1000.0
 
 
