@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from autobuild.errors import InvalidValue
-from autobuild.train.config import TrainConfig
+from autobuild.train.config import TrainConfig, flag_of
 
 __all__ = ["DEFAULT_AUX_WEIGHT", "Regularizers", "auxiliary_heads", "auxiliary_loss",
            "check_regularizers", "cutout", "drop_path_modules", "regularizers",
@@ -78,7 +78,7 @@ def check_regularizers(model: nn.Module | None, cfg: TrainConfig, *, detection: 
     flags, ``budget.`` as a search space's keys."""
 
     def name(field: str) -> str:
-        return f"{field} (--{field.replace('_', '-')})" if key == "--" else f"{key}{field}"
+        return f"{field} ({flag_of(field)})" if key == "--" else f"{key}{field}"
 
     if detection and cfg.cutout:
         raise InvalidValue(f"{name('cutout')} {cfg.cutout}: cutout is for classifiers; the "
