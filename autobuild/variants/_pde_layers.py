@@ -44,6 +44,11 @@ BN_EPS = ("channels", "1e-5")
 PAPER_WIDTHS = (16, 32, 64, 64)
 #: The activation of the coefficient fields and of the output (official ``--use_silu``).
 ACTS = ("relu", "silu")
+#: What a Global layer can be built with: ACTS, and the activations of the official ImageNet
+#: Global networks' blocks (ReLU6 in MobileNetV2, hard-swish in MobileNetV3), which the
+#: official block takes from its network (``args['act_layer']``), not from a flag.
+_ACT_LAYERS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "silu": nn.SiLU,
+                                           "relu6": nn.ReLU6, "hardswish": nn.Hardswish}
 #: H^-1 of the scheme: the layer input f, or H^0 = init_block(f) (official ``--init_h0_h``).
 H_PREV = ("f", "init_block")
 #: What the velocity is computed from: H^0 = init_block(f), or f (official ``--use_f_for_g``).
@@ -163,11 +168,15 @@ class BasicDense(nn.Module):
         return self.conv2(torch.relu(self.norm2(self.conv1(torch.relu(self.norm1(x))))))
 
 
-def coefficient_map(kind: str, channels: int, separable: bool = False) -> nn.Module:
+def coefficient_map(kind: str, channels: int, separable: bool = False,
+                    kernel_size: int = 3) -> nn.Module:
     """One of :data:`MAPS` on ``channels`` channels (shape-preserving); ``separable``
-    applies to ``basicblock`` (the official Bottleneck ignores it, so does ours)."""
+    applies to ``basicblock`` (the official Bottleneck ignores it, so does ours);
+    ``kernel_size`` to ``dwconv`` (the official ``dw_kernel_size``: 5 in some ImageNet
+    Global blocks)."""
     if kind == "dwconv":
-        return nn.Conv2d(channels, channels, 3, padding=1, groups=channels, bias=False)
+        return nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2,
+                         groups=channels, bias=False)
     if kind == "dwconv_bias":
         return nn.Conv2d(channels, channels, 3, padding=1, groups=channels)
     if kind == "pwconv":
@@ -186,20 +195,21 @@ def coefficient_map(kind: str, channels: int, separable: bool = False) -> nn.Mod
 
 
 def _activation(act: str) -> nn.Module:
-    if act not in ACTS:
-        raise AutobuildError(f"unknown Global-layer act {act!r}; valid: {', '.join(ACTS)}")
-    return nn.SiLU() if act == "silu" else nn.ReLU()
+    if act not in _ACT_LAYERS:
+        raise AutobuildError(f"unknown Global-layer act {act!r}; valid: "
+                             f"{', '.join(_ACT_LAYERS)}")
+    return _ACT_LAYERS[act]()
 
 
 class Coefficient(nn.Module):
-    """A PDE coefficient field: act(BN(map(h))), act = ReLU unless ``act="silu"``; the map
-    is a depthwise 3x3 conv by default (kept under the name ``conv`` whatever it is, so
-    state_dicts stay stable)."""
+    """A PDE coefficient field: act(BN(map(h))), act = ReLU unless ``act`` says otherwise;
+    the map is a depthwise 3x3 conv by default (kept under the name ``conv`` whatever it
+    is, so state_dicts stay stable)."""
 
     def __init__(self, channels: int, kind: str = "dwconv", eps: float = 1e-5,
-                 act: str = "relu", separable: bool = False) -> None:
+                 act: str = "relu", separable: bool = False, kernel_size: int = 3) -> None:
         super().__init__()
-        self.conv = coefficient_map(kind, channels, separable)
+        self.conv = coefficient_map(kind, channels, separable, kernel_size)
         self.bn = nn.BatchNorm2d(channels, eps=eps)
         self.act = _activation(act)
 
@@ -243,22 +253,25 @@ class GlobalLayer(nn.Module):
                  diffusivity: str = "dwconv", init_block: str = "identity",
                  bn_eps: str = "channels", residual: bool = False, source: bool = True,
                  act: str = "relu", h_prev: str = "f", velocity_from: str = "h",
-                 cdx: float = 1.0, cdy: float = 1.0, separable: bool = False) -> None:
+                 cdx: float = 1.0, cdy: float = 1.0, separable: bool = False,
+                 kernel_size: int = 3) -> None:
         super().__init__()
         velocity, diffusivity = resolve_coeffs(coeffs, velocity, diffusivity)
         for name, value, valid in (("velocity", velocity, VELOCITIES),
                                    ("diffusivity", diffusivity, DIFFUSIVITIES),
                                    ("init_block", init_block, INIT_BLOCKS),
-                                   ("bn_eps", bn_eps, BN_EPS), ("act", act, ACTS),
+                                   ("bn_eps", bn_eps, BN_EPS), ("act", act, tuple(_ACT_LAYERS)),
                                    ("h_prev", h_prev, H_PREV),
                                    ("velocity_from", velocity_from, VELOCITY_FROM)):
             if value not in valid:
                 raise AutobuildError(f"unknown Global-layer {name} {value!r}; valid: "
                                      f"{', '.join(valid)}")
-        if steps < 1 or not dt > 0 or dx < 1 or dy < 1 or not (cdx >= 0 and cdy >= 0):
-            raise AutobuildError(f"the Global layer needs K >= 1, dt > 0, dx, dy >= 1 and "
-                                 f"cdx, cdy >= 0 (got K={steps}, dt={dt}, dx={dx}, dy={dy}, "
-                                 f"cdx={cdx}, cdy={cdy})")
+        if (steps < 1 or not dt > 0 or dx < 1 or dy < 1 or not (cdx >= 0 and cdy >= 0)
+                or kernel_size < 1 or kernel_size % 2 == 0):
+            raise AutobuildError(f"the Global layer needs K >= 1, dt > 0, dx, dy >= 1, "
+                                 f"cdx, cdy >= 0 and an odd kernel_size (got K={steps}, "
+                                 f"dt={dt}, dx={dx}, dy={dy}, cdx={cdx}, cdy={cdy}, "
+                                 f"kernel_size={kernel_size})")
         self.channels, self.steps, self.dt, self.coeffs = channels, steps, dt, coeffs
         self.dx, self.dy = dx, dy
         self.velocity, self.diffusivity, self.init_kind = velocity, diffusivity, init_block
@@ -273,14 +286,16 @@ class GlobalLayer(nn.Module):
                            else coefficient_map(init_block, channels, separable))
         learned_v = velocity != "none"
         kind_v = "dwconv" if velocity == "isotropic" else velocity
-        self.u = Coefficient(channels, kind_v, eps, act, separable) if learned_v else None
-        self.v = Coefficient(channels, kind_v, eps, act, separable) if learned_v else None
+        field = {"eps": eps, "act": act, "separable": separable, "kernel_size": kernel_size}
+        self.u = Coefficient(channels, kind_v, **field) if learned_v else None
+        self.v = Coefficient(channels, kind_v, **field) if learned_v else None
         learned_d = diffusivity not in ("constant", "none")
         kind_d = "dwconv" if diffusivity == "isotropic" else diffusivity
-        self.diff_x = Coefficient(channels, kind_d, eps, act, separable) if learned_d else None
-        self.diff_y = Coefficient(channels, kind_d, eps, act, separable) if learned_d else None
+        self.diff_x = Coefficient(channels, kind_d, **field) if learned_d else None
+        self.diff_y = Coefficient(channels, kind_d, **field) if learned_d else None
         self.bn_out = nn.BatchNorm2d(channels)
         self.act = _activation(act)
+        self.act_name = act
 
     def _coefficients(self) -> list[Coefficient | None]:
         return [self.u, self.v, self.diff_x, self.diff_y]
@@ -313,10 +328,6 @@ class GlobalLayer(nn.Module):
         coefficients = [m for m in self._coefficients() if m is not None]
         return fused_ok(None, f, *(p for m in coefficients for p in m.parameters())) and all(
             bn_trains(m.bn) for m in coefficients)
-
-    @property
-    def act_name(self) -> str:
-        return "silu" if isinstance(self.act, nn.SiLU) else "relu"
 
     def _field_pair(self, a: Coefficient, b: Coefficient, x: Tensor,
                     isotropic: bool) -> tuple[Tensor, Tensor]:

@@ -1,17 +1,27 @@
-"""The pde-global family's networks: the official CIFAR ResNet-Global, and the Global layer
-of DARTS-Global whose H^0 is a DARTS cell (see ``autobuild.variants.pde_global``)."""
+"""The pde-global family's networks: the official CIFAR ResNet-Global, the Global layer of
+DARTS-Global whose H^0 is a DARTS cell, and the network each baseline becomes under
+layout=paper (see ``autobuild.variants.pde_global``)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from autobuild.errors import AutobuildError
-from autobuild.variants._pde_layers import PAPER_WIDTHS, GlobalLayer, basic_block
+from autobuild.variants._pde_layers import PAPER_WIDTHS, GlobalLayer, basic_block, parse_widths
+from autobuild.variants._pde_mobile import MOBILE_NAMES, build_mobile_global
 
-__all__ = ["CellGlobalLayer", "ResNetGlobal"]
+__all__ = ["DARTS", "DENSENET", "MOBILE", "CellGlobalLayer", "ResNetGlobal", "paper_network",
+           "timm_architecture"]
+
+#: The DenseNet-BC and DARTS baselines (``autobuild.models``) that layout=paper turns into
+#: the official DenseNet- and DARTS-Global; named, not imported: families sit below the zoo.
+DENSENET, DARTS = "CifarDenseNet", "DartsNetwork"
+#: timm's classes of the ImageNet baselines that layout=paper condenses (by architecture).
+MOBILE = ("EfficientNet", "MobileNetV3")
 
 
 class CellGlobalLayer(GlobalLayer):
@@ -82,3 +92,40 @@ def _stage(inplanes: int, planes: int, blocks: int, stride: int,
     layers = [basic_block(inplanes, planes, stride, downsample, separable)]
     layers += [basic_block(planes, planes, separable=separable) for _ in range(blocks - 1)]
     return nn.Sequential(*layers)
+
+
+def paper_network(kind: str, root: nn.Module, options: dict[str, Any],
+                  kwargs: dict[str, Any]) -> tuple[nn.Module, str]:
+    """The official network layout=paper builds from the baseline ``root``, and a note."""
+    if kind in MOBILE:
+        arch = timm_architecture(root)
+        net = build_mobile_global(arch, root.num_classes, root.conv_stem.in_channels,
+                                  float(getattr(root, "drop_rate", 0.0)))
+        return net, f"official {MOBILE_NAMES[arch]}"
+    if kind == DENSENET:
+        # The baseline's own class with fewer layers and a Global layer after each
+        # transition (the official densenet.DenseNet with global_ft).
+        n = options["dense_layers"]
+        net = type(root)(root.growth, (n,) * len(root.block_config),
+                         root.classifier.out_features, root.features.conv0.in_channels,
+                         root.compression, global_layer=lambda c: GlobalLayer(c, **kwargs))
+        if options["init_block"] == "basicdense":  # the official cell_type
+            return net, "official DenseNet-Global"
+        return net, "DenseNet-Global (the official one has init_block=basicdense)"
+    if kind == DARTS:
+        # Fewer cells, and before each reduction cell a Global layer whose H^0 is one more
+        # normal cell (the official darts.DARTS_NetworkCIFAR with global_ft).
+        net = type(root)(root.c, root.classifier.out_features, options["cells"],
+                         root.genotype, root.stem[0].in_channels,
+                         global_cell=lambda cell, c: CellGlobalLayer(cell, c, **kwargs),
+                         auxiliary=root.auxiliary_head is not None)
+        return net, "official DARTS-Global"
+    net = ResNetGlobal(root.fc.out_features, root.conv1.in_channels,
+                       parse_widths(options["widths"]), blocks=options["blocks"], **kwargs)
+    return net, "official CIFAR ResNet-Global"
+
+
+def timm_architecture(root: nn.Module) -> str:
+    """The timm architecture a timm model was created as ('' if it was not)."""
+    cfg = getattr(root, "pretrained_cfg", None)
+    return str(cfg.get("architecture", "")) if isinstance(cfg, dict) else ""

@@ -76,6 +76,15 @@ Layouts (``--option layout=...``):
          On DARTS-V2 (``cifar_darts_v2``): the official DARTS-Global, ``cells`` cells and,
          before each reduction cell, a Global layer whose H^0 is one more normal cell
          (``CellGlobalLayer``; 791,938 params, as the official code).
+         On timm's ``mobilenetv2_100``, ``efficientnet_b0`` and ``mobilenetv3_large_100``
+         (``timm:<name>``): the official ImageNet MobileNetV2-, EfficientNet-B0- and
+         MobileNetV3-Large-Global (``imagenet_global_models.py``): fewer inverted residuals
+         per stage, most stages ending in a Global block whose H^0 is an inverted residual
+         (``InvertedResidualGlobal``); each block's K, dt, dx, dy, velocity and constant
+         diffusivity are the official arch strings' (``autobuild.variants._pde_mobile``),
+         so the layer options stay at their defaults there. 2,952,232 / 3,822,932 /
+         3,868,160 params at 1000 classes, as the official code (timm's baselines: 3.50M /
+         5.29M / 5.48M).
 
 Deliberate difference from the official code: the
 division by 1 + 2Bx + 2By is a division, not a product with its reciprocal, so that
@@ -109,11 +118,19 @@ from autobuild.variants._pde_layers import (
     DepthwiseCoefficient,
     GlobalLayer,
     canonical_widths,
-    parse_widths,
     pde_steps,
     resolve_coeffs,
 )
-from autobuild.variants._pde_networks import CellGlobalLayer, ResNetGlobal
+from autobuild.variants._pde_mobile import MOBILE_ARCHS, MOBILE_NAMES, InvertedResidualGlobal
+from autobuild.variants._pde_networks import (
+    DARTS,
+    DENSENET,
+    MOBILE,
+    CellGlobalLayer,
+    ResNetGlobal,
+    paper_network,
+    timm_architecture,
+)
 from autobuild.variants.base import count_replacement
 
 if TYPE_CHECKING:
@@ -129,19 +146,18 @@ _LAYER_OPTIONS = ("coeffs", "dx", "dy", "velocity", "diffusivity", "init_block",
                   "residual", "source", "act", "h_prev", "velocity_from", "cdx", "cdy",
                   "separable")
 _DEFAULT_WIDTHS = "/".join(map(str, PAPER_WIDTHS))
-#: The DenseNet-BC and DARTS baselines (``autobuild.models``) that layout=paper turns into
-#: the official DenseNet- and DARTS-Global; named, not imported: families sit below the zoo.
-_DENSENET, _DARTS = "CifarDenseNet", "DartsNetwork"
 #: The options that shape each layout=paper network, by baseline class.
-_PAPER_OPTIONS = {"CifarResNet": ("blocks", "widths"), _DENSENET: ("dense_layers",),
-                  _DARTS: ("cells",)}
-_BASELINE_NAMES = {"CifarResNet": "a CIFAR ResNet", _DENSENET: "a DenseNet-BC",
-                   _DARTS: "a DARTS"}
-_PAPER_NAMES = {"CifarResNet": "ResNet-Global", _DENSENET: "DenseNet-Global",
-                _DARTS: "DARTS-Global"}
+_PAPER_OPTIONS: dict[str, tuple[str, ...]] = {
+    "CifarResNet": ("blocks", "widths"), DENSENET: ("dense_layers",), DARTS: ("cells",),
+    **{m: () for m in MOBILE}}
+_BASELINE_NAMES = {"CifarResNet": "a CIFAR ResNet", DENSENET: "a DenseNet-BC",
+                   DARTS: "a DARTS"}
+_MOBILE_LIST = ", ".join(f"timm:{a}" for a in MOBILE_ARCHS)
+_PAPER_NAMES = {"CifarResNet": "ResNet-Global", DENSENET: "DenseNet-Global",
+                DARTS: "DARTS-Global", **{m: "ImageNet Global network" for m in MOBILE}}
 #: What layout=paper reads off a DenseNet or DARTS baseline to rebuild it.
-_REBUILT_FROM = {_DENSENET: ("growth", "block_config", "compression", "classifier", "features"),
-                 _DARTS: ("c", "genotype", "classifier", "stem", "auxiliary_head")}
+_REBUILT_FROM = {DENSENET: ("growth", "block_config", "compression", "classifier", "features"),
+                 DARTS: ("c", "genotype", "classifier", "stem", "auxiliary_head")}
 
 
 def _without_effect(options: dict[str, Any], baselines: set[str],
@@ -151,7 +167,7 @@ def _without_effect(options: dict[str, Any], baselines: set[str],
     ``velocity`` is the velocity map that ``coeffs`` resolves to."""
     # H^0 differs from f only through an init block (a DARTS cell in DARTS-Global).
     has_init = options["init_block"] != "identity" or (
-        options["layout"] == "paper" and _DARTS in baselines)
+        options["layout"] == "paper" and DARTS in baselines)
     if options["h_prev"] != "f" and not has_init:
         return "h_prev", "H^0 is f without an init_block"
     if options["velocity_from"] != "h" and (not has_init or velocity == "none"):
@@ -162,32 +178,6 @@ def _without_effect(options: dict[str, Any], baselines: set[str],
         return "separable", "no basic block: it applies to layout=paper's ResNet stages and " \
                             "basicblock maps"
     return None
-
-
-def _paper_network(kind: str, root: nn.Module, options: dict[str, Any],
-                   kwargs: dict[str, Any]) -> tuple[nn.Module, str]:
-    """The official network layout=paper builds from the baseline ``root``, and a note."""
-    if kind == _DENSENET:
-        # The baseline's own class with fewer layers and a Global layer after each
-        # transition (the official densenet.DenseNet with global_ft).
-        n = options["dense_layers"]
-        net = type(root)(root.growth, (n,) * len(root.block_config),
-                         root.classifier.out_features, root.features.conv0.in_channels,
-                         root.compression, global_layer=lambda c: GlobalLayer(c, **kwargs))
-        if options["init_block"] == "basicdense":  # the official cell_type
-            return net, "official DenseNet-Global"
-        return net, "DenseNet-Global (the official one has init_block=basicdense)"
-    if kind == _DARTS:
-        # Fewer cells, and before each reduction cell a Global layer whose H^0 is one more
-        # normal cell (the official darts.DARTS_NetworkCIFAR with global_ft).
-        net = type(root)(root.c, root.classifier.out_features, options["cells"],
-                         root.genotype, root.stem[0].in_channels,
-                         global_cell=lambda cell, c: CellGlobalLayer(cell, c, **kwargs),
-                         auxiliary=root.auxiliary_head is not None)
-        return net, "official DARTS-Global"
-    net = ResNetGlobal(root.fc.out_features, root.conv1.in_channels,
-                       parse_widths(options["widths"]), blocks=options["blocks"], **kwargs)
-    return net, "official CIFAR ResNet-Global"
 
 
 def _layer_kwargs(options: dict[str, Any]) -> dict[str, Any]:
@@ -210,7 +200,9 @@ class PdeGlobalVariant(Variant):
     options = (
         Option("layout", "plain", "plain: each stage keeps its first block + a Global layer; "
                "paper: the official CIFAR ResNet-, DenseNet- or DARTS-Global (cifar_resnet*, "
-               "cifar_densenet_bc*, cifar_darts_v2[_aux])", LAYOUTS),
+               "cifar_densenet_bc*, cifar_darts_v2[_aux]) or ImageNet MobileNetV2-, "
+               "EfficientNet-B0- or MobileNetV3-Global (timm:mobilenetv2_100, "
+               "timm:efficientnet_b0, timm:mobilenetv3_large_100)", LAYOUTS),
         Option("coeffs", "dwconv", "velocity/diffusivity: depthwise conv+BN+ReLU of h, "
                "constant (D=1, v=0), or constant_diffusivity (official --constant_Dxy)", COEFFS),
         Option("K", 1, "PDE steps per Global layer", None, int, min=1, max=100),
@@ -259,7 +251,7 @@ class PdeGlobalVariant(Variant):
     primary_option = "layout"
     # Plans saved before bn_eps existed (version 2) built PyTorch's eps.
     legacy_defaults = {2: {"bn_eps": "1e-5"}}
-    leaf_modules = (GlobalLayer, CellGlobalLayer)
+    leaf_modules = (GlobalLayer, CellGlobalLayer, InvertedResidualGlobal)
     mask_effect = ("the Global layer (it becomes the identity: the stage is its first block; "
                    "in DARTS-Global the Global layer and the cell that starts it)")
     example_models = ("cifar_resnet20", "cifar_resnet32", "resnet18", "resnet50")
@@ -288,6 +280,7 @@ class PdeGlobalVariant(Variant):
         cases.append(("cifar_densenet_bc100", {"layout": "paper", "dense_layers": 2,
                                                "init_block": "basicdense"}, None))
         cases.append(("cifar_darts_v2", {"layout": "paper", "cells": 5}, None))
+        cases.append(("timm:mobilenetv3_large_100", {"layout": "paper"}, None))
         return cases
 
     def accepts(self, site: Site, options: dict[str, Any]) -> bool:
@@ -303,15 +296,24 @@ class PdeGlobalVariant(Variant):
                         f"attribute (another class of the same name?)")
         if options["layout"] == "paper" and site.module_type not in _PAPER_OPTIONS:
             return (f"layout=paper builds the official CIFAR ResNet-, DenseNet- or "
-                    f"DARTS-Global and replaces a cifar_resnet*, cifar_densenet_bc* or "
-                    f"cifar_darts_v2 baseline, not a {site.module_type}; use layout=plain for "
-                    f"other ResNets")
+                    f"DARTS-Global or ImageNet Global networks and replaces a "
+                    f"cifar_resnet*, cifar_densenet_bc*, cifar_darts_v2 or {_MOBILE_LIST} "
+                    f"baseline, not a {site.module_type}; use layout=plain for other ResNets")
+        if options["layout"] == "paper" and site.module_type in MOBILE:
+            arch = timm_architecture(analysis.module(site))
+            if arch not in MOBILE_ARCHS:
+                return (f"layout=paper builds the official ImageNet Global networks of "
+                        f"{_MOBILE_LIST} only, not of this {site.module_type} "
+                        f"({'timm:' + arch if arch else 'not made by timm.create_model'})")
         return ""
 
     def hint_without_sites(self, sites: Sequence[Site], options: dict[str, Any]) -> str:
         network = next((s for s in sites if s.kind == "network"), None)
+        if options["layout"] != "paper" and network and network.module_type in MOBILE:
+            return (f"--option layout=paper converts {_MOBILE_LIST} into the official "
+                    f"{', '.join(MOBILE_NAMES.values())}")
         if options["layout"] != "paper" and network and network.module_type in _PAPER_OPTIONS:
-            extra = " --option init_block=basicdense" if network.module_type == _DENSENET else ""
+            extra = " --option init_block=basicdense" if network.module_type == DENSENET else ""
             return (f"--option layout=paper{extra} converts this network into the official "
                     f"{_PAPER_NAMES[network.module_type]}")
         return ""
@@ -355,7 +357,14 @@ class PdeGlobalVariant(Variant):
                     raise InfeasiblePlacement(f"option {name} of pde-global layout=paper "
                                               f"applies to {_BASELINE_NAMES[kind]} baseline "
                                               f"only; drop it")
-        if (options["layout"] == "paper" and _DARTS in types
+        if options["layout"] == "paper" and types & set(MOBILE):
+            # The official arch strings fix every Global block's settings.
+            changed = [n for n in defaults if n != "layout" and options[n] != defaults[n]]
+            if changed:
+                raise InfeasiblePlacement(f"option {changed[0]} of pde-global: the official "
+                                          f"ImageNet Global networks fix each Global block's "
+                                          f"settings (their arch strings); drop it")
+        if (options["layout"] == "paper" and DARTS in types
                 and options["init_block"] != "identity"):
             raise InfeasiblePlacement("the Global layers of DARTS-Global start from a DARTS "
                                       "cell (the official cell_type DartCell); drop "
@@ -382,7 +391,7 @@ class PdeGlobalVariant(Variant):
         kwargs = _layer_kwargs(options)
         if options["layout"] == "paper":
             root = rewriter.root_module
-            net, note = _paper_network(site.module_type, root, options, kwargs)
+            net, note = paper_network(site.module_type, root, options, kwargs)
             rewriter.set_root(site, _like(net, root), note=note)
             return
         stage = rewriter.module(site)

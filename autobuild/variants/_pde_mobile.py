@@ -1,0 +1,167 @@
+"""The official ImageNet Global networks of the pde-global family: MobileNetV2-, EfficientNet-B0-
+and MobileNetV3-Large-Global (``imagenet_global_models.py`` of anilkagak2/PDE_GlobalLayer),
+built on timm's own EfficientNet and MobileNetV3 classes as the official code is.
+
+The official networks are timm networks whose ``arch_def`` strings have fewer blocks per
+stage, and in most stages a ``gr`` block: a ``GlobalFeatureBlock_Diffusion`` with
+``cell_type='InvertedResidualCell'``, i.e. H^0 = an inverted residual of the block's ``ir``
+arguments (k, s, e, c, se, n), followed by the PDE. The ``gr``-only arguments, as the
+official builder decodes them: ``j`` = K steps, ``xy`` = constant diffusivity cDx, cDy
+(default 1), ``udot`` = the isotropic velocity field (``use_dot``), ``dx``/``dy``/``dt``.
+Two of them change nothing in the official code, and so change nothing here: ``rs`` sets a
+key (``residual``) the block never reads (it reads ``use_res``), and ``ucds`` (``use_cDs``)
+only shapes learned diffusivities, which ``xy`` switches off. The coefficient batch norms
+use eps 1e-5 (the builder sets ``use_diff_eps=False``) and the activation is the block's.
+timm is imported only when a network is built (it is an optional dependency).
+"""
+
+from __future__ import annotations
+
+import re
+from functools import partial
+from typing import Any
+
+from torch import Tensor, nn
+
+from autobuild.errors import AutobuildError
+from autobuild.variants._pde_layers import GlobalLayer
+
+__all__ = ["MOBILE_ARCHS", "InvertedResidualGlobal", "build_mobile_global", "split_gr"]
+
+#: The official arch_def of each Global network, verbatim, by the timm architecture it
+#: condenses (the official ``global_*`` models; the ``new_*`` ones are timm's baselines).
+MOBILE_ARCHS: dict[str, list[list[str]]] = {
+    "mobilenetv2_100": [
+        ["ds_r1_k3_s1_c16"],
+        ["ir_r1_k3_s2_e6_c24", "gr_r1_k3_s1_e6_c24_nre_j1_rs1_xy1"],
+        ["ir_r1_k3_s2_e6_c32", "gr_r1_k3_s1_e6_c32_nre_j1_rs1_xy1"],
+        ["ir_r1_k3_s2_e6_c64", "gr_r1_k3_s1_e6_c64_nre_j1_rs1_xy1"],
+        ["ir_r1_k3_s1_e6_c96", "gr_r1_k3_s1_e6_c96_j1_rs1_xy1"],
+        ["ir_r1_k3_s2_e6_c160", "gr_r1_k3_s1_e6_c160_j1_rs1_xy1"],
+        ["ir_r1_k3_s1_e6_c320"],
+    ],
+    "efficientnet_b0": [
+        ["ds_r1_k3_s1_e1_c16_se0.25"],
+        ["ir_r1_k3_s2_e6_c24_se0.25",
+         "gr_r1_k3_s1_e6_c24_se0.25_j1_xy1_rs1_udot1_dx1_dy1_dt0.1_cDx2._cDy2."],
+        ["ir_r1_k5_s2_e6_c40_se0.25",
+         "gr_r1_k5_s1_e6_c40_se0.25_j1_xy1_rs1_udot1_dx2_dy2_dt0.1_cDx2._cDy2."],
+        ["ir_r1_k3_s2_e6_c80_se0.25", "gr_r1_k3_s1_e6_c80_se0.25_j1_xy1_rs1_udot1_ucds1"],
+        ["ir_r1_k5_s1_e6_c112_se0.25", "gr_r1_k5_s1_e6_c112_se0.25_j1_xy1_rs1_udot1_ucds1"],
+        ["ir_r1_k5_s2_e6_c192_se0.25", "gr_r1_k5_s1_e6_c192_se0.25_j1_xy1_rs1_udot1"],
+        ["ir_r1_k3_s1_e6_c320_se0.25"],
+    ],
+    "mobilenetv3_large_100": [
+        ["ds_r1_k3_s1_e1_c16_nre"],
+        ["ir_r1_k3_s2_e4_c24_nre", "gr_r1_k3_s1_e3_c24_nre_j1_xy1_rs1"],
+        ["ir_r1_k5_s2_e3_c40_se0.25_nre",
+         "gr_r1_k5_s1_e3_c40_se0.25_nre_j1_rs1_xy1_udot1_dx1_dy1_dt0.2_cDx1._cDy1._ucds1"],
+        ["ir_r1_k3_s2_e6_c80", "gr_r1_k3_s1_e6_c80_j1_xy1_udot1_ucds1_rs1"],
+        ["ir_r1_k3_s1_e6_c112_se0.25", "gr_r1_k3_s1_e6_c112_se0.25_j1_xy1_rs1_udot1"],
+        ["gr_r1_k5_s2_e6_c160_se0.25_j1_xy1_rs1_udot1"],
+        ["cn_r1_k1_s1_c960"],
+    ],
+}
+#: The official names of the networks (the paper's).
+MOBILE_NAMES = {"mobilenetv2_100": "MobileNetV2-Global",
+                "efficientnet_b0": "EfficientNet-B0-Global",
+                "mobilenetv3_large_100": "MobileNetV3-Large-Global"}
+#: The arguments only a ``gr`` string has, as the official ``_decode_block_str`` keys them.
+_GR_KEYS = ("j", "xy", "rs", "udot", "ucds", "dx", "dy", "dt", "cDx", "cDy")
+#: timm's activation names in block strings -> the Global layer's.
+_ACTS = {"re": "relu", "r6": "relu6", "hs": "hardswish", "sw": "silu"}
+#: Each network's default activation (the official generators' ``resolve_act_layer``).
+_DEFAULT_ACT = {"mobilenetv2_100": "r6", "efficientnet_b0": "sw", "mobilenetv3_large_100": "hs"}
+
+
+def split_gr(block: str) -> tuple[str, dict[str, Any]]:
+    """A ``gr`` block string -> the ``ir`` string of its inverted residual and the Global
+    layer's settings (the official decoding: a key is the leading letters, the value the
+    rest: ``cDx2.`` -> cDx = 2.0)."""
+    kind, *ops = block.split("_")
+    if kind != "gr":
+        raise AutobuildError(f"not a Global block string: {block!r}")
+    kept, gr = [kind.replace("gr", "ir")], {}
+    for op in ops:
+        key, value = (re.split(r"(\d.*)", op) + [""])[:2]
+        if key in _GR_KEYS:
+            gr[key] = value
+        else:
+            kept.append(op)
+    if "xy" not in gr:  # no official network learns its diffusivity in a gr block
+        raise AutobuildError(f"{block!r}: only constant-diffusivity (xy) Global blocks exist")
+    act = next((op[1:] for op in ops if op.startswith("n") and op[1:] in _ACTS), None)
+    kernel = next(op[1:] for op in ops if re.fullmatch(r"k\d+", op))
+    settings = {"steps": int(gr.get("j", 3)), "dt": float(gr.get("dt", 0.2)),
+                "dx": int(gr.get("dx", 1)), "dy": int(gr.get("dy", 1)),
+                "cdx": float(gr.get("cDx", 1.0)), "cdy": float(gr.get("cDy", 1.0)),
+                "velocity": "isotropic" if "udot" in gr else "dwconv",
+                "kernel_size": int(kernel), "act": act}
+    return "_".join(kept), settings
+
+
+class InvertedResidualGlobal(GlobalLayer):
+    """The official ``GlobalFeatureBlock_Diffusion`` with ``cell_type='InvertedResidualCell'``:
+    H^0 = ``init_block``(x) (a timm InvertedResidual); f = H^-1 = x, or H^0 where the block
+    changes the resolution or the channels (the official ``f = h``); the PDE with a constant
+    diffusivity, then act(BN(H^K)). Masked, the block is its inverted residual."""
+
+    def __init__(self, init_block: nn.Module, channels: int, reshapes: bool,
+                 **options: Any) -> None:
+        super().__init__(channels, diffusivity="constant", bn_eps="1e-5", **options)
+        self.init_block = init_block
+        self.init_kind = "invertedresidual"
+        self.reshapes = reshapes
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.init_block(x)
+        if self.masked:
+            return h
+        return self.solve(h if self.reshapes else x, h)
+
+
+def build_mobile_global(arch: str, num_classes: int, in_chans: int,
+                        drop_rate: float = 0.0) -> nn.Module:
+    """The official Global network of timm's ``arch`` (a key of :data:`MOBILE_ARCHS`)."""
+    try:
+        from timm.models._efficientnet_blocks import SqueezeExcite
+        from timm.models._efficientnet_builder import (
+            decode_arch_def,
+            efficientnet_init_weights,
+            resolve_act_layer,
+            round_channels,
+        )
+        from timm.models.efficientnet import EfficientNet
+        from timm.models.mobilenetv3 import MobileNetV3
+    except ImportError as exc:  # pragma: no cover - the baseline itself needs timm
+        raise AutobuildError("the ImageNet Global networks need timm: pip install "
+                             "'autobuild[timm]'") from exc
+    arch_def = MOBILE_ARCHS[arch]
+    strings = [[split_gr(b)[0] if b.startswith("gr") else b for b in stage]
+               for stage in arch_def]
+    # The official generators' arguments (timm's, for these three networks).
+    common: dict[str, Any] = dict(
+        block_args=decode_arch_def(strings), num_classes=num_classes, in_chans=in_chans,
+        num_features=1280, round_chs_fn=partial(round_channels, multiplier=1.0),
+        norm_layer=partial(nn.BatchNorm2d), drop_rate=drop_rate,
+        act_layer=resolve_act_layer({}, {"r6": "relu6", "sw": "swish",
+                                         "hs": "hard_swish"}[_DEFAULT_ACT[arch]]))
+    if arch == "mobilenetv3_large_100":
+        se = partial(SqueezeExcite, gate_layer="hard_sigmoid", force_act_layer=nn.ReLU,
+                     rd_round_fn=round_channels)
+        net: nn.Module = MobileNetV3(stem_size=16, fix_stem=False, se_layer=se, **common)
+    else:
+        net = EfficientNet(stem_size=32, fix_stem=False, **common)
+    for s, stage in enumerate(arch_def):
+        for b, block in enumerate(stage):  # every official string has r1: one block each
+            if not block.startswith("gr"):
+                continue
+            settings = split_gr(block)[1]
+            settings["act"] = _ACTS[settings["act"] or _DEFAULT_ACT[arch]]
+            ir = net.blocks[s][b]
+            out = ir.conv_pwl.out_channels
+            reshapes = ir.conv_dw.stride != (1, 1) or ir.conv_pw.in_channels != out
+            layer = InvertedResidualGlobal(ir, out, reshapes, **settings)
+            efficientnet_init_weights(layer)  # the official network inits every module
+            net.blocks[s][b] = layer
+    return net
