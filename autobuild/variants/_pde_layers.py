@@ -280,6 +280,7 @@ class GlobalLayer(nn.Module):
         # The official --init_h0_h, --use_f_for_g, --cDx/--cDy (constant diffusivity only).
         self.h_prev, self.velocity_from = h_prev, velocity_from
         self.cdx, self.cdy = float(cdx), float(cdy)
+        self.kernel_size = kernel_size  # of the dwconv coefficient maps
         # The official code's quirk: its coefficient BNs are norm_layer(planes, planes).
         eps = float(channels) if bn_eps == "channels" else 1e-5
         self.init_block = (None if init_block == "identity"

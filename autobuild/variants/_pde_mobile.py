@@ -17,16 +17,20 @@ timm is imported only when a network is built (it is an optional dependency).
 
 from __future__ import annotations
 
+import difflib
+import functools
 import re
 from functools import partial
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from autobuild.errors import AutobuildError
 from autobuild.variants._pde_layers import GlobalLayer
 
-__all__ = ["MOBILE_ARCHS", "InvertedResidualGlobal", "build_mobile_global", "split_gr"]
+__all__ = ["MOBILE_ARCHS", "MOBILE_NAMES", "InvertedResidualGlobal", "baseline_settings",
+           "build_mobile_global", "mobile_refusal", "split_gr", "timm_architecture"]
 
 #: The official arch_def of each Global network, verbatim, by the timm architecture it
 #: condenses (the official ``global_*`` models; the ``new_*`` ones are timm's baselines).
@@ -68,20 +72,26 @@ MOBILE_NAMES = {"mobilenetv2_100": "MobileNetV2-Global",
                 "mobilenetv3_large_100": "MobileNetV3-Large-Global"}
 #: The arguments only a ``gr`` string has, as the official ``_decode_block_str`` keys them.
 _GR_KEYS = ("j", "xy", "rs", "udot", "ucds", "dx", "dy", "dt", "cDx", "cDy")
-#: timm's activation names in block strings -> the Global layer's.
-_ACTS = {"re": "relu", "r6": "relu6", "hs": "hardswish", "sw": "silu"}
+#: The activation codes of block strings (``nre``, ...) -> the Global layer's ``act``.
+_ACT_CODES = {"re": "relu", "r6": "relu6", "hs": "hardswish", "sw": "silu"}
 #: Each network's default activation (the official generators' ``resolve_act_layer``).
-_DEFAULT_ACT = {"mobilenetv2_100": "r6", "efficientnet_b0": "sw", "mobilenetv3_large_100": "hs"}
+_NETWORK_ACT = {"mobilenetv2_100": "relu6", "efficientnet_b0": "silu",
+                "mobilenetv3_large_100": "hardswish"}
+#: The Global layer's activation names -> timm's (``get_act_layer``).
+_TIMM_ACT = {"relu6": "relu6", "silu": "swish", "hardswish": "hard_swish"}
+#: The keys of a timm ``pretrained_cfg`` that name weights: the Global network has none.
+_WEIGHT_KEYS = ("url", "hf_hub_id", "hf_hub_filename", "file", "state_dict", "tag", "source")
 
 
 def split_gr(block: str) -> tuple[str, dict[str, Any]]:
     """A ``gr`` block string -> the ``ir`` string of its inverted residual and the Global
-    layer's settings (the official decoding: a key is the leading letters, the value the
-    rest: ``cDx2.`` -> cDx = 2.0)."""
+    layer's keyword arguments (the official decoding: a key is the leading letters, the
+    value the rest: ``cDx2.`` -> cDx = 2.0); ``act`` is None where the string names none
+    (the network's default applies)."""
     kind, *ops = block.split("_")
     if kind != "gr":
         raise AutobuildError(f"not a Global block string: {block!r}")
-    kept, gr = [kind.replace("gr", "ir")], {}
+    kept, gr = ["ir"], {}
     for op in ops:
         key, value = (re.split(r"(\d.*)", op) + [""])[:2]
         if key in _GR_KEYS:
@@ -90,7 +100,8 @@ def split_gr(block: str) -> tuple[str, dict[str, Any]]:
             kept.append(op)
     if "xy" not in gr:  # no official network learns its diffusivity in a gr block
         raise AutobuildError(f"{block!r}: only constant-diffusivity (xy) Global blocks exist")
-    act = next((op[1:] for op in ops if op.startswith("n") and op[1:] in _ACTS), None)
+    act = next((_ACT_CODES[op[1:]] for op in ops if op[1:] in _ACT_CODES and op[0] == "n"),
+               None)
     kernel = next(op[1:] for op in ops if re.fullmatch(r"k\d+", op))
     settings = {"steps": int(gr.get("j", 3)), "dt": float(gr.get("dt", 0.2)),
                 "dx": int(gr.get("dx", 1)), "dy": int(gr.get("dy", 1)),
@@ -119,10 +130,68 @@ class InvertedResidualGlobal(GlobalLayer):
             return h
         return self.solve(h if self.reshapes else x, h)
 
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, cdx={self.cdx}, cdy={self.cdy}, "
+                f"kernel_size={self.kernel_size}, "
+                f"reshapes={self.reshapes}")
 
-def build_mobile_global(arch: str, num_classes: int, in_chans: int,
-                        drop_rate: float = 0.0) -> nn.Module:
-    """The official Global network of timm's ``arch`` (a key of :data:`MOBILE_ARCHS`)."""
+
+def timm_architecture(root: nn.Module) -> str:
+    """The timm architecture a timm model was created as ('' if it was not)."""
+    cfg = getattr(root, "pretrained_cfg", None)
+    return str(cfg.get("architecture", "")) if isinstance(cfg, dict) else ""
+
+
+def baseline_settings(root: nn.Module) -> dict[str, Any]:
+    """What the official network takes over from the baseline ``root``, a timm model: its
+    classes, input channels and the two training-time rates (drop_rate before the
+    classifier; drop_path_rate, which timm spreads over the blocks as rate·i/n and which
+    is read back from one of them)."""
+    from timm.layers import DropPath
+
+    blocks = [b for stage in root.blocks for b in stage]
+    rate = next((b.drop_path.drop_prob * len(blocks) / i for i, b in enumerate(blocks)
+                 if isinstance(getattr(b, "drop_path", None), DropPath) and i), 0.0)
+    return {"num_classes": root.num_classes, "in_chans": root.conv_stem.in_channels,
+            "drop_rate": float(getattr(root, "drop_rate", 0.0)), "drop_path_rate": rate}
+
+
+@functools.lru_cache(maxsize=16)
+def _default_repr(arch: str, num_classes: int, in_chans: int, drop_rate: float,
+                  drop_path_rate: float) -> str:
+    import timm
+
+    with torch.device("meta"):  # the structure only
+        return repr(timm.create_model(arch, num_classes=num_classes, in_chans=in_chans,
+                                      drop_rate=drop_rate, drop_path_rate=drop_path_rate))
+
+
+def mobile_refusal(root: nn.Module) -> str:
+    """Why layout=paper cannot condense ``root`` ('' if it can): the official networks are
+    built from timm's default arguments of one of the three architectures, so a baseline
+    created with others (an activation, a BN eps, ...) is refused, not silently changed."""
+    arch = timm_architecture(root)
+    if arch not in MOBILE_ARCHS:
+        made = f"timm:{arch}" if arch else "not made by timm.create_model"
+        listed = ", ".join(f"timm:{a}" for a in MOBILE_ARCHS)
+        return (f"layout=paper builds the official ImageNet Global networks of {listed} "
+                f"only, not of this {type(root).__name__} ({made})")
+    default = _default_repr(arch, **baseline_settings(root))
+    if repr(root) != default:
+        diff = next(line[1:].strip() for line in difflib.ndiff(default.splitlines(),
+                                                               repr(root).splitlines())
+                    if line.startswith("+ "))
+        return (f"layout=paper builds the official {MOBILE_NAMES[arch]} from timm's default "
+                f"arguments of timm:{arch}; this one was created with others ({diff!r}); "
+                f"create it with timm's defaults")
+    return ""
+
+
+def build_mobile_global(arch: str, num_classes: int, in_chans: int, drop_rate: float = 0.0,
+                        drop_path_rate: float = 0.0) -> nn.Module:
+    """The official Global network of timm's ``arch`` (a key of :data:`MOBILE_ARCHS`);
+    ``drop_path_rate`` reaches the inverted residuals as in the official builder (the
+    Global part has none: the official block drops paths only with ``use_res``)."""
     try:
         from timm.models._efficientnet_blocks import SqueezeExcite
         from timm.models._efficientnet_builder import (
@@ -143,9 +212,8 @@ def build_mobile_global(arch: str, num_classes: int, in_chans: int,
     common: dict[str, Any] = dict(
         block_args=decode_arch_def(strings), num_classes=num_classes, in_chans=in_chans,
         num_features=1280, round_chs_fn=partial(round_channels, multiplier=1.0),
-        norm_layer=partial(nn.BatchNorm2d), drop_rate=drop_rate,
-        act_layer=resolve_act_layer({}, {"r6": "relu6", "sw": "swish",
-                                         "hs": "hard_swish"}[_DEFAULT_ACT[arch]]))
+        norm_layer=nn.BatchNorm2d, drop_rate=drop_rate, drop_path_rate=drop_path_rate,
+        act_layer=resolve_act_layer({}, _TIMM_ACT[_NETWORK_ACT[arch]]))
     if arch == "mobilenetv3_large_100":
         se = partial(SqueezeExcite, gate_layer="hard_sigmoid", force_act_layer=nn.ReLU,
                      rd_round_fn=round_channels)
@@ -157,7 +225,7 @@ def build_mobile_global(arch: str, num_classes: int, in_chans: int,
             if not block.startswith("gr"):
                 continue
             settings = split_gr(block)[1]
-            settings["act"] = _ACTS[settings["act"] or _DEFAULT_ACT[arch]]
+            settings["act"] = settings["act"] or _NETWORK_ACT[arch]
             ir = net.blocks[s][b]
             out = ir.conv_pwl.out_channels
             reshapes = ir.conv_dw.stride != (1, 1) or ir.conv_pw.in_channels != out
@@ -165,3 +233,12 @@ def build_mobile_global(arch: str, num_classes: int, in_chans: int,
             efficientnet_init_weights(layer)  # the official network inits every module
             net.blocks[s][b] = layer
     return net
+
+
+def data_config(root: nn.Module, arch: str) -> dict[str, Any]:
+    """The baseline's timm ``pretrained_cfg`` without its weights (so that timm's
+    ``resolve_data_config`` gives the Global network the same mean, std and crop), named
+    as the official model."""
+    cfg = getattr(root, "pretrained_cfg", None) or {}
+    return {**{k: v for k, v in cfg.items() if k not in _WEIGHT_KEYS},
+            "architecture": f"global_{arch}"}

@@ -12,10 +12,15 @@ from torch import Tensor, nn
 
 from autobuild.errors import AutobuildError
 from autobuild.variants._pde_layers import PAPER_WIDTHS, GlobalLayer, basic_block, parse_widths
-from autobuild.variants._pde_mobile import MOBILE_NAMES, build_mobile_global
+from autobuild.variants._pde_mobile import (
+    MOBILE_NAMES,
+    baseline_settings,
+    build_mobile_global,
+    data_config,
+    timm_architecture,
+)
 
-__all__ = ["DARTS", "DENSENET", "MOBILE", "CellGlobalLayer", "ResNetGlobal", "paper_network",
-           "timm_architecture"]
+__all__ = ["DARTS", "DENSENET", "MOBILE", "CellGlobalLayer", "ResNetGlobal", "paper_network"]
 
 #: The DenseNet-BC and DARTS baselines (``autobuild.models``) that layout=paper turns into
 #: the official DenseNet- and DARTS-Global; named, not imported: families sit below the zoo.
@@ -99,8 +104,8 @@ def paper_network(kind: str, root: nn.Module, options: dict[str, Any],
     """The official network layout=paper builds from the baseline ``root``, and a note."""
     if kind in MOBILE:
         arch = timm_architecture(root)
-        net = build_mobile_global(arch, root.num_classes, root.conv_stem.in_channels,
-                                  float(getattr(root, "drop_rate", 0.0)))
+        net = build_mobile_global(arch, **baseline_settings(root))
+        net.pretrained_cfg = data_config(root, arch)  # timm.data.resolve_data_config reads it
         return net, f"official {MOBILE_NAMES[arch]}"
     if kind == DENSENET:
         # The baseline's own class with fewer layers and a Global layer after each
@@ -123,9 +128,3 @@ def paper_network(kind: str, root: nn.Module, options: dict[str, Any],
     net = ResNetGlobal(root.fc.out_features, root.conv1.in_channels,
                        parse_widths(options["widths"]), blocks=options["blocks"], **kwargs)
     return net, "official CIFAR ResNet-Global"
-
-
-def timm_architecture(root: nn.Module) -> str:
-    """The timm architecture a timm model was created as ('' if it was not)."""
-    cfg = getattr(root, "pretrained_cfg", None)
-    return str(cfg.get("architecture", "")) if isinstance(cfg, dict) else ""

@@ -94,6 +94,7 @@ Only ``--init scratch`` exists: a Global layer cannot reproduce the blocks it re
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -121,7 +122,12 @@ from autobuild.variants._pde_layers import (
     pde_steps,
     resolve_coeffs,
 )
-from autobuild.variants._pde_mobile import MOBILE_ARCHS, MOBILE_NAMES, InvertedResidualGlobal
+from autobuild.variants._pde_mobile import (
+    MOBILE_ARCHS,
+    MOBILE_NAMES,
+    InvertedResidualGlobal,
+    mobile_refusal,
+)
 from autobuild.variants._pde_networks import (
     DARTS,
     DENSENET,
@@ -129,7 +135,6 @@ from autobuild.variants._pde_networks import (
     CellGlobalLayer,
     ResNetGlobal,
     paper_network,
-    timm_architecture,
 )
 from autobuild.variants.base import count_replacement
 
@@ -154,7 +159,7 @@ _BASELINE_NAMES = {"CifarResNet": "a CIFAR ResNet", DENSENET: "a DenseNet-BC",
                    DARTS: "a DARTS"}
 _MOBILE_LIST = ", ".join(f"timm:{a}" for a in MOBILE_ARCHS)
 _PAPER_NAMES = {"CifarResNet": "ResNet-Global", DENSENET: "DenseNet-Global",
-                DARTS: "DARTS-Global", **{m: "ImageNet Global network" for m in MOBILE}}
+                DARTS: "DARTS-Global"}
 #: What layout=paper reads off a DenseNet or DARTS baseline to rebuild it.
 _REBUILT_FROM = {DENSENET: ("growth", "block_config", "compression", "classifier", "features"),
                  DARTS: ("c", "genotype", "classifier", "stem", "auxiliary_head")}
@@ -253,7 +258,8 @@ class PdeGlobalVariant(Variant):
     legacy_defaults = {2: {"bn_eps": "1e-5"}}
     leaf_modules = (GlobalLayer, CellGlobalLayer, InvertedResidualGlobal)
     mask_effect = ("the Global layer (it becomes the identity: the stage is its first block; "
-                   "in DARTS-Global the Global layer and the cell that starts it)")
+                   "in DARTS-Global the Global layer and the cell that starts it; in the "
+                   "ImageNet Global networks each Global block becomes its inverted residual)")
     example_models = ("cifar_resnet20", "cifar_resnet32", "resnet18", "resnet50")
 
     def contract_cases(self) -> list[tuple[str, dict[str, Any], list[str] | None]]:
@@ -280,7 +286,8 @@ class PdeGlobalVariant(Variant):
         cases.append(("cifar_densenet_bc100", {"layout": "paper", "dense_layers": 2,
                                                "init_block": "basicdense"}, None))
         cases.append(("cifar_darts_v2", {"layout": "paper", "cells": 5}, None))
-        cases.append(("timm:mobilenetv3_large_100", {"layout": "paper"}, None))
+        if importlib.util.find_spec("timm") is not None:  # timm is an optional extra
+            cases.append(("timm:mobilenetv3_large_100", {"layout": "paper"}, None))
         return cases
 
     def accepts(self, site: Site, options: dict[str, Any]) -> bool:
@@ -298,19 +305,17 @@ class PdeGlobalVariant(Variant):
             return (f"layout=paper builds the official CIFAR ResNet-, DenseNet- or "
                     f"DARTS-Global or ImageNet Global networks and replaces a "
                     f"cifar_resnet*, cifar_densenet_bc*, cifar_darts_v2 or {_MOBILE_LIST} "
-                    f"baseline, not a {site.module_type}; use layout=plain for other ResNets")
+                    f"baseline, not a {site.module_type} (layout=plain converts the residual "
+                    f"stages of any ResNet)")
         if options["layout"] == "paper" and site.module_type in MOBILE:
-            arch = timm_architecture(analysis.module(site))
-            if arch not in MOBILE_ARCHS:
-                return (f"layout=paper builds the official ImageNet Global networks of "
-                        f"{_MOBILE_LIST} only, not of this {site.module_type} "
-                        f"({'timm:' + arch if arch else 'not made by timm.create_model'})")
+            return mobile_refusal(analysis.module(site))
         return ""
 
     def hint_without_sites(self, sites: Sequence[Site], options: dict[str, Any]) -> str:
         network = next((s for s in sites if s.kind == "network"), None)
         if options["layout"] != "paper" and network and network.module_type in MOBILE:
-            return (f"--option layout=paper converts {_MOBILE_LIST} into the official "
+            # torchvision's classes share these names: say which baselines convert.
+            return (f"with --option layout=paper, {_MOBILE_LIST} convert into the official "
                     f"{', '.join(MOBILE_NAMES.values())}")
         if options["layout"] != "paper" and network and network.module_type in _PAPER_OPTIONS:
             extra = " --option init_block=basicdense" if network.module_type == DENSENET else ""

@@ -18,6 +18,7 @@ from autobuild.ops import plain_ops
 from autobuild.rewrite import Choice, Placement
 from autobuild.variants.pde_global import GlobalLayer, ResNetGlobal
 from tests.conftest import convert_baseline
+from tests.variants.pde_reference import official_stencil
 
 
 def _bn(m: nn.BatchNorm2d, x: Tensor, eps: float, training: bool) -> Tensor:
@@ -58,23 +59,8 @@ def official_forward(layer: GlobalLayer, f: Tensor, training: bool = False) -> T
                         * coeff(layer.diff_y, h))
     else:
         d_x, d_y = coeff(layer.diff_x, h), coeff(layer.diff_y, h)
-    dt, dx, dy = layer.dt, layer.dx, layer.dy
-    ux = (1.0 / (2 * dx)) * (torch.roll(g, dx, dims=2) - torch.roll(g, -dx, dims=2))
-    vy = (1.0 / (2 * dy)) * (torch.roll(g1, dy, dims=3) - torch.roll(g1, -dy, dims=3))
-    ax, ay = g * (dt / dx), g1 * (dt / dy)
-    bx, by = d_x * (dt / (dx * dx)), d_y * (dt / (dy * dy))
-    e = (ux + vy) * dt
-    d = 1.0 / (1 + 2 * bx + 2 * by)
-    for _ in range(layer.steps):
-        prev = h
-        h = d * ((1 - 2 * bx - 2 * by) * h0 - 2 * e * h
-                 + (-ax + 2 * bx) * torch.roll(h, dx, dims=2)
-                 + (ax + 2 * bx) * torch.roll(h, -dx, dims=2)
-                 + (-ay + 2 * by) * torch.roll(h, dy, dims=3)
-                 + (ay + 2 * by) * torch.roll(h, -dy, dims=3))
-        if layer.source:  # the official no_f == False
-            h = h + d * 2 * dt * f
-        h0 = prev
+    h = official_stencil(f, h, h0, g, g1, d_x, d_y, layer.dt, layer.dx, layer.dy,
+                         layer.steps, layer.source)
     out = act(_bn(layer.bn_out, h, 1e-5, training))
     return out + f if layer.residual else out  # the official use_res
 

@@ -18,6 +18,7 @@ from autobuild.variants._pde_mobile import (
     split_gr,
 )
 from tests.conftest import convert_baseline
+from tests.variants.pde_reference import official_stencil
 
 pytest.importorskip("timm")
 
@@ -43,8 +44,8 @@ def _randomize(net: nn.Module) -> None:
 
 def official_block(block: InvertedResidualGlobal, x: Tensor) -> Tensor:
     """``GlobalFeatureBlock_Diffusion.forward`` of the official code with constant_Dxy, written
-    out (f, h0, g0, the use_dot field, D as a product, the source after the stencil);
-    the inverted residual, convs and BNs are the block's own modules."""
+    out (f, h0, g0, the use_dot field, then the official stencil); the inverted residual,
+    convs and BNs are the block's own modules."""
     act = block.act
     f = x
     h = block.init_block(f)
@@ -57,22 +58,8 @@ def official_block(block: InvertedResidualGlobal, x: Tensor) -> Tensor:
         g1 = g
     else:
         g, g1 = act(bng(convg(g0))), act(bng1(convg1(g0)))
-    dt, dx, dy, dxx, dyy = block.dt, block.dx, block.dy, block.cdx, block.cdy
-    ux = (1.0 / (2 * dx)) * (torch.roll(g, dx, dims=2) - torch.roll(g, -dx, dims=2))
-    vy = (1.0 / (2 * dy)) * (torch.roll(g1, dy, dims=3) - torch.roll(g1, -dy, dims=3))
-    ax, ay = g * (dt / dx), g1 * (dt / dy)
-    bx, by = dxx * (dt / (dx * dx)), dyy * (dt / (dy * dy))
-    e = (ux + vy) * dt
-    d = 1.0 / (1 + 2 * bx + 2 * by)
-    for _ in range(block.steps):
-        prev = h
-        h = d * ((1 - 2 * bx - 2 * by) * h0 - 2 * e * h
-                 + (-ax + 2 * bx) * torch.roll(h, dx, dims=2)
-                 + (ax + 2 * bx) * torch.roll(h, -dx, dims=2)
-                 + (-ay + 2 * by) * torch.roll(h, dy, dims=3)
-                 + (ay + 2 * by) * torch.roll(h, -dy, dims=3))
-        h = h + d * 2 * dt * f
-        h0 = prev
+    h = official_stencil(f, h, h0, g, g1, block.cdx, block.cdy, block.dt, block.dx, block.dy,
+                         block.steps)
     return act(block.bn_out(h))
 
 
@@ -91,7 +78,7 @@ def test_gr_strings_decode_as_the_official_builder() -> None:
                  "velocity": "isotropic", "kernel_size": 5, "act": None}
     ir, s = split_gr("gr_r1_k3_s1_e6_c24_nre_j1_rs1_xy1")
     assert ir == "ir_r1_k3_s1_e6_c24_nre"
-    assert (s["velocity"], s["act"], s["dt"], s["cdx"]) == ("dwconv", "re", 0.2, 1.0)
+    assert (s["velocity"], s["act"], s["dt"], s["cdx"]) == ("dwconv", "relu", 0.2, 1.0)
     with pytest.raises(AutobuildError, match="constant-diffusivity"):
         split_gr("gr_r1_k3_s1_e6_c24_j1")
 
@@ -156,14 +143,52 @@ def test_convert_build_and_load(tmp_path) -> None:
         assert torch.equal(loaded(x), m(x))
 
 
+def test_training_rates_carry_over_as_the_official_builder_spreads_them() -> None:
+    import timm
+    from timm.layers import DropPath
+
+    base = timm.create_model("efficientnet_b0", num_classes=10, drop_rate=0.2,
+                             drop_path_rate=0.2)
+    m = autobuild.convert(base, "pde-global", options={"layout": "paper"})
+    assert m.drop_rate == 0.2
+    # The official builder: rate * i / n over the Global network's own 12 blocks, in the
+    # inverted residuals (the Global part drops nothing: it has no residual).
+    n = sum(len(stage) for stage in m.blocks)
+    probs = [mod.drop_prob for mod in m.modules() if isinstance(mod, DropPath)]
+    assert n == 12 and probs == pytest.approx([0.2 * i / n for i in range(1, n)])
+    assert any(isinstance(b.init_block.drop_path, DropPath) for b in _globals(m))
+
+
+def test_data_config_is_the_baselines() -> None:
+    import timm
+    from timm.data import resolve_data_config
+
+    base = timm.create_model("mobilenetv3_large_100")
+    m = autobuild.convert(base, "pde-global", options={"layout": "paper"})
+    assert resolve_data_config(model=m) == resolve_data_config(model=base)
+    assert m.pretrained_cfg["architecture"] == "global_mobilenetv3_large_100"
+    assert "hf_hub_id" not in m.pretrained_cfg
+    # The Global network is not a baseline of layout=paper again.
+    with pytest.raises(AutobuildError, match="global_mobilenetv3_large_100"):
+        autobuild.convert(m, "pde-global", options={"layout": "paper"})
+
+
 def test_refusals_name_what_is_allowed() -> None:
+    import timm
+
+    with pytest.raises(AutobuildError, match="created with others .*eps=0.001"):
+        autobuild.convert(timm.create_model("efficientnet_b0", bn_eps=1e-3), "pde-global",
+                          options={"layout": "paper"})
+    with pytest.raises(AutobuildError, match="created with others .*ReLU"):
+        autobuild.convert(timm.create_model("mobilenetv2_100", act_layer="relu"),
+                          "pde-global", options={"layout": "paper"})
     with pytest.raises(AutobuildError, match="timm:mobilenetv2_100, timm:efficientnet_b0"):
         convert_baseline(resolve_baseline("timm:efficientnet_b1"), "pde-global",
                          options={"layout": "paper"})
     with pytest.raises(InfeasiblePlacement, match="option dt .*fix each Global block"):
         convert_baseline(resolve_baseline("timm:efficientnet_b0"), "pde-global",
                          options={"layout": "paper", "dt": 0.1})
-    with pytest.raises(AutobuildError, match="--option layout=paper converts timm:"):
+    with pytest.raises(AutobuildError, match="with --option layout=paper, timm:mobilenetv2"):
         convert_baseline(resolve_baseline("timm:mobilenetv2_100"), "pde-global")
     with pytest.raises(AutobuildError, match="odd kernel_size"):
         InvertedResidualGlobal(nn.Identity(), 8, False, kernel_size=4)
