@@ -375,14 +375,23 @@ class Session:
         finally:
             self.close()
 
+    def _what_is_kept(self) -> str:
+        """The end of a divergence message: what the run directory still holds."""
+        if not self.out_dir:
+            return ""
+        if not self.history:  # diverged before its first checkpoint
+            return "; no epoch finished, so there is no checkpoint to resume (--force starts over)"
+        return (f"; the last good checkpoint (epoch {self.history[-1].epoch}) is kept "
+                f"(train --resume continues from it)")
+
     def check_finite(self, epoch: int, **values: float) -> None:
         """A non-finite validation loss (or metric) is a divergence as much as a non-finite
         training loss: the epoch is not saved, the last good checkpoint stays."""
         bad = [f"{k} = {v}" for k, v in values.items() if not math.isfinite(v)]
         if bad:
             raise DivergedError(f"training diverged: non-finite {', '.join(bad)} in epoch "
-                                f"{epoch}; lower --lr or keep --clip-grad (e.g. 0.5); the last "
-                                "good checkpoint is kept (train --resume continues from it)")
+                                f"{epoch}; lower --lr or keep --clip-grad (e.g. 0.5)"
+                                f"{self._what_is_kept()}")
 
     def sync(self, sums: torch.Tensor, epoch: int, step: int, bar: Any,
              max_loss: float | None = None) -> list[float]:
@@ -398,8 +407,8 @@ class Session:
                 bar.close()
             raise DivergedError(
                 f"training diverged: {why} in epoch {epoch} (step {step}); "
-                "lower --lr, keep --clip-grad (e.g. 0.5), or use --amp-dtype bf16; the last "
-                "good checkpoint is kept (train --resume continues from it)")
+                f"lower --lr, keep --clip-grad (e.g. 0.5), or use --amp-dtype bf16"
+                f"{self._what_is_kept()}")
         return tot
 
     # ---- per epoch ----------------------------------------------------------------------

@@ -40,6 +40,7 @@ def test_diverging_run_exits_3_and_can_be_resumed_or_overwritten(
     # (lr 1e6 blows the loss up to ~1e11 before it turns NaN: either stops the run)
     assert len(err) == 1 and "diverged" in err[0] and ("non-finite" in err[0]
                                                         or "mean loss" in err[0]), err
+    assert "the last good checkpoint (epoch 1) is kept" in err[0]
     record = _record(run)
     assert record["status"] == "diverged" and record["reason"] in err[0]
     assert record["epochs_done"] == 1
@@ -63,7 +64,9 @@ def test_divergence_in_the_first_epoch_leaves_nothing_to_resume(
     base = ["train", "cifar_resnet20", "--data", SYNTH, "--epochs", "1", "--out", str(run),
             *FAST]
     assert main([*base, *EXPLODE]) == 3
-    capsys.readouterr()
+    err = capsys.readouterr().err
+    # The message does not promise a checkpoint that was never written.
+    assert "no checkpoint to resume" in err and "is kept" not in err
     assert _record(run)["status"] == "diverged" and not (run / "checkpoint.pt").exists()
     assert main(["train", "--resume", str(run)]) == 2
     err = capsys.readouterr().err
