@@ -18,9 +18,8 @@ timm is imported only when a network is built (it is an optional dependency).
 from __future__ import annotations
 
 import difflib
-import functools
 import re
-from functools import partial
+from functools import lru_cache, partial
 from typing import Any
 
 import torch
@@ -132,8 +131,7 @@ class InvertedResidualGlobal(GlobalLayer):
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, cdx={self.cdx}, cdy={self.cdy}, "
-                f"kernel_size={self.kernel_size}, "
-                f"reshapes={self.reshapes}")
+                f"kernel_size={self.kernel_size}, reshapes={self.reshapes}")
 
 
 def timm_architecture(root: nn.Module) -> str:
@@ -156,7 +154,7 @@ def baseline_settings(root: nn.Module) -> dict[str, Any]:
             "drop_rate": float(getattr(root, "drop_rate", 0.0)), "drop_path_rate": rate}
 
 
-@functools.lru_cache(maxsize=16)
+@lru_cache(maxsize=16)
 def _default_repr(arch: str, num_classes: int, in_chans: int, drop_rate: float,
                   drop_path_rate: float) -> str:
     import timm
@@ -176,11 +174,12 @@ def mobile_refusal(root: nn.Module) -> str:
         listed = ", ".join(f"timm:{a}" for a in MOBILE_ARCHS)
         return (f"layout=paper builds the official ImageNet Global networks of {listed} "
                 f"only, not of this {type(root).__name__} ({made})")
-    default = _default_repr(arch, **baseline_settings(root))
-    if repr(root) != default:
-        diff = next(line[1:].strip() for line in difflib.ndiff(default.splitlines(),
-                                                               repr(root).splitlines())
-                    if line.startswith("+ "))
+    default, given = _default_repr(arch, **baseline_settings(root)), repr(root)
+    if given != default:
+        # The first line the baseline has and the default lacks (else the other way).
+        lines = list(difflib.ndiff(default.splitlines(), given.splitlines()))
+        added = [ln[2:] for ln in lines if ln.startswith("+ ")]
+        diff = (added or [ln[2:] for ln in lines if ln.startswith("- ")])[0].strip()
         return (f"layout=paper builds the official {MOBILE_NAMES[arch]} from timm's default "
                 f"arguments of timm:{arch}; this one was created with others ({diff!r}); "
                 f"create it with timm's defaults")
