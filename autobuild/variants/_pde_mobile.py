@@ -28,8 +28,9 @@ from torch import Tensor, nn
 from autobuild.errors import AutobuildError
 from autobuild.variants._pde_layers import GlobalLayer
 
-__all__ = ["MOBILE_ARCHS", "MOBILE_NAMES", "InvertedResidualGlobal", "baseline_settings",
-           "build_mobile_global", "mobile_refusal", "split_gr", "timm_architecture"]
+__all__ = ["MOBILE_ARCHS", "MOBILE_BASELINES", "MOBILE_NAMES", "InvertedResidualGlobal",
+           "baseline_settings", "build_mobile_global", "mobile_refusal", "split_gr",
+           "timm_architecture"]
 
 #: The official arch_def of each Global network, verbatim, by the timm architecture it
 #: condenses (the official ``global_*`` models; the ``new_*`` ones are timm's baselines).
@@ -69,6 +70,8 @@ MOBILE_ARCHS: dict[str, list[list[str]]] = {
 MOBILE_NAMES = {"mobilenetv2_100": "MobileNetV2-Global",
                 "efficientnet_b0": "EfficientNet-B0-Global",
                 "mobilenetv3_large_100": "MobileNetV3-Large-Global"}
+#: The baselines layout=paper condenses, as the CLI names them (for messages).
+MOBILE_BASELINES = ", ".join(f"timm:{a}" for a in MOBILE_ARCHS)
 #: The arguments only a ``gr`` string has, as the official ``_decode_block_str`` keys them.
 _GR_KEYS = ("j", "xy", "rs", "udot", "ucds", "dx", "dy", "dt", "cDx", "cDy")
 #: The activation codes of block strings (``nre``, ...) -> the Global layer's ``act``.
@@ -171,8 +174,8 @@ def mobile_refusal(root: nn.Module) -> str:
     arch = timm_architecture(root)
     if arch not in MOBILE_ARCHS:
         made = f"timm:{arch}" if arch else "not made by timm.create_model"
-        listed = ", ".join(f"timm:{a}" for a in MOBILE_ARCHS)
-        return (f"layout=paper builds the official ImageNet Global networks of {listed} "
+        return (f"layout=paper builds the official ImageNet Global networks of "
+                f"{MOBILE_BASELINES} "
                 f"only, not of this {type(root).__name__} ({made})")
     default, given = _default_repr(arch, **baseline_settings(root)), repr(root)
     if given != default:

@@ -123,7 +123,7 @@ from autobuild.variants._pde_layers import (
     resolve_coeffs,
 )
 from autobuild.variants._pde_mobile import (
-    MOBILE_ARCHS,
+    MOBILE_BASELINES,
     MOBILE_NAMES,
     InvertedResidualGlobal,
     mobile_refusal,
@@ -157,7 +157,6 @@ _PAPER_OPTIONS: dict[str, tuple[str, ...]] = {
     **{m: () for m in MOBILE}}
 _BASELINE_NAMES = {"CifarResNet": "a CIFAR ResNet", DENSENET: "a DenseNet-BC",
                    DARTS: "a DARTS"}
-_MOBILE_LIST = ", ".join(f"timm:{a}" for a in MOBILE_ARCHS)
 _PAPER_NAMES = {"CifarResNet": "ResNet-Global", DENSENET: "DenseNet-Global",
                 DARTS: "DARTS-Global"}
 #: What layout=paper reads off a DenseNet or DARTS baseline to rebuild it.
@@ -304,7 +303,7 @@ class PdeGlobalVariant(Variant):
         if options["layout"] == "paper" and site.module_type not in _PAPER_OPTIONS:
             return (f"layout=paper builds the official CIFAR ResNet-, DenseNet- or "
                     f"DARTS-Global or ImageNet Global networks and replaces a "
-                    f"cifar_resnet*, cifar_densenet_bc*, cifar_darts_v2 or {_MOBILE_LIST} "
+                    f"cifar_resnet*, cifar_densenet_bc*, cifar_darts_v2 or {MOBILE_BASELINES} "
                     f"baseline, not a {site.module_type} (layout=plain converts the residual "
                     f"stages of any ResNet)")
         if options["layout"] == "paper" and site.module_type in MOBILE:
@@ -315,7 +314,7 @@ class PdeGlobalVariant(Variant):
         network = next((s for s in sites if s.kind == "network"), None)
         if options["layout"] != "paper" and network and network.module_type in MOBILE:
             # torchvision's classes share these names: say which baselines convert.
-            return (f"with --option layout=paper, {_MOBILE_LIST} convert into the official "
+            return (f"with --option layout=paper, {MOBILE_BASELINES} convert into the official "
                     f"{', '.join(MOBILE_NAMES.values())}")
         if options["layout"] != "paper" and network and network.module_type in _PAPER_OPTIONS:
             extra = " --option init_block=basicdense" if network.module_type == DENSENET else ""
