@@ -26,7 +26,7 @@ from autobuild.errors import AutobuildError, schema_message
 
 __all__ = ["INIT_WEIGHTS", "RUN_FILE", "RUN_MARKERS", "SAVED_MODEL", "RunRecord",
            "check_writable", "default_run_dir", "prepare_run_dir", "read_run_record",
-           "write_run_record"]
+           "resume_history", "write_run_record"]
 
 RUN_FILE = "train.yaml"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -52,6 +52,15 @@ class DataRecord(BaseModel):
     task: Literal["classification", "detection"] | None = None
 
 
+class ResumeRecord(BaseModel):
+    """One ``train --resume``: after which epoch, and the recipe fields it changed (each as
+    [before, after]), so that the record keeps every recipe the run trained with."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    after_epoch: Annotated[int, Field(ge=0)]
+    changed: dict[str, Annotated[list[Any], Field(min_length=2, max_length=2)]]
+
+
 class RunRecord(BaseModel):
     """The schema of ``train.yaml``."""
 
@@ -62,6 +71,8 @@ class RunRecord(BaseModel):
     epochs_done: Annotated[int, Field(ge=0)] | None = None
     data: DataRecord
     config: dict[str, Any]
+    #: Every resume, oldest first (``config`` is the recipe of the latest).
+    resumes: list[ResumeRecord] = []
 
     @field_validator("config")
     @classmethod
@@ -104,6 +115,15 @@ def write_run_record(run: str, record: dict[str, Any]) -> None:
     except ValidationError as exc:  # the code's own record: a bug, named precisely
         raise RuntimeError(schema_message(exc, "run record: ")) from None
     atomic_write_text(os.path.join(run, RUN_FILE), yaml.safe_dump(clean, sort_keys=False))
+
+
+def resume_history(run: str, config: dict[str, Any], after_epoch: int) -> list[dict[str, Any]]:
+    """The ``resumes`` of ``run``'s record with this resume added: ``config`` (the recipe
+    from now on) against the recipe the record holds."""
+    record = read_run_record(run) or {}
+    before = record.get("config") or {}
+    changed = {k: [before.get(k), v] for k, v in config.items() if before.get(k) != v}
+    return [*record.get("resumes", []), {"after_epoch": after_epoch, "changed": changed}]
 
 
 def default_run_dir(model: str, family: str | None) -> str:

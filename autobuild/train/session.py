@@ -44,7 +44,7 @@ from autobuild.train.checkpoint import (
 from autobuild.train.config import TrainConfig, check_resume
 from autobuild.train.distributed import Dist, init_distributed
 from autobuild.train.metrics import write_csv
-from autobuild.train.rundir import write_run_record
+from autobuild.train.rundir import resume_history, write_run_record
 
 __all__ = ["BEST_WEIGHTS", "LAST_WEIGHTS", "Callback", "DivergedError", "Session",
            "make_loader", "resolve_device"]
@@ -203,6 +203,7 @@ class Session:
         self.ema: Any = None
         self.tensorboard: Any = None
         self.recording = False  # whether this process writes train.yaml (after start())
+        self.resumes: list[dict[str, Any]] = []  # train.yaml's history of resumes
         #: Set by the task loop: returns a few validation batches for TensorBoard histograms.
         self.probe: Callable[[], tuple[str, Sequence[Any]]] | None = None
 
@@ -305,6 +306,7 @@ class Session:
             raise AutobuildError(f"checkpoint {self.ckpt_path!r} does not match this "
                                  f"model/recipe: {str(exc).splitlines()[0]}") from exc
         check_resume(self.cfg, int(state["epoch"]))  # before anything is written
+        self.resumes = resume_history(self.out_dir, self.cfg.to_dict(), int(state["epoch"]))
         self.first_epoch = int(state["epoch"]) + 1
         self.best_epoch = int(state["best_epoch"])
         set_rng_state(state["rng"])
@@ -354,7 +356,8 @@ class Session:
             write_run_record(self.out_dir, {  # type: ignore[arg-type]
                 "status": status, "reason": reason,
                 "epochs_done": self.history[-1].epoch if self.history else 0,
-                "data": self.data_record, "config": self.cfg.to_dict()})
+                "data": self.data_record, "config": self.cfg.to_dict(),
+                "resumes": self.resumes})
 
     def __enter__(self) -> Session:
         return self

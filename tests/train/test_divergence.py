@@ -53,6 +53,15 @@ def test_diverging_run_exits_3_and_can_be_resumed_or_overwritten(
     # ... it resumes from the last good checkpoint with a saner recipe ...
     assert main(["train", "--resume", str(run), "--epochs", "2", "--lr", "0.01", *FAST]) == 0
     assert _record(run)["status"] == "finished" and _epoch_of_checkpoint(run) == 2
+    # ... and the record keeps every recipe it trained with: both resumes, what each changed.
+    first, second = _record(run)["resumes"]
+    assert first == {"after_epoch": 1, "changed": {"epochs": [1, 2], "lr": [0.01, 1e6],
+                                                   "warmup_epochs": [5.0, 0.0],
+                                                   "clip_grad": ["auto", 0.0]}}
+    # (the second resumes the checkpoint's recipe, that of epoch 1, with --lr 0.01)
+    assert second == {"after_epoch": 1, "changed": {"lr": [1e6, 0.01],
+                                                    "warmup_epochs": [0.0, 5.0],
+                                                    "clip_grad": [0.0, "auto"]}}
     # ... or is overwritten as a whole.
     assert main([*base, "--epochs", "1", "--force"]) == 0
     assert _record(run)["status"] == "finished" and _epoch_of_checkpoint(run) == 1
