@@ -35,13 +35,16 @@ __all__ = ["analyze", "build_plan", "convert", "sites"]
 
 def analyze(model_or_name: nn.Module | str, *, num_classes: int | None = None,
             input_size: Sequence[int] | None = None, weights: str | None = None,
-            leaf_modules: Iterable[Any] = ()) -> Analysis:
+            leaf_modules: Iterable[Any] = (),
+            model_args: Mapping[str, Any] | None = None) -> Analysis:
     """Trace a baseline (a registered name or any traceable nn.Module) once: shapes, costs
     and every site of every kind. ``leaf_modules`` (classes, class names or qualified names)
-    are kept opaque by torch.fx, for code it cannot trace."""
+    are kept opaque by torch.fx, for code it cannot trace. ``model_args`` go to a named
+    baseline's builder (:data:`autobuild.models.MODEL_ARGS`, e.g. ``drop_path_rate``)."""
     return Analysis(resolve_baseline(model_or_name, num_classes=num_classes,
                                      input_size=input_size, weights=weights,
-                                     leaf_modules=_leaves(leaf_modules)))
+                                     leaf_modules=_leaves(leaf_modules),
+                                     model_args=model_args))
 
 
 def _leaves(leaf_modules: Any) -> tuple[Any, ...]:
@@ -86,7 +89,8 @@ def convert(model_or_name: nn.Module | str, to: str | None = None, *,
             sites: Iterable[str] | str | None = None, options: Mapping[str, Any] | None = None,
             placement: Placement | Mapping[str, Any] | None = None, init: str = "scratch",
             num_classes: int | None = None, input_size: Sequence[int] | None = None,
-            weights: str | None = None, leaf_modules: Iterable[Any] = ()) -> nn.Module:
+            weights: str | None = None, leaf_modules: Iterable[Any] = (),
+            model_args: Mapping[str, Any] | None = None) -> nn.Module:
     """Convert a baseline with family ``to`` (on the sites matching the glob patterns
     ``sites``, default the family's default sites, with ``options``) or with a mixed
     ``placement``. ``init`` is "scratch" or "preserve" (the converted model computes the
@@ -94,12 +98,12 @@ def convert(model_or_name: nn.Module | str, to: str | None = None, *,
     plan then holds both conversions. The result carries its plan (:func:`plan_of`)."""
     _check_init(init)
     if isinstance(model_or_name, nn.Module) and plan_of(model_or_name) is not None:
-        if any(v is not None for v in (num_classes, input_size, weights)):
-            raise AutobuildError("num_classes/input_size/weights describe a baseline; a "
-                                 "converted model keeps those of its plan")
+        if any(v is not None for v in (num_classes, input_size, weights, model_args)):
+            raise AutobuildError("num_classes/input_size/weights/model_args describe a "
+                                 "baseline; a converted model keeps those of its plan")
         return _convert_again(model_or_name, to, sites, options, placement, init)
     analysis = analyze(model_or_name, num_classes=num_classes, input_size=input_size,
-                       weights=weights, leaf_modules=leaf_modules)
+                       weights=weights, leaf_modules=leaf_modules, model_args=model_args)
     return analysis.build(_placement(analysis, to, sites, options, placement), init)
 
 
@@ -113,7 +117,7 @@ def _convert_again(model: nn.Module, to: str | None, sites: Any, options: Any,
     record = record_of(model)
     plan = record.plan
     base = Baseline(model, plan.model, plan.input_size or (3, 224, 224), _trace_root(plan),
-                    plan.num_classes, plan.weights, tuple(plan.leaf_modules))
+                    plan.num_classes, plan.weights, tuple(plan.leaf_modules), plan.model_args)
     named = [sites] if isinstance(sites, str) else list(sites or [])
     named += list(placement or {})
     for name in named:
@@ -152,12 +156,12 @@ def _converted_inside(region: Region, converted: set[str]) -> str:
 
 def sites(model_or_name: nn.Module | str, to: str | None = None, *,
           options: Mapping[str, Any] | None = None, num_classes: int | None = None,
-          input_size: Sequence[int] | None = None,
-          leaf_modules: Iterable[Any] = ()) -> list[Site]:
+          input_size: Sequence[int] | None = None, leaf_modules: Iterable[Any] = (),
+          model_args: Mapping[str, Any] | None = None) -> list[Site]:
     """The sites of a baseline that family ``to`` can convert (every site without ``to``),
     with shapes and costs."""
     analysis = analyze(model_or_name, num_classes=num_classes, input_size=input_size,
-                       leaf_modules=leaf_modules)
+                       leaf_modules=leaf_modules, model_args=model_args)
     return analysis.sites(to, options)
 
 
@@ -172,7 +176,8 @@ def plan_baseline(plan: Plan, baseline: nn.Module | None = None, *,
                                 input_size=plan.input_size, leaf_modules=plan.leaf_modules)
     weights = plan.weights if load_baseline_weights else None
     return resolve_baseline(plan.model, num_classes=plan.num_classes, input_size=plan.input_size,
-                            weights=weights, leaf_modules=plan.leaf_modules, device=device)
+                            weights=weights, leaf_modules=plan.leaf_modules, device=device,
+                            model_args=plan.model_args)
 
 
 def build_plan(plan: Plan, baseline: nn.Module | None = None, *,

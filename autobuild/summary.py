@@ -70,6 +70,7 @@ def summarize(model: nn.Module, analysis: Analysis, *, compare: bool = True) -> 
                                "after": after.module_macs.get(local(path), 0)}})
     result: dict[str, Any] = {
         "model": plan.model,
+        "model_args": dict(plan.model_args),
         "family": plan.family,
         "placement": plan.placement.summary(),
         "placement_key": plan.placement.key,

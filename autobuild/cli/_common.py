@@ -21,8 +21,8 @@ from autobuild.errors import AutobuildError, schema_message
 
 __all__ = ["DEVICE", "NON_NEGATIVE_INT", "PATH", "PORT", "POSITIVE_FLOAT", "POSITIVE_INT",
            "STUDY", "Parser", "recipe_value",
-           "add_conversion_arguments", "flag_value", "human", "model_from_args",
-           "parse_options", "parse_size", "plural", "print_json", "print_summary", "status",
+           "add_conversion_arguments", "flag_value", "human", "model_arg", "model_args_of",
+           "model_from_args", "parse_options", "parse_size", "plural", "print_json", "print_summary", "status",
            "table"]
 
 
@@ -100,6 +100,34 @@ def parse_size(text: str) -> tuple[int, int, int]:
     return size  # type: ignore[return-value]
 
 
+def model_arg(text: str) -> tuple[str, Any]:
+    """``--model-arg NAME=VALUE``, checked against the baseline builders' arguments
+    (:class:`autobuild.models.ModelArgs`) while the command line is parsed."""
+    from autobuild.models import check_model_args
+
+    key, sep, value = (part.strip() for part in text.partition("="))
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"takes NAME=VALUE (e.g. drop_path_rate=0.1), got "
+                                         f"{text!r}")
+    try:
+        return key, check_model_args({key: value}, strings=True, source="")[key]
+    except AutobuildError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def model_args_of(pairs: Sequence[tuple[str, Any]] | None) -> dict[str, Any] | None:
+    """The ``--model-arg`` pairs as a mapping (None without any); a name given twice is
+    refused."""
+    if not pairs:
+        return None
+    args: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in args:
+            raise AutobuildError(f"--model-arg {key} is given twice")
+        args[key] = value
+    return args
+
+
 def parse_options(pairs: Sequence[str] | None) -> dict[str, str]:
     options: dict[str, str] = {}
     for pair in pairs or []:
@@ -131,6 +159,10 @@ def add_conversion_arguments(p: argparse.ArgumentParser, *, model_required: bool
     p.add_argument("--input-size", type=parse_size, help="C,H,W used for shapes and counts")
     p.add_argument("--weights", type=PATH,
                    help="baseline weights: a file, or torchvision weights name")
+    p.add_argument("--model-arg", action="append", type=model_arg, metavar="NAME=VALUE",
+                   help="baseline builder argument in [0, 1), repeatable, recorded in the "
+                        "plan: drop_path_rate, drop_rate (timm), dropout, "
+                        "stochastic_depth_prob (torchvision)")
 
 
 def model_from_args(args: argparse.Namespace, *, allow_baseline: bool = False
@@ -151,7 +183,8 @@ def model_from_args(args: argparse.Namespace, *, allow_baseline: bool = False
             raise AutobuildError("--to/--sites/--option/--placement cannot be combined with a "
                                  "plan or a saved run; edit the plan instead")
         given = {"--num-classes": args.num_classes, "--input-size": args.input_size,
-                 "--init": args.init, "--weights": args.weights}
+                 "--init": args.init, "--weights": args.weights,
+                 "--model-arg": args.model_arg}
         named = [flag for flag, value in given.items() if value is not None]
         if named:
             what = "--plan" if args.plan else f"a saved model ({args.model})"
@@ -170,7 +203,7 @@ def model_from_args(args: argparse.Namespace, *, allow_baseline: bool = False
         raise AutobuildError("name a baseline model or a saved run directory")
     status(f"analysing {args.model}")
     analysis = analyze(args.model, num_classes=args.num_classes, input_size=args.input_size,
-                       weights=args.weights)
+                       weights=args.weights, model_args=model_args_of(args.model_arg))
     init = args.init or "scratch"
     if args.placement:
         if args.family or args.sites or args.option:
@@ -237,7 +270,9 @@ def print_summary(summary: dict[str, Any]) -> None:
             for s in summary["sites"]]
     if rows:
         print(table(rows, ["site", "choice", "module", "params", "MACs"]))
-    print(f"\n{summary['model']} -> {summary['placement']}, init={summary['init']}, "
+    args = ", ".join(f"{k}={v}" for k, v in summary.get("model_args", {}).items())
+    print(f"\n{summary['model']}{f' ({args})' if args else ''} -> {summary['placement']}, "
+          f"init={summary['init']}, "
           f"{plural(len(rows), 'site')}, counted on {summary['counted']} at "
           f"{'x'.join(map(str, summary['input_size']))}")
     for key in ("params", "macs", "flops"):

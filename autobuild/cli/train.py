@@ -331,7 +331,8 @@ def _resume_dir(args: argparse.Namespace) -> str:
     given = {"--to": args.family, "--sites": args.sites, "--option": args.option,
              "--plan": args.plan, "--placement": args.placement, "--init": args.init,
              "--num-classes": args.num_classes, "--input-size": args.input_size,
-             "--weights": args.weights, "--force": args.force or None}
+             "--weights": args.weights, "--model-arg": args.model_arg,
+             "--force": args.force or None}
     named = [flag for flag, value in given.items() if value is not None]
     if named:
         raise AutobuildError(f"--resume continues a run as it was built; it takes no "

@@ -5,7 +5,7 @@ papers (``cifar_resnet*``, ``cifar_vgg*``), the DiracNets (``*diracnet*``), Quad
 
 from __future__ import annotations
 
-from autobuild.models.baseline import resolve_baseline
+from autobuild.models.baseline import MODEL_ARGS, ModelArgs, check_model_args, resolve_baseline
 from autobuild.models.registry import (
     ModelEntry,
     build_model,
@@ -17,8 +17,11 @@ from autobuild.models.registry import (
 )
 
 __all__ = [
+    "MODEL_ARGS",
+    "ModelArgs",
     "ModelEntry",
     "build_model",
+    "check_model_args",
     "get_model_entry",
     "list_models",
     "load_weights",

@@ -4,17 +4,62 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterable, Sequence
-from typing import Any
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Annotated, Any
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
-from autobuild.errors import AutobuildError, InvalidType, InvalidValue
+from autobuild.errors import AutobuildError, InvalidType, InvalidValue, schema_error
 from autobuild.models.registry import build_model, get_model_entry, load_weights
 from autobuild.rewrite import Baseline
 
-__all__ = ["resolve_baseline"]
+__all__ = ["MODEL_ARGS", "ModelArgs", "check_model_args", "resolve_baseline"]
+
+_Rate = Annotated[float, Field(ge=0, lt=1)]
+
+
+class ModelArgs(BaseModel):
+    """The builder arguments a baseline may be given (``--model-arg NAME=VALUE``, the plan's
+    ``model_args``), each checked with its bounds before anything is built. A builder that
+    does not take one refuses it by name: they are not spread over models that ignore them.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    #: timm: stochastic depth, its rate raised linearly over the blocks (timm's --drop-path).
+    drop_path_rate: _Rate | None = None
+    #: timm: dropout before the classifier (timm's --drop).
+    drop_rate: _Rate | None = None
+    #: torchvision: the classifier's dropout (VGG, AlexNet, EfficientNet, MobileNet, ...).
+    dropout: _Rate | None = None
+    #: torchvision: stochastic depth of EfficientNet, ConvNeXt, Swin, MaxViT.
+    stochastic_depth_prob: _Rate | None = None
+
+
+#: The names ``--model-arg`` takes.
+MODEL_ARGS = tuple(ModelArgs.model_fields)
+
+
+def check_model_args(args: Mapping[str, Any] | None, *, strings: bool = False,
+                     source: str = "model argument ") -> dict[str, Any]:
+    """``args`` checked against :class:`ModelArgs` (``strings``: values as the command line
+    gives them), without the ones left unset."""
+    if args is None:
+        return {}
+    if not isinstance(args, Mapping):
+        raise InvalidType(f"model arguments must be a mapping name -> value, got "
+                          f"{type(args).__name__}")
+    unknown = sorted(set(args) - set(MODEL_ARGS), key=str)
+    if unknown:
+        raise InvalidValue(f"{source}{unknown[0]!r}: unknown; valid: {', '.join(MODEL_ARGS)}")
+    try:
+        checked = (ModelArgs.model_validate_strings(dict(args)) if strings
+                   else ModelArgs.model_validate(dict(args)))
+    except ValidationError as exc:
+        raise schema_error(exc, source) from None
+    return checked.model_dump(exclude_none=True)
 
 
 def _size(size: Any) -> tuple[int, int, int]:
@@ -39,12 +84,21 @@ def _weights(weights: Any) -> str | None:
     return os.path.abspath(path) if os.path.exists(path) else weights
 
 
+def _unexpected_argument(exc: TypeError, names: Iterable[str]) -> str | None:
+    """The argument a builder's TypeError says it does not take (None for another error)."""
+    found = re.search(r"unexpected keyword argument '(\w+)'", str(exc))
+    return found.group(1) if found and found.group(1) in names else None
+
+
 def resolve_baseline(model_or_name: nn.Module | str, *, num_classes: int | None = None,
                      input_size: Sequence[int] | None = None, weights: str | None = None,
-                     leaf_modules: Iterable[Any] = (), device: str | None = None) -> Baseline:
+                     leaf_modules: Iterable[Any] = (), device: str | None = None,
+                     model_args: Mapping[str, Any] | None = None) -> Baseline:
     """Build a named baseline, or wrap a user's module. ``device="meta"`` builds the
-    structure only (no weights allocated or initialised), for loading saved weights."""
+    structure only (no weights allocated or initialised), for loading saved weights.
+    ``model_args`` (:class:`ModelArgs`) go to the named baseline's builder."""
     leaves = tuple(leaf_modules)
+    args = check_model_args(model_args)
     if num_classes is not None and (not isinstance(num_classes, int)
                                     or isinstance(num_classes, bool)):
         raise InvalidType(f"num_classes must be a positive integer, got {num_classes!r}")
@@ -52,6 +106,9 @@ def resolve_baseline(model_or_name: nn.Module | str, *, num_classes: int | None 
         raise InvalidValue(f"num_classes must be a positive integer, got {num_classes!r}")
     weights = _weights(weights)
     if isinstance(model_or_name, nn.Module):
+        if args:
+            raise AutobuildError(f"model arguments ({', '.join(args)}) are for a named "
+                                 "baseline's builder; build your module with them instead")
         if weights:
             load_weights(model_or_name, weights)
         return Baseline(model_or_name, f"custom:{type(model_or_name).__name__}",
@@ -67,10 +124,17 @@ def resolve_baseline(model_or_name: nn.Module | str, *, num_classes: int | None 
     try:
         with where:
             module = build_model(model_or_name, num_classes=num_classes,
-                                 weights=None if device == "meta" else weights, **extra)
+                                 weights=None if device == "meta" else weights, **extra, **args)
     except TypeError as exc:
+        refused = _unexpected_argument(exc, args)
+        if refused:
+            raise InvalidValue(f"model argument {refused}: {model_or_name} does not take it "
+                               "(timm models take drop_path_rate and drop_rate, torchvision "
+                               "models dropout and stochastic_depth_prob, each where it has "
+                               "them)") from exc
         if not extra:
             raise
         raise AutobuildError(f"{model_or_name} is built for {entry.input_size[0]}-channel input "
                              f"and cannot take {size[0]} channels") from exc
-    return Baseline(module, model_or_name, size, entry.trace_root, num_classes, weights, leaves)
+    return Baseline(module, model_or_name, size, entry.trace_root, num_classes, weights, leaves,
+                    args)

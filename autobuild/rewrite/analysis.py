@@ -21,7 +21,7 @@ import difflib
 import itertools
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -84,6 +84,8 @@ class Baseline:
     weights: str | None = None
     #: Module classes (or class names / qualified names) fx keeps opaque.
     leaf_modules: tuple[Any, ...] = ()
+    #: The arguments the named baseline was built with (e.g. ``drop_path_rate``).
+    model_args: dict[str, Any] = field(default_factory=dict)
 
     @property
     def root_module(self) -> nn.Module:
@@ -374,7 +376,7 @@ class Analysis:
     def plan(self, placement: Placement | Mapping[str, Any], init: str = "scratch") -> Plan:
         b = self.baseline
         return Plan(b.name, _as_placement(placement), init, b.num_classes, b.input_size,
-                    b.weights, b.leaf_names())
+                    b.weights, b.leaf_names(), model_args=b.model_args)
 
     def check_size(self, placement: Placement | Mapping[str, Any]) -> Counts:
         """The predicted counts of ``placement``; an :class:`AutobuildError` when they are

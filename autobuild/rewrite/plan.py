@@ -1,8 +1,9 @@
 """Plans: the contract between the CLI, the search and saved models.
 
-A plan names a baseline, how to build it (classes, input size, weights, leaf modules), the
-init, and a :class:`~autobuild.rewrite.placement.Placement`. Building the same plan always
-yields the same module structure, so a saved model is a plan plus a safetensors file.
+A plan names a baseline, how to build it (classes, input size, weights, leaf modules, builder
+arguments such as ``drop_path_rate``), the init, and a
+:class:`~autobuild.rewrite.placement.Placement`. Building the same plan always yields the
+same module structure, so a saved model is a plan plus a safetensors file.
 
 Written form (``autobuild_plan: 2``), sites grouped by identical choice::
 
@@ -66,7 +67,8 @@ class Plan:
                  Sequence[Conversion] | None = None, init: str = "scratch",
                  num_classes: int | None = None, input_size: Sequence[int] | None = None,
                  weights: str | None = None, leaf_modules: Sequence[str] = (),
-                 version: int = PLAN_VERSION) -> None:
+                 version: int = PLAN_VERSION, *,
+                 model_args: Mapping[str, Any] | None = None) -> None:
         if isinstance(placement, Placement):
             self.placement = placement
         elif placement is None or isinstance(placement, Mapping):
@@ -81,6 +83,8 @@ class Plan:
         self.input_size = tuple(int(v) for v in input_size) if input_size else None
         self.weights = weights
         self.leaf_modules = [str(m) for m in leaf_modules]
+        #: The baseline builder's arguments (checked with their bounds where it is built).
+        self.model_args = dict(model_args or {})
         self.version = PLAN_VERSION
         #: The version the plan was written at (a plan is always saved at PLAN_VERSION;
         #: loading needs the old one to know which weights the file may lack).
@@ -105,7 +109,8 @@ class Plan:
     def replace(self, **changes: Any) -> Plan:
         data = {"model": self.model, "placement": self.placement, "init": self.init,
                 "num_classes": self.num_classes, "input_size": self.input_size,
-                "weights": self.weights, "leaf_modules": self.leaf_modules, **changes}
+                "weights": self.weights, "leaf_modules": self.leaf_modules,
+                "model_args": self.model_args, **changes}
         return Plan(**data)
 
     def __eq__(self, other: object) -> bool:
@@ -115,7 +120,7 @@ class Plan:
         return f"Plan({self.model!r}, {self.placement.summary()}, init={self.init})"
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data = {
             "autobuild_plan": self.version,
             "model": self.model,
             "num_classes": self.num_classes,
@@ -126,6 +131,9 @@ class Plan:
             "conversions": [{"family": c.family, "options": dict(c.options),
                              "sites": list(c.sites)} for c in self.conversions],
         }
+        if self.model_args:  # only when given: other plans read as they always did
+            data["model_args"] = dict(self.model_args)
+        return data
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "plan") -> Plan:
@@ -139,7 +147,7 @@ class Plan:
                 raise ValueError(f"plan version {version} is newer than this autobuild "
                                  f"understands ({PLAN_VERSION})")
             known = {"autobuild_plan", "model", "num_classes", "input_size", "weights", "init",
-                     "leaf_modules", "conversions"}
+                     "leaf_modules", "conversions", "model_args"}
             unknown = sorted(set(data) - known)
             if unknown:
                 raise ValueError(f"unknown key {unknown[0]!r}; valid: {', '.join(sorted(known))}")
@@ -166,7 +174,13 @@ class Plan:
             leaves = data.get("leaf_modules") or []
             if not isinstance(leaves, list) or not all(isinstance(m, str) for m in leaves):
                 raise ValueError("'leaf_modules' must be a list of names")
-            return cls(model, conversions, init, num_classes, size, weights, leaves, version)
+            args = data.get("model_args") or {}
+            if not isinstance(args, dict) or not all(
+                    isinstance(k, str) and (v is None or isinstance(v, (bool, int, float, str)))
+                    for k, v in args.items()):
+                raise ValueError("'model_args' must map argument names to numbers or strings")
+            return cls(model, conversions, init, num_classes, size, weights, leaves, version,
+                       model_args=args)
         except AutobuildError as exc:
             raise type(exc)(f"plan {source}: {exc}") from exc
         except (KeyError, TypeError, ValueError) as exc:

@@ -36,7 +36,7 @@ def trial_plan(study: optuna.Study, number: int) -> Any:
         raise AutobuildError(f"study {study.study_name!r} was not made by autobuild search")
     placement = Placement(json.loads(trial.user_attrs["placement_json"]))
     return Plan(spec["model"], placement, spec["init"], spec["num_classes"],
-                spec["input_size"])
+                spec["input_size"], model_args=spec.get("model_args"))
 
 
 def export_trial(study: optuna.Study, number: int, out: str, *, force: bool = False,

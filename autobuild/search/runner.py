@@ -94,7 +94,7 @@ def _check_budget(space: SearchSpace, config: Any) -> None:
     from autobuild.models import resolve_baseline
     from autobuild.train.regularize import check_regularizers
 
-    baseline = resolve_baseline(space.baseline, device="meta")
+    baseline = resolve_baseline(space.baseline, device="meta", model_args=space.model_args)
     check_regularizers(baseline.module, config, key="search space budget.")
 
 
@@ -137,7 +137,8 @@ def prepare(space: SearchSpace, *, storage: str | None = None, study_name: str |
     data = build_data(space.data, space.data_dir, image_size=space.budget.image_size,
                       train_subset=space.budget.train_subset)
     analysis = analyze(space.baseline, num_classes=space.num_classes or data.num_classes,
-                       input_size=space.input_size or data.input_size)
+                       input_size=space.input_size or data.input_size,
+                       model_args=space.model_args)
     folder = artifact_dir(url, name, artifacts)
     objective = Objective(space, analysis, data, config,
                           artifact_store=artifact_store(folder), quiet=quiet)
@@ -224,7 +225,8 @@ def _create(space: SearchSpace, name: str, store: Any, objective: Objective
     study.set_user_attr("baseline", {**objective.baseline, "top1": None})
     b = objective.analysis.baseline
     study.set_user_attr("baseline_spec", {"model": b.name, "num_classes": b.num_classes,
-                                          "input_size": list(b.input_size), "init": space.init})
+                                          "input_size": list(b.input_size), "init": space.init,
+                                          "model_args": dict(b.model_args)})
     if space.seeding.baseline:
         study.enqueue_trial(_seed_params(objective.groups, "baseline"),
                             user_attrs={"seed_kind": "baseline"})

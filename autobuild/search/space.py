@@ -135,6 +135,8 @@ class Budget(_Strict):
 class SearchSpace(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
     baseline: str = Field(min_length=1)
+    #: The baseline builder's arguments (``autobuild.models.MODEL_ARGS``).
+    model_args: dict[str, Any] = Field(default_factory=dict)
     num_classes: int | None = Field(default=None, ge=1)
     input_size: tuple[int, int, int] | None = None
     data: str = Field(min_length=1)
@@ -151,6 +153,16 @@ class SearchSpace(_Strict):
     pruning: Pruning = Pruning()
     keep_weights: bool = False
     device: str = "auto"
+
+    @field_validator("model_args")
+    @classmethod
+    def _model_args(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from autobuild.models import check_model_args
+
+        try:
+            return check_model_args(value, source="")
+        except AutobuildError as exc:
+            raise ValueError(str(exc)) from None
 
     @field_validator("objectives")
     @classmethod
@@ -185,7 +197,9 @@ class SearchSpace(_Strict):
     def fingerprint(self) -> str:
         """What defines the study's trials (the space minus run-time settings): a study
         refuses to be continued with a different one."""
-        data = self.model_dump(mode="json", exclude={"n_trials", "device"})
+        # (without model_args when there are none: the studies of older spaces continue)
+        skip = {"n_trials", "device"} | (set() if self.model_args else {"model_args"})
+        data = self.model_dump(mode="json", exclude=skip)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
