@@ -160,13 +160,32 @@ def _diracnet(rewriter: Rewriter, site: Site, options: dict[str, Any]) -> None:
         path = rewriter.full(str(node.target))
         rewriter.replace_module(path, layer, site=site.name, note=note)
         pairs.append((path, _folding_bn(analysis, path)))
+    revived = _revive_zero_norms(rewriter, [bn for _, bn in pairs if bn])
     rewriter.record_site(site)
     rewriter.record(site.name, type(analysis.baseline.root_module).__name__, "DiracNet",
                     params_before, param_count(rewriter.root_module),
-                    f"{len(analysis.blocks)} skip connections removed")
+                    f"{len(analysis.blocks)} skip connections removed" + (
+                        f"; {revived} zero-initialised BN scales set to 1" if revived else ""))
     if options["folded"]:
         for conv_path, bn_path in pairs:
             _fold_one(rewriter, conv_path, bn_path, site.name)
+
+
+@torch.no_grad()
+def _revive_zero_norms(rewriter: Rewriter, bn_paths: Sequence[str]) -> int:
+    """Set to 1 the scales of the block BNs that are all zero: the residual zero-init (timm's
+    ``zero_init_last``, torchvision's ``zero_init_residual``) makes a block start as the
+    identity through its skip; with the skip removed it would zero the network's signal and
+    every gradient behind it. DiracNet's identity is its Dirac term instead."""
+    revived = 0
+    for path in bn_paths:
+        bn = rewriter.model.get_submodule(path)
+        weight = getattr(bn, "weight", None)
+        if (isinstance(weight, torch.Tensor) and not weight.is_meta and weight.numel()
+                and not weight.any()):
+            weight.fill_(1.0)
+            revived += 1
+    return revived
 
 
 def _folding_bn(analysis: Analysis, conv_path: str) -> str | None:

@@ -14,7 +14,7 @@ import autobuild
 from autobuild.cli import main
 from autobuild.errors import AutobuildError
 from autobuild.models import resolve_baseline
-from autobuild.rewrite import trace
+from autobuild.rewrite import record_of, trace
 from autobuild.variants.dirac import DiracConv2d, dirac_delta, fold
 from tests.conftest import convert_baseline, max_rel_diff
 
@@ -144,6 +144,23 @@ def test_network_scope_on_other_resnets(name: str) -> None:
     assert any(c.site == "network" for c in converted.changes)
     assert all(not isinstance(m, nn.Conv2d) or m.stride == (1, 1) or n == "conv1"
                for n, m in converted.model.named_modules())
+
+
+def test_a_resnet_with_zero_initialised_residuals_becomes_a_dirac_net_that_learns() -> None:
+    """A block's last BN starting at 0 (torchvision's zero_init_residual, timm's default
+    zero_init_last) makes it the identity through its skip; without the skip it would zero
+    the whole signal, and every gradient but the classifier bias's. Those scales start at 1."""
+    import torchvision
+
+    torch.manual_seed(0)
+    base = torchvision.models.resnet18(num_classes=4, zero_init_residual=True)
+    model = autobuild.convert(base, "dirac", input_size=(3, 32, 32))
+    assert "8 zero-initialised BN scales set to 1" in record_of(model).changes[-1].note
+    model(torch.randn(4, 3, 32, 32)).logsumexp(1).sum().backward()
+    dead = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.any()]
+    assert not dead
+    # (a trained BN scale is never all zero: the scales of other BNs stay as they were)
+    assert all(bn.weight.eq(1).all() for bn in model.modules() if isinstance(bn, nn.BatchNorm2d))
 
 
 def test_convs_scope_preserves_and_skips_what_delta_cannot_be() -> None:
