@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import linecache
 import os
 import traceback
@@ -13,7 +14,8 @@ from torch import fx, nn
 
 from autobuild.errors import AutobuildError
 
-__all__ = ["AutobuildTracer", "leaf_module_types", "register_leaf_module", "trace"]
+__all__ = ["AutobuildTracer", "leaf_module_types", "register_leaf_module", "runtime_training",
+           "trace"]
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 
@@ -80,8 +82,51 @@ def trace(model: nn.Module, *, leaf_modules: Iterable[Any] = (), name: str = "")
         graph = tracer.trace(model)
     except Exception as exc:
         raise AutobuildError(_describe_failure(exc, tracer, name or type(model).__name__)) from exc
+    runtime_training(graph)
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     return gm
+
+
+def _training_index(target: Any) -> int | None:
+    """The position of ``target``'s parameter named ``training`` (None without one)."""
+    try:
+        names = list(inspect.signature(target).parameters)
+    except (TypeError, ValueError):  # a builtin without a signature
+        return None
+    return names.index("training") if "training" in names else None
+
+
+def runtime_training(graph: fx.Graph) -> int:
+    """Give the functions called with ``training=<the flag at trace time>`` (F.batch_norm and
+    F.dropout inside modules fx traces through, torchvision's stochastic depth, ...) the
+    module's flag at run time instead, so that ``.eval()`` and ``.train()`` still switch
+    them. fx evaluates ``self.training`` while tracing: without this, a graph traced in
+    training mode keeps batch statistics and dropout on in eval. Returns how many calls
+    changed."""
+    flag: fx.Node | None = None
+    changed = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        index = _training_index(node.target)
+        if index is None:
+            continue
+        if "training" in node.kwargs and isinstance(node.kwargs["training"], bool):
+            where = "kwarg"
+        elif index < len(node.args) and isinstance(node.args[index], bool):
+            where = "arg"
+        else:
+            continue
+        if flag is None:
+            first = next(n for n in graph.nodes if n.op != "placeholder")
+            with graph.inserting_before(first):
+                flag = graph.get_attr("training")
+        if where == "kwarg":
+            node.update_kwarg("training", flag)
+        else:
+            node.update_arg(index, flag)
+        changed += 1
+    return changed
 
 
 def _describe_failure(exc: Exception, tracer: AutobuildTracer, model_name: str) -> str:

@@ -53,3 +53,81 @@ def test_leaf_modules_make_it_convertible_and_loadable(tmp_path) -> None:
     with torch.no_grad():
         assert torch.equal(loaded(x), m(x))
         assert torch.allclose(m(x), net.eval()(x), atol=1e-6)
+
+
+class NormAct(nn.BatchNorm2d):
+    """A norm fx traces through (not torch.nn's own class), as timm's BatchNormAct2d."""
+
+    def forward(self, x):
+        x = nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight,
+                                     self.bias, training=self.training, momentum=0.1)
+        return nn.functional.relu(x)
+
+
+class Head(nn.Module):
+    """Dropout written with the module's flag, as timm's classifier heads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(nn.functional.dropout(x.mean((2, 3)), 0.5, self.training))
+
+
+class Traced(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.norm = NormAct(4)
+        self.head = Head()
+
+    def forward(self, x):
+        return self.head(self.norm(self.conv(x)))
+
+
+@pytest.mark.parametrize("traced_in", ["train", "eval"])
+def test_a_traced_graph_follows_train_and_eval_as_the_module_does(traced_in) -> None:
+    """fx evaluates ``self.training`` while tracing; the flag passed to F.batch_norm and
+    F.dropout is the module's at run time, whatever the mode the graph was traced in."""
+    from autobuild.rewrite.trace import trace
+
+    torch.manual_seed(0)
+    net = Traced()
+    net.norm.running_mean.normal_()
+    getattr(net, traced_in)()
+    gm = trace(net)
+    x = torch.randn(8, 3, 6, 6)
+    for mode in ("eval", "train"):
+        for m in (net, gm):
+            getattr(m, mode)()
+        with torch.no_grad():
+            torch.manual_seed(1)
+            expected = net(x)
+            torch.manual_seed(1)
+            assert torch.equal(gm(x), expected), mode
+    gm.eval()
+    with torch.no_grad():
+        assert torch.equal(gm(x), gm(x))  # no dropout, no batch statistics in eval
+
+
+def test_a_graph_edited_conversion_keeps_dropout_off_in_eval() -> None:
+    """DiracNet's conversion edits the traced graph of the root; the converted timm ResNet's
+    head dropout must still follow eval() (it ran in eval too, until the flag was live)."""
+    pytest.importorskip("timm")
+    torch.manual_seed(0)
+    m = autobuild.convert("timm:resnet18", "dirac", sites="network", num_classes=4,
+                          input_size=(3, 32, 32), model_args={"drop_rate": 0.5})
+    assert isinstance(m, torch.fx.GraphModule)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(m.eval()(x), m(x))
+        assert not torch.equal(m.train()(x), m(x))
+
+
+def test_a_baseline_with_norms_traced_through_is_analysed_at_batch_one_on_1x1_maps() -> None:
+    """The analysis runs one image in eval mode: a norm traced through no longer asks for
+    batch statistics of a single value (timm's EfficientNet at 32x32 reaches 1x1)."""
+    pytest.importorskip("timm")
+    analysis = autobuild.analyze("timm:test_efficientnet", input_size=(3, 32, 32))
+    assert analysis.counts.params > 0
