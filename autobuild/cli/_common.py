@@ -22,8 +22,8 @@ from autobuild.errors import AutobuildError, schema_message
 __all__ = ["DEVICE", "NON_NEGATIVE_INT", "PATH", "PORT", "POSITIVE_FLOAT", "POSITIVE_INT",
            "STUDY", "Parser", "recipe_value",
            "add_conversion_arguments", "flag_value", "human", "model_arg", "model_args_of",
-           "model_from_args", "parse_options", "parse_size", "plural", "print_json", "print_summary", "status",
-           "table"]
+           "model_from_args", "parse_options", "parse_size", "plural", "print_json",
+           "print_summary", "status", "table"]
 
 
 class Parser(argparse.ArgumentParser):
