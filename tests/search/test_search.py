@@ -309,3 +309,23 @@ def test_a_bad_budget_value_names_the_space_key(in_tmp, capsys, budget, needle) 
     assert main(["search", str(space), "--quiet"]) == 2
     assert needle in capsys.readouterr().err
     assert not os.listdir(in_tmp / "studies")
+
+
+def test_a_space_with_model_args_trains_and_exports_them(in_tmp, capsys) -> None:
+    """The baseline's builder arguments reach every trial's network and the exported plan."""
+    pytest.importorskip("timm")
+    import yaml
+
+    from autobuild import load, plan_of
+
+    space = in_tmp / "space.yaml"
+    space.write_text(yaml.safe_dump(tiny_space(
+        baseline="timm:test_efficientnet", model_args={"drop_path_rate": 0.2},
+        data="synthetic:size=3x32x32,classes=4,train=32,val=16", n_trials=1,
+        budget={"epochs": 1, "batch_size": 16}, seeding={"revert_top_ri": 0},
+        groups=[{"name": "head", "sites": "conv_head", "choices": ["keep", "quadratic"]}])))
+    assert main(["search", str(space), "--quiet"]) == 0
+    assert main(["export", "--study", "tiny", "--trial", "0", "--out", "best"]) == 0
+    model = load(str(in_tmp / "best"))
+    assert plan_of(model).model_args == {"drop_path_rate": 0.2}
+    assert sum(type(m).__name__ == "DropPath" for m in model.modules()) == 4

@@ -34,6 +34,19 @@ def test_overrides_and_defaults() -> None:
         tiny_space(), ["budget.epochs=9"]).fingerprint()
 
 
+def test_model_args_are_checked_and_a_space_without_them_keeps_its_fingerprint() -> None:
+    """Studies made before spaces had ``model_args`` continue (their fingerprint was taken
+    without the key); with arguments the space is another one."""
+    assert load_space(tiny_space()).fingerprint() == "1e2a8d5c84cfc3ad"
+    with_args = load_space(tiny_space(model_args={"drop_path_rate": 0.1}))
+    assert with_args.model_args == {"drop_path_rate": 0.1}
+    assert with_args.fingerprint() != load_space(tiny_space()).fingerprint()
+    with pytest.raises(AutobuildError, match="model_args: drop_path_rate: must be less than 1"):
+        load_space(tiny_space(model_args={"drop_path_rate": 2}))
+    with pytest.raises(AutobuildError, match="model_args: 'depth': unknown; valid: "):
+        load_space(tiny_space(), ["model_args.depth=3"])
+
+
 @pytest.mark.parametrize("change,needle", [
     ({"objectives": ["top1", "speed"]}, "objectives: unknown objective 'speed'"),
     ({"budget": {"epochs": 0}}, "budget.epochs: Input should be greater than or equal to 1"),
