@@ -266,6 +266,7 @@ def _recipe(args: argparse.Namespace, name: str | None, task: str) -> Any:
     the schema while parsing; here the combination is)."""
     from autobuild.train import TrainConfig
     from autobuild.train.regularize import check_regularizers
+    from autobuild.train.tensorboard import check_log_dir
 
     if task == "detection":
         from autobuild.train.detection import detection_config
@@ -274,6 +275,7 @@ def _recipe(args: argparse.Namespace, name: str | None, task: str) -> Any:
     else:
         cfg = TrainConfig(**config_overrides(args))
     check_regularizers(None, cfg, detection=task == "detection")  # before the data is read
+    check_log_dir(cfg.tensorboard)
     return cfg
 
 
@@ -310,6 +312,7 @@ def _resumed_job(args: argparse.Namespace) -> _Job:
     from autobuild.train.checkpoint import CHECKPOINT_FILE
     from autobuild.train.config import check_resume
     from autobuild.train.rundir import check_writable
+    from autobuild.train.tensorboard import check_log_dir
 
     run_dir = _resume_dir(args)
     state = load_checkpoint(os.path.join(run_dir, CHECKPOINT_FILE))
@@ -319,6 +322,7 @@ def _resumed_job(args: argparse.Namespace) -> _Job:
     cfg = TrainConfig.from_dict({**state["config"], **config_overrides(args)})
     check_resume(cfg, int(state["epoch"]))
     check_writable(run_dir)
+    check_log_dir(cfg.tensorboard)
     data = _data(args, record, task)
     model = build_plan(plan, load_baseline_weights=False)
     return _Job(run_dir, task, model, data, cfg, resume=True)
@@ -328,6 +332,9 @@ def _resume_dir(args: argparse.Namespace) -> str:
     run_dir = args.out or args.model
     if not run_dir:
         raise AutobuildError("--resume needs the run directory: train --resume RUN")
+    if args.out and args.model and os.path.abspath(args.out) != os.path.abspath(args.model):
+        raise AutobuildError(f"--resume continues one run: {args.model!r} and --out "
+                             f"{args.out!r} name two; give the run directory once")
     given = {"--to": args.family, "--sites": args.sites, "--option": args.option,
              "--plan": args.plan, "--placement": args.placement, "--init": args.init,
              "--num-classes": args.num_classes, "--input-size": args.input_size,

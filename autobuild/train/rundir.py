@@ -117,12 +117,15 @@ def write_run_record(run: str, record: dict[str, Any]) -> None:
     atomic_write_text(os.path.join(run, RUN_FILE), yaml.safe_dump(clean, sort_keys=False))
 
 
-def resume_history(run: str, config: dict[str, Any], after_epoch: int) -> list[dict[str, Any]]:
+def resume_history(run: str, config: dict[str, Any], data: dict[str, Any],
+                   after_epoch: int) -> list[dict[str, Any]]:
     """The ``resumes`` of ``run``'s record with this resume added: ``config`` (the recipe
-    from now on) against the recipe the record holds."""
+    from now on) and ``data`` against the recipe and data the record holds."""
     record = read_run_record(run) or {}
     before = record.get("config") or {}
     changed = {k: [before.get(k), v] for k, v in config.items() if before.get(k) != v}
+    if record.get("data") is not None and record["data"] != DataRecord(**data).model_dump():
+        changed["data"] = [record["data"], DataRecord(**data).model_dump()]
     return [*record.get("resumes", []), {"after_epoch": after_epoch, "changed": changed}]
 
 

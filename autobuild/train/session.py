@@ -271,15 +271,15 @@ class Session:
                                      use_buffers=True)
         if resume:
             self._restore(metrics_cls)
+        if cfg.tensorboard and self.dist.is_main:  # (a bad log directory writes nothing)
+            from autobuild.train.tensorboard import TensorBoardLogger
+
+            self.tensorboard = TensorBoardLogger(cfg.tensorboard)
         if self.out_dir and self.dist.is_main:
             os.makedirs(self.out_dir, exist_ok=True)
             save_plan(plan_of(self.base), os.path.join(self.out_dir, PLAN_FILE))
             self.recording = True
             self.record("running")
-        if cfg.tensorboard and self.dist.is_main:
-            from autobuild.train.tensorboard import TensorBoardLogger
-
-            self.tensorboard = TensorBoardLogger(cfg.tensorboard)
 
     @property
     def ckpt_path(self) -> str:
@@ -306,7 +306,8 @@ class Session:
             raise AutobuildError(f"checkpoint {self.ckpt_path!r} does not match this "
                                  f"model/recipe: {str(exc).splitlines()[0]}") from exc
         check_resume(self.cfg, int(state["epoch"]))  # before anything is written
-        self.resumes = resume_history(self.out_dir, self.cfg.to_dict(), int(state["epoch"]))
+        self.resumes = resume_history(self.out_dir, self.cfg.to_dict(), self.data_record,
+                                      int(state["epoch"]))
         self.first_epoch = int(state["epoch"]) + 1
         self.best_epoch = int(state["best_epoch"])
         set_rng_state(state["rng"])

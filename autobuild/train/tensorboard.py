@@ -19,9 +19,30 @@ from torch import nn
 
 from autobuild.errors import AutobuildError
 
-__all__ = ["TensorBoardLogger"]
+__all__ = ["TensorBoardLogger", "check_log_dir"]
 
 _GROUPS = {"train_": "train/", "val_": "val/", "map": "val/"}
+
+
+def check_log_dir(log_dir: str | None) -> None:
+    """Refuse, before any work (and before a run's record is written), a ``--tensorboard``
+    path that cannot become a log directory, or a missing tensorboard package."""
+    if log_dir is None:
+        return
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("tensorboard") is None:
+        raise AutobuildError("--tensorboard needs the tensorboard package: pip install "
+                             "'autobuild[analysis]'")
+    probe = os.path.abspath(log_dir)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if probe == os.path.abspath(log_dir) and not os.path.isdir(probe):
+        raise AutobuildError(f"--tensorboard {log_dir!r}: exists and is not a directory")
+    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
+        raise AutobuildError(f"--tensorboard {log_dir!r}: {probe!r} is not a writable "
+                             "directory")
 
 
 class TensorBoardLogger:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from torch import nn
 
@@ -117,6 +118,21 @@ def test_divergence_exit_code_is_3(tmp_path: Path, capsys: pytest.CaptureFixture
                  "--warmup-epochs", "0", "--out", str(tmp_path / "d"), *FAST])
     assert code == 3
     assert "diverged" in capsys.readouterr().err
+
+
+def test_a_resume_on_other_data_is_recorded(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    first = "synthetic:size=3x8x8,classes=4,train=16,val=8"
+    assert main(["train", "cifar_resnet20", "--data", first, "--epochs", "1", "--out",
+                 str(run), *FAST]) == 0
+    second = "synthetic:size=3x8x8,classes=4,train=32,val=8"
+    assert main(["train", "--resume", str(run), "--epochs", "2", "--data", second,
+                 *FAST]) == 0
+    record = yaml.safe_load((run / "train.yaml").read_text())
+    (entry,) = record["resumes"]
+    assert entry["after_epoch"] == 1 and entry["changed"]["epochs"] == [1, 2]
+    assert [d["spec"] for d in entry["changed"]["data"]] == [first, second]
+    assert record["data"]["spec"] == second
 
 
 def test_run_dir_collision_and_corrupt_checkpoint(tmp_path: Path,
