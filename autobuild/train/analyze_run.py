@@ -14,7 +14,18 @@ from autobuild.errors import AutobuildError
 __all__ = ["analyze_run"]
 
 
-def _model(run: str, task: str, data: Any, weights_name: str) -> Any:
+def _model(run: str, task: str, data: Any, weights_name: str, flag: str = "") -> Any:
+    """The run's model, fitted to ``data``; an error names ``flag``, the option that gave
+    ``run`` (``--compare``)."""
+    try:
+        return _fitted_model(run, task, data, weights_name)
+    except AutobuildError as exc:
+        if not flag:
+            raise
+        raise type(exc)(f"{flag} {run}: {exc}") from exc
+
+
+def _fitted_model(run: str, task: str, data: Any, weights_name: str) -> Any:
     from autobuild.io import load
     from autobuild.rewrite import plan_of
     from autobuild.train.runs import task_for
@@ -42,6 +53,7 @@ def analyze_run(run: str, out_dir: str, *, data: str | None = None,
     """Analyse ``run`` on the first ``batches`` val batches of ``data`` (default: the data
     the run trained on) into ``out_dir``; with ``compare``, analyse that run on the same
     batches into ``out_dir/compare/`` and write ``compare.csv`` / ``compare.png``."""
+    from autobuild.files import ensure_writable_dir, staged_directory
     from autobuild.io import load_plan
     from autobuild.train.analyze import collect, write_analysis, write_comparison
     from autobuild.train.config import TrainConfig
@@ -54,12 +66,13 @@ def analyze_run(run: str, out_dir: str, *, data: str | None = None,
 
     if batches < 1 or batch_size < 1:
         raise AutobuildError("--batches and --batch-size must be at least 1")
-    if os.path.isdir(out_dir) and os.listdir(out_dir) and not force:
-        raise AutobuildError(f"{out_dir!r} is not empty; choose another --out or pass --force")
+    ensure_writable_dir(out_dir, force=force)  # (--out: a file, or not empty without --force)
     weights = LAST_WEIGHTS if last else BEST_WEIGHTS
-    record = (read_run_record(run) or {}).get("data")
     if not os.path.isdir(run):
         raise AutobuildError(f"{run!r} is not a saved model directory")
+    if compare and not os.path.isdir(compare):
+        raise AutobuildError(f"--compare {compare!r} is not a saved model directory")
+    record = (read_run_record(run) or {}).get("data")
     task = task_for(load_plan(run).model, data or (record or {}).get("spec"))
     dataset = data_for_run(data, record, data_dir=data_dir)
     cfg = TrainConfig(batch_size=batch_size, device=device, workers=workers)
@@ -71,20 +84,25 @@ def analyze_run(run: str, out_dir: str, *, data: str | None = None,
         chosen.append(batch)
         if len(chosen) == batches:
             break
-    a = collect(_model(run, task, dataset, weights).to(dev), task, chosen, device=dev,
-                saturation=saturation)
-    files = write_analysis(a, out_dir, plots=plots)
+    # Both models load (and fit the data) before anything is measured or written.
+    first = _model(run, task, dataset, weights)
+    second = _model(compare, task, dataset, weights, "--compare") if compare else None
+    a = collect(first.to(dev), task, chosen, device=dev, saturation=saturation)
+    b = collect(second.to(dev), task, chosen, device=dev, saturation=saturation) \
+        if second is not None else None
     summary: dict[str, Any] = {"run": run, "task": task, "data": dataset.spec,
                                "images": a.images, "layers": len(a.layers),
                                "sites": len(a.sites)}
-    if compare:
-        b = collect(_model(compare, task, dataset, weights).to(dev), task, chosen, device=dev,
-                    saturation=saturation)
-        files += write_analysis(b, os.path.join(out_dir, "compare"), plots=plots)
-        labels = (os.path.basename(os.path.normpath(run)),
-                  os.path.basename(os.path.normpath(compare)))
-        files += write_comparison(a, b, out_dir, labels, plots=plots)
-        summary["compare"] = compare
+    # Written whole: --force replaces an earlier analysis, it never mixes with it.
+    with staged_directory(out_dir, force=force) as staging:
+        files = write_analysis(a, staging, plots=plots)
+        if b is not None:
+            files += write_analysis(b, os.path.join(staging, "compare"), plots=plots)
+            labels = (os.path.basename(os.path.normpath(run)),
+                      os.path.basename(os.path.normpath(compare or "")))
+            files += write_comparison(a, b, staging, labels, plots=plots)
+            summary["compare"] = compare
+    files = [os.path.join(out_dir, os.path.relpath(f, staging)) for f in files]
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     summary["files"] = files

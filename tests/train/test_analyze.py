@@ -80,9 +80,14 @@ def test_analyze_writes_csv_and_png(saved: tuple[Path, Path], tmp_path: Path,
         image = matplotlib.image.imread(out / name)  # decodes: a real image
         assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100, name
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
-    # An existing analysis is not overwritten without --force.
+    # An existing analysis is not overwritten without --force ...
     assert main(["analyze", str(quad), "--data", SPEC, "--out", str(out)]) == 2
     assert "not empty" in capsys.readouterr().err
+    # ... and --force replaces it whole: no plot or comparison of the old one stays.
+    assert main(["analyze", str(quad), "--data", SPEC, "--out", str(out), "--no-plots",
+                 "--batches", "1", "--batch-size", "8", "--device", "cpu", "--force"]) == 0
+    assert sorted(os.listdir(out)) == ["histograms.csv", "layers.csv", "sites.csv",
+                                       "weights.csv"]
 
 
 def test_analyze_uses_the_recorded_data_and_refuses_mismatches(
