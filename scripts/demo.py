@@ -146,7 +146,7 @@ def _small_search() -> None:
           f"{space.n_trials} trials of one epoch on 512 images (search_spaces/"
           "cifar10-resnet20-mixed.yaml)")
     study = run(space, quiet=True)
-    result = write_report(study, "reports/demo")
+    result = write_report(study, "reports/demo", force=True)  # the demo's own report
     with open("reports/demo/report.md") as f:
         print(f.read())
     print(f"Report files in {result['out']}/ (trials.csv, report.md, pareto.png, ri.csv).\n"

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 from typing import Any
 
 from autobuild.cli._common import PATH, human, recipe_value, table
+from autobuild.errors import AutobuildError
 
 
 def add_parser(sub: Any) -> None:
@@ -23,6 +26,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--device", type=recipe_value("device"), default="auto",
                    help="auto (default), cpu, cuda, cuda:N")
     p.add_argument("--csv", type=PATH, help="also write the table as CSV to this file")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --csv file")
     p.add_argument("--json", action="store_true", help="print the table as JSON")
     p.set_defaults(run=run)
 
@@ -34,11 +38,13 @@ def run(args: argparse.Namespace) -> int:
     from autobuild.train.rundir import read_run_record
     from autobuild.train.runs import data_for_run
 
+    if args.csv:
+        _check_csv(args.csv, args.force)  # before the evaluations, not after
     record = read_run_record(args.run_dir)
     data = data_for_run(args.data, (record or {}).get("data"), data_dir=args.data_dir,
                         download=args.download, image_size=args.image_size)
     frame = importance(load(args.run_dir), data, batch_size=args.batch_size, device=args.device,
-                       progress=not args.json)
+                       progress=not args.json and sys.stderr.isatty())
     if args.csv:
         atomic_write_text(args.csv, frame.to_csv(index=False))
     if args.json:
@@ -53,3 +59,13 @@ def run(args: argparse.Namespace) -> int:
           f"RI = P_M·P_W / max(dtop-1, ε), ε = 1/{frame.attrs['val_images']}; high RI = revert "
           "first")
     return 0
+
+
+def _check_csv(path: str, force: bool) -> None:
+    if os.path.isdir(path):
+        raise AutobuildError(f"--csv {path!r} is a directory; give a file path")
+    if os.path.exists(path) and not force:
+        raise AutobuildError(f"--csv {path!r} exists; pass --force to overwrite it")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise AutobuildError(f"--csv {path!r}: {parent!r} is not a writable directory")

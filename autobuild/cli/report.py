@@ -29,6 +29,8 @@ def add_parser(sub: Any) -> None:
                                    "study, and print the Pareto front and its hypervolume.")
     add_study_arguments(p)
     p.add_argument("--out", type=PATH, help="report directory (default: reports/<study>)")
+    p.add_argument("--force", action="store_true",
+                   help="replace a non-empty --out (an earlier report) as a whole")
     p.add_argument("--json", action="store_true", help="print what was written as JSON")
     p.set_defaults(run=run)
 
@@ -38,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
 
     from autobuild.search.report import write_report
 
-    result = write_report(open_study(args), args.out or os.path.join("reports", args.study))
+    result = write_report(open_study(args), args.out or os.path.join("reports", args.study),
+                          force=args.force)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0

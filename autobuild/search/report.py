@@ -174,24 +174,23 @@ def _plot(study: optuna.Study, frame: Any, path: str) -> None:
         plt.close(fig)
 
 
-def write_report(study: optuna.Study, out: str) -> dict[str, Any]:
-    """Write the report files into ``out`` (atomically, each); returns what was written."""
+def write_report(study: optuna.Study, out: str, *, force: bool = False) -> dict[str, Any]:
+    """Write the report files as the directory ``out``, in one step (a non-empty ``out`` is
+    refused unless ``force``, which replaces it whole); returns what was written."""
     import pandas as pd
 
-    from autobuild.files import atomic_write_text
+    from autobuild.files import atomic_write_text, ensure_writable_dir, staged_directory
 
+    ensure_writable_dir(out, force=force)
     if not study.get_trials(deepcopy=False):
         raise AutobuildError(f"study {study.study_name!r} has no trials yet")
-    try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as exc:
-        raise AutobuildError(f"cannot create {out!r}: {exc.strerror}") from exc
     frame = trials_frame(study)
-    atomic_write_text(os.path.join(out, "trials.csv"), frame.to_csv(index=False))
-    atomic_write_text(os.path.join(out, "report.md"), _markdown(study, frame))
-    _plot(study, frame, os.path.join(out, "pareto.png"))
-    ri = pd.DataFrame(study.user_attrs.get("ri") or [])
-    atomic_write_text(os.path.join(out, "ri.csv"), ri.to_csv(index=False))
+    with staged_directory(out, force=force) as staging:
+        atomic_write_text(os.path.join(staging, "trials.csv"), frame.to_csv(index=False))
+        atomic_write_text(os.path.join(staging, "report.md"), _markdown(study, frame))
+        _plot(study, frame, os.path.join(staging, "pareto.png"))
+        ri = pd.DataFrame(study.user_attrs.get("ri") or [])
+        atomic_write_text(os.path.join(staging, "ri.csv"), ri.to_csv(index=False))
     return {"out": out, "files": ["trials.csv", "report.md", "pareto.png", "ri.csv"],
             "trials": len(frame), "pareto": len(pareto_trials(study)),
             "hypervolume": hypervolume(study)}

@@ -7,6 +7,7 @@ them) go to a file-system artifact store beside it, ``studies/<name>-artifacts/`
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
@@ -54,6 +55,38 @@ def artifact_dir(storage_url: str, study_name: str, given: str | None = None) ->
     return os.path.abspath(os.path.join("studies", f"{study_name}-artifacts"))
 
 
+def _sqlite_path(url: str) -> str:
+    """The file a sqlite URL names, as SQLAlchemy reads it (``?`` starts the query)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).database or ""
+    except ArgumentError as exc:
+        raise AutobuildError(f"--storage {url!r} is not a database URL: {exc}") from None
+
+
+def _check_study_file(path: str, create: bool) -> None:
+    """Refuse a SQLite file that is not Optuna's: Optuna would add its tables to someone
+    else's database (or, for the commands that only read, to an empty file)."""
+    import sqlite3
+    import urllib.parse
+
+    try:
+        uri = f"file:{urllib.parse.quote(os.path.abspath(path))}?mode=ro"  # (read only)
+        with contextlib.closing(sqlite3.connect(uri, uri=True)) as db:
+            tables = {row[0] for row in db.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.Error as exc:
+        raise AutobuildError(f"{path!r} is not a study database: {exc}") from None
+    if "studies" in tables or (create and not tables):
+        return
+    what = f"a SQLite database of other tables ({', '.join(sorted(tables)[:3])})" if tables \
+        else "an empty file"
+    raise AutobuildError(f"{path!r} is not a study database but {what}; it is left as it is "
+                         "(check --storage / --study)")
+
+
 def open_storage(url: str, *, heartbeat: bool | tuple[int, int] | None = True,
                  create: bool = True) -> optuna.storages.RDBStorage:
     """Optuna's RDB storage on ``url``, with heartbeats (``heartbeat``: True for the default
@@ -68,9 +101,11 @@ def open_storage(url: str, *, heartbeat: bool | tuple[int, int] | None = True,
         raise AutobuildError(f"--storage must be a database URL such as sqlite:///studies/x.db "
                              f"or postgresql+psycopg://user@host/db, got {url!r}")
     if url.startswith("sqlite:///"):
-        path = url[len("sqlite:///"):]
+        path = _sqlite_path(url)
         if path and path != ":memory:" and not create and not os.path.isfile(path):
             raise AutobuildError(f"no study database {path!r} (check --storage / --study)")
+        if path and path != ":memory:" and os.path.isfile(path):
+            _check_study_file(path, create)
         if path and path != ":memory:":
             try:
                 os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

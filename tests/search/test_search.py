@@ -100,6 +100,15 @@ def test_report_export_and_resume_through_the_cli(in_tmp, capsys) -> None:
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert matplotlib.image.imread(str(png)).shape[2] in (3, 4)
     assert "## Pareto front" in (in_tmp / "rep" / "report.md").read_text()
+    # A report is never written over files silently; --force replaces the directory whole.
+    (in_tmp / "rep" / "notes.md").write_text("mine")
+    assert main(["report", "--study", "tiny", "--out", "rep"]) == 2
+    assert "pass --force" in capsys.readouterr().err
+    assert (in_tmp / "rep" / "notes.md").read_text() == "mine"
+    assert main(["report", "--study", "tiny", "--out", "rep", "--force", "--json"]) == 0
+    capsys.readouterr()
+    assert sorted(os.listdir(in_tmp / "rep")) == ["pareto.png", "report.md", "ri.csv",
+                                                   "trials.csv"]
     assert main(["export", "--study", "tiny", "--trial", "1", "--out", "best"]) == 0
     assert "freshly initialised weights" in capsys.readouterr().out
     assert sorted(os.listdir(in_tmp / "best")) == ["plan.yaml", "weights.safetensors"]
