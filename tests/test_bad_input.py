@@ -67,6 +67,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         "empty.yaml": "",
         "space_bad.yaml": yaml.safe_dump({**tiny_space(), "bogus_key": 1}),
         "space_bad_epochs.yaml": yaml.safe_dump(tiny_space(budget={"epochs": 0})),
+        "space_ok.yaml": yaml.safe_dump(tiny_space()),
     }
     for name, text in files.items():
         (root / name).write_text(text)
@@ -80,6 +81,11 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     broken = write_imagefolder(root / "broken", {"train": 2, "val": 2})
     (broken / "train" / "dark" / "000.png").write_bytes(b"not a png")
     (root / "a_file").write_text("not a directory\n")
+    import sqlite3
+
+    with sqlite3.connect(root / "other.db") as db:  # a user's database, not a study's
+        db.execute("CREATE TABLE notes (text)")
+    (root / "empty.db").write_bytes(b"")
     return {"root": str(root), "model": model, "run": run,
             "plan": os.path.join(model, "plan.yaml"), **{
                 Path(n).stem: str(root / n) for n in files},
@@ -304,6 +310,50 @@ CLI_CASES: list[tuple[str, list[str], list[str]]] = [
     ("export-missing-study", ["export", "--study", "nope_study", "--storage",
                               "sqlite:///{root}/nope.db", "--trial", "0", "--out", "{out}"],
      ["nope"]),
+    ("status-not-a-study-db", ["status", "--storage", "sqlite:///{root}/other.db"],
+     ["other.db", "not a study database", "other tables (notes)"]),
+    ("status-empty-db", ["status", "--storage", "sqlite:///{root}/empty.db"],
+     ["empty.db", "not a study database but an empty file"]),
+    ("report-not-a-study-db", ["report", "--study", "s", "--storage",
+                               "sqlite:///{root}/other.db", "--out", "{out}"],
+     ["not a study database"]),
+    ("export-not-a-study-db", ["export", "--study", "s", "--storage",
+                               "sqlite:///{root}/other.db", "--trial", "0", "--out", "{out}"],
+     ["not a study database"]),
+    ("search-into-a-user-db", ["search", "{space_ok}", "--storage",
+                               "sqlite:///{root}/other.db"], ["not a study database"]),
+    # ---- outputs checked before the work that would fill them
+    ("train-tensorboard-file", ["train", "cifar_resnet20", "--data", SYNTH, "--out", "{out}",
+                                "--tensorboard", "{a_file}", *FAST],
+     ["--tensorboard", "exists and is not a directory"]),
+    ("train-resume-tensorboard-file", ["train", "--resume", "{run}", "--epochs", "2",
+                                       "--tensorboard", "{a_file}", *FAST],
+     ["--tensorboard", "exists and is not a directory"]),
+    ("train-resume-two-runs", ["train", "cifar_resnet20", "--resume", "--out", "{run}"],
+     ["continues one run", "cifar_resnet20"]),
+    ("analyze-compare-missing", ["analyze", "{run}", "--out", "{out}", "--compare",
+                                 "{root}/nope"], ["--compare", "nope"]),
+    ("analyze-compare-not-a-model", ["analyze", "{run}", "--out", "{out}", "--compare",
+                                     "{root}"], ["--compare"]),
+    ("analyze-out-a-file", ["analyze", "{run}", "--out", "{a_file}", "--force"],
+     ["a_file", "not a directory"]),
+    ("importance-csv-exists", ["importance", "{model}", "--data", SYNTH, "--csv", "{a_file}"],
+     ["--csv", "exists", "--force"]),
+    ("importance-csv-a-directory", ["importance", "{model}", "--data", SYNTH, "--csv",
+                                    "{root}"], ["--csv", "is a directory"]),
+    # ---- sizes that would allocate or run for ever
+    ("symmetry-seed-huge", ["symmetry", "{model}", "--seed", "99999999999999999999"],
+     ["--seed", "4294901759"]),
+    ("evaluate-synthetic-huge-images", ["evaluate", "{run}", "--data",
+                                        "synthetic:size=3x100000x100000"], ["4096 pixels"]),
+    ("evaluate-synthetic-huge-val", ["evaluate", "{run}", "--data", "synthetic:val=99999999999"],
+     ["1,000,000 train or val images"]),
+    ("train-detection-seed-neg", ["train", "ssdlite320_mobilenet_v3_large", "--data",
+                                  "synthetic-detection:seed=-1", "--out", "{out}"],
+     ["seed >= 0"]),
+    ("train-detection-huge-images", ["train", "ssdlite320_mobilenet_v3_large", "--data",
+                                     "synthetic-detection:size=100000", "--out", "{out}"],
+     ["size in 16..4096"]),
     ("dashboard-port-0", ["dashboard", "--port", "0"], ["--port", "0"]),
     ("dashboard-port-huge", ["dashboard", "--port", "70000"], ["--port", "70000"]),
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from autobuild.cli._common import NON_NEGATIVE_INT, PATH, print_json
+from autobuild.cli._common import PATH, print_json, recipe_value
 
 
 def add_parser(sub: Any) -> None:
@@ -16,7 +16,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("run_dir", metavar="RUN", type=PATH, help="a saved model directory")
     p.add_argument("--check", action="store_true",
                    help="compare outputs before and after (the default and only action)")
-    p.add_argument("--seed", type=NON_NEGATIVE_INT, default=0, help="seed of the random rotations")
+    p.add_argument("--seed", type=recipe_value("seed"), default=0,
+                   help="seed of the random rotations (as train's --seed)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(run=run)
 

@@ -136,5 +136,12 @@ def resolve_baseline(model_or_name: nn.Module | str, *, num_classes: int | None 
             raise
         raise AutobuildError(f"{model_or_name} is built for {entry.input_size[0]}-channel input "
                              f"and cannot take {size[0]} channels") from exc
+    except (MemoryError, RuntimeError) as exc:  # e.g. a classifier for 10^9 classes
+        text = str(exc).lower()
+        if isinstance(exc, RuntimeError) and "allocate" not in text and "out of memory" not in text:
+            raise
+        classes = f" with {num_classes} classes" if num_classes else ""
+        raise AutobuildError(f"cannot build {model_or_name}{classes}: not enough memory for its "
+                             "weights") from exc
     return Baseline(module, model_or_name, size, entry.trace_root, num_classes, weights, leaves,
                     args)

@@ -285,6 +285,13 @@ def _synthetic(arg: str) -> Data:
         raise AutobuildError(f"bad synthetic options {arg!r}; valid: {DATA_SPECS}") from None
     if len(size) != 3 or min(size) < 1 or classes < 2 or min(n_train, n_val) < 1:
         raise AutobuildError(f"bad synthetic options {arg!r}; valid: {DATA_SPECS}")
+    # Bounds that keep a typo from allocating or generating for ever (the class patterns
+    # are held in memory; images are made one at a time).
+    if size[0] > 64 or max(size[1:]) > 4096 or max(n_train, n_val) > 1_000_000 or \
+            classes * size[0] * size[1] * size[2] > 2 ** 28:
+        raise AutobuildError(f"bad synthetic options {arg!r}: at most 64 channels, 4096 "
+                             "pixels a side, 1,000,000 train or val images, and classes x "
+                             "C x H x W <= 2^28 (the class patterns held in memory)")
     shape: tuple[int, int, int] = size  # type: ignore[assignment]
     return Data("synthetic", _Synthetic(n_train, shape, classes, 0),
                 _Synthetic(n_val, shape, classes, 1), classes, shape,

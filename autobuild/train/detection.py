@@ -168,7 +168,8 @@ def check_detector(model: nn.Module, data: DetectionData) -> None:
     """Fail in one line, before training, when the detector does not fit the data."""
     _transform(model)
     head = getattr(getattr(model, "head", None), "classification_head", None)
-    n = getattr(head, "num_classes", None)
+    # (torchvision's SSD heads keep their class count, background included, as num_columns)
+    n = getattr(head, "num_classes", None) or getattr(head, "num_columns", None)
     if n is not None and n != data.num_classes:
         raise AutobuildError(f"the detector predicts {n - 1} classes (+ background) but "
                              f"{data.spec} has {len(data.classes)}: rebuild it with "

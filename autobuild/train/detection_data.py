@@ -257,9 +257,11 @@ def _synthetic(spec: str, arg: str, augment: str, train_subset: int | None) -> D
     except ValueError:
         raise AutobuildError(f"bad synthetic-detection options {arg!r}; valid: "
                              f"{DETECTION_SPECS}") from None
-    if size < 16 or not 1 <= classes <= len(SYNTHETIC_CLASSES) or min(n_train, n_val) < 1:
-        raise AutobuildError(f"bad synthetic-detection options {arg!r}: size >= 16, classes "
-                             f"in 1..{len(SYNTHETIC_CLASSES)}, train and val >= 1")
+    if not 16 <= size <= 4096 or not 1 <= classes <= len(SYNTHETIC_CLASSES) or \
+            not 1 <= min(n_train, n_val) <= max(n_train, n_val) <= 100_000 or seed < 0:
+        raise AutobuildError(f"bad synthetic-detection options {arg!r}: size in 16..4096, "
+                             f"classes in 1..{len(SYNTHETIC_CLASSES)}, train and val in "
+                             "1..100000, seed >= 0")
 
     def records(first: int, n: int) -> list[Record]:
         out = []

@@ -9,6 +9,7 @@ of training, and neither rewarded nor penalised by the COCO evaluation). Any pro
 from __future__ import annotations
 
 import json
+import math
 import os
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
@@ -119,9 +120,12 @@ def _number(node: ET.Element, tag: str, path: str, obj: int | None = None, *,
             raise AutobuildError(f"{path}: {where} is missing")
         return None
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise AutobuildError(f"{path}: {where} is not a number: {text.strip()!r}") from None
+    if not math.isfinite(value):
+        raise AutobuildError(f"{path}: {where} is not a finite number: {text.strip()!r}")
+    return value
 
 
 # ---- COCO -----------------------------------------------------------------------------------
@@ -187,9 +191,17 @@ def _coco_annotation(a: Any, path: str, images: dict[int, str], label: dict[int,
     annotation."""
     try:
         ident, image_id, cat = a.get("id"), int(a["image_id"]), int(a["category_id"])
-        x, y, w, h = (float(v) for v in a["bbox"])
+        bbox = a["bbox"]
+        if not isinstance(bbox, list) or len(bbox) != 4 or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                for v in bbox):
+            raise ValueError(f"bbox must be 4 finite numbers [x, y, width, height], got "
+                             f"{bbox!r:.60}")
+        x, y, w, h = (float(v) for v in bbox)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise AutobuildError(f"{path}: malformed annotation {a!r:.80} ({exc!r})") from exc
+        what = f"annotation {a.get('id')!r}" if isinstance(a, dict) else f"annotation {a!r:.40}"
+        reason = f"no {exc}" if isinstance(exc, KeyError) else str(exc)
+        raise AutobuildError(f"{path}: malformed {what}: {reason}") from exc
     if image_id not in images:
         raise AutobuildError(f"{path}: annotation {ident} refers to image {image_id}, which "
                              "is not in 'images'")

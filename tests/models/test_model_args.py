@@ -133,3 +133,25 @@ def test_training_and_resuming_rebuild_the_network_with_them(tmp_path: Path, cap
     assert "takes no --model-arg" in capsys.readouterr().err
     assert main(["train", "--resume", str(run), "--epochs", "2", *FAST]) == 0
     assert len(_drop_paths(load(str(run)))) == 4
+
+
+def test_a_baseline_too_large_for_memory_is_refused_in_one_line(monkeypatch) -> None:
+    """A classifier for 10^9 classes asks for hundreds of GB: the allocator's failure is
+    reported as a bad --num-classes, not a traceback (the allocation is simulated here)."""
+    def build(name, **kw):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:118] DefaultCPUAllocator: can't "
+                           "allocate memory: you tried to allocate 256000000000 bytes.")
+
+    monkeypatch.setattr("autobuild.models.baseline.build_model", build)
+    with pytest.raises(AutobuildError, match="cifar_resnet20 with 1000000000 classes: not "
+                                             "enough memory for its weights"):
+        resolve_baseline("cifar_resnet20", num_classes=10**9)
+
+
+def test_other_runtime_errors_of_a_builder_are_not_disguised(monkeypatch) -> None:
+    def build(name, **kw):
+        raise RuntimeError("a bug in a builder")
+
+    monkeypatch.setattr("autobuild.models.baseline.build_model", build)
+    with pytest.raises(RuntimeError, match="a bug in a builder"):
+        resolve_baseline("cifar_resnet20")

@@ -77,6 +77,15 @@ def test_train_records_map_and_evaluate_reproduces_it(runs: tuple[Path, Path, Pa
     assert "mAP@0.5" in out and "AP@0.5" in out
 
 
+def test_a_detector_is_not_evaluated_on_data_of_other_classes(
+        runs: tuple[Path, Path, Path], capsys: pytest.CaptureFixture) -> None:
+    base, _, _ = runs
+    assert main(["evaluate", str(base), "--data", "synthetic-detection:classes=1,size=48",
+                 "--device", "cpu"]) == 2
+    assert "predicts 3 classes (+ background) but synthetic-detection:classes=1,size=48 has 1" \
+        in capsys.readouterr().err
+
+
 def test_resume_matches_an_uninterrupted_run(runs: tuple[Path, Path, Path],
                                              tmp_path: Path) -> None:
     """Stopped after epoch 1 and resumed, it ends where the 2-epoch run ended (which also

@@ -125,6 +125,8 @@ _VOC_CASES: dict[str, tuple[Callable[[Path], str], str]] = {
                       "unknown class 'dgo'"),
     "not a number": (lambda r: _edit_voc_xml(r, "<ymin>5</ymin>", "<ymin>five</ymin>"),
                      "is not a number"),
+    "nan": (lambda r: _edit_voc_xml(r, "<ymin>5</ymin>", "<ymin>nan</ymin>"),
+            "<bndbox/ymin> is not a finite number: 'nan'"),
 }
 _COCO_CASES: dict[str, tuple[Callable[[Path], str], str]] = {
     "bad JSON": (_bad_json, "bad JSON"),
@@ -132,6 +134,12 @@ _COCO_CASES: dict[str, tuple[Callable[[Path], str], str]] = {
         bbox=[5, 5, -3, 4])), "negative width"),
     "unknown category": (lambda r: _edit_coco(r, lambda d: d["annotations"][0].update(
         category_id=99)), "unknown category_id 99"),
+    "NaN": (lambda r: _edit_coco(r, lambda d: d["annotations"][0].update(
+        bbox=[5, 5, float("nan"), 4])), "bbox must be 4 finite numbers"),
+    "true": (lambda r: _edit_coco(r, lambda d: d["annotations"][0].update(
+        bbox=[5, 5, True, 4])), "bbox must be 4 finite numbers"),
+    "no bbox": (lambda r: _edit_coco(r, lambda d: d["annotations"][0].pop("bbox")),
+                "malformed annotation 1: no 'bbox'"),
     "missing image": (lambda r: _edit_coco(r, lambda d: d["images"][0].update(
         file_name="gone.png")), "does not exist"),
 }
