@@ -265,6 +265,7 @@ def _recipe(args: argparse.Namespace, name: str | None, task: str) -> Any:
     """The recipe: the task's defaults, then the flags given (each already checked against
     the schema while parsing; here the combination is)."""
     from autobuild.train import TrainConfig
+    from autobuild.train.config import check_new_recipe
     from autobuild.train.regularize import check_regularizers
     from autobuild.train.tensorboard import check_log_dir
 
@@ -275,6 +276,7 @@ def _recipe(args: argparse.Namespace, name: str | None, task: str) -> Any:
     else:
         cfg = TrainConfig(**config_overrides(args))
     check_regularizers(None, cfg, detection=task == "detection")  # before the data is read
+    check_new_recipe(cfg)
     check_log_dir(cfg.tensorboard)
     return cfg
 

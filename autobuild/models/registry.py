@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -134,6 +135,10 @@ def load_weights(model: nn.Module, weights: str, model_name: str = "") -> None:
     if os.path.exists(weights):
         try:
             model.load_state_dict(read_state_dict(weights))
+        except pickle.UnpicklingError as exc:  # (torch's message advises unsafe loading)
+            raise AutobuildError(f"cannot load weights {weights!r}: not a file of tensors "
+                                 "(.pth/.pt state dict or .safetensors); autobuild never "
+                                 "unpickles code") from exc
         except Exception as exc:  # corrupt file or wrong architecture
             raise AutobuildError(f"cannot load weights {weights!r} into {model_name or 'model'}:"
                                  f" {str(exc).splitlines()[0]}") from exc

@@ -80,9 +80,13 @@ def _config(space: SearchSpace, device: str | None) -> Any:
     if unknown:
         raise AutobuildError(f"search space budget.{unknown[0]}: unknown key; valid: "
                              f"{', '.join(sorted(known | {'train_subset', 'image_size'}))}")
-    return TrainConfig.from_space({**extra, "seed": space.seed,
-                                   "device": device or space.device, "progress": False},
-                                  "search space ", "budget")
+    from autobuild.train.config import check_new_recipe
+
+    config = TrainConfig.from_space({**extra, "seed": space.seed,
+                                     "device": device or space.device, "progress": False},
+                                    "search space ", "budget")
+    check_new_recipe(config, "search space budget.lr_milestones")
+    return config
 
 
 def _check_budget(space: SearchSpace, config: Any) -> None:

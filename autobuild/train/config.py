@@ -21,7 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 
 from autobuild.errors import InvalidValue, schema_error, schema_message
 
-__all__ = ["CLIP_FAMILIES", "DETECTION_CLIP_FAMILIES", "TrainConfig", "check_resume", "flag_of"]
+__all__ = ["CLIP_FAMILIES", "DETECTION_CLIP_FAMILIES", "TrainConfig", "check_new_recipe",
+           "check_resume", "flag_of"]
 
 #: Families whose products of activations blow up without clipping (QuadraLib clips at 0.5).
 CLIP_FAMILIES = {"quadratic": 0.5, "multiplicative": 0.5}
@@ -241,6 +242,20 @@ class TrainConfig(BaseModel):
 
         parse.__name__ = name  # argparse names the type in some messages
         return parse
+
+
+def check_new_recipe(cfg: TrainConfig, name: str = "lr_milestones (--lr-milestones)") -> None:
+    """What the schema cannot refuse without refusing older records (they stay readable):
+    milestones a new run would ignore (cosine) or never reach. ``name`` names the field as
+    the user gave it."""
+    if cfg.lr_milestones is None:
+        return
+    if cfg.lr_schedule != "multistep":
+        raise InvalidValue(f"{name} {cfg.lr_milestones}: milestones apply to the multistep "
+                           "schedule only; cosine has none")
+    if max(cfg.lr_milestones) > cfg.epochs:
+        raise InvalidValue(f"{name} {cfg.lr_milestones}: beyond the run's {cfg.epochs} "
+                           "epochs; give epochs of the run")
 
 
 def check_resume(cfg: TrainConfig, done: int) -> None:

@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from autobuild.errors import AutobuildError
-from autobuild.train.config import DETECTION_CLIP_FAMILIES, TrainConfig
+from autobuild.train.config import DETECTION_CLIP_FAMILIES, TrainConfig, check_new_recipe
 from autobuild.train.detection_data import (
     DetectionData,
     build_detection_data,
@@ -273,6 +273,8 @@ def train_detection(model: nn.Module, data: DetectionData | str,
     (the heads and the loss have data-dependent shapes)."""
     cfg = config or detection_config("ssd300_vgg16")
     check_regularizers(model, cfg, detection=True)
+    if not resume:
+        check_new_recipe(cfg)
     data = build_detection_data(data) if isinstance(data, str) else data
     check_detector(model, data)
     prepare_detector(model)

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from autobuild.errors import AutobuildError
-from autobuild.train.config import TrainConfig
+from autobuild.train.config import TrainConfig, check_new_recipe
 from autobuild.train.data import Data, build_data
 from autobuild.train.distributed import Dist
 from autobuild.train.metrics import EpochMetrics
@@ -144,6 +144,8 @@ def train(model: nn.Module, data: Data | str, config: TrainConfig | None = None,
     data = build_data(data) if isinstance(data, str) else data
     check_fits(model, data)
     check_regularizers(model, cfg, image_size=data.input_size[1:])
+    if not resume:
+        check_new_recipe(cfg)
     with regularizers(model, cfg) as reg:
         session = _run(model, data, cfg, reg, callback, out_dir, resume)
     settle(session.eval_model)  # the EMA copy, if any, was made from the training model

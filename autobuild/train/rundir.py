@@ -144,7 +144,8 @@ def _describe(path: str, entries: set[str]) -> str:
         record = {}
     state = record.get("status")
     done = record.get("epochs_done")
-    how = f" ({state}{f' after {done} epochs' if done is not None else ''})" if state else ""
+    after = f" after {done} epoch{'' if done == 1 else 's'}" if done is not None else ""
+    how = f" ({state}{after})" if state else ""
     if CHECKPOINT_FILE in entries:
         return (f"{path!r} holds another run{how}; pass --resume to continue it or --force to "
                 "overwrite it (or choose another --out)")

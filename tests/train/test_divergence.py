@@ -49,7 +49,7 @@ def test_diverging_run_exits_3_and_can_be_resumed_or_overwritten(
     # The directory is not silently reused for a new run ...
     assert main([*base, "--epochs", "1"]) == 2
     err = capsys.readouterr().err
-    assert "diverged after 1 epochs" in err and "--resume" in err and "--force" in err
+    assert "diverged after 1 epoch)" in err and "--resume" in err and "--force" in err
     # ... it resumes from the last good checkpoint with a saner recipe ...
     assert main(["train", "--resume", str(run), "--epochs", "2", "--lr", "0.01", *FAST]) == 0
     assert _record(run)["status"] == "finished" and _epoch_of_checkpoint(run) == 2
