@@ -246,8 +246,11 @@ class TrainConfig(BaseModel):
 
 def check_new_recipe(cfg: TrainConfig, name: str = "lr_milestones (--lr-milestones)") -> None:
     """What the schema cannot refuse without refusing older records (they stay readable):
-    milestones a new run would ignore (cosine) or never reach. ``name`` names the field as
-    the user gave it."""
+    an AMP precision without AMP, milestones a new run would ignore (cosine) or never reach.
+    ``name`` names the milestones as the user gave them."""
+    if cfg.amp_dtype == "fp16" and not cfg.amp:  # (bf16 is the default)
+        raise InvalidValue("amp_dtype (--amp-dtype) fp16: it sets the precision of --amp, "
+                           "which is off; add --amp")
     if cfg.lr_milestones is None:
         return
     if cfg.lr_schedule != "multistep":

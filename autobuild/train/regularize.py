@@ -83,6 +83,9 @@ def check_regularizers(model: nn.Module | None, cfg: TrainConfig, *, detection: 
     if detection and cfg.cutout:
         raise InvalidValue(f"{name('cutout')} {cfg.cutout}: cutout is for classifiers; the "
                            "detection recipe has its own augmentation (--augment)")
+    if detection and cfg.label_smoothing:
+        raise InvalidValue(f"{name('label_smoothing')} {cfg.label_smoothing}: label smoothing "
+                           "is for classifiers; the SSD loss (torchvision's) has none")
     if detection and cfg.drop_path:
         raise InvalidValue(f"{name('drop_path')} {cfg.drop_path}: drop path is for DARTS "
                            "cells (cifar_darts_v2, cifar_darts_v2_aux); a detector has none")
