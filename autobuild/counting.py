@@ -27,4 +27,9 @@ def count(model: nn.Module, input_size: Sequence[int] | None = None, *,
         if plan is None or plan.input_size is None:
             raise AutobuildError("count() needs input_size for a model without a plan")
         input_size = plan.input_size
+    if isinstance(input_size, (str, bytes)) or not isinstance(input_size, Sequence) or \
+            len(input_size) != 3 or not all(isinstance(v, int) and not isinstance(v, bool)
+                                            and v > 0 for v in input_size):
+        raise AutobuildError(f"input_size must be (C, H, W) positive integers, got "
+                             f"{input_size!r}")
     return count_module(model, input_size)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 
 import autobuild
@@ -411,8 +412,21 @@ class _Impostor(autobuild.Variant):
     name = "quadratic"
 
 
+def _train_api(data: Any, config: Any) -> Any:
+    from autobuild.train import train
+
+    return train(torch.nn.Linear(2, 2), data, config)
+
+
 API_CASES: list[tuple[str, Callable[[], Any], str]] = [
     ("to-int", lambda: autobuild.convert("cifar_resnet20", to=3), "3"),
+    ("count-size-negative", lambda: autobuild.count(torch.nn.Conv2d(3, 3, 1), (3, -1, 32)),
+     "(3, -1, 32)"),
+    ("count-size-text", lambda: autobuild.count(torch.nn.Conv2d(3, 3, 1), "3,32,32"),
+     "input_size"),
+    ("train-data-int", lambda: _train_api(5, None), "data must be"),
+    ("train-data-none", lambda: _train_api(None, None), "data must be"),
+    ("train-config-dict", lambda: _train_api(SYNTH, {"epochs": 1}), "TrainConfig"),
     ("sites-int", lambda: autobuild.convert("cifar_resnet20", to="quadratic", sites=5),
      "sites"),
     ("sites-empty", lambda: autobuild.convert("cifar_resnet20", to="dirac", sites=[]),

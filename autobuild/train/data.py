@@ -62,6 +62,8 @@ def build_data(spec: str, data_dir: str | None = None, *, download: bool = False
     ``train_subset`` keeps a fixed random subset of that many training images (quick runs,
     search trials); the val split is always whole, so accuracies stay comparable.
     """
+    if not isinstance(spec, str) or not spec:
+        raise AutobuildError(f"data must be a spec string ({DATA_SPECS}), got {spec!r}")
     name, _, arg = spec.partition(":")
     if name in _CIFAR and not arg:
         data = _cifar(name, os.path.expanduser(data_dir or "data"), download)

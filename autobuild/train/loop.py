@@ -94,11 +94,23 @@ def _evaluate(model: nn.Module, loader: DataLoader, cfg: TrainConfig, device: to
     return loss / n, 100 * top1 / n, 100 * top5 / n
 
 
+def _inputs(config: Any, data: Any) -> tuple[TrainConfig, Data]:
+    """The recipe and the data of :func:`train` / :func:`evaluate`, of the types they take."""
+    cfg = TrainConfig() if config is None else config
+    if not isinstance(cfg, TrainConfig):
+        raise AutobuildError(f"config must be a TrainConfig (TrainConfig(epochs=...)), got "
+                             f"{type(cfg).__name__}")
+    data = build_data(data) if isinstance(data, str) else data
+    if not isinstance(data, Data):
+        raise AutobuildError(f"data must be a spec string or the Data build_data() returns, "
+                             f"got {type(data).__name__}")
+    return cfg, data
+
+
 def evaluate(model: nn.Module, data: Data | str, config: TrainConfig | None = None
              ) -> dict[str, float]:
     """Val loss, top-1 and top-5 (%) of ``model`` on ``data``'s val split, and images/s."""
-    cfg = config or TrainConfig()
-    data = build_data(data) if isinstance(data, str) else data
+    cfg, data = _inputs(config, data)
     device = resolve_device(cfg.device)
     model = place_model(model, cfg, device)
     start = time.perf_counter()
@@ -140,8 +152,7 @@ def train(model: nn.Module, data: Data | str, config: TrainConfig | None = None,
     non-finite training or validation loss, or an exploded training loss (the last good
     checkpoint is kept and ``train.yaml`` says why the run stopped).
     """
-    cfg = config or TrainConfig()
-    data = build_data(data) if isinstance(data, str) else data
+    cfg, data = _inputs(config, data)
     check_fits(model, data)
     check_regularizers(model, cfg, image_size=data.input_size[1:])
     if not resume:
