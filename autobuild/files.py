@@ -15,7 +15,7 @@ import glob
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any
 
 import torch
@@ -23,7 +23,7 @@ import torch
 from autobuild.errors import AutobuildError
 
 __all__ = ["atomic_copy", "atomic_file", "atomic_torch_save", "atomic_write_text",
-           "ensure_writable_dir", "staged_directory"]
+           "check_replaceable", "ensure_writable_dir", "staged_directory"]
 
 _TMP = ".tmp-"
 #: Test hook: called with a step name at each step of :func:`staged_directory` and of
@@ -169,12 +169,28 @@ def _clean_stale(dest: str) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
+def check_replaceable(dest: str, keep: Iterable[str] = ()) -> None:
+    """Replacing ``dest`` whole (``--force``) deletes all it holds: refuse a ``dest`` that is
+    or holds the working directory or any of ``keep`` (the run being analysed, a study's
+    database). Creates nothing."""
+    if not os.path.isdir(dest):
+        return
+    target = os.path.realpath(dest)
+    guarded = [(os.getcwd(), "the current directory")] + [(k, repr(k)) for k in keep if k]
+    for path, what in guarded:
+        real = os.path.realpath(path)
+        if real == target or real.startswith(target.rstrip(os.sep) + os.sep):
+            raise AutobuildError(f"{dest!r} holds {what}: replacing it whole (--force) would "
+                                 "delete that; choose another --out")
+
+
 @contextlib.contextmanager
 def staged_directory(dest: str, *, force: bool = False) -> Iterator[str]:
     """Yield a staging directory beside ``dest``; when the block succeeds it replaces
     ``dest`` in one step (the old content, if any, is removed afterwards). Refuses a
     non-empty ``dest`` unless ``force``."""
     ensure_writable_dir(dest, force=force)
+    check_replaceable(dest)  # (an empty working directory, too: it would be swapped out)
     dest = os.path.abspath(dest)
     parent = os.path.dirname(dest)
     try:

@@ -1,6 +1,6 @@
 """Whether autobuild's traces follow ``.train()`` / ``.eval()``: every registered baseline
-(and the timm models named) traced once in training mode and once in eval mode must give the
-same graph. fx evaluates ``self.training`` while tracing; ``autobuild.rewrite.trace`` gives
+(and the timm models named, with drop path and dropout on) traced once in training mode and
+once in eval mode must give the same graph. fx evaluates ``self.training`` while tracing; ``autobuild.rewrite.trace`` gives
 the calls that take the flag as an argument the module's flag at run time, so the two
 traces match unless a forward branches on the flag in Python.
 
@@ -32,8 +32,10 @@ def main(extra: list[str]) -> int:
     differ, skipped = [], []
     for name in names:
         try:
+            # timm models with their drop path and head dropout on: both branch on the flag
+            extra = {"drop_path_rate": 0.1, "drop_rate": 0.1} if name.startswith("timm:") else {}
             with torch.device("meta"):
-                model = build_model(name, num_classes=10)
+                model = build_model(name, num_classes=10, **extra)
             train, evaluation = _code(model, "train"), _code(model, "eval")
         except Exception as exc:  # a builder that cannot run on meta (e.g. RegNet's init)
             skipped.append(f"{name} ({str(exc).splitlines()[0][:60]})")

@@ -35,7 +35,8 @@ def add_parser(sub: Any) -> None:
                    help="auto (default), cpu, cuda, cuda:N")
     p.add_argument("--workers", type=NON_NEGATIVE_INT, default=0, help="data loader processes")
     p.add_argument("--no-plots", dest="plots", action="store_false", help="CSV files only")
-    p.add_argument("--force", action="store_true", help="write into a non-empty --out")
+    p.add_argument("--force", action="store_true",
+                   help="replace a non-empty --out (an earlier analysis) as a whole")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(run=run)
 

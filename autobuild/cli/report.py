@@ -38,10 +38,13 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     import os
 
+    from autobuild.search.dashboard import resolve_storage
     from autobuild.search.report import write_report
+    from autobuild.search.study import sqlite_file
 
+    url = resolve_storage(args.storage, args.study)
     result = write_report(open_study(args), args.out or os.path.join("reports", args.study),
-                          force=args.force)
+                          force=args.force, keep=[sqlite_file(url)])
     if args.json:
         print(json.dumps(result, indent=2))
         return 0

@@ -34,7 +34,8 @@ class ModelArgs(BaseModel):
     drop_rate: _Rate | None = None
     #: torchvision: the classifier's dropout (VGG, AlexNet, EfficientNet, MobileNet, ...).
     dropout: _Rate | None = None
-    #: torchvision: stochastic depth of EfficientNet, ConvNeXt, Swin, MaxViT.
+    #: torchvision: stochastic depth of EfficientNet and ConvNeXt (Swin's and MaxViT's
+    #: builders fix their own).
     stochastic_depth_prob: _Rate | None = None
 
 
@@ -86,7 +87,7 @@ def _weights(weights: Any) -> str | None:
 
 def _unexpected_argument(exc: TypeError, names: Iterable[str]) -> str | None:
     """The argument a builder's TypeError says it does not take (None for another error)."""
-    found = re.search(r"unexpected keyword argument '(\w+)'", str(exc))
+    found = re.search(r"(?:unexpected|multiple values for) keyword argument '(\w+)'", str(exc))
     return found.group(1) if found and found.group(1) in names else None
 
 
@@ -117,6 +118,9 @@ def resolve_baseline(model_or_name: nn.Module | str, *, num_classes: int | None 
         raise InvalidType(f"a baseline is a model name or an nn.Module, got "
                              f"{type(model_or_name).__name__}")
     entry = get_model_entry(model_or_name)
+    if args and entry.trace_root:  # the detectors' builders take **kwargs and drop them
+        raise InvalidValue(f"model arguments ({', '.join(args)}) are for classifiers' "
+                           f"builders; {model_or_name}'s would ignore them")
     size = _size(input_size or entry.input_size)
     # A dataset with other channels (e.g. grayscale) needs a stem built for them.
     extra = {"in_chans": size[0]} if size[0] != entry.input_size[0] else {}
@@ -128,10 +132,10 @@ def resolve_baseline(model_or_name: nn.Module | str, *, num_classes: int | None 
     except TypeError as exc:
         refused = _unexpected_argument(exc, args)
         if refused:
-            raise InvalidValue(f"model argument {refused}: {model_or_name} does not take it "
-                               "(timm models take drop_path_rate and drop_rate, torchvision "
-                               "models dropout and stochastic_depth_prob, each where it has "
-                               "them)") from exc
+            raise InvalidValue(f"model argument {refused}: {model_or_name}'s builder does "
+                               "not take it (timm models take drop_path_rate and drop_rate, "
+                               "torchvision models dropout and stochastic_depth_prob, each "
+                               "where its builder has them)") from exc
         if not extra:
             raise
         raise AutobuildError(f"{model_or_name} is built for {entry.input_size[0]}-channel input "

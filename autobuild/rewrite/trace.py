@@ -38,6 +38,12 @@ def leaf_module_types() -> tuple[type[nn.Module], ...]:
     return tuple(_LEAF_TYPES)
 
 
+#: Modules (by module and class name, so that nothing is imported) whose forward decides in
+#: Python, from ``self.training``, what to compute: traced through, the trace-time branch
+#: would stay for ever (timm's drop path in eval). Kept opaque, they switch with the model.
+_MODE_BRANCHING = {("timm.layers.drop", "DropPath"), ("timm.layers.drop", "DropBlock2d")}
+
+
 class AutobuildTracer(fx.Tracer):
     """A tracer whose leaves are torch.nn's layers, the families' layers and any extra
     module types or qualified names the user passes; it remembers which module it was in
@@ -53,6 +59,8 @@ class AutobuildTracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, self.leaf_types) or module_qualified_name in self.leaf_names:
+            return True
+        if (type(m).__module__, type(m).__name__) in _MODE_BRANCHING:
             return True
         if type(m).__name__ in self.leaf_names:
             return True
@@ -96,6 +104,16 @@ def _training_index(target: Any) -> int | None:
     return names.index("training") if "training" in names else None
 
 
+def _needs_batch_statistics(node: fx.Node) -> bool:
+    """A norm called without running statistics (``track_running_stats=False``) normalises
+    with the batch's in eval too: its constant ``training=True`` is deliberate."""
+    try:
+        bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+    return "running_mean" in bound.arguments and bound.arguments["running_mean"] is None
+
+
 def runtime_training(graph: fx.Graph) -> int:
     """Give the functions called with ``training=<the flag at trace time>`` (F.batch_norm and
     F.dropout inside modules fx traces through, torchvision's stochastic depth, ...) the
@@ -116,6 +134,8 @@ def runtime_training(graph: fx.Graph) -> int:
         elif index < len(node.args) and isinstance(node.args[index], bool):
             where = "arg"
         else:
+            continue
+        if _needs_batch_statistics(node):
             continue
         if flag is None:
             first = next(n for n in graph.nodes if n.op != "placeholder")

@@ -12,6 +12,7 @@ is better, comparable across studies of the same baseline.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import optuna
@@ -174,14 +175,23 @@ def _plot(study: optuna.Study, frame: Any, path: str) -> None:
         plt.close(fig)
 
 
-def write_report(study: optuna.Study, out: str, *, force: bool = False) -> dict[str, Any]:
+def write_report(study: optuna.Study, out: str, *, force: bool = False,
+                 keep: Sequence[str] = ()) -> dict[str, Any]:
     """Write the report files as the directory ``out``, in one step (a non-empty ``out`` is
-    refused unless ``force``, which replaces it whole); returns what was written."""
+    refused unless ``force``, which replaces it whole, unless it holds one of ``keep``, e.g.
+    the study's database); returns what was written."""
     import pandas as pd
 
-    from autobuild.files import atomic_write_text, ensure_writable_dir, staged_directory
+    from autobuild.files import (
+        atomic_write_text,
+        check_replaceable,
+        ensure_writable_dir,
+        staged_directory,
+    )
 
     ensure_writable_dir(out, force=force)
+    if force:
+        check_replaceable(out, keep)
     if not study.get_trials(deepcopy=False):
         raise AutobuildError(f"study {study.study_name!r} has no trials yet")
     frame = trials_frame(study)

@@ -80,13 +80,9 @@ def _config(space: SearchSpace, device: str | None) -> Any:
     if unknown:
         raise AutobuildError(f"search space budget.{unknown[0]}: unknown key; valid: "
                              f"{', '.join(sorted(known | {'train_subset', 'image_size'}))}")
-    from autobuild.train.config import check_new_recipe
-
-    config = TrainConfig.from_space({**extra, "seed": space.seed,
-                                     "device": device or space.device, "progress": False},
-                                    "search space ", "budget")
-    check_new_recipe(config, "search space budget.lr_milestones")
-    return config
+    return TrainConfig.from_space({**extra, "seed": space.seed,
+                                   "device": device or space.device, "progress": False},
+                                  "search space ", "budget")
 
 
 def _check_budget(space: SearchSpace, config: Any) -> None:
@@ -124,6 +120,7 @@ def prepare(space: SearchSpace, *, storage: str | None = None, study_name: str |
 
     from autobuild.api import analyze
     from autobuild.train import build_data
+    from autobuild.train.config import check_new_recipe
 
     name = study_name or space.name
     url = storage or default_storage(name)
@@ -131,6 +128,8 @@ def prepare(space: SearchSpace, *, storage: str | None = None, study_name: str |
         raise AutobuildError(SQLITE_ONE_WORKER)
     config = _config(space, device)
     _check_budget(space, config)
+    if not (resume or join):  # (a study an older version made continues as it was made)
+        check_new_recipe(config, "search space budget.")
     store = open_storage(url, heartbeat=heartbeat)
     exists = name in optuna.study.get_all_study_names(store)
     if exists and not (resume or join):
@@ -138,6 +137,8 @@ def prepare(space: SearchSpace, *, storage: str | None = None, study_name: str |
                              "to continue it, --join to add a worker, or --study NEW")
     if resume and not exists:
         raise AutobuildError(f"no study {name!r} to resume in {mask_url(url)}")
+    if join and not exists:
+        check_new_recipe(config, "search space budget.")
     data = build_data(space.data, space.data_dir, image_size=space.budget.image_size,
                       train_subset=space.budget.train_subset)
     analysis = analyze(space.baseline, num_classes=space.num_classes or data.num_classes,

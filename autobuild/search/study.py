@@ -18,7 +18,7 @@ import optuna
 from autobuild.errors import AutobuildError
 
 __all__ = ["artifact_dir", "default_storage", "finished", "load_study", "mask_url",
-           "open_storage"]
+           "open_storage", "sqlite_file"]
 
 DONE = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 #: Heartbeats: a running trial whose worker has not written for GRACE_S is failed and
@@ -53,6 +53,14 @@ def artifact_dir(storage_url: str, study_name: str, given: str | None = None) ->
         path = storage_url[len("sqlite:///"):]
         return os.path.splitext(os.path.abspath(path))[0] + "-artifacts"
     return os.path.abspath(os.path.join("studies", f"{study_name}-artifacts"))
+
+
+def sqlite_file(url: str) -> str:
+    """The database file of a ``sqlite:///`` URL ("" for other databases and memory)."""
+    if not url.startswith("sqlite:///"):
+        return ""
+    path = _sqlite_path(url)
+    return "" if path in ("", ":memory:") else path
 
 
 def _sqlite_path(url: str) -> str:

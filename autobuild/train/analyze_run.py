@@ -53,7 +53,7 @@ def analyze_run(run: str, out_dir: str, *, data: str | None = None,
     """Analyse ``run`` on the first ``batches`` val batches of ``data`` (default: the data
     the run trained on) into ``out_dir``; with ``compare``, analyse that run on the same
     batches into ``out_dir/compare/`` and write ``compare.csv`` / ``compare.png``."""
-    from autobuild.files import ensure_writable_dir, staged_directory
+    from autobuild.files import check_replaceable, ensure_writable_dir, staged_directory
     from autobuild.io import load_plan
     from autobuild.train.analyze import collect, write_analysis, write_comparison
     from autobuild.train.config import TrainConfig
@@ -67,6 +67,8 @@ def analyze_run(run: str, out_dir: str, *, data: str | None = None,
     if batches < 1 or batch_size < 1:
         raise AutobuildError("--batches and --batch-size must be at least 1")
     ensure_writable_dir(out_dir, force=force)  # (--out: a file, or not empty without --force)
+    if force:  # replaced whole: never the runs it reads, nor the directory it runs in
+        check_replaceable(out_dir, [run, compare or ""])
     weights = LAST_WEIGHTS if last else BEST_WEIGHTS
     if not os.path.isdir(run):
         raise AutobuildError(f"{run!r} is not a saved model directory")

@@ -244,21 +244,25 @@ class TrainConfig(BaseModel):
         return parse
 
 
-def check_new_recipe(cfg: TrainConfig, name: str = "lr_milestones (--lr-milestones)") -> None:
+def check_new_recipe(cfg: TrainConfig, key: str = "--") -> None:
     """What the schema cannot refuse without refusing older records (they stay readable):
     an AMP precision without AMP, milestones a new run would ignore (cosine) or never reach.
-    ``name`` names the milestones as the user gave them."""
+    ``key`` names the settings: ``--`` as flags, ``search space budget.`` as a space's keys."""
+
+    def name(field: str) -> str:
+        return f"{field} ({flag_of(field)})" if key == "--" else f"{key}{field}"
+
     if cfg.amp_dtype == "fp16" and not cfg.amp:  # (bf16 is the default)
-        raise InvalidValue("amp_dtype (--amp-dtype) fp16: it sets the precision of --amp, "
-                           "which is off; add --amp")
+        raise InvalidValue(f"{name('amp_dtype')} fp16: it sets the precision of AMP, which is "
+                           f"off; turn on {name('amp')}")
     if cfg.lr_milestones is None:
         return
     if cfg.lr_schedule != "multistep":
-        raise InvalidValue(f"{name} {cfg.lr_milestones}: milestones apply to the multistep "
-                           "schedule only; cosine has none")
+        raise InvalidValue(f"{name('lr_milestones')} {cfg.lr_milestones}: milestones apply to "
+                           "the multistep schedule only; cosine has none")
     if max(cfg.lr_milestones) > cfg.epochs:
-        raise InvalidValue(f"{name} {cfg.lr_milestones}: beyond the run's {cfg.epochs} "
-                           "epochs; give epochs of the run")
+        raise InvalidValue(f"{name('lr_milestones')} {cfg.lr_milestones}: beyond the run's "
+                           f"{cfg.epochs} epochs; give epochs of the run")
 
 
 def check_resume(cfg: TrainConfig, done: int) -> None:

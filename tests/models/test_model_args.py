@@ -70,10 +70,17 @@ def test_command_line_text_is_parsed_as_the_type_it_names() -> None:
 
 
 def test_a_builder_that_does_not_take_one_refuses_it_by_name() -> None:
-    with pytest.raises(InvalidValue, match="model argument dropout: resnet18 does not take it"):
+    with pytest.raises(InvalidValue, match="model argument dropout: resnet18's builder does "
+                                           "not take it"):
         analyze("resnet18", model_args={"dropout": 0.1})
-    with pytest.raises(InvalidValue, match="drop_path_rate: cifar_resnet20 does not take it"):
+    with pytest.raises(InvalidValue, match="drop_path_rate: cifar_resnet20's builder does not"):
         analyze("cifar_resnet20", model_args={"drop_path_rate": 0.1})
+    # Swin's builder passes its own stochastic depth: a second value is refused, not a bug
+    with pytest.raises(InvalidValue, match="stochastic_depth_prob: swin_t's builder does not"):
+        resolve_baseline("swin_t", device="meta", model_args={"stochastic_depth_prob": 0.1})
+    # the detectors' builders take **kwargs and would drop them silently
+    with pytest.raises(InvalidValue, match="ssd300_vgg16's would ignore them"):
+        resolve_baseline("ssd300_vgg16", device="meta", model_args={"dropout": 0.3})
     with pytest.raises(AutobuildError, match="build your module with them"):
         resolve_baseline(torch.nn.Conv2d(3, 3, 1), model_args={"dropout": 0.1})
 
@@ -114,8 +121,8 @@ def test_the_command_line_records_and_reports_them(tmp_path: Path, capsys) -> No
     (["--model-arg", "drop_path_rate"], "takes NAME=VALUE"),
     (["--model-arg", "width=2"], "'width': unknown; valid: drop_path_rate"),
     (["--model-arg", "dropout=0.1", "--model-arg", "dropout=0.2"], "dropout is given twice"),
-    (["--model-arg", "dropout=0.1"], "model argument dropout: timm:test_efficientnet does not "
-                                     "take it"),
+    (["--model-arg", "dropout=0.1"], "model argument dropout: timm:test_efficientnet's builder "
+                                     "does not take it"),
 ])
 def test_bad_flags_are_one_line_exit_2(argv, needle, capsys) -> None:
     assert main(["convert", TINY, "--to", "quadratic", *argv]) == 2

@@ -59,8 +59,10 @@ class NormAct(nn.BatchNorm2d):
     """A norm fx traces through (not torch.nn's own class), as timm's BatchNormAct2d."""
 
     def forward(self, x):
+        # (as timm's: without running statistics, batch statistics in eval too)
         x = nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight,
-                                     self.bias, training=self.training, momentum=0.1)
+                                     self.bias, momentum=0.1,
+                                     training=self.training or self.running_mean is None)
         return nn.functional.relu(x)
 
 
@@ -84,6 +86,17 @@ class Traced(nn.Module):
 
     def forward(self, x):
         return self.head(self.norm(self.conv(x)))
+
+
+def test_a_norm_without_running_statistics_keeps_batch_statistics_in_eval() -> None:
+    from autobuild.rewrite.trace import trace
+
+    net = Traced()
+    net.norm = NormAct(4, track_running_stats=False)
+    gm = trace(net).eval()
+    x = torch.randn(8, 3, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), net.eval()(x), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("traced_in", ["train", "eval"])
@@ -117,7 +130,10 @@ def test_a_graph_edited_conversion_keeps_dropout_off_in_eval() -> None:
     pytest.importorskip("timm")
     torch.manual_seed(0)
     m = autobuild.convert("timm:resnet18", "dirac", sites="network", num_classes=4,
-                          input_size=(3, 32, 32), model_args={"drop_rate": 0.5})
+                          input_size=(3, 32, 32),
+                          model_args={"drop_rate": 0.5, "drop_path_rate": 0.5})
+    # (timm's drop path decides in Python whether to drop: it stays a module)
+    assert sum(type(m).__name__ == "DropPath" for m in m.modules()) == 7
     assert isinstance(m, torch.fx.GraphModule)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():

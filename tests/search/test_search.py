@@ -105,6 +105,8 @@ def test_report_export_and_resume_through_the_cli(in_tmp, capsys) -> None:
     assert main(["report", "--study", "tiny", "--out", "rep"]) == 2
     assert "pass --force" in capsys.readouterr().err
     assert (in_tmp / "rep" / "notes.md").read_text() == "mine"
+    assert main(["report", "--study", "tiny", "--out", "studies", "--force"]) == 2
+    assert "studies/tiny.db': replacing it whole" in capsys.readouterr().err  # not the study
     assert main(["report", "--study", "tiny", "--out", "rep", "--force", "--json"]) == 0
     capsys.readouterr()
     assert sorted(os.listdir(in_tmp / "rep")) == ["pareto.png", "report.md", "ri.csv",

@@ -81,7 +81,7 @@ def test_synthetic_detection_and_ssd_augmentation() -> None:
 
 @pytest.mark.parametrize("spec, message", [
     ("voc", "unknown detection data spec 'voc'"),
-    ("synthetic-detection:size=8", "size >= 16"),
+    ("synthetic-detection:size=8", "size in 16..4096"),
     ("synthetic-detection:colour=red", "bad synthetic-detection option"),
     ("voc:/nonexistent", "needs the VOC2007 layout"),
     ("coco:/nonexistent", "needs annotations/instances_train.json"),
