@@ -88,13 +88,17 @@ def _config(space: SearchSpace, device: str | None) -> Any:
 def _check_budget(space: SearchSpace, config: Any) -> None:
     """Regularisers the baseline cannot take (a drop path rate without DARTS cells, a
     tower weight without a tower), refused before the study is touched. The structure is
-    built on the meta device: nothing is allocated."""
+    built on the meta device (nothing is allocated), or for real by a builder that cannot
+    build there (torchvision's RegNets initialise from data)."""
     if not config.drop_path and config.aux_weight is None:
         return
     from autobuild.models import resolve_baseline
     from autobuild.train.regularize import check_regularizers
 
-    baseline = resolve_baseline(space.baseline, device="meta", model_args=space.model_args)
+    try:
+        baseline = resolve_baseline(space.baseline, device="meta", model_args=space.model_args)
+    except (NotImplementedError, RuntimeError):
+        baseline = resolve_baseline(space.baseline, model_args=space.model_args)
     check_regularizers(baseline.module, config, key="search space budget.")
 
 

@@ -297,11 +297,14 @@ def test_a_keyless_trial_is_waited_for_a_bounded_time(monkeypatch) -> None:
     assert time.monotonic() - start < 0.3
 
 
-def test_a_budget_the_baseline_cannot_take_is_refused_before_the_study(in_tmp, capsys) -> None:
+@pytest.mark.parametrize("baseline", ["cifar_resnet20", "regnet_x_400mf"])  # (no meta build)
+def test_a_budget_the_baseline_cannot_take_is_refused_before_the_study(in_tmp, capsys,
+                                                                       baseline) -> None:
     import yaml
 
     space = in_tmp / "space.yaml"
-    space.write_text(yaml.safe_dump(tiny_space(budget={"epochs": 1, "drop_path": 0.2})))
+    space.write_text(yaml.safe_dump(tiny_space(baseline=baseline,
+                                               budget={"epochs": 1, "drop_path": 0.2})))
     assert main(["search", str(space), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "budget.drop_path 0.2" in err and "no drop path" in err
