@@ -1,8 +1,8 @@
 """Whether autobuild's traces follow ``.train()`` / ``.eval()``: every registered baseline
 (and the timm models named, with drop path and dropout on) traced once in training mode and
-once in eval mode must give the same graph. fx evaluates ``self.training`` while tracing; ``autobuild.rewrite.trace`` gives
-the calls that take the flag as an argument the module's flag at run time, so the two
-traces match unless a forward branches on the flag in Python.
+once in eval mode must give the same graph. fx evaluates ``self.training`` while tracing;
+``autobuild.rewrite.trace`` gives the calls that take the flag as an argument the module's
+flag at run time, so the two traces match unless a forward branches on the flag in Python.
 
     .venv/bin/python scripts/trace_modes.py [timm:resnet18 timm:efficientnet_b0 ...]
 
