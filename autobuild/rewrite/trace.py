@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import linecache
 import os
@@ -97,6 +98,14 @@ def trace(model: nn.Module, *, leaf_modules: Iterable[Any] = (), name: str = "")
 
 def _training_index(target: Any) -> int | None:
     """The position of ``target``'s parameter named ``training`` (None without one)."""
+    try:
+        return _cached_training_index(target)
+    except TypeError:  # an unhashable callable
+        return _cached_training_index.__wrapped__(target)
+
+
+@functools.lru_cache(maxsize=1024)  # (one signature per function, not one per call)
+def _cached_training_index(target: Any) -> int | None:
     try:
         names = list(inspect.signature(target).parameters)
     except (TypeError, ValueError):  # a builtin without a signature

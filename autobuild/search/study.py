@@ -108,17 +108,16 @@ def open_storage(url: str, *, heartbeat: bool | tuple[int, int] | None = True,
     if not isinstance(url, str) or "://" not in url:
         raise AutobuildError(f"--storage must be a database URL such as sqlite:///studies/x.db "
                              f"or postgresql+psycopg://user@host/db, got {url!r}")
-    if url.startswith("sqlite:///"):
-        path = _sqlite_path(url)
-        if path and path != ":memory:" and not create and not os.path.isfile(path):
-            raise AutobuildError(f"no study database {path!r} (check --storage / --study)")
-        if path and path != ":memory:" and os.path.isfile(path):
-            _check_study_file(path, create)
-        if path and path != ":memory:":
-            try:
-                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            except OSError as exc:
-                raise AutobuildError(f"cannot create the folder of {url}: {exc.strerror}") from exc
+    path = sqlite_file(url)
+    if path and not create and not os.path.isfile(path):
+        raise AutobuildError(f"no study database {path!r} (check --storage / --study)")
+    if path and os.path.isfile(path):
+        _check_study_file(path, create)
+    if path:
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        except OSError as exc:
+            raise AutobuildError(f"cannot create the folder of {url}: {exc.strerror}") from exc
     kwargs: dict[str, Any] = {}
     if heartbeat is None:
         heartbeat = True
