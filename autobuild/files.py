@@ -180,7 +180,8 @@ def check_replaceable(dest: str, keep: Iterable[str] = ()) -> None:
     for path, what in guarded:
         real = os.path.realpath(path)
         if real == target or real.startswith(target.rstrip(os.sep) + os.sep):
-            raise AutobuildError(f"{dest!r} holds {what}: replacing it whole (--force) would "
+            how = "is" if real == target else "holds"
+            raise AutobuildError(f"{dest!r} {how} {what}: replacing it whole (--force) would "
                                  "delete that; choose another --out")
 
 
