@@ -20,7 +20,7 @@ def add_parser(sub: Any) -> None:
                        description="Evaluate a saved run or model on the val split of --data "
                                    "(default: the data it trained on).")
     p.add_argument("run_dir", metavar="RUN", type=PATH, help="a run or saved model directory")
-    add_data_arguments(p)
+    add_data_arguments(p, training=False)
     p.add_argument("--last", action="store_true",
                    help=f"evaluate {LAST_WEIGHTS} instead of {BEST_WEIGHTS}")
     p.add_argument("--batch-size", type=recipe_value("batch_size"), default=_S,
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     data = data_for_run(args.data, data_record, data_dir=args.data_dir,
                         download=args.download,
                         image_size=args.image_size if task == "classification" else None,
-                        train_subset=args.train_subset, augment=args.augment)
+                        val_only=True)
     if task == "detection":
         return _detection(args, model, data, cfg)
     from autobuild.train import evaluate

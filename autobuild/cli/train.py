@@ -19,7 +19,9 @@ from autobuild.errors import AutobuildError
 _S = argparse.SUPPRESS  # absent flags stay absent: a resumed run keeps its saved recipe
 
 
-def add_data_arguments(p: argparse.ArgumentParser) -> None:
+def add_data_arguments(p: argparse.ArgumentParser, *, training: bool = True) -> None:
+    """--data and its companions; ``training=False`` (evaluate) leaves out the flags that
+    only shape the train split."""
     from autobuild.train.data import DATA_SPECS
     from autobuild.train.detection_data import AUGMENTATIONS, DETECTION_SPECS
 
@@ -32,6 +34,8 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
                    help="imagefolder crop size (default: the images' own size up to 64, else "
                         "224); for a detector, the size it resizes its inputs to (default its "
                         "own: 300 or 320)")
+    if not training:
+        return
     p.add_argument("--train-subset", type=POSITIVE_INT, default=None, metavar="N",
                    help="train on a fixed random subset of N images (val stays whole)")
     p.add_argument("--augment", choices=AUGMENTATIONS, default=None,

@@ -56,11 +56,13 @@ class Data:
 
 
 def build_data(spec: str, data_dir: str | None = None, *, download: bool = False,
-               image_size: int | None = None, train_subset: int | None = None) -> Data:
+               image_size: int | None = None, train_subset: int | None = None,
+               val_only: bool = False) -> Data:
     """Build the datasets a spec names; every bad spec or missing file is an AutobuildError.
 
     ``train_subset`` keeps a fixed random subset of that many training images (quick runs,
     search trials); the val split is always whole, so accuracies stay comparable.
+    ``val_only`` (evaluation) lets an image folder hold ``val/`` alone.
     """
     if not isinstance(spec, str) or not spec:
         raise AutobuildError(f"data must be a spec string ({DATA_SPECS}), got {spec!r}")
@@ -68,7 +70,7 @@ def build_data(spec: str, data_dir: str | None = None, *, download: bool = False
     if name in _CIFAR and not arg:
         data = _cifar(name, os.path.expanduser(data_dir or "data"), download)
     elif name == "imagefolder" and arg:
-        data = _imagefolder(os.path.expanduser(arg), image_size)
+        data = _imagefolder(os.path.expanduser(arg), image_size, val_only)
     elif name == "synthetic":
         data = _synthetic(arg)
     else:
@@ -211,21 +213,22 @@ def _mode_and_size(samples: list[tuple[str, int]]) -> tuple[str, int]:
     return ("L" if modes == {"L"} else "RGB"), longest
 
 
-def _imagefolder(root: str, image_size: int | None) -> Data:
+def _imagefolder(root: str, image_size: int | None, val_only: bool = False) -> Data:
     from PIL import Image
     from torchvision.datasets import ImageFolder
 
-    for split in ("train", "val"):
+    splits = ("val",) if val_only else ("train", "val")
+    for split in splits:
         if not os.path.isdir(os.path.join(root, split)):
             raise AutobuildError(f"imagefolder:{root} needs {split}/ with one subfolder per "
                                  f"class (the ImageNet layout); {os.path.join(root, split)!r} "
                                  "does not exist")
-    try:
-        probe = ImageFolder(os.path.join(root, "train"))
+    try:  # the first split sets the classes, the channels and the native image size
+        probe = ImageFolder(os.path.join(root, splits[0]))
     except (FileNotFoundError, RuntimeError) as exc:
         raise AutobuildError(f"imagefolder:{root}: {exc}") from exc
     if len(probe.classes) < 2:
-        raise AutobuildError(f"imagefolder:{root}: train/ has {len(probe.classes)} class "
+        raise AutobuildError(f"imagefolder:{root}: {splits[0]}/ has {len(probe.classes)} class "
                              f"folder{'s' if len(probe.classes) != 1 else ''} "
                              f"({', '.join(probe.classes) or 'none'}); a classifier needs at "
                              "least 2")
@@ -243,11 +246,14 @@ def _imagefolder(root: str, image_size: int | None) -> Data:
         except (OSError, ValueError, SyntaxError) as exc:  # truncated or not an image
             raise AutobuildError(f"cannot read image {path!r}: {exc}") from None
 
-    train = ImageFolder(os.path.join(root, "train"), transform=train_t, loader=loader)
     try:
         val = ImageFolder(os.path.join(root, "val"), transform=val_t, loader=loader)
     except (FileNotFoundError, RuntimeError) as exc:
         raise AutobuildError(f"imagefolder:{root}: {exc}") from exc
+    if val_only:
+        return Data("imagefolder", Subset(val, []), val, len(val.classes),
+                    (channels, size, size), list(val.classes))
+    train = ImageFolder(os.path.join(root, "train"), transform=train_t, loader=loader)
     if val.classes != train.classes:
         raise AutobuildError(f"imagefolder:{root}: train/ and val/ have different class "
                              f"folders ({len(train.classes)} vs {len(val.classes)})")

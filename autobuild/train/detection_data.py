@@ -68,37 +68,44 @@ def is_detection_spec(spec: str | None) -> bool:
 
 
 def build_detection_data(spec: str, data_dir: str | None = None, *, augment: str = "ssd",
-                         train_subset: int | None = None) -> DetectionData:
-    """Read (and check) the data a detection spec names; errors are AutobuildErrors."""
+                         train_subset: int | None = None, val_only: bool = False
+                         ) -> DetectionData:
+    """Read (and check) the data a detection spec names; errors are AutobuildErrors.
+
+    ``val_only`` reads the val split alone (evaluation: VOC2007's test archive, for one,
+    holds no train split); the train dataset is then empty."""
     if augment not in AUGMENTATIONS:
         raise AutobuildError(f"--augment must be one of {', '.join(AUGMENTATIONS)}, "
                              f"got {augment!r}")
     name, _, arg = spec.partition(":")
+    splits = ("val",) if val_only else ("train", "val")
     if name == "voc" and arg:
         path, opts = _path_and_options(arg, {"train": "train", "val": "val"})
         root = os.path.expanduser(path)
         classes = voc_classes(root, VOC_CLASSES)
-        train, val = (read_voc(root, opts[s], classes) for s in ("train", "val"))
+        voc = {s: read_voc(root, opts[s], classes) for s in splits}
+        train, val = voc.get("train", []), voc["val"]
     elif name == "coco" and arg:
         path, opts = _path_and_options(arg, {"train": "train", "val": "val"})
         root = os.path.expanduser(path)
-        (train, classes), (val, val_classes) = (read_coco(root, opts[s]) for s in
-                                                ("train", "val"))
-        if val_classes != classes:
+        coco = {s: read_coco(root, opts[s]) for s in splits}
+        val, classes = coco["val"]
+        train, train_classes = coco.get("train", ([], classes))
+        if train_classes != classes:
             raise AutobuildError(f"coco:{path}: the train and val annotations list different "
-                                 "categories")
+                                 f"categories ({len(train_classes)} vs {len(classes)})")
     elif name == "synthetic-detection":
-        return _synthetic(spec, arg, augment, train_subset)
+        return _synthetic(spec, arg, augment, None if val_only else train_subset)
     else:
         raise AutobuildError(f"unknown detection data spec {spec!r}; valid: {DETECTION_SPECS}")
     # Training needs something to learn from in each image; evaluation keeps every image
     # (detections on an image without objects are false positives).
     train = [r for r in train if (~r.crowd).any()]
-    if not train:
+    if not train and not val_only:
         raise AutobuildError(f"{spec}: no training image has a (non-difficult) object")
     if not val:
         raise AutobuildError(f"{spec}: the validation split has no image")
-    train = _subset(train, train_subset)
+    train = train if val_only else _subset(train, train_subset)
     return DetectionData(name, DetectionDataset(train, ssd_transform(augment)),
                          DetectionDataset(val, None), classes, spec, data_dir, train_subset,
                          augment)

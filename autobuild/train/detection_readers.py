@@ -167,6 +167,10 @@ def read_coco(root: str, split: str) -> tuple[list[Record], list[str]]:
         images = {int(im["id"]): str(im["file_name"]) for im in data["images"]}
     except (KeyError, TypeError, ValueError) as exc:
         raise AutobuildError(f"{ann_file}: malformed category or image entry ({exc!r})") from exc
+    repeated = sorted({cid for (cid, _), (nxt, _) in zip(cats, cats[1:]) if cid == nxt})
+    if repeated:
+        raise AutobuildError(f"{ann_file}: category id {repeated[0]} is listed more than once "
+                             "in 'categories'")
     label = {cid: i + 1 for i, (cid, _) in enumerate(cats)}
     per_image: dict[int, list[tuple[list[float], int, bool]]] = {i: [] for i in images}
     for a in data["annotations"]:

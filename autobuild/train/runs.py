@@ -54,9 +54,10 @@ def absolute_data(spec: str, data_dir: str | None) -> tuple[str, str | None]:
 def data_for_run(spec: str | None, record: dict[str, Any] | None, *,
                  data_dir: str | None = None, download: bool = False,
                  image_size: int | None = None, train_subset: int | None = None,
-                 augment: str | None = None) -> Any:
+                 augment: str | None = None, val_only: bool = False) -> Any:
     """The data ``spec`` names, else the data a run recorded (same crop size and subset;
     for detection data, the same training augmentation unless ``augment`` is given).
+    ``val_only`` (evaluation) reads the val split alone where the layout allows it.
     Returns a :class:`~autobuild.train.data.Data` or, for a detection spec, a
     :class:`~autobuild.train.detection_data.DetectionData`."""
     from autobuild.train.detection_data import build_detection_data, is_detection_spec
@@ -67,20 +68,21 @@ def data_for_run(spec: str | None, record: dict[str, Any] | None, *,
     spec, data_dir = absolute_data(spec, data_dir or (record or {}).get("data_dir"))
     same = bool(record) and spec == record.get("spec")
     if is_detection_spec(spec):
-        if train_subset is None and same:
+        if train_subset is None and same and not val_only:
             train_subset = record.get("train_subset")
         augment = augment or (record or {}).get("augment") or "ssd"
-        return build_detection_data(spec, data_dir, augment=augment, train_subset=train_subset)
+        return build_detection_data(spec, data_dir, augment=augment, train_subset=train_subset,
+                                    val_only=val_only)
     if augment is not None:
         raise AutobuildError("--augment chooses a detection augmentation; "
                              f"{spec!r} is classification data")
     if image_size is None and same and record.get("input_size"):
         image_size = record["input_size"][1]
-    if train_subset is None and same:
+    if train_subset is None and same and not val_only:
         train_subset = record.get("train_subset")  # a resumed run trains on the same images
     return build_data(spec, data_dir, download=download,
                       image_size=image_size if spec.startswith("imagefolder:") else None,
-                      train_subset=train_subset)
+                      train_subset=train_subset, val_only=val_only)
 
 
 def is_main_process() -> bool:

@@ -74,6 +74,15 @@ def test_imagefolder_needs_train_and_val(tmp_path: Path) -> None:
         build_data(f"imagefolder:{tmp_path / 'd'}")
 
 
+def test_evaluation_reads_an_imagefolder_with_val_alone(tmp_path: Path) -> None:
+    root = write_imagefolder(tmp_path / "v", {"val": 3}, size=12)
+    with pytest.raises(AutobuildError, match=r"needs train/"):
+        build_data(f"imagefolder:{root}")
+    data = build_data(f"imagefolder:{root}", val_only=True)
+    assert len(data.train) == 0 and len(data.val) == 6
+    assert data.num_classes == 2 and data.input_size == (3, 12, 12)
+
+
 def test_synthetic_options_and_subset() -> None:
     data = build_data("synthetic:size=1x16x16,classes=4,train=40,val=8", train_subset=10)
     assert data.input_size == (1, 16, 16) and data.num_classes == 4

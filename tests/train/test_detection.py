@@ -235,3 +235,11 @@ def test_voc_and_coco_folders_train_and_evaluate(tmp_path: Path,
         result = json.loads(capsys.readouterr().out)
         assert result["data"] == spec and result["images"] == 2
         assert set(result["per_class"]) == classes  # classes with ground truth
+    # Evaluation needs the val split alone (VOC2007's test archive holds no train split).
+    (voc / "ImageSets" / "Main" / "train.txt").unlink()
+    (voc / "ImageSets" / "Main" / "val.txt").rename(voc / "ImageSets" / "Main" / "test.txt")
+    (coco / "annotations" / "instances_train.json").unlink()
+    for spec in (f"voc:{voc},val=test", f"coco:{coco}"):
+        assert main(["evaluate", str(tmp_path / f"run-{spec[:3]}"), "--data", spec, "--json",
+                     "--device", "cpu"]) == 0
+        assert json.loads(capsys.readouterr().out)["images"] == 2

@@ -142,6 +142,8 @@ _COCO_CASES: dict[str, tuple[Callable[[Path], str], str]] = {
                 "malformed annotation 1: no 'bbox'"),
     "missing image": (lambda r: _edit_coco(r, lambda d: d["images"][0].update(
         file_name="gone.png")), "does not exist"),
+    "repeated category": (lambda r: _edit_coco(r, lambda d: d["categories"].append(
+        {"id": 3, "name": "c"})), "category id 3 is listed more than once"),
 }
 
 
