@@ -6,8 +6,14 @@ import difflib
 from collections.abc import Callable, Iterable
 from typing import Any
 
-__all__ = ["AutobuildError", "InfeasiblePlacement", "InvalidType", "InvalidValue", "Terminated",
-           "schema_error", "schema_message", "unknown_name"]
+__all__ = ["NAME_PATTERN", "AutobuildError", "InfeasiblePlacement", "InvalidType",
+           "InvalidValue", "Terminated", "schema_error", "schema_message", "unknown_name"]
+
+#: What a study may be called (also the name of its SQLite file and artifact folder).
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
+#: Patterns said in words in error messages.
+_PATTERN_WORDS = {NAME_PATTERN: "must be 1 to 100 letters, digits, '_', '.' or '-', "
+                                "starting with a letter or digit"}
 
 
 class AutobuildError(Exception):
@@ -71,10 +77,30 @@ def schema_message(exc: Any, source: str = "",
         return f"{source}{key}: is required"
     msg = str(err["msg"]).removeprefix("Value error, ")
     msg = msg.replace("Input should be", "must be").replace("Input should have", "must have")
+    msg = msg.replace("String should", "must").replace("List should", "must")
+    ctx = err.get("ctx") or {}
     shown = err.get("input")
+    if kind == "string_too_short" and ctx.get("min_length") == 1:
+        return f"{source}{key}: must not be empty"
+    if kind == "string_pattern_mismatch":
+        msg = _PATTERN_WORDS.get(ctx.get("pattern"), msg)
+    elif kind in _BOUNDS and _not_finite(shown):  # "greater than 0" would mislead for NaN
+        msg = "must be a finite number"
     got = "" if isinstance(shown, dict) else f", got {shown!r}"
     return f"{source}{key}: {msg}{got}"
 
+
+
+_BOUNDS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal", "finite_number")
+
+
+def _not_finite(value: Any) -> bool:
+    """NaN or an infinity, as a float or as the text of one ('nan', '-inf')."""
+    try:
+        number = float(value) if isinstance(value, (str, float)) else 0.0
+    except ValueError:
+        return False
+    return number != number or number in (float("inf"), float("-inf"))
 
 
 def schema_error(exc: Any, source: str = "",

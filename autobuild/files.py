@@ -132,7 +132,7 @@ def ensure_writable_dir(path: str, *, force: bool = False) -> None:
     if not isinstance(path, str) or not path.strip():
         raise AutobuildError(f"an output directory must be a non-empty path, got {path!r}")
     if os.path.exists(path) and not os.path.isdir(path):
-        raise AutobuildError(f"{path!r} exists and is not a directory")
+        raise AutobuildError(f"{path!r} exists and is not a directory; choose another --out")
     if os.path.isdir(path) and _entries(path) and not force:
         raise AutobuildError(f"{path!r} is not empty; choose another --out or pass --force to "
                              "overwrite it")

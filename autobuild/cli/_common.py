@@ -17,7 +17,7 @@ from typing import Annotated, Any
 
 from pydantic import Field, TypeAdapter, ValidationError
 
-from autobuild.errors import AutobuildError, schema_message
+from autobuild.errors import NAME_PATTERN, AutobuildError, schema_message
 
 __all__ = ["DEVICE", "NON_NEGATIVE_INT", "PATH", "PORT", "POSITIVE_FLOAT", "POSITIVE_INT",
            "STUDY", "Parser", "recipe_value",
@@ -68,7 +68,7 @@ PORT = flag_value(Annotated[int, Field(ge=1, le=65535)], "port")
 #: A file or directory named by the user: never empty (``--out ""`` is not "here").
 PATH = _path
 #: A study name (the name of its SQLite file and of its artifact directory too).
-STUDY = flag_value(Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")],
+STUDY = flag_value(Annotated[str, Field(pattern=NAME_PATTERN)],
                    "study name")
 
 

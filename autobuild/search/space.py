@@ -31,7 +31,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from autobuild.errors import AutobuildError
+from autobuild.errors import NAME_PATTERN, AutobuildError, schema_error
 
 __all__ = ["OBJECTIVES", "Constraint", "Group", "SearchSpace", "load_space"]
 
@@ -133,7 +133,7 @@ class Budget(_Strict):
 
 
 class SearchSpace(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+    name: str = Field(pattern=NAME_PATTERN)
     baseline: str = Field(min_length=1)
     #: The baseline builder's arguments (``autobuild.models.MODEL_ARGS``).
     model_args: dict[str, Any] = Field(default_factory=dict)
@@ -222,17 +222,6 @@ def _set(data: dict[str, Any], assignment: str) -> None:
         raise AutobuildError(f"--set {key}: value {value!r} is not valid YAML") from exc
 
 
-def _first_error(exc: ValidationError, source: str) -> AutobuildError:
-    err = exc.errors()[0]
-    key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-    msg = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "extra_forbidden":
-        msg = "unknown key"
-    elif err["type"] == "missing":
-        msg = "is required"
-    return AutobuildError(f"search space {source}: {key}: {msg}")
-
-
 def load_space(path_or_data: str | dict[str, Any], overrides: list[str] | tuple[str, ...] = ()
                ) -> SearchSpace:
     """A validated search space from a YAML file (or a dict), with ``key.sub=value``
@@ -263,4 +252,4 @@ def load_space(path_or_data: str | dict[str, Any], overrides: list[str] | tuple[
     try:
         return SearchSpace.model_validate(data)
     except ValidationError as exc:
-        raise _first_error(exc, source) from None
+        raise schema_error(exc, f"search space {source}: ") from None

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import xml.etree.ElementTree as ET
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -167,7 +168,7 @@ def read_coco(root: str, split: str) -> tuple[list[Record], list[str]]:
         images = {int(im["id"]): str(im["file_name"]) for im in data["images"]}
     except (KeyError, TypeError, ValueError) as exc:
         raise AutobuildError(f"{ann_file}: malformed category or image entry ({exc!r})") from exc
-    repeated = sorted({cid for (cid, _), (nxt, _) in zip(cats, cats[1:]) if cid == nxt})
+    repeated = sorted(cid for cid, n in Counter(cid for cid, _ in cats).items() if n > 1)
     if repeated:
         raise AutobuildError(f"{ann_file}: category id {repeated[0]} is listed more than once "
                              "in 'categories'")

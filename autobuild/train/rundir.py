@@ -176,7 +176,7 @@ def prepare_run_dir(path: str, *, force: bool = False, adopt: bool = False,
     if not isinstance(path, str) or not path.strip():
         raise AutobuildError(f"a run directory must be a non-empty path, got {path!r}")
     if os.path.exists(path) and not os.path.isdir(path):
-        raise AutobuildError(f"{path!r} exists and is not a directory")
+        raise AutobuildError(f"{path!r} exists and is not a directory; choose another --out")
     entries = set(os.listdir(path)) if os.path.isdir(path) else set()
     adopting = bool(adopt and entries and entries <= SAVED_MODEL | {INIT_WEIGHTS})
     if entries and not force and not adopting:

@@ -49,12 +49,12 @@ def test_model_args_are_checked_and_a_space_without_them_keeps_its_fingerprint()
 
 @pytest.mark.parametrize("change,needle", [
     ({"objectives": ["top1", "speed"]}, "objectives: unknown objective 'speed'"),
-    ({"budget": {"epochs": 0}}, "budget.epochs: Input should be greater than or equal to 1"),
-    ({"groups": []}, "groups: List should have at least 1 item"),
+    ({"budget": {"epochs": 0}}, "budget.epochs: must be greater than or equal to 1, got 0"),
+    ({"groups": []}, "groups: must have at least 1 item"),
     ({"constraints": ["macs < 3"]}, "constraints: constraint 'macs < 3' must look like"),
     ({"sampler": "cmaes"}, "sampler: unknown sampler 'cmaes'"),
     ({"colour": "red"}, "colour: unknown key"),
-    ({"name": "a b"}, "name: String should match pattern"),
+    ({"name": "a b"}, "name: must be 1 to 100 letters"),
     ({"groups": [{"sites": "x"}]}, "groups.0.choices: is required"),
 ])
 def test_bad_spaces_name_the_key(change, needle) -> None:
