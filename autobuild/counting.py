@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from autobuild.errors import AutobuildError
+from autobuild.errors import AutobuildError, check_input_size
 from autobuild.rewrite.cost import Counts, count_module, param_count
 from autobuild.rewrite.record import plan_of
 
@@ -27,9 +27,4 @@ def count(model: nn.Module, input_size: Sequence[int] | None = None, *,
         if plan is None or plan.input_size is None:
             raise AutobuildError("count() needs input_size for a model without a plan")
         input_size = plan.input_size
-    if isinstance(input_size, (str, bytes)) or not isinstance(input_size, Sequence) or \
-            len(input_size) != 3 or not all(isinstance(v, int) and not isinstance(v, bool)
-                                            and v > 0 for v in input_size):
-        raise AutobuildError(f"input_size must be (C, H, W) positive integers, got "
-                             f"{input_size!r}")
-    return count_module(model, input_size)
+    return count_module(model, check_input_size(input_size))

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 __all__ = ["NAME_PATTERN", "AutobuildError", "InfeasiblePlacement", "InvalidType",
-           "InvalidValue", "Terminated", "schema_error", "schema_message", "unknown_name"]
+           "InvalidValue", "Terminated", "check_input_size", "check_positive_int",
+           "schema_error", "schema_message", "unknown_name"]
 
 #: What a study may be called (also the name of its SQLite file and artifact folder).
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
@@ -40,6 +41,26 @@ class InfeasiblePlacement(AutobuildError, ValueError):
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM (a scheduler preempting a worker): handled like Ctrl-C, exit code 143."""
+
+
+def check_positive_int(value: Any, name: str) -> int:
+    """``value`` if it is an int >= 1 (a bool or 2.0 is refused, not converted)."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InvalidType(f"{name} must be a positive integer, got {value!r}")
+    if value < 1:
+        raise InvalidValue(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def check_input_size(size: Any, name: str = "input_size") -> tuple[int, int, int]:
+    """``size`` as a (C, H, W) tuple of positive ints, or an error naming ``name``."""
+    if isinstance(size, (str, bytes)) or not isinstance(size, Sequence):
+        raise InvalidType(f"{name} must be (C, H, W) integers, got {size!r}")
+    if len(size) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) for v in size):
+        raise InvalidType(f"{name} must be (C, H, W) integers, got {tuple(size)!r}")
+    if min(size) <= 0:
+        raise InvalidValue(f"{name} must be C,H,W with positive values, got {tuple(size)}")
+    return tuple(size)  # type: ignore[return-value]
 
 
 def unknown_name(what: str, name: str, valid: Iterable[str], hint: str = "", *,

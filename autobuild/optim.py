@@ -6,6 +6,8 @@ from typing import Any
 
 from torch import nn
 
+from autobuild.errors import InvalidValue
+
 __all__ = ["NO_WEIGHT_DECAY_ATTR", "param_groups"]
 
 #: A module lists the names of its own parameters that must not be decayed (Dirac alpha
@@ -20,6 +22,9 @@ def param_groups(model: nn.Module, weight_decay: float, **group_options: Any
                  ) -> list[dict[str, Any]]:
     """Two groups: decayed weights, and the rest (norm parameters, biases, 1-d parameters
     and whatever a module declares in ``no_weight_decay_params``) with weight decay 0."""
+    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or \
+            not 0 <= weight_decay < float("inf"):
+        raise InvalidValue(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
     decay, no_decay, seen = [], [], set()
     for module in model.modules():
         exempt = set(getattr(module, NO_WEIGHT_DECAY_ATTR, ()))

@@ -22,6 +22,7 @@ import yaml
 import autobuild
 from autobuild.cli import main
 from autobuild.errors import AutobuildError
+from autobuild.optim import param_groups
 from autobuild.train import TrainConfig
 from tests.search.conftest import tiny_space
 from tests.train.conftest import write_imagefolder
@@ -201,7 +202,7 @@ CLI_CASES: list[tuple[str, list[str], list[str]]] = [
     ("train-lr-neg", ["train", "cifar_resnet20", "--data", SYNTH, "--lr", "-1"],
      ["--lr", "-1"]),
     ("train-lr-nan", ["train", "cifar_resnet20", "--data", SYNTH, "--lr", "nan"],
-     ["--lr", "nan"]),
+     ["--lr", "'nan'", "must be a finite number"]),
     ("train-momentum-neg", ["train", "cifar_resnet20", "--data", SYNTH, "--momentum", "-1"],
      ["--momentum", "-1"]),
     ("train-workers-neg", ["train", "cifar_resnet20", "--data", SYNTH, "--workers", "-1"],
@@ -361,8 +362,8 @@ CLI_CASES: list[tuple[str, list[str], list[str]]] = [
      ["a_file", "not a directory", "--out"]),
     ("train-out-a-file", ["train", "cifar_resnet20", "--data", SYNTH, "--out", "{a_file}",
                           *FAST], ["a_file", "not a directory", "--out"]),
-    ("train-lr-nan", ["train", "cifar_resnet20", "--data", SYNTH, "--lr", "nan"],
-     ["--lr", "must be a finite number"]),
+    ("convert-input-size-wide-digits", ["convert", "cifar_resnet20", "--input-size",
+                                        "\uff13,32,32"], ["--input-size", "C,H,W"]),
     ("train-tensorboard-empty", ["train", "cifar_resnet20", "--data", SYNTH,
                                  "--tensorboard", ""], ["--tensorboard", "must not be empty"]),
     ("search-study-name-words", ["search", "{space_bad}", "--study", "a b"],
@@ -454,7 +455,7 @@ API_CASES: list[tuple[str, Callable[[], Any], str]] = [
     ("options-list", lambda: autobuild.convert("cifar_resnet20", to="quadratic",
                                                options=["type=ours"]), "options"),
     ("input-size-text", lambda: autobuild.analyze("cifar_resnet20", input_size="abc"),
-     "input size"),
+     "input_size"),
     ("num-classes-text", lambda: autobuild.analyze("cifar_resnet20", num_classes="x"),
      "num_classes"),
     ("num-classes-bool", lambda: autobuild.analyze("cifar_resnet20", num_classes=True),
@@ -481,6 +482,18 @@ API_CASES: list[tuple[str, Callable[[], Any], str]] = [
     ("config-lr-neg", lambda: TrainConfig(lr=-1.0), "lr"),
     ("config-unknown", lambda: TrainConfig(epoch=3), "epoch"),
     ("config-clip-grad-neg", lambda: TrainConfig(clip_grad=-1.0), "clip_grad"),
+    ("param-groups-decay-neg", lambda: param_groups(torch.nn.Linear(2, 2), -1.0),
+     "weight_decay"),
+    ("param-groups-decay-nan", lambda: param_groups(torch.nn.Linear(2, 2), float("nan")),
+     "weight_decay"),
+    ("register-model-size-0", lambda: autobuild.register_model(
+        "bad-size", torch.nn.Identity, input_size=(3, 0, 32)), "(3, 0, 32)"),
+    ("register-model-classes-0", lambda: autobuild.register_model(
+        "bad-classes", torch.nn.Identity, num_classes=0), "num_classes"),
+    ("register-model-not-callable", lambda: autobuild.register_model("bad-builder", 3),
+     "builder"),
+    ("register-model-timm-name", lambda: autobuild.register_model(
+        "timm:resnet18", torch.nn.Identity), "timm:"),
 ]
 
 

@@ -91,6 +91,8 @@ DEVICE = recipe_value("device")
 # ---- value parsers ----------------------------------------------------------------------
 def parse_size(text: str) -> tuple[int, int, int]:
     try:
+        if not text.isascii():  # int() also reads other scripts' digits ('３')
+            raise ValueError(text)
         size = tuple(int(v) for v in text.replace("x", ",").split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be C,H,W (e.g. 3,32,32), got {text!r}") from None

@@ -12,7 +12,14 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
-from autobuild.errors import AutobuildError, InvalidType, InvalidValue, schema_error
+from autobuild.errors import (
+    AutobuildError,
+    InvalidType,
+    InvalidValue,
+    check_input_size,
+    check_positive_int,
+    schema_error,
+)
 from autobuild.models.registry import build_model, get_model_entry, load_weights
 from autobuild.rewrite import Baseline
 
@@ -63,16 +70,6 @@ def check_model_args(args: Mapping[str, Any] | None, *, strings: bool = False,
     return checked.model_dump(exclude_none=True)
 
 
-def _size(size: Any) -> tuple[int, int, int]:
-    if isinstance(size, (str, bytes)) or not isinstance(size, Sequence):
-        raise InvalidType(f"input size must be (C, H, W) integers, got {size!r}")
-    if len(size) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) for v in size):
-        raise InvalidType(f"input size must be (C, H, W) integers, got {tuple(size)!r}")
-    if min(size) <= 0:
-        raise InvalidValue(f"input size must be C,H,W with positive values, got {tuple(size)}")
-    return tuple(size)  # type: ignore[return-value]
-
-
 def _weights(weights: Any) -> str | None:
     """A weights name as given, or a weights file as an absolute path (the plan records it,
     and a plan must rebuild the same model from any directory)."""
@@ -100,11 +97,8 @@ def resolve_baseline(model_or_name: nn.Module | str, *, num_classes: int | None 
     ``model_args`` (:class:`ModelArgs`) go to the named baseline's builder."""
     leaves = tuple(leaf_modules)
     args = check_model_args(model_args)
-    if num_classes is not None and (not isinstance(num_classes, int)
-                                    or isinstance(num_classes, bool)):
-        raise InvalidType(f"num_classes must be a positive integer, got {num_classes!r}")
-    if num_classes is not None and num_classes < 1:
-        raise InvalidValue(f"num_classes must be a positive integer, got {num_classes!r}")
+    if num_classes is not None:
+        check_positive_int(num_classes, "num_classes")
     weights = _weights(weights)
     if isinstance(model_or_name, nn.Module):
         if args:
@@ -112,8 +106,9 @@ def resolve_baseline(model_or_name: nn.Module | str, *, num_classes: int | None 
                                  "baseline's builder; build your module with them instead")
         if weights:
             load_weights(model_or_name, weights)
-        return Baseline(model_or_name, f"custom:{type(model_or_name).__name__}",
-                        _size(input_size or (3, 224, 224)), "", num_classes, weights, leaves)
+        size = check_input_size(input_size or (3, 224, 224))
+        return Baseline(model_or_name, f"custom:{type(model_or_name).__name__}", size, "",
+                        num_classes, weights, leaves)
     if not isinstance(model_or_name, str):
         raise InvalidType(f"a baseline is a model name or an nn.Module, got "
                              f"{type(model_or_name).__name__}")
@@ -121,7 +116,7 @@ def resolve_baseline(model_or_name: nn.Module | str, *, num_classes: int | None 
     if args and entry.trace_root:  # the detectors' builders take **kwargs and drop them
         raise InvalidValue(f"model arguments ({', '.join(args)}) are for classifiers' "
                            f"builders; {model_or_name}'s would ignore them")
-    size = _size(input_size or entry.input_size)
+    size = check_input_size(input_size or entry.input_size)
     # A dataset with other channels (e.g. grayscale) needs a stem built for them.
     extra = {"in_chans": size[0]} if size[0] != entry.input_size[0] else {}
     where = torch.device(device) if device else contextlib.nullcontext()

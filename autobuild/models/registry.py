@@ -11,7 +11,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from autobuild.errors import AutobuildError, unknown_name
+from autobuild.errors import (
+    AutobuildError,
+    InvalidType,
+    InvalidValue,
+    check_input_size,
+    check_positive_int,
+    unknown_name,
+)
 
 __all__ = [
     "ModelEntry",
@@ -69,6 +76,14 @@ def register_model(
     weights_loader: Callable[[nn.Module, str], None] | None = None,
 ) -> ModelEntry:
     """Register a baseline builder. ``builder(num_classes=...)`` must return an nn.Module."""
+    if not isinstance(name, str) or not name.strip() or name.startswith("timm:"):
+        raise InvalidValue(f"a model name must be a non-empty string not starting with "
+                           f"'timm:', got {name!r}")
+    if not callable(builder):
+        raise InvalidType(f"builder must be callable (builder(num_classes=...) -> nn.Module), "
+                          f"got {type(builder).__name__}")
+    input_size = check_input_size(input_size)
+    check_positive_int(num_classes, "num_classes")
     if name in _REGISTRY and not overwrite:
         raise AutobuildError(f"model {name!r} is already registered (pass overwrite=True)")
     entry = ModelEntry(name, builder, tuple(input_size), num_classes, source, trace_root,
