@@ -80,8 +80,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = os.environ.get("AUTOBUILD_DEBUG") not in (None, "", "0") or "--debug" in argv
     try:
         args = build_parser().parse_args(argv)
-        for spec in args.imports:
-            import_user_module(spec)
+        # What a user's module prints at import time goes to stderr: stdout is the
+        # command's output (--json must stay parseable).
+        with contextlib.redirect_stdout(sys.stderr):
+            for spec in args.imports:
+                import_user_module(spec)
         return int(args.run(args) or 0)
     except AutobuildError as exc:
         if debug:

@@ -50,11 +50,14 @@ def test_the_documented_family_works_from_the_api(tmp_path) -> None:
 
 def test_the_documented_family_works_from_the_cli(tmp_path) -> None:
     path = _write_example(tmp_path)
-    run = [sys.executable, "-m", "autobuild", "--import", str(path)]
+    noisy = tmp_path / "noisy.py"  # what a module prints must not break --json
+    noisy.write_text("print('hello from noisy')\n")
+    run = [sys.executable, "-m", "autobuild", "--import", str(path), "--import", str(noisy)]
     out = subprocess.run([*run, "convert", "cifar_resnet20", "--to", "separable", "--option",
                           "expand=2", "--json"], capture_output=True, text=True, cwd=ROOT,
                          timeout=300)
     assert out.returncode == 0, out.stderr
+    assert "hello from noisy" in out.stderr
     summary = json.loads(out.stdout)
     assert summary["family"] == "separable" and len(summary["sites"]) == 19  # stem too
     bad = subprocess.run([sys.executable, "-m", "autobuild", "--import", str(tmp_path / "no.py"),
