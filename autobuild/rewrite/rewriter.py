@@ -43,6 +43,9 @@ class Rewriter:
         self.site_modules: dict[str, str] = {}
         self._graph_source = graph_source
         self._gm: fx.GraphModule | None = None
+        #: The call nodes of each shared module, in call order, as first found: a converted
+        #: call is retargeted to its own module, and must not shift the later calls' index.
+        self._calls: dict[str, list[fx.Node]] = {}
 
     # ---- where things are -----------------------------------------------------------
     @property
@@ -115,7 +118,10 @@ class Rewriter:
         """The call_module node of a (possibly shared) call site."""
         gm = self.graph()
         target = self.local(site.target)
-        calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == target]
+        if target not in self._calls:
+            self._calls[target] = [n for n in gm.graph.nodes
+                                   if n.op == "call_module" and n.target == target]
+        calls = self._calls[target]
         index = max(site.call, 0)
         if index >= len(calls):
             raise AutobuildError(f"site {site.name!r} is not a call site of this model")
@@ -152,7 +158,7 @@ class Rewriter:
         """Replace the whole traced root (families that rebuild the network)."""
         before = self.root_module
         self._install_root(new_root)
-        self._gm = None
+        self._gm, self._calls = None, {}
         self._swapped = True
         self.site_modules[site.name] = self.root
         self.changes.append(Change(site.name, self.family, type(before).__name__,

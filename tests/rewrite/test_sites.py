@@ -82,6 +82,27 @@ def test_a_module_called_twice_is_two_sites_rewritten_separately() -> None:
         assert torch.allclose(m(x), base(x), atol=1e-6)
 
 
+class Thrice(nn.Module):
+    """One conv called three times, each call followed by a different function."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x):
+        return torch.tanh(self.conv(torch.sigmoid(self.conv(torch.relu(self.conv(x))))))
+
+
+@pytest.mark.parametrize("chosen", [["conv#0", "conv#1"], ["conv#1", "conv#2"],
+                                    ["conv#0", "conv#2"], ["conv#0", "conv#1", "conv#2"]])
+def test_each_call_site_converts_its_own_call(chosen: list[str]) -> None:
+    m = autobuild.convert(Thrice(), "quadratic", sites=chosen, input_size=(3, 8, 8))
+    calls = [n.target for n in m.graph.nodes if n.op == "call_module"]
+    # Converting one call renames its node: later calls must keep their index.
+    assert calls == [f"conv_{i}" if f"conv#{i}" in chosen else "conv" for i in range(3)]
+    assert autobuild.site_modules(m) == {c: f"conv_{c[-1]}" for c in chosen}
+
+
 def test_select_sites_unknown_pattern_lists_valid_names() -> None:
     base = resolve_baseline("cifar_resnet20")
     sites = autobuild.sites("cifar_resnet20", "quadratic")
