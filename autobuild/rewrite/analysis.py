@@ -406,6 +406,8 @@ class Analysis:
         if check_size and placement and torch.empty(()).device.type != "meta":
             self.check_size(placement)
         target = copy.deepcopy(self.baseline.module) if model is None else model
+        # (the modules themselves, not their ids: a replaced module's id is reused)
+        training, kept = target.training, set(target.modules())
         rewriter = self._rewriter(target)
         # Module swaps first (innermost first); the passes that need the graph (shared
         # calls, network rewrites) last, so the graph they copy still describes the model.
@@ -415,6 +417,9 @@ class Analysis:
             rewriter.family = variant.name
             variant.apply(rewriter, site, choice.opts, init)
         built = rewriter.finish()
+        for m in built.modules():  # new modules take the model's mode (an eval() baseline
+            if m not in kept:  # converts to a model whose new BNs are in eval too)
+                m.training = training
         set_record(built, BuildRecord(self.plan(placement, init), rewriter.site_modules,
                                       rewriter.changes, self.baseline.root))
         return built
