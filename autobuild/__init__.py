@@ -49,6 +49,7 @@ __all__ = [
     "count",
     "fold",
     "importance",
+    "leaf_modules",
     "load",
     "masked",
     "param_groups",
@@ -80,6 +81,19 @@ def importance(model: nn.Module, data: object, **kwargs: object) -> object:
     from autobuild.search.importance import importance as _importance
 
     return _importance(model, data, **kwargs)
+
+
+def leaf_modules() -> list[type[nn.Module]]:
+    """The module types autobuild's traces keep whole: every family's layers, the layers
+    torch.fx cannot trace through, and what :func:`register_leaf_module` added. Other
+    tracers need them to trace a converted model, e.g. torchvision's
+    ``create_feature_extractor(m, nodes, tracer_kwargs={"leaf_modules":
+    autobuild.leaf_modules()})``."""
+    from autobuild.rewrite.trace import leaf_module_types
+    from autobuild.variants import list_variants
+
+    list_variants()  # loads every family; their layers register themselves
+    return list(leaf_module_types())
 
 
 def __getattr__(name: str) -> object:

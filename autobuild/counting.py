@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from autobuild.errors import AutobuildError, check_input_size
+from autobuild.errors import AutobuildError, InvalidType, check_input_size
 from autobuild.rewrite.cost import Counts, count_module, param_count
 from autobuild.rewrite.record import plan_of
 
@@ -22,6 +22,10 @@ def count(model: nn.Module, input_size: Sequence[int] | None = None, *,
     ``input_size`` defaults to the size recorded in the model's plan. ``batch_size`` is
     accepted for compatibility; counts are per image.
     """
+    if not isinstance(model, nn.Module):
+        hint = (f" (a baseline by name is counted by autobuild.analyze({model!r}).counts)"
+                if isinstance(model, str) else "")
+        raise InvalidType(f"count() takes an nn.Module, got {type(model).__name__}{hint}")
     if input_size is None:
         plan = plan_of(model)
         if plan is None or plan.input_size is None:

@@ -443,6 +443,7 @@ API_CASES: list[tuple[str, Callable[[], Any], str]] = [
     ("to-int", lambda: autobuild.convert("cifar_resnet20", to=3), "3"),
     ("count-size-negative", lambda: autobuild.count(torch.nn.Conv2d(3, 3, 1), (3, -1, 32)),
      "(3, -1, 32)"),
+    ("count-a-name", lambda: autobuild.count("resnet18", (3, 32, 32)), "analyze('resnet18')"),
     ("count-size-text", lambda: autobuild.count(torch.nn.Conv2d(3, 3, 1), "3,32,32"),
      "input_size"),
     ("train-data-int", lambda: _train_api(5, None), "data must be"),

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 __all__ = ["NoAutocast", "autocast_cast", "autocast_dtype", "bn_trains", "compiling",
@@ -58,6 +58,8 @@ def fused_ok(bn: nn.Module | None, *tensors: Tensor) -> bool:
     no_grad run the plain modules)."""
     if not (_FUSED["enabled"] and torch.is_grad_enabled()) or (
             bn is not None and not bn_trains(bn)):
+        return False
+    if any(isinstance(t, fx.Proxy) for t in tensors):  # torch.fx traces the plain ops
         return False
     return any(t is not None and t.requires_grad for t in tensors)
 

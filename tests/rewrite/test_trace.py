@@ -147,3 +147,20 @@ def test_a_baseline_with_norms_traced_through_is_analysed_at_batch_one_on_1x1_ma
     pytest.importorskip("timm")
     analysis = autobuild.analyze("timm:test_efficientnet", input_size=(3, 32, 32))
     assert analysis.counts.params > 0
+
+
+@pytest.mark.parametrize("family", [v.name for v in autobuild.variants.list_variants()])
+def test_other_tracers_trace_a_converted_model_given_the_leaf_modules(family: str) -> None:
+    from torchvision.models.feature_extraction import (
+        create_feature_extractor,
+        get_graph_node_names,
+    )
+
+    torch.manual_seed(0)
+    m = autobuild.convert("cifar_resnet20", to=family).eval()
+    leaves = {"leaf_modules": autobuild.leaf_modules()}
+    last = get_graph_node_names(m, tracer_kwargs=leaves)[1][-1]
+    features = create_feature_extractor(m, {last: "out"}, tracer_kwargs=leaves).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(features(x)["out"], m(x))
