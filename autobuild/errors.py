@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 __all__ = ["NAME_PATTERN", "AutobuildError", "InfeasiblePlacement", "InvalidType",
-           "InvalidValue", "Terminated", "check_input_size", "check_positive_int",
+           "InvalidValue", "Terminated", "brief", "check_input_size", "check_positive_int",
            "schema_error", "schema_message", "unknown_name"]
 
 #: What a study may be called (also the name of its SQLite file and artifact folder).
@@ -41,6 +41,19 @@ class InfeasiblePlacement(AutobuildError, ValueError):
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM (a scheduler preempting a worker): handled like Ctrl-C, exit code 143."""
+
+
+def brief(exc: BaseException, limit: int = 300) -> str:
+    """A library's error on one line: its first line and, where that line only heads a list
+    (torch's ``load_state_dict``: "Error(s) in loading state_dict for ResNet:"), the first
+    item of the list and how many follow; at most ``limit`` characters."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    if not lines:
+        return type(exc).__name__
+    text = lines[0]
+    if text.endswith(":") and len(lines) > 1:
+        text = f"{text} {lines[1]}" + (f" (and {len(lines) - 2} more)" if len(lines) > 2 else "")
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def check_positive_int(value: Any, name: str) -> int:

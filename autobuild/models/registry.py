@@ -15,6 +15,7 @@ from autobuild.errors import (
     AutobuildError,
     InvalidType,
     InvalidValue,
+    brief,
     check_input_size,
     check_positive_int,
     unknown_name,
@@ -156,7 +157,7 @@ def load_weights(model: nn.Module, weights: str, model_name: str = "") -> None:
                                  "unpickles code") from exc
         except Exception as exc:  # corrupt file or wrong architecture
             raise AutobuildError(f"cannot load weights {weights!r} into {model_name or 'model'}:"
-                                 f" {str(exc).splitlines()[0]}") from exc
+                                 f" {brief(exc)}") from exc
         return
     if os.sep in weights or weights.endswith((".pth", ".pt", ".safetensors")):
         raise AutobuildError(f"weights file {weights!r} does not exist")

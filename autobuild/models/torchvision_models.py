@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from autobuild.errors import AutobuildError
+from autobuild.errors import AutobuildError, brief
 from autobuild.models.registry import load_weights, read_state_dict, register_model
 
 # torchvision builders that need a non-default input resolution to run.
@@ -63,7 +63,7 @@ def _detector_weights(name: str):
             except Exception as exc:  # corrupt file or another architecture
                 raise AutobuildError(f"cannot load weights {weights!r} into {name} (a detector "
                                      "or backbone state dict): "
-                                     f"{str(exc).splitlines()[0]}") from exc
+                                     f"{brief(exc)}") from exc
             return
         own = torchvision.models.get_model_weights(name)
         if (weights in own.__members__ or weights == "DEFAULT" or os.sep in weights

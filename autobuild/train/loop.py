@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from autobuild.errors import AutobuildError
+from autobuild.errors import AutobuildError, brief
 from autobuild.train.config import TrainConfig, check_new_recipe
 from autobuild.train.data import Data, build_data
 from autobuild.train.distributed import Dist
@@ -131,7 +131,7 @@ def check_fits(model: nn.Module, data: Data) -> None:
     except RuntimeError as exc:
         raise AutobuildError(f"the model does not accept {data.name} images "
                              f"{'x'.join(map(str, data.input_size))}: "
-                             f"{str(exc).splitlines()[0]}") from exc
+                             f"{brief(exc)}") from exc
     finally:
         model.train(was)
     if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[1] != data.num_classes:

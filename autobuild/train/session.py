@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
-from autobuild.errors import AutobuildError
+from autobuild.errors import AutobuildError, brief
 from autobuild.files import atomic_copy
 from autobuild.io import PLAN_FILE, save_plan, save_weights
 from autobuild.optim import param_groups
@@ -304,7 +304,7 @@ class Session:
             self.best = float(state[self.best_key])
         except (RuntimeError, ValueError, KeyError, TypeError) as exc:
             raise AutobuildError(f"checkpoint {self.ckpt_path!r} does not match this "
-                                 f"model/recipe: {str(exc).splitlines()[0]}") from exc
+                                 f"model/recipe: {brief(exc)}") from exc
         check_resume(self.cfg, int(state["epoch"]))  # before anything is written
         self.resumes = resume_history(self.out_dir, self.cfg.to_dict(), self.data_record,
                                       int(state["epoch"]))

@@ -135,6 +135,10 @@ def test_weights_file(tmp_path) -> None:
         build_model("cifar_resnet20", weights=str(tmp_path / "bad.pth"))
     with pytest.raises(AutobuildError, match="does not exist"):
         build_model("cifar_resnet20", weights=str(tmp_path / "missing.pth"))
+    # Weights of another class count: the message says which tensor does not fit.
+    torch.save(build_model("cifar_resnet20", num_classes=3).state_dict(), tmp_path / "c3.pth")
+    with pytest.raises(AutobuildError, match=r"size mismatch for fc.weight: .*\(and 1 more\)"):
+        build_model("cifar_resnet20", weights=str(tmp_path / "c3.pth"))
 
 
 # A spread of torchvision families (every classifier traces: see docs/architecture.md).
