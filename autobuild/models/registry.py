@@ -113,7 +113,9 @@ def get_model_entry(name: str) -> ModelEntry:
     if name.startswith("timm:"):
         return _timm_entry(name[len("timm:"):])
     raise unknown_name("model", name, _REGISTRY,
-                       "timm models as timm:<name>; `autobuild models` lists them")
+                       "timm models as timm:<name>; `autobuild models` lists them; a model of "
+                       "your own is registered first: autobuild.register_model, or --import "
+                       "MODULE on the command line")
 
 
 def build_model(name: str, *, num_classes: int | None = None, weights: str | None = None,

@@ -324,4 +324,7 @@ def get_family(name: Any) -> Variant:
         return _FAMILIES[key]
     if name in _FAMILIES:
         return _FAMILIES[name]
-    raise unknown_name("family", name, _FAMILIES, "`autobuild variants` describes them")
+    raise unknown_name("family", name, _FAMILIES,
+                       "`autobuild variants` describes them; a family of your own is "
+                       "registered first: autobuild.register_variant, or --import MODULE on "
+                       "the command line")

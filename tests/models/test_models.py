@@ -120,7 +120,8 @@ def test_timm_models() -> None:
 
 
 def test_unknown_model_lists_valid_names() -> None:
-    with pytest.raises(AutobuildError, match=r"did you mean resnet50.*valid: .*cifar_resnet20"):
+    with pytest.raises(AutobuildError, match=r"did you mean resnet50.*valid: .*cifar_resnet20"
+                       r".*your own is registered first: autobuild.register_model, or --import"):
         build_model("resnet5")
 
 
