@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from autobuild.errors import AutobuildError, InfeasiblePlacement
+from autobuild.errors import AutobuildError, InfeasiblePlacement, unknown_name
 from autobuild.models import get_model_entry, resolve_baseline
 from autobuild.rewrite import (
     INITS,
@@ -41,10 +41,26 @@ def analyze(model_or_name: nn.Module | str, *, num_classes: int | None = None,
     and every site of every kind. ``leaf_modules`` (classes, class names or qualified names)
     are kept opaque by torch.fx, for code it cannot trace. ``model_args`` go to a named
     baseline's builder (:data:`autobuild.models.MODEL_ARGS`, e.g. ``drop_path_rate``)."""
-    return Analysis(resolve_baseline(model_or_name, num_classes=num_classes,
-                                     input_size=input_size, weights=weights,
-                                     leaf_modules=_leaves(leaf_modules),
-                                     model_args=model_args))
+    baseline = resolve_baseline(model_or_name, num_classes=num_classes, input_size=input_size,
+                                weights=weights, leaf_modules=_leaves(leaf_modules),
+                                model_args=model_args)
+    _check_leaf_names(baseline)
+    return Analysis(baseline)
+
+
+def _check_leaf_names(baseline: Baseline) -> None:
+    """A leaf named by a string must be a module of the traced root, by qualified name or
+    class name: a misspelt one would keep nothing opaque, silently."""
+    names = [m for m in baseline.leaf_modules if isinstance(m, str)]
+    if not names:
+        return
+    modules = dict(baseline.root_module.named_modules())
+    known = set(modules) | {type(m).__name__ for m in modules.values()}
+    for name in names:
+        if name not in known:
+            raise unknown_name("leaf module", name, [q for q in modules if q],
+                               "a qualified module name or a class name of the model",
+                               shown=20)
 
 
 def _leaves(leaf_modules: Any) -> tuple[Any, ...]:

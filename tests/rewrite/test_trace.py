@@ -53,6 +53,10 @@ def test_leaf_modules_make_it_convertible_and_loadable(tmp_path) -> None:
     with torch.no_grad():
         assert torch.equal(loaded(x), m(x))
         assert torch.allclose(m(x), net.eval()(x), atol=1e-6)
+    # A misspelt name would keep nothing opaque: it is refused, with the names there are.
+    with pytest.raises(AutobuildError, match=r"unknown leaf module 'gaet' \(did you mean gate"):
+        autobuild.convert(net, "quadratic", input_size=(3, 8, 8), leaf_modules=["gaet"])
+    autobuild.analyze(net, input_size=(3, 8, 8), leaf_modules=["Gate"])  # a class name
 
 
 class NormAct(nn.BatchNorm2d):
