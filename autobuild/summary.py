@@ -59,7 +59,8 @@ def summarize(model: nn.Module, analysis: Analysis, *, compare: bool = True) -> 
     local = (lambda path: path[len(base.root) + 1:] if path.startswith(base.root + ".")
              else "") if base.root else (lambda path: path)
     sites = []
-    for name, choice in plan.placement.items():
+    order = {s.name: i for i, s in enumerate(analysis.sites())}  # the graph's order
+    for name, choice in sorted(plan.placement.items(), key=lambda item: order[item[0]]):
         site = analysis.site(name)
         path = record.site_modules.get(name, site.target)
         module = model.get_submodule(path) if path else model

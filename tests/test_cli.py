@@ -59,6 +59,8 @@ def test_convert_sites_input_size_and_table(capsys) -> None:
                  "--num-classes", "10", "--input-size", "3,32,32"]) == 0
     out = capsys.readouterr().out
     assert "features.0" in out and "13 sites" in out
+    rows = [line.split()[0] for line in out.splitlines() if line.startswith("features.")]
+    assert rows == sorted(rows, key=lambda r: int(r.split(".")[1]))  # the network's order
 
 
 def test_refuses_to_overwrite(tmp_path, capsys) -> None:
