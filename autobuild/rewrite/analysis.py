@@ -288,9 +288,13 @@ class Analysis:
             variant = get_family(choice.family)
             opts = choice.opts
             if not variant.accepts(site, opts):
+                kinds = "/".join(variant.site_kinds)
                 raise InfeasiblePlacement(
                     f"{variant.name} ({choice}) does not convert site {name}, a {site.kind} "
-                    f"site; it converts {'/'.join(variant.site_kinds)} sites")
+                    f"site; it converts {kinds} sites" if site.kind not in variant.site_kinds
+                    else f"{variant.name} ({choice}) does not convert site {name}: it takes "
+                    f"only some {site.kind} sites (Analysis.sites({variant.name!r}), or "
+                    f"`autobuild sites MODEL --to {variant.name}`, lists them)")
             reason = variant.refusal(site, opts, self)
             if reason:
                 raise InfeasiblePlacement(f"{variant.name} cannot convert site {name}: {reason}")

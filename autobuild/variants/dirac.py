@@ -313,14 +313,16 @@ class DiracVariant(Variant):
     def accepts(self, site: Site, options: dict[str, Any]) -> bool:
         if options["scope"] == "network":
             return site.kind == "network"
-        # A shared conv (call >= 0) keeps its weights shared: swapping one call would split it.
         return (site.kind == "conv" and site.module_type == "Conv2d" and site.stride == 1
-                and site.call < 0 and all(k % 2 == 1 for k in site.kernel_size)
+                and all(k % 2 == 1 for k in site.kernel_size)
                 and site.input_shape[1:] == site.output_shape[1:])
 
     def refusal(self, site: Site, options: dict[str, Any], analysis: Analysis) -> str:
         if options["scope"] == "network":
             return _network_problem(analysis)
+        if site.call >= 0:
+            return (f"{site.target} is one conv called several times; its calls share one "
+                    "weight, which a Dirac parametrisation of one call would split")
         return dirac_problem(analysis.module(site))
 
     def default_sites(self, candidates: Sequence[Site], options: dict[str, Any]) -> list[Site]:

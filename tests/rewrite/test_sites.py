@@ -103,6 +103,14 @@ def test_each_call_site_converts_its_own_call(chosen: list[str]) -> None:
     assert autobuild.site_modules(m) == {c: f"conv_{c[-1]}" for c in chosen}
 
 
+def test_a_family_refusing_a_shared_call_says_why() -> None:
+    with pytest.raises(AutobuildError, match="conv is one conv called several times; its calls "
+                                             "share one weight"):
+        autobuild.convert(Shared(), placement={"conv#0": "quadratic",
+                                               "conv#1": "dirac:scope=convs"},
+                          input_size=(3, 8, 8))
+
+
 def test_select_sites_unknown_pattern_lists_valid_names() -> None:
     base = resolve_baseline("cifar_resnet20")
     sites = autobuild.sites("cifar_resnet20", "quadratic")
