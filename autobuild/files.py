@@ -134,8 +134,8 @@ def ensure_writable_dir(path: str, *, force: bool = False) -> None:
     if os.path.exists(path) and not os.path.isdir(path):
         raise AutobuildError(f"{path!r} exists and is not a directory; choose another --out")
     if os.path.isdir(path) and _entries(path) and not force:
-        raise AutobuildError(f"{path!r} is not empty; choose another --out or pass --force to "
-                             "overwrite it")
+        raise AutobuildError(f"{path!r} is not empty; choose another --out or pass --force "
+                             "(force=True in Python) to overwrite it")
     parent = os.path.dirname(os.path.abspath(path))
     probe = path if os.path.isdir(path) else _existing_ancestor(parent)
     if not os.access(probe, os.W_OK | os.X_OK):

@@ -219,8 +219,8 @@ class Variant:
         """Refuse, before anything is built, what this family cannot do with ``sites``
         together (raise :class:`InfeasiblePlacement`)."""
         if init not in self.inits:
-            raise InfeasiblePlacement(f"{self.name} does not support --init {init}; valid: "
-                                      f"{', '.join(self.inits)}")
+            raise InfeasiblePlacement(f"{self.name} does not support init {init!r} (--init "
+                                      f"{init}); valid: {', '.join(self.inits)}")
 
     # ---- region and cost ------------------------------------------------------------
     def region(self, site: Site, options: dict[str, Any], analysis: Analysis) -> Region:
