@@ -473,6 +473,13 @@ API_CASES: list[tuple[str, Callable[[], Any], str]] = [
                                                  options={"expansion": 1_000_000}),
      "expansion"),
     ("init", lambda: autobuild.convert("cifar_resnet20", to="quadratic", init=3), "init"),
+    ("idle-memory", lambda: autobuild.convert("cifar_resnet20", to="quadratic", options={
+        "type": "t2", "memory": "save"}), "option memory=save of quadratic changes nothing"),
+    ("idle-volterra-limit", lambda: autobuild.convert("cifar_resnet20", to="quadratic", options={
+        "volterra_max_params": 9}), "option volterra_max_params=9 of quadratic changes nothing"),
+    ("idle-token-ratio", lambda: autobuild.convert("cifar_resnet20", to="parameter-free",
+                                                   options={"ratio": 4}),
+     "option ratio=4 of parameter-free changes nothing here (it shapes attention sites"),
     ("placement-int", lambda: autobuild.Placement(5), "placement"),
     ("register-duplicate", lambda: autobuild.register_variant(_Impostor), "quadratic"),
     ("save-no-plan", lambda: autobuild.save(__import__("torch").nn.Linear(1, 1), "x"),

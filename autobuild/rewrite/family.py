@@ -7,7 +7,7 @@ engine finds them by name and never imports them.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -221,6 +221,16 @@ class Variant:
         if init not in self.inits:
             raise InfeasiblePlacement(f"{self.name} does not support init {init!r} (--init "
                                       f"{init}); valid: {', '.join(self.inits)}")
+
+    def refuse_idle(self, options: dict[str, Any], idle: Mapping[str, str]) -> None:
+        """Refuse an option set away from its default where it changes nothing (``idle``:
+        option name -> why): the same network must not get a second placement key (the
+        search would train it twice)."""
+        defaults = {o.name: o.default for o in self.options}
+        for name, why in idle.items():
+            if name in options and options[name] != defaults[name]:
+                raise InfeasiblePlacement(f"option {name}={options[name]} of {self.name} "
+                                          f"changes nothing here ({why}); drop it")
 
     # ---- region and cost ------------------------------------------------------------
     def region(self, site: Site, options: dict[str, Any], analysis: Analysis) -> Region:

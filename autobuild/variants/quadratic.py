@@ -141,6 +141,10 @@ class QuadraticVariant(Variant):
               analysis: Analysis) -> None:
         super().check(sites, options, init, analysis)
         qtype = options["type"]
+        self.refuse_idle(options, {
+            **({"volterra_max_params": "it sizes type volterra"} if qtype != "volterra" else {}),
+            **({"memory": "it chooses what type ours keeps for backward"}
+               if qtype != "ours" else {})})
         if init == "preserve" and qtype not in PRESERVING_TYPES:
             raise InfeasiblePlacement(
                 f"quadratic type {qtype} has no first-order term and cannot preserve the "
