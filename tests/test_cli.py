@@ -21,6 +21,10 @@ def test_models_and_variants(capsys) -> None:
     assert main(["variants", "--json"]) == 0
     families = {v["name"]: v for v in _json(capsys)}
     assert "type" in [o["name"] for o in families["quadratic"]["options"]]
+    assert main(["variants"]) == 0  # each option says what it takes
+    out = capsys.readouterr().out
+    assert "--option K=1 [int 1..100]" in out and "--option dt=0.2 [float > 0]" in out
+    assert "--option expansion=qlnet [float > 0, <= 16 or qlnet]" in out
 
 
 def test_sites_json(capsys) -> None:

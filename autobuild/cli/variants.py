@@ -28,6 +28,19 @@ def run(args: argparse.Namespace) -> int:
         print(f"  sites: {', '.join(v['site_kinds'])}; init: {', '.join(v['inits'])}")
         print(f"  paper: {v['paper']}")
         for o in v["options"]:
-            choices = f" [{'|'.join(map(str, o['choices']))}]" if o["choices"] else ""
-            print(f"  --option {o['name']}={o['default']}{choices}  {o['help']}")
+            print(f"  --option {o['name']}={o['default']}{_allowed(o)}  {o['help']}")
     return 0
+
+
+def _allowed(option: dict[str, Any]) -> str:
+    """What the option takes: its choices, else its bounds and special words."""
+    if option["choices"]:
+        return f" [{'|'.join(map(str, option['choices']))}]"
+    low, high = option["min"], option["max"]
+    above = ">=" if option["min_inclusive"] else ">"
+    bounds = (f"{low:g}..{high:g}" if low is not None and high is not None and above == ">="
+              else f"{above} {low:g}" + (f", <= {high:g}" if high is not None else "")
+              if low is not None else f"<= {high:g}" if high is not None else "")
+    words = [str(w) for w in option["specials"]]
+    shown = " or ".join(filter(None, [bounds, *words]))
+    return f" [{option['type']} {shown}]" if shown else ""

@@ -274,7 +274,8 @@ class Variant:
             "mask": self.mask_effect,
             "options": [{"name": o.name, "default": o.default, "choices": list(o.choices)
                          if o.choices else None, "type": o.type.__name__, "min": o.min,
-                         "max": o.max, "specials": list(o.specials), "help": o.help}
+                         "min_inclusive": o.min_inclusive, "max": o.max,
+                         "specials": list(o.specials), "help": o.help}
                         for o in self.options],
         }
 
