@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from autobuild.cli._common import NON_NEGATIVE_INT, PATH
-from autobuild.cli.report import add_study_arguments, open_study
+from autobuild.cli.report import add_study_arguments, kept_paths, open_study
 
 
 def add_parser(sub: Any) -> None:
@@ -17,6 +17,9 @@ def add_parser(sub: Any) -> None:
     add_study_arguments(p)
     p.add_argument("--trial", type=NON_NEGATIVE_INT, required=True, help="trial number")
     p.add_argument("--out", required=True, type=PATH, help="directory to write")
+    p.add_argument("--artifacts", type=PATH,
+                   help="the study's artifact directory, as given to `search --artifacts` "
+                   "(default: beside the SQLite file, or studies/<study>-artifacts)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     p.set_defaults(run=run)
 
@@ -24,7 +27,9 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from autobuild.search.export import export_trial
 
-    result = export_trial(open_study(args), args.trial, args.out, force=args.force)
+    study = open_study(args)
+    result = export_trial(study, args.trial, args.out, force=args.force,
+                          artifacts=args.artifacts, keep=kept_paths(args, study))
     print(f"trial {args.trial} ({result['placement']}) -> {args.out}: plan + "
           f"{'trained' if result['trained_weights'] else 'freshly initialised'} weights; "
           f"`autobuild train {args.out} --data ...` trains it")

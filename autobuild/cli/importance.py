@@ -38,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from autobuild.train.rundir import read_run_record
     from autobuild.train.runs import data_for_run
 
+    _check_run(args.run_dir)  # first: without a run, "--data is required" misleads
     if args.csv:
         _check_csv(args.csv, args.force)  # before the evaluations, not after
     record = read_run_record(args.run_dir)
@@ -59,6 +60,14 @@ def run(args: argparse.Namespace) -> int:
           f"RI = P_M·P_W / max(dtop-1, ε), ε = 1/{frame.attrs['val_images']}; high RI = revert "
           "first")
     return 0
+
+
+def _check_run(path: str) -> None:
+    if not os.path.exists(path):
+        raise AutobuildError(f"RUN {path!r} does not exist; give a run or saved model directory")
+    if not os.path.isdir(path):
+        raise AutobuildError(f"RUN {path!r} is not a directory; give a run or saved model "
+                             "directory")
 
 
 def _check_csv(path: str, force: bool) -> None:

@@ -23,6 +23,19 @@ def open_study(args: argparse.Namespace) -> Any:
     return load_study(args.study, open_storage(url, heartbeat=False, create=False), url)
 
 
+def kept_paths(args: argparse.Namespace, study: Any) -> list[str]:
+    """What ``--out DIR --force`` must never replace: the study's database and its artifact
+    store (every trial's plan and kept weights): the one ``--artifacts`` or the default
+    names, and the one the study was created with."""
+    from autobuild.search.dashboard import resolve_storage
+    from autobuild.search.study import artifact_dir, sqlite_file
+
+    url = resolve_storage(args.storage, args.study)
+    folders = [artifact_dir(url, args.study, getattr(args, "artifacts", None)),
+               artifact_dir(url, args.study), study.user_attrs.get("artifacts") or ""]
+    return [sqlite_file(url)] + [f for f in folders if f and not f.startswith("s3://")]
+
+
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("report", help="write a study's report (CSV, markdown, Pareto plot)",
                        description="Write trials.csv, report.md, pareto.png and ri.csv of a "
@@ -38,13 +51,11 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     import os
 
-    from autobuild.search.dashboard import resolve_storage
     from autobuild.search.report import write_report
-    from autobuild.search.study import sqlite_file
 
-    url = resolve_storage(args.storage, args.study)
-    result = write_report(open_study(args), args.out or os.path.join("reports", args.study),
-                          force=args.force, keep=[sqlite_file(url)])
+    study = open_study(args)
+    result = write_report(study, args.out or os.path.join("reports", args.study),
+                          force=args.force, keep=kept_paths(args, study))
     if args.json:
         print(json.dumps(result, indent=2))
         return 0

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import Annotated, Any
 
-from autobuild.cli._common import DEVICE, PATH, POSITIVE_INT, STUDY
+from pydantic import Field
+
+from autobuild.cli._common import DEVICE, PATH, STUDY, flag_value
 from autobuild.cli.worker import add_heartbeat_arguments, heartbeat
+
+#: A study's number of finished trials: at least 1, at most the space's own bound
+#: (``SearchSpace.n_trials``).
+N_TRIALS = flag_value(Annotated[int, Field(ge=1, le=100_000)], "number of trials")
 
 
 def add_parser(sub: Any) -> None:
@@ -17,7 +23,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="KEY=VALUE", help="override a key of the space, e.g. "
                    "budget.epochs=1 (repeatable)")
-    p.add_argument("--n-trials", type=POSITIVE_INT, help="the study's number of finished trials "
+    p.add_argument("--n-trials", type=N_TRIALS, help="the study's number of finished trials "
                    "(shorthand for --set n_trials=N)")
     p.add_argument("--study", type=STUDY, help="study name (default: the space's name)")
     p.add_argument("--storage", type=PATH,

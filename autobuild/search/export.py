@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from typing import Any
 
 import optuna
@@ -40,30 +41,27 @@ def trial_plan(study: optuna.Study, number: int) -> Any:
 
 
 def export_trial(study: optuna.Study, number: int, out: str, *, force: bool = False,
-                 artifacts: str | None = None) -> dict[str, Any]:
+                 artifacts: str | None = None, keep: Sequence[str] = ()) -> dict[str, Any]:
     """Write trial ``number`` as ``out`` (plan + weights: the trial's trained weights when the
-    space kept them, else freshly initialised ones)."""
+    space kept them, else freshly initialised ones). ``artifacts`` is the study's artifact
+    directory (default: as ``search`` resolves it); ``force`` replaces a non-empty ``out``
+    whole, unless it is or holds one of ``keep`` (the study's database, its artifacts)."""
     from autobuild.api import build_plan
-    from autobuild.files import ensure_writable_dir
+    from autobuild.files import check_replaceable, ensure_writable_dir
     from autobuild.io import load, save
 
     ensure_writable_dir(out, force=force)
+    if force:
+        check_replaceable(out, keep)
     trial = _trial(study, number)
     plan = trial_plan(study, number)
     model = build_plan(plan)
     trained = False
     artifact = trial.user_attrs.get("weights_artifact")
     if artifact:
-        from optuna.artifacts import FileSystemArtifactStore, download_artifact
-
-        from autobuild.search.study import artifact_dir
-
-        storage_url = getattr(study._storage, "url", "")
-        folder = artifact_dir(storage_url, study.study_name, artifacts)
         with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "weights.safetensors")
-            download_artifact(artifact_store=FileSystemArtifactStore(folder),
-                              file_path=path, artifact_id=artifact)
+            _download_weights(study, number, artifact, artifacts,
+                              os.path.join(tmp, "weights.safetensors"))
             from autobuild.io import save_plan
 
             save_plan(plan, os.path.join(tmp, "plan.yaml"))
@@ -71,3 +69,39 @@ def export_trial(study: optuna.Study, number: int, out: str, *, force: bool = Fa
         trained = True
     save(model, out, force=force)
     return {"out": out, "placement": plan.placement.summary(), "trained_weights": trained}
+
+
+def _download_weights(study: optuna.Study, number: int, artifact: str, artifacts: str | None,
+                      path: str) -> None:
+    """Fetch the trial's kept weights; an artifact that is not where the study's artifacts
+    are looked for is one line saying where, not a traceback."""
+    from optuna.artifacts import download_artifact
+    from optuna.artifacts.exceptions import ArtifactNotFound
+
+    from autobuild.search.study import artifact_dir
+
+    folder = artifact_dir(getattr(study._storage, "url", ""), study.study_name, artifacts)
+    try:
+        download_artifact(artifact_store=_reader(folder), file_path=path,
+                          artifact_id=artifact)
+    except (ArtifactNotFound, FileNotFoundError):
+        recorded = study.user_attrs.get("artifacts")
+        hint = f" (the study was created with {recorded})" if recorded and \
+            recorded != folder else ""
+        raise AutobuildError(f"trial {number}'s weights (artifact {artifact}) are not in "
+                             f"{folder}{hint}; pass --artifacts DIR, the directory the search "
+                             "wrote them to") from None
+
+
+def _reader(folder: str) -> Any:
+    """The artifact store at ``folder`` (S3 for ``s3://bucket``), for reading: a folder that
+    does not exist is not created."""
+    if folder.startswith("s3://"):
+        from autobuild.search.runner import artifact_store
+
+        return artifact_store(folder)
+    from optuna.artifacts import FileSystemArtifactStore
+
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(folder)
+    return FileSystemArtifactStore(folder)

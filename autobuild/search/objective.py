@@ -100,7 +100,6 @@ class Objective:
                                                       analysis.baseline.input_size,
                                                       config.device)
         #: Set after each trial that trained: the trained model (seeding uses it for RI).
-        self.last_model: torch.nn.Module | None = None
         #: The number of the trial running now (an interrupt re-queues it).
         self.current: int | None = None
         #: trial number -> when this worker first saw it running without a placement key
@@ -191,7 +190,7 @@ class Objective:
             return reused
         model = None
         if self.needs_latency:
-            model = self.analysis.build(placement, self.space.init)
+            model = self._build(placement)
             costs["latency_ms"] = _latency_ms(model, self.analysis.baseline.input_size,
                                               self.config.device)
             trial.set_user_attr("latency_ms", costs["latency_ms"])
@@ -209,14 +208,25 @@ class Objective:
             # Never trained: top-1 0 (Optuna ranks it below every feasible trial anyway).
             return self._values({**costs, "top1": 0.0})
         if model is None:
-            model = self.analysis.build(placement, self.space.init)
+            model = self._build(placement)
         top1 = self._train(trial, model, placement, costs)
         trial.set_user_attr("trained", True)
         trial.set_user_attr("wall_time_s", time.perf_counter() - start)
         if self.space.keep_weights:
             self._upload_weights(trial, model)
-        self.last_model = model
+        if trial.user_attrs.get("seed_kind") == "all_converted" and \
+                "ri" not in trial.study.user_attrs:
+            from autobuild.search.seeding import revert_top_ri
+
+            revert_top_ri(trial.study, trial.params, model, self)
         return self._values({**costs, "top1": top1})
+
+    def _build(self, placement: Placement) -> torch.nn.Module:
+        """The placement's network, from the same initial weights whatever ran before it in
+        this process (as `autobuild train` seeds before it builds): a single-worker search
+        is then reproducible, and a placement's score does not depend on the trial order."""
+        torch.manual_seed(self.space.seed)
+        return self.analysis.build(placement, self.space.init)
 
     def _claim(self, trial: optuna.Trial) -> None:
         """Stand down if this trial is beyond the study's ``n_trials``: trials that finished

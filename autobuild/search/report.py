@@ -44,7 +44,7 @@ def _row(t: optuna.trial.FrozenTrial) -> dict[str, Any]:
 
 def trials_frame(study: optuna.Study) -> Any:
     """One row per trial with the columns of ``_COLUMNS`` (top-1 of pruned trials: the last
-    epoch reached)."""
+    epoch reached; of failed, interrupted and running trials: empty)."""
     import pandas as pd
 
     names = study.metric_names or ["top1"]
@@ -53,7 +53,9 @@ def trials_frame(study: optuna.Study) -> Any:
         row = _row(t)
         values = dict(zip(names, t.values or [], strict=False))
         row["top1"] = values.get("top1")
-        if row["top1"] is None and t.user_attrs.get("top1_per_epoch"):
+        if t.state not in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED):
+            row["top1"] = None  # failed, interrupted or running: no result to show
+        elif row["top1"] is None and t.user_attrs.get("top1_per_epoch"):
             row["top1"] = t.user_attrs["top1_per_epoch"][-1]
         if t.user_attrs.get("trained") is False:
             row["top1"] = None  # never trained: no accuracy to show

@@ -11,13 +11,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import optuna
+import torch
 
 from autobuild.errors import AutobuildError
+from autobuild.search.checks import check_budget, undone_on_refusal
 from autobuild.search.objective import Objective
 from autobuild.search.report import pareto_trials
+from autobuild.search.seeding import seed_params
 from autobuild.search.space import SearchSpace, load_space
 from autobuild.search.study import (
     artifact_dir,
+    check_url,
     default_storage,
     finished,
     load_study,
@@ -26,6 +30,7 @@ from autobuild.search.study import (
     running_elsewhere,
     wait_for_others,
 )
+from autobuild.train.devices import check_device
 
 __all__ = ["SQLITE_ONE_WORKER", "Search", "attach", "prepare", "run", "run_worker", "work"]
 
@@ -85,56 +90,57 @@ def _config(space: SearchSpace, device: str | None) -> Any:
                                   "search space ", "budget")
 
 
-def _check_budget(space: SearchSpace, config: Any) -> None:
-    """Regularisers the baseline cannot take (a drop path rate without DARTS cells, a
-    tower weight without a tower), refused before the study is touched. The structure is
-    built on the meta device (nothing is allocated), or for real by a builder that cannot
-    build there (torchvision's RegNets initialise from data)."""
-    if not config.drop_path and config.aux_weight is None:
-        return
-    from autobuild.models import resolve_baseline
-    from autobuild.train.regularize import check_regularizers
-
-    try:
-        baseline = resolve_baseline(space.baseline, device="meta", model_args=space.model_args)
-    except (NotImplementedError, RuntimeError):
-        baseline = resolve_baseline(space.baseline, model_args=space.model_args)
-    check_regularizers(baseline.module, config, key="search space budget.")
-
-
-def _seed_params(search_groups: list, how: str) -> dict[str, str]:
-    params = {}
-    for group in search_groups:
-        label = "keep"
-        if how == "all_converted":
-            label = next((lab for lab, c in zip(group.labels, group.choices, strict=True)
-                          if c is not None), "keep")
-        for name in ([f"site:{s}" for s in group.sites] if group.per_site else [group.name]):
-            params[name] = label
-    return params
-
-
 def prepare(space: SearchSpace, *, storage: str | None = None, study_name: str | None = None,
             resume: bool = False, join: bool = False, device: str | None = None,
             quiet: bool = False, artifacts: str | None = None,
             heartbeat: tuple[int, int] | None = None) -> Search:
     """Open the storage, create the study (``resume``: continue an existing one made from
     the same space; ``join``: create it unless another process has, then work on it) and
-    the objective. Nothing is trained."""
-
+    the objective. Nothing is trained. Everything that can be checked without the database
+    (the recipe, the device, the data, the baseline, the groups, the artifact directory) is
+    checked before it is opened, and a refused command removes the database file and the
+    artifact directory it created itself."""
     from autobuild.api import analyze
     from autobuild.train import build_data
     from autobuild.train.config import check_new_recipe
 
     name = study_name or space.name
     url = storage or default_storage(name)
+    check_url(url)
     if join and url.startswith("sqlite"):
         raise AutobuildError(SQLITE_ONE_WORKER)
     config = _config(space, device)
-    _check_budget(space, config)
+    check_device(str(config.device), "--device" if device else "search space device")
+    check_budget(space, config)
     if not (resume or join):  # (a study an older version made continues as it was made)
         check_new_recipe(config, "search space budget.")
-    store = open_storage(url, heartbeat=heartbeat)
+    data = build_data(space.data, space.data_dir, image_size=space.budget.image_size,
+                      train_subset=space.budget.train_subset,
+                      subset_key="search space budget.train_subset")
+    torch.manual_seed(space.seed)  # the baseline's weights: every trial's kept layers
+    analysis = analyze(space.baseline, num_classes=space.num_classes or data.num_classes,
+                       input_size=space.input_size or data.input_size,
+                       model_args=space.model_args)
+    folder = artifact_dir(url, name, artifacts)
+    with undone_on_refusal(url, folder):
+        objective = Objective(space, analysis, data, config,
+                              artifact_store=artifact_store(folder), quiet=quiet)
+        store = open_storage(url, heartbeat=heartbeat)
+        study, created = _open_study(space, name, store, url, (objective, folder), config,
+                                     resume=resume, join=join)
+    if heartbeat is not None:  # `status` judges staleness with the workers' grace period
+        study.set_user_attr("heartbeat", list(heartbeat))
+    study.sampler = _sampler(space, _sampler_seed(space, study, created, join))
+    return Search(space, study, objective, url, folder)
+
+
+def _open_study(space: SearchSpace, name: str, store: Any, url: str,
+                made: tuple[Objective, str], config: Any, *, resume: bool, join: bool
+                ) -> tuple[optuna.Study, bool]:
+    """(the study, whether this process created it), as ``resume``/``join`` allow; ``made``
+    is the objective and artifact directory a new study is created with."""
+    from autobuild.train.config import check_new_recipe
+
     exists = name in optuna.study.get_all_study_names(store)
     if exists and not (resume or join):
         raise AutobuildError(f"study {name!r} already exists in {mask_url(url)}; pass --resume "
@@ -143,29 +149,20 @@ def prepare(space: SearchSpace, *, storage: str | None = None, study_name: str |
         raise AutobuildError(f"no study {name!r} to resume in {mask_url(url)}")
     if join and not exists:
         check_new_recipe(config, "search space budget.")
-    data = build_data(space.data, space.data_dir, image_size=space.budget.image_size,
-                      train_subset=space.budget.train_subset)
-    analysis = analyze(space.baseline, num_classes=space.num_classes or data.num_classes,
-                       input_size=space.input_size or data.input_size,
-                       model_args=space.model_args)
-    folder = artifact_dir(url, name, artifacts)
-    objective = Objective(space, analysis, data, config,
-                          artifact_store=artifact_store(folder), quiet=quiet)
-    study = None if exists else _create(space, name, store, objective)
-    created = study is not None
-    if study is None:  # it existed, or another process created it a moment ago
-        study = load_study(name, store, url)
-        recorded = _fingerprint(study)
-        if recorded != space.fingerprint():
-            raise AutobuildError(f"study {name!r} was made from another search space "
-                                 f"(fingerprint {recorded} vs {space.fingerprint()}); --resume "
-                                 "continues the same space only: use --study NEW")
-        if url.startswith("sqlite"):
-            refuse_second_sqlite_worker(study)
-    if heartbeat is not None:  # `status` judges staleness with the workers' grace period
-        study.set_user_attr("heartbeat", list(heartbeat))
-    study.sampler = _sampler(space, _sampler_seed(space, study, created, join))
-    return Search(space, study, objective, url, folder)
+    study = None if exists else _create(space, name, store, *made)
+    if study is not None:
+        return study, True
+    # It existed, or another process created it a moment ago.
+    study = load_study(name, store, url)
+    recorded = _fingerprint(study)
+    if recorded != space.fingerprint():
+        raise AutobuildError(f"study {name!r} was made from another search space "
+                             f"(fingerprint {recorded} vs {space.fingerprint()}); "
+                             f"{'--join' if join else '--resume'} works on the same space "
+                             "only: use --study NEW")
+    if url.startswith("sqlite"):
+        refuse_second_sqlite_worker(study)
+    return study, False
 
 
 def _fingerprint(study: optuna.Study, wait_s: float = 60.0) -> str | None:
@@ -219,7 +216,7 @@ def artifact_store(folder: str) -> Any:
     return FileSystemArtifactStore(folder)
 
 
-def _create(space: SearchSpace, name: str, store: Any, objective: Objective
+def _create(space: SearchSpace, name: str, store: Any, objective: Objective, folder: str
             ) -> optuna.Study | None:
     """Create the study and enqueue its seeds (once: only the process whose create_study
     succeeds does it); None when another process created it first."""
@@ -231,16 +228,17 @@ def _create(space: SearchSpace, name: str, store: Any, objective: Objective
     study.set_metric_names(list(space.objectives))
     study.set_user_attr("space", space.model_dump(mode="json"))
     study.set_user_attr("space_fingerprint", space.fingerprint())
+    study.set_user_attr("artifacts", folder)  # (export names it; report and export guard it)
     study.set_user_attr("baseline", {**objective.baseline, "top1": None})
     b = objective.analysis.baseline
     study.set_user_attr("baseline_spec", {"model": b.name, "num_classes": b.num_classes,
                                           "input_size": list(b.input_size), "init": space.init,
                                           "model_args": dict(b.model_args)})
     if space.seeding.baseline:
-        study.enqueue_trial(_seed_params(objective.groups, "baseline"),
+        study.enqueue_trial(seed_params(objective.groups, "baseline"),
                             user_attrs={"seed_kind": "baseline"})
     if space.seeding.all_converted:
-        study.enqueue_trial(_seed_params(objective.groups, "all_converted"),
+        study.enqueue_trial(seed_params(objective.groups, "all_converted"),
                             user_attrs={"seed_kind": "all_converted"})
     return study
 
@@ -250,52 +248,14 @@ def attach(storage: str, study_name: str, *, device: str | None = None, quiet: b
     """A worker for an existing study: its space is read from the study itself."""
     if storage.startswith("sqlite"):
         raise AutobuildError(SQLITE_ONE_WORKER)
+    if device is not None:  # (the space's own device is checked once it is read)
+        check_device(device)
     study = load_study(study_name, open_storage(storage, heartbeat=heartbeat), storage)
     if "space" not in study.user_attrs:
         raise AutobuildError(f"study {study_name!r} was not made by autobuild search")
     space = SearchSpace.model_validate(study.user_attrs["space"])
     return prepare(space, storage=storage, study_name=study_name, join=True, device=device,
                    quiet=quiet, artifacts=artifacts, heartbeat=heartbeat)
-
-
-def _after_trial(search: Search) -> Any:
-    """After the all-converted seed trial trained: RI on its network, recorded on the study,
-    and placements that revert the top-RI sites enqueued."""
-
-    def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        if (trial.user_attrs.get("seed_kind") != "all_converted" or not trial.user_attrs.get(
-                "trained") or "ri" in study.user_attrs or search.objective.last_model is None):
-            return
-        from autobuild.search.importance import importance
-
-        k = search.space.seeding.revert_top_ri
-        table = importance(search.objective.last_model, search.objective.data,
-                           device=str(search.objective.config.device), progress=False)
-        study.set_user_attr("ri", table.to_dict(orient="records"))
-        # Pin every parameter: those the all-converted trial was not asked (sites inside a
-        # conversion) start at keep, so a revert goes back to the baseline there too.
-        base = {name: "keep" for name in _seed_params(search.objective.groups, "baseline")}
-        base.update(trial.params)
-        # Each seed reverts one more *decision*: a site whose decision is shared (a group
-        # that is not per-site) or already at keep adds nothing new, so it is skipped and
-        # the k seeds are k distinct placements.
-        params, enqueued = dict(base), 0
-        for site in table["site"]:
-            if enqueued >= k:
-                break
-            keys = [f"site:{site}" if g.per_site else g.name
-                    for g in search.objective.groups if site in g.sites]
-            changed = [key for key in keys if params.get(key, "keep") != "keep"]
-            if not changed:
-                continue
-            params.update(dict.fromkeys(changed, "keep"))
-            if search.space.seeding.baseline and all(v == "keep" for v in params.values()):
-                break  # every decision reverted: the baseline, already a seed
-            enqueued += 1
-            study.enqueue_trial(dict(params),
-                                user_attrs={"seed_kind": f"revert_top_ri_{enqueued}"})
-
-    return callback
 
 
 def _pareto_line(search: Search) -> Any:
@@ -321,7 +281,7 @@ def work(search: Search, n_trials: int) -> None:
     from autobuild.train import DivergedError
 
     search.objective.n_trials = n_trials
-    callbacks = [_after_trial(search), _pareto_line(search)]
+    callbacks = [_pareto_line(search)]
     failures = 0
     with deliver_outside_storage():
         fail_stale_trials(search.study)  # even when no other worker is left to do it
@@ -372,8 +332,8 @@ def run(space: SearchSpace | str | dict, *, overrides: tuple[str, ...] = (),
     elif overrides:
         space = load_space(space.model_dump(mode="json"), overrides)
     if n_trials is not None:
-        if n_trials < 1:
-            raise AutobuildError(f"--n-trials must be at least 1, got {n_trials}")
+        if not 1 <= n_trials <= 100_000:
+            raise AutobuildError(f"--n-trials must be in 1..100000, got {n_trials}")
         space = space.model_copy(update={"n_trials": n_trials})
     search = prepare(space, storage=storage, study_name=study_name, resume=resume, join=join,
                      device=device, quiet=quiet, artifacts=artifacts, heartbeat=heartbeat)

@@ -16,8 +16,10 @@
     seed: 0
     n_trials: 20
 
-Every key is checked with its type and bounds; an error names the key (``budget.epochs``)
-and what is allowed. ``--set key.sub=value`` overrides any key before validation.
+Every key is checked with its type and bounds, and values are never converted across types
+(``epochs: 1.0``, ``seed: true``, ``keep_weights: 1`` are refused; an int is a valid float);
+an error names the key (``budget.epochs``) and what is allowed. ``--set key.sub=value``
+overrides any key before validation.
 """
 
 from __future__ import annotations
@@ -29,7 +31,16 @@ import re
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    ValidationError,
+    field_validator,
+)
 
 from autobuild.errors import NAME_PATTERN, AutobuildError, schema_error
 
@@ -52,7 +63,7 @@ class Group(_Strict):
 
     sites: list[str] = Field(min_length=1)
     choices: list[str] = Field(min_length=1)
-    per_site: bool = False
+    per_site: StrictBool = False
     name: str | None = None
 
     @field_validator("sites", mode="before")
@@ -103,33 +114,33 @@ class Constraint(_Strict):
 class Seeding(_Strict):
     """The first trials, enqueued before the sampler proposes any."""
 
-    baseline: bool = True
-    all_converted: bool = True
+    baseline: StrictBool = True
+    all_converted: StrictBool = True
     #: Revert the top-k sites by RI (from a short importance run on the all-converted net).
-    revert_top_ri: int = Field(default=3, ge=0, le=64)
+    revert_top_ri: StrictInt = Field(default=3, ge=0, le=64)
     #: Epochs of the all-converted training run that RI is measured on.
-    importance_epochs: int = Field(default=1, ge=1, le=1000)
+    importance_epochs: StrictInt = Field(default=1, ge=1, le=1000)
 
 
 class Pruning(_Strict):
     """Early stopping of weak trials (see :mod:`autobuild.search.pruning`)."""
 
-    enabled: bool = True
-    warmup_epochs: int = Field(default=1, ge=0)
+    enabled: StrictBool = True
+    warmup_epochs: StrictInt = Field(default=1, ge=0)
     #: A trial stops when at least this many finished trials dominate it at the same epoch.
-    min_dominators: int = Field(default=2, ge=1)
+    min_dominators: StrictInt = Field(default=2, ge=1)
     #: Accuracy slack (percentage points) before another trial counts as better.
-    margin: float = Field(default=0.0, ge=0.0, le=100.0)
+    margin: StrictFloat = Field(default=0.0, ge=0.0, le=100.0)
 
 
 class Budget(_Strict):
     """Per-trial training budget: any ``autobuild train`` recipe key, plus the data subset."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
-    epochs: int = Field(default=3, ge=1, le=10_000)
-    batch_size: int = Field(default=128, ge=1, le=65_536)
-    train_subset: int | None = Field(default=None, ge=1)
-    image_size: int | None = Field(default=None, ge=8, le=4096)
+    epochs: StrictInt = Field(default=3, ge=1, le=10_000)
+    batch_size: StrictInt = Field(default=128, ge=1, le=65_536)
+    train_subset: StrictInt | None = Field(default=None, ge=1)
+    image_size: StrictInt | None = Field(default=None, ge=8, le=4096)
 
 
 class SearchSpace(_Strict):
@@ -137,8 +148,8 @@ class SearchSpace(_Strict):
     baseline: str = Field(min_length=1)
     #: The baseline builder's arguments (``autobuild.models.MODEL_ARGS``).
     model_args: dict[str, Any] = Field(default_factory=dict)
-    num_classes: int | None = Field(default=None, ge=1)
-    input_size: tuple[int, int, int] | None = None
+    num_classes: StrictInt | None = Field(default=None, ge=1)
+    input_size: tuple[StrictInt, StrictInt, StrictInt] | None = None
     data: str = Field(min_length=1)
     data_dir: str | None = None
     groups: list[Group] = Field(min_length=1)
@@ -147,11 +158,11 @@ class SearchSpace(_Strict):
     budget: Budget = Budget()
     init: Literal["scratch", "preserve"] = "scratch"
     sampler: str = "default"
-    seed: int = Field(default=0, ge=0)
-    n_trials: int = Field(default=20, ge=1, le=100_000)
+    seed: StrictInt = Field(default=0, ge=0)
+    n_trials: StrictInt = Field(default=20, ge=1, le=100_000)
     seeding: Seeding = Seeding()
     pruning: Pruning = Pruning()
-    keep_weights: bool = False
+    keep_weights: StrictBool = False
     device: str = "auto"
 
     @field_validator("model_args")
@@ -230,6 +241,9 @@ def load_space(path_or_data: str | dict[str, Any], overrides: list[str] | tuple[
     source = "(dict)"
     if isinstance(path_or_data, str):
         source = repr(path_or_data)
+        if os.path.isdir(path_or_data):
+            raise AutobuildError(f"search space {path_or_data!r} is a directory; give a YAML "
+                                 "file (see search_spaces/)")
         if not os.path.isfile(path_or_data):
             raise AutobuildError(f"search space {path_or_data!r} does not exist")
         try:

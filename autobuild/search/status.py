@@ -30,8 +30,8 @@ def study_status(study: optuna.Study) -> dict[str, Any]:
     durations = [(t.datetime_complete - t.datetime_start).total_seconds() for t in trials
                  if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
                  and t.datetime_start and t.datetime_complete]
-    eta = None
-    if target and durations and done < target:
+    eta = None  # (no worker alive: nothing will finish, so no time to show)
+    if target and durations and done < target and live:
         eta = statistics.median(durations) * (target - done) / max(1, len(workers))
     front = 0
     if done:

@@ -17,8 +17,8 @@ import optuna
 
 from autobuild.errors import AutobuildError
 
-__all__ = ["artifact_dir", "default_storage", "finished", "load_study", "mask_url",
-           "open_storage", "sqlite_file"]
+__all__ = ["artifact_dir", "check_url", "default_storage", "finished", "holds_no_study",
+           "load_study", "mask_url", "open_storage", "sqlite_file"]
 
 DONE = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 #: Heartbeats: a running trial whose worker has not written for GRACE_S is failed and
@@ -47,8 +47,8 @@ def default_storage(name: str) -> str:
 def artifact_dir(storage_url: str, study_name: str, given: str | None = None) -> str:
     """The artifact directory: ``given``, else beside a SQLite file, else
     ``studies/<study>-artifacts`` (every worker must reach it: see docs/search.md)."""
-    if given:
-        return os.path.abspath(given)
+    if given:  # (an S3 URL is not a path: abspath would turn it into one)
+        return given if given.startswith("s3://") else os.path.abspath(given)
     if storage_url.startswith("sqlite:///"):
         path = storage_url[len("sqlite:///"):]
         return os.path.splitext(os.path.abspath(path))[0] + "-artifacts"
@@ -95,6 +95,18 @@ def _check_study_file(path: str, create: bool) -> None:
                          "(check --storage / --study)")
 
 
+def check_url(url: str) -> None:
+    """Refuse what is not a database URL, and an in-memory SQLite database (a search would
+    run, then lose every result), before any work."""
+    if not isinstance(url, str) or "://" not in url:
+        raise AutobuildError(f"--storage must be a database URL such as sqlite:///studies/x.db "
+                             f"or postgresql+psycopg://user@host/db, got {url!r}")
+    if url.startswith("sqlite") and not sqlite_file(url):
+        raise AutobuildError(f"--storage {mask_url(url)}: an in-memory SQLite database is lost "
+                             "when the command ends (and other commands cannot read it); name "
+                             "a file, e.g. sqlite:///studies/NAME.db")
+
+
 def open_storage(url: str, *, heartbeat: bool | tuple[int, int] | None = True,
                  create: bool = True) -> optuna.storages.RDBStorage:
     """Optuna's RDB storage on ``url``, with heartbeats (``heartbeat``: True for the default
@@ -105,9 +117,7 @@ def open_storage(url: str, *, heartbeat: bool | tuple[int, int] | None = True,
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
     quiet_optuna()
-    if not isinstance(url, str) or "://" not in url:
-        raise AutobuildError(f"--storage must be a database URL such as sqlite:///studies/x.db "
-                             f"or postgresql+psycopg://user@host/db, got {url!r}")
+    check_url(url)
     path = sqlite_file(url)
     if path and not create and not os.path.isfile(path):
         raise AutobuildError(f"no study database {path!r} (check --storage / --study)")
@@ -155,6 +165,26 @@ def _with_retries(make: Any, attempts: int = 6) -> Any:
                 raise
             time.sleep(0.2 + random.random())
     raise AssertionError("unreachable")
+
+
+def holds_no_study(path: str) -> bool:
+    """Whether the SQLite file ``path`` holds no study (Optuna's tables only, or nothing):
+    a refused command that created it may remove it."""
+    import sqlite3
+    import urllib.parse
+
+    try:
+        uri = f"file:{urllib.parse.quote(os.path.abspath(path))}?mode=ro"
+        with contextlib.closing(sqlite3.connect(uri, uri=True)) as db:
+            tables = {row[0] for row in db.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if not tables:
+                return True
+            if "studies" not in tables:
+                return False  # someone else's database: never ours to remove
+            return db.execute("SELECT COUNT(*) FROM studies").fetchone()[0] == 0
+    except sqlite3.Error:
+        return False
 
 
 def load_study(name: str, storage: optuna.storages.BaseStorage, url: str) -> optuna.Study:

@@ -57,12 +57,13 @@ class Data:
 
 def build_data(spec: str, data_dir: str | None = None, *, download: bool = False,
                image_size: int | None = None, train_subset: int | None = None,
-               val_only: bool = False) -> Data:
+               val_only: bool = False, subset_key: str = "--train-subset") -> Data:
     """Build the datasets a spec names; every bad spec or missing file is an AutobuildError.
 
     ``train_subset`` keeps a fixed random subset of that many training images (quick runs,
     search trials); the val split is always whole, so accuracies stay comparable.
-    ``val_only`` (evaluation) lets an image folder hold ``val/`` alone.
+    ``val_only`` (evaluation) lets an image folder hold ``val/`` alone. ``subset_key``
+    names the setting in errors (a search space's ``budget.train_subset``).
     """
     if not isinstance(spec, str) or not spec:
         raise AutobuildError(f"data must be a spec string ({DATA_SPECS}), got {spec!r}")
@@ -81,7 +82,7 @@ def build_data(spec: str, data_dir: str | None = None, *, download: bool = False
     data.spec, data.data_dir = spec, data_dir
     if train_subset is not None:
         if not 1 <= train_subset <= len(data.train):  # type: ignore[arg-type]
-            raise AutobuildError(f"--train-subset must be in 1..{len(data.train)}, "  # type: ignore[arg-type]
+            raise AutobuildError(f"{subset_key} must be in 1..{len(data.train)}, "  # type: ignore[arg-type]
                                  f"got {train_subset}")
         keep = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(0))
         data.train = Subset(data.train, sorted(keep[:train_subset].tolist()))

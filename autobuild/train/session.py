@@ -42,6 +42,7 @@ from autobuild.train.checkpoint import (
     set_rng_state,
 )
 from autobuild.train.config import TrainConfig, check_resume
+from autobuild.train.devices import resolve_device
 from autobuild.train.distributed import Dist, init_distributed
 from autobuild.train.metrics import write_csv
 from autobuild.train.rundir import resume_history, write_run_record
@@ -61,20 +62,6 @@ class DivergedError(AutobuildError):
     """The loss became NaN or infinite: the run stops, the CLI exits with code 3."""
 
     exit_code = 3
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise AutobuildError(f"--device {name}: no CUDA GPU is visible (use --device cpu)")
-        if name == "cuda":  # one GPU per torchrun process
-            name = f"cuda:{local_rank}"
-    try:
-        return torch.device(name)
-    except RuntimeError as exc:
-        raise AutobuildError(f"bad --device {name!r}: {exc}") from exc
 
 
 class _EpochSampler(Sampler[int]):

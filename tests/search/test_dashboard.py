@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
 
+import optuna
+
+from autobuild.cli import main
 from autobuild.search import load_space, run
 from autobuild.search.dashboard import free_port
 from tests.search.conftest import tiny_space
@@ -55,3 +59,31 @@ def test_dashboard_serves_the_study_and_its_artifacts(in_tmp) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def _refused(capsys, argv: list[str], needle: str) -> None:
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert needle in err and err.count("\n") == 1 and not out, (out, err)
+
+
+def test_a_taken_port_and_a_missing_artifact_directory_are_refused(in_tmp, capsys) -> None:
+    optuna.create_study(study_name="tiny", storage="sqlite:///studies/tiny.db")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        _refused(capsys, ["dashboard", "--study", "tiny", "--port", port],
+                 f"--port {port}: 127.0.0.1:{port} is not free")
+    _refused(capsys, ["dashboard", "--study", "tiny", "--artifacts", "/nonexistent/dir"],
+             "--artifacts '/nonexistent/dir' does not exist")
+    _refused(capsys, ["dashboard", "--study", "tiny", "--artifacts", "studies/tiny.db"],
+             "is not a directory")
+
+
+def test_an_unknown_study_is_refused_listing_those_there(in_tmp, capsys, postgres_url) -> None:
+    optuna.create_study(study_name="tiny", storage=postgres_url)
+    _refused(capsys, ["dashboard", "--storage", postgres_url, "--study", "nope"],
+             "no study named 'nope' in postgresql+psycopg://")
+    assert main(["dashboard", "--storage", postgres_url, "--study", "nope"]) == 2
+    assert "studies there: tiny" in capsys.readouterr().err

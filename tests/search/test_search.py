@@ -343,3 +343,27 @@ def test_a_space_with_model_args_trains_and_exports_them(in_tmp, capsys) -> None
     model = load(str(in_tmp / "best"))
     assert plan_of(model).model_args == {"drop_path_rate": 0.2}
     assert sum(type(m).__name__ == "DropPath" for m in model.modules()) == 4
+
+
+def test_an_interrupted_ri_step_is_measured_again(in_tmp, monkeypatch) -> None:
+    """RI runs inside the all-converted trial: a worker stopped there (here Ctrl-C, for a
+    SIGKILL the heartbeat) leaves the trial to be trained again, RI and seeds included."""
+    from autobuild.search import seeding
+
+    real = seeding.revert_top_ri
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(seeding, "revert_top_ri", interrupted)
+    space = load_space(tiny_space())
+    with pytest.raises(KeyboardInterrupt):
+        run(space, quiet=True)
+    study = optuna.load_study(study_name=space.name, storage=f"sqlite:///studies/{space.name}.db")
+    assert "ri" not in study.user_attrs
+    monkeypatch.setattr(seeding, "revert_top_ri", real)
+    study = run(space, resume=True, quiet=True)
+    assert study.user_attrs["ri"]
+    complete = optuna.trial.TrialState.COMPLETE
+    kinds = [t.user_attrs.get("seed_kind") for t in _trials(study) if t.state == complete]
+    assert kinds.count("all_converted") == 1 and "revert_top_ri_1" in kinds

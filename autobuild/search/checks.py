@@ -1,0 +1,50 @@
+"""Checks a search makes before it touches a study, and the undoing of what a refused
+command created: a database file and an artifact directory that hold nothing."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+from autobuild.search.study import holds_no_study, sqlite_file
+
+__all__ = ["check_budget", "undone_on_refusal"]
+
+
+def check_budget(space: Any, config: Any) -> None:
+    """Regularisers the baseline cannot take (a drop path rate without DARTS cells, a
+    tower weight without a tower), refused before the study is touched. The structure is
+    built on the meta device (nothing is allocated), or for real by a builder that cannot
+    build there (torchvision's RegNets initialise from data)."""
+    if not config.drop_path and config.aux_weight is None:
+        return
+    from autobuild.models import resolve_baseline
+    from autobuild.train.regularize import check_regularizers
+
+    try:
+        baseline = resolve_baseline(space.baseline, device="meta", model_args=space.model_args)
+    except (NotImplementedError, RuntimeError):
+        baseline = resolve_baseline(space.baseline, model_args=space.model_args)
+    check_regularizers(baseline.module, config, key="search space budget.")
+
+
+@contextlib.contextmanager
+def undone_on_refusal(url: str, folder: str) -> Iterator[None]:
+    """On any failure, remove what this command created and holds nothing: the SQLite file
+    (when no study is in it) and the artifact directory (when empty)."""
+    path = sqlite_file(url)
+    new_file = bool(path) and not os.path.exists(path)
+    new_folder = not folder.startswith("s3://") and not os.path.exists(folder)
+    try:
+        yield
+    except BaseException:
+        if new_file and os.path.isfile(path) and holds_no_study(path):
+            for leftover in (path, path + "-journal", path + "-wal", path + "-shm"):
+                with contextlib.suppress(OSError):
+                    os.remove(leftover)
+        if new_folder:
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)  # (only when empty)
+        raise

@@ -1,0 +1,62 @@
+"""The seed trials of a search: the baseline, everything converted, and placements that
+revert the sites with the highest RI of the all-converted network (docs/search.md)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optuna
+import torch
+
+__all__ = ["revert_top_ri", "seed_params"]
+
+
+def seed_params(search_groups: list, how: str) -> dict[str, str]:
+    """The parameters of a seed trial: every decision at keep (``baseline``) or at its
+    first conversion (``all_converted``)."""
+    params = {}
+    for group in search_groups:
+        label = "keep"
+        if how == "all_converted":
+            label = next((lab for lab, c in zip(group.labels, group.choices, strict=True)
+                          if c is not None), "keep")
+        for name in ([f"site:{s}" for s in group.sites] if group.per_site else [group.name]):
+            params[name] = label
+    return params
+
+
+def revert_top_ri(study: optuna.Study, params: dict[str, Any], model: torch.nn.Module,
+                  objective: Any) -> None:
+    """RI of the trained all-converted network (``model``, trained with ``params``),
+    recorded on the study as ``ri``, and placements that revert its top-RI decisions
+    enqueued. Runs inside that trial: a worker that dies here leaves the trial running, so
+    it is re-queued, and whoever trains it again measures the RI."""
+    from autobuild.search.importance import importance
+
+    space = objective.space
+    k = space.seeding.revert_top_ri
+    table = importance(model, objective.data, device=str(objective.config.device),
+                       progress=False)
+    # Pin every parameter: those the all-converted trial was not asked (sites inside a
+    # conversion) start at keep, so a revert goes back to the baseline there too.
+    base = {name: "keep" for name in seed_params(objective.groups, "baseline")}
+    base.update(params)
+    # Each seed reverts one more *decision*: a site whose decision is shared (a group that
+    # is not per-site) or already at keep adds nothing new, so it is skipped and the k
+    # seeds are k distinct placements. The RI is recorded after the seeds are queued: a
+    # study with "ri" has all of them.
+    reverted, enqueued = dict(base), 0
+    for site in table["site"]:
+        if enqueued >= k:
+            break
+        keys = [f"site:{site}" if g.per_site else g.name
+                for g in objective.groups if site in g.sites]
+        changed = [key for key in keys if reverted.get(key, "keep") != "keep"]
+        if not changed:
+            continue
+        reverted.update(dict.fromkeys(changed, "keep"))
+        if space.seeding.baseline and all(v == "keep" for v in reverted.values()):
+            break  # every decision reverted: the baseline, already a seed
+        enqueued += 1
+        study.enqueue_trial(dict(reverted), user_attrs={"seed_kind": f"revert_top_ri_{enqueued}"})
+    study.set_user_attr("ri", table.to_dict(orient="records"))
