@@ -201,7 +201,7 @@ def _grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor, amp: bool, plain:
     loss.backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
-    return float(loss), torch.cat([g.flatten() for g in grads])
+    return float(loss.detach()), torch.cat([g.flatten() for g in grads])
 
 
 @pytest.mark.parametrize("family,options", [("quadratic", {"memory": "save"}),
