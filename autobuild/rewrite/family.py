@@ -7,7 +7,7 @@ engine finds them by name and never imports them.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -222,12 +222,17 @@ class Variant:
             raise InfeasiblePlacement(f"{self.name} does not support init {init!r} (--init "
                                       f"{init}); valid: {', '.join(self.inits)}")
 
-    def refuse_idle(self, options: dict[str, Any], idle: Mapping[str, str]) -> None:
-        """Refuse an option set away from its default where it changes nothing (``idle``:
-        option name -> why): the same network must not get a second placement key (the
-        search would train it twice)."""
+    def idle_options(self, sites: Sequence[Site], options: dict[str, Any]) -> dict[str, str]:
+        """Options that change nothing for ``sites`` with the other ``options`` (name ->
+        why); :meth:`Analysis.select` refuses them when set away from their default."""
+        return {}
+
+    def refuse_idle(self, sites: Sequence[Site], options: dict[str, Any]) -> None:
+        """Refuse an option set away from its default where it changes nothing: a user's
+        conversion names one network under one placement key (the search would train it
+        twice). Only new input is refused; saved plans and search trials keep loading."""
         defaults = {o.name: o.default for o in self.options}
-        for name, why in idle.items():
+        for name, why in self.idle_options(sites, options).items():
             if name in options and options[name] != defaults[name]:
                 raise InfeasiblePlacement(f"option {name}={options[name]} of {self.name} "
                                           f"changes nothing here ({why}); drop it")

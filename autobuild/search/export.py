@@ -80,7 +80,9 @@ def _download_weights(study: optuna.Study, number: int, artifact: str, artifacts
 
     from autobuild.search.study import artifact_dir
 
-    folder = artifact_dir(getattr(study._storage, "url", ""), study.study_name, artifacts)
+    # Without --artifacts: where the study was created with (older studies did not record
+    # it: the default folder). (Optuna wraps the storage: its URL is not at hand here.)
+    folder = artifact_dir("", study.study_name, artifacts or study.user_attrs.get("artifacts"))
     try:
         download_artifact(artifact_store=_reader(folder), file_path=path,
                           artifact_id=artifact)

@@ -46,6 +46,8 @@ def revert_top_ri(study: optuna.Study, params: dict[str, Any], model: torch.nn.M
     # seeds are k distinct placements. The RI is recorded after the seeds are queued: a
     # study with "ri" has all of them.
     reverted, enqueued = dict(base), 0
+    # A worker stopped between two enqueues left some: the trial trained again adds the rest.
+    queued = {t.user_attrs.get("seed_kind") for t in study.get_trials(deepcopy=False)}
     for site in table["site"]:
         if enqueued >= k:
             break
@@ -58,5 +60,7 @@ def revert_top_ri(study: optuna.Study, params: dict[str, Any], model: torch.nn.M
         if space.seeding.baseline and all(v == "keep" for v in reverted.values()):
             break  # every decision reverted: the baseline, already a seed
         enqueued += 1
-        study.enqueue_trial(dict(reverted), user_attrs={"seed_kind": f"revert_top_ri_{enqueued}"})
+        kind = f"revert_top_ri_{enqueued}"
+        if kind not in queued:
+            study.enqueue_trial(dict(reverted), user_attrs={"seed_kind": kind})
     study.set_user_attr("ri", table.to_dict(orient="records"))

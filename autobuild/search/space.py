@@ -132,6 +132,17 @@ class Pruning(_Strict):
     #: Accuracy slack (percentage points) before another trial counts as better.
     margin: StrictFloat = Field(default=0.0, ge=0.0, le=100.0)
 
+    @field_validator("margin", mode="before")
+    @classmethod
+    def _exponent(cls, value: Any) -> Any:
+        """YAML 1.1 reads ``1e-1`` (no dot) as text: take it as the number it spells."""
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                return value
+        return value
+
 
 class Budget(_Strict):
     """Per-trial training budget: any ``autobuild train`` recipe key, plus the data subset."""

@@ -276,16 +276,13 @@ class ParameterFreeVariant(Variant):
             return [s for s in attention if _odd_position(s.target)]
         return [s for s in candidates if not s.extra.get("stem")]
 
-    def check(self, sites: Sequence[Site], options: dict[str, Any], init: str,
-              analysis: Analysis) -> None:
-        super().check(sites, options, init, analysis)
+    def idle_options(self, sites: Sequence[Site], options: dict[str, Any]) -> dict[str, str]:
         kinds = {s.kind for s in sites}
-        self.refuse_idle(options, {
-            **({name: "it shapes attention sites, and none is converted"
-                for name in ("ratio", "kernel", "prefix_tokens")}
-               if "attention" not in kinds else {}),
-            **({"layout": "it shapes conv sites, and none is converted"}
-               if "conv" not in kinds else {})})
+        return {**({name: "it shapes attention sites, and none is converted"
+                    for name in ("ratio", "kernel", "prefix_tokens")}
+                   if "attention" not in kinds else {}),
+                **({"layout": "it shapes conv sites, and none is converted"}
+                   if "conv" not in kinds else {})}
 
     def region(self, site: Site, options: dict[str, Any], analysis: Analysis) -> Region:
         region = analysis.region(site.name)

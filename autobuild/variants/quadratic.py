@@ -141,15 +141,18 @@ class QuadraticVariant(Variant):
               analysis: Analysis) -> None:
         super().check(sites, options, init, analysis)
         qtype = options["type"]
-        self.refuse_idle(options, {
-            **({"volterra_max_params": "it sizes type volterra"} if qtype != "volterra" else {}),
-            **({"memory": "it chooses what type ours keeps for backward"}
-               if qtype != "ours" else {})})
         if init == "preserve" and qtype not in PRESERVING_TYPES:
             raise InfeasiblePlacement(
                 f"quadratic type {qtype} has no first-order term and cannot preserve the "
                 f"baseline (--init preserve); use --init scratch or type "
                 f"{'/'.join(PRESERVING_TYPES)}")
+
+    def idle_options(self, sites: Sequence[Site], options: dict[str, Any]) -> dict[str, str]:
+        qtype = options["type"]
+        return {**({"volterra_max_params": "it sizes type volterra"}
+                   if qtype != "volterra" else {}),
+                **({"memory": "it chooses what type ours keeps for backward"}
+                   if qtype != "ours" else {})}
 
     def build(self, site: Site, module: nn.Module, options: dict[str, Any],
               init: str) -> nn.Module:

@@ -313,3 +313,16 @@ def test_masking_refuses_sites_that_are_not_converted() -> None:
     with pytest.raises(AutobuildError, match="no build record"), \
             masked(torch.nn.Linear(2, 2), ["x"]):
         pass
+
+
+def test_idle_options_are_refused_as_new_input_only(tmp_path) -> None:
+    """convert(to=..., options=...) refuses an option that changes nothing; a placement or a
+    saved plan that holds one (written before the refusal existed) still builds and loads."""
+    with pytest.raises(InfeasiblePlacement, match="option memory=save of quadratic changes "
+                                                  "nothing"):
+        autobuild.convert("cifar_resnet20", to="quadratic", options={"type": "t4",
+                                                                     "memory": "save"})
+    m = autobuild.convert("cifar_resnet20",
+                          placement={"layer1.0.conv1": "quadratic:type=t4,memory=save"})
+    autobuild.save(m, str(tmp_path / "old"))
+    assert autobuild.plan_of(autobuild.load(str(tmp_path / "old"))) == autobuild.plan_of(m)

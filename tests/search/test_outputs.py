@@ -56,13 +56,15 @@ def test_report_and_export_never_replace_the_study_or_its_artifacts(in_tmp, caps
 def test_export_finds_kept_weights_where_artifacts_says(in_tmp, capsys) -> None:
     _search(in_tmp, capsys, "--artifacts", "art")
     export = ["export", "--study", "tiny", "--trial", "0", "--out", "best"]
-    # Not in the default store: one line naming where it looked and the flag to pass.
-    _refused(capsys, export, "studies/tiny-artifacts (the study was created with")
+    # Not where --artifacts says: one line naming where it looked and where the study's are.
+    _refused(capsys, [*export, "--artifacts", "elsewhere"], "(the study was created with")
     assert not os.path.exists(in_tmp / "best")
-    _refused(capsys, [*export, "--artifacts", "elsewhere"], "pass --artifacts DIR")
     assert main([*export, "--artifacts", "art"]) == 0
     assert "plan + trained weights" in capsys.readouterr().out
     assert sorted(os.listdir(in_tmp / "best")) == ["plan.yaml", "weights.safetensors"]
+    # Without --artifacts, the folder the study was created with.
+    assert main(["export", "--study", "tiny", "--trial", "0", "--out", "best2"]) == 0
+    assert "plan + trained weights" in capsys.readouterr().out
 
 
 def _weights(study, trial) -> bytes:

@@ -367,3 +367,23 @@ def test_an_interrupted_ri_step_is_measured_again(in_tmp, monkeypatch) -> None:
     complete = optuna.trial.TrialState.COMPLETE
     kinds = [t.user_attrs.get("seed_kind") for t in _trials(study) if t.state == complete]
     assert kinds.count("all_converted") == 1 and "revert_top_ri_1" in kinds
+
+
+def test_reverts_queued_before_an_interrupt_are_not_queued_twice(in_tmp, monkeypatch) -> None:
+    real = optuna.Study.set_user_attr
+    calls = []
+
+    def stop_at_ri(self, key, value):  # the reverts are queued; the RI is not recorded
+        if key == "ri" and not calls:
+            calls.append(key)
+            raise KeyboardInterrupt
+        return real(self, key, value)
+
+    monkeypatch.setattr(optuna.Study, "set_user_attr", stop_at_ri)
+    space = load_space(tiny_space())
+    with pytest.raises(KeyboardInterrupt):
+        run(space, quiet=True)
+    study = run(space, resume=True, quiet=True)
+    assert study.user_attrs["ri"]
+    kinds = [t.user_attrs.get("seed_kind") for t in _trials(study)]
+    assert kinds.count("revert_top_ri_1") == 1, kinds

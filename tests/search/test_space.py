@@ -62,6 +62,12 @@ def test_bad_spaces_name_the_key(change, needle) -> None:
         load_space(tiny_space(**change))
 
 
+def test_a_float_key_takes_yaml_exponent_text() -> None:
+    assert load_space(tiny_space(), ["pruning.margin=1e-1"]).pruning.margin == 0.1
+    with pytest.raises(AutobuildError, match="pruning.margin: must be a valid number"):
+        load_space(tiny_space(), ["pruning.margin=true"])
+
+
 def test_bad_files_and_overrides(tmp_path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: [unclosed")
