@@ -252,6 +252,12 @@ def _imagefolder(root: str, image_size: int | None, val_only: bool = False) -> D
     except (FileNotFoundError, RuntimeError) as exc:
         raise AutobuildError(f"imagefolder:{root}: {exc}") from exc
     if val_only:
+        train_dir = os.path.join(root, "train")
+        if os.path.isdir(train_dir):  # the classes a model trained on train/ knows
+            names = sorted(e.name for e in os.scandir(train_dir) if e.is_dir())
+            if names != val.classes:
+                raise AutobuildError(f"imagefolder:{root}: train/ and val/ have different "
+                                     f"class folders ({len(names)} vs {len(val.classes)})")
         return Data("imagefolder", Subset(val, []), val, len(val.classes),
                     (channels, size, size), list(val.classes))
     train = ImageFolder(os.path.join(root, "train"), transform=train_t, loader=loader)

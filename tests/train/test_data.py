@@ -81,6 +81,11 @@ def test_evaluation_reads_an_imagefolder_with_val_alone(tmp_path: Path) -> None:
     data = build_data(f"imagefolder:{root}", val_only=True)
     assert len(data.train) == 0 and len(data.val) == 6
     assert data.num_classes == 2 and data.input_size == (3, 12, 12)
+    # Where train/ is there too, its class folders must be val/'s (labels are their order).
+    (root / "train" / "bright").mkdir(parents=True)
+    (root / "train" / "dim").mkdir()
+    with pytest.raises(AutobuildError, match="different class folders"):
+        build_data(f"imagefolder:{root}", val_only=True)
 
 
 def test_synthetic_options_and_subset() -> None:
