@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -131,10 +132,9 @@ _BOUNDS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal",
 def _not_finite(value: Any) -> bool:
     """NaN or an infinity, as a float or as the text of one ('nan', '-inf')."""
     try:
-        number = float(value) if isinstance(value, (str, float)) else 0.0
+        return isinstance(value, (str, float)) and not math.isfinite(float(value))
     except ValueError:
         return False
-    return number != number or number in (float("inf"), float("-inf"))
 
 
 def schema_error(exc: Any, source: str = "",

@@ -24,16 +24,13 @@ def open_study(args: argparse.Namespace) -> Any:
 
 
 def kept_paths(args: argparse.Namespace, study: Any) -> list[str]:
-    """What ``--out DIR --force`` must never replace: the study's database and its artifact
-    store (every trial's plan and kept weights): the one ``--artifacts`` or the default
-    names, and the one the study was created with."""
+    """What ``--out DIR --force`` must never replace (:func:`~autobuild.search.study.
+    study_paths`)."""
     from autobuild.search.dashboard import resolve_storage
-    from autobuild.search.study import artifact_dir, sqlite_file
+    from autobuild.search.study import study_paths
 
-    url = resolve_storage(args.storage, args.study)
-    folders = [artifact_dir(url, args.study, getattr(args, "artifacts", None)),
-               artifact_dir(url, args.study), study.user_attrs.get("artifacts") or ""]
-    return [sqlite_file(url)] + [f for f in folders if f and not f.startswith("s3://")]
+    return study_paths(resolve_storage(args.storage, args.study), study,
+                       getattr(args, "artifacts", None))
 
 
 def add_parser(sub: Any) -> None:

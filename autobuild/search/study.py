@@ -18,7 +18,7 @@ import optuna
 from autobuild.errors import AutobuildError
 
 __all__ = ["artifact_dir", "check_url", "default_storage", "finished", "holds_no_study",
-           "load_study", "mask_url", "open_storage", "sqlite_file"]
+           "load_study", "mask_url", "open_storage", "sqlite_file", "study_paths"]
 
 DONE = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 #: Heartbeats: a running trial whose worker has not written for GRACE_S is failed and
@@ -93,6 +93,16 @@ def _check_study_file(path: str, create: bool) -> None:
         else "an empty file"
     raise AutobuildError(f"{path!r} is not a study database but {what}; it is left as it is "
                          "(check --storage / --study)")
+
+
+def study_paths(url: str, study: optuna.Study, artifacts: str | None = None) -> list[str]:
+    """The study's database file and its local artifact stores (every trial's plan and kept
+    weights): the one ``artifacts`` or the default names, and the one the study was created
+    with. A directory replaced whole must hold none of them."""
+    name = study.study_name
+    folders = [artifact_dir(url, name, artifacts), artifact_dir(url, name),
+               study.user_attrs.get("artifacts") or ""]
+    return [sqlite_file(url)] + [f for f in folders if f and not f.startswith("s3://")]
 
 
 def check_url(url: str) -> None:
