@@ -214,12 +214,17 @@ class Objective:
         trial.set_user_attr("wall_time_s", time.perf_counter() - start)
         if self.space.keep_weights:
             self._upload_weights(trial, model)
-        if trial.user_attrs.get("seed_kind") == "all_converted" and \
-                "ri" not in trial.study.user_attrs:
-            from autobuild.search.seeding import revert_top_ri
-
-            revert_top_ri(trial.study, trial.params, model, self)
+        self._seed_reverts(trial, model)  # (when training ended before importance_epochs)
         return self._values({**costs, "top1": top1})
+
+    def _seed_reverts(self, trial: optuna.Trial, model: torch.nn.Module) -> None:
+        """The RI step of the all-converted seed trial (once per study): see seeding.py."""
+        if trial.user_attrs.get("seed_kind") != "all_converted" or \
+                "ri" in trial.study.user_attrs:
+            return
+        from autobuild.search.seeding import revert_top_ri
+
+        revert_top_ri(trial.study, trial.params, model, self)
 
     def _build(self, placement: Placement) -> torch.nn.Module:
         """The placement's network, from the same initial weights whatever ran before it in
@@ -268,6 +273,10 @@ class Objective:
             else:
                 others = _curves(trial, cost_keys)
                 pruned["stop"] = should_stop(mine, others, metrics.epoch, self.space.pruning)
+            # RI after seeding.importance_epochs (or when pruned before): the reverts are
+            # queued for other workers while this trial trains on.
+            if metrics.epoch >= self.space.seeding.importance_epochs or pruned["stop"]:
+                self._seed_reverts(trial, model)
             return not pruned["stop"]
 
         try:

@@ -35,8 +35,11 @@ def revert_top_ri(study: optuna.Study, params: dict[str, Any], model: torch.nn.M
 
     space = objective.space
     k = space.seeding.revert_top_ri
-    table = importance(model, objective.data, device=str(objective.config.device),
-                       progress=False)
+    # Mid-training: the validation loader draws its seed from the global RNG, and the
+    # trial's later shuffles must not depend on whether this run measured the RI.
+    with torch.random.fork_rng(devices=_cuda_devices(model)):
+        table = importance(model, objective.data, device=str(objective.config.device),
+                           progress=False)
     # Pin every parameter: those the all-converted trial was not asked (sites inside a
     # conversion) start at keep, so a revert goes back to the baseline there too.
     base = {name: "keep" for name in seed_params(objective.groups, "baseline")}
@@ -64,3 +67,8 @@ def revert_top_ri(study: optuna.Study, params: dict[str, Any], model: torch.nn.M
         if kind not in queued:
             study.enqueue_trial(dict(reverted), user_attrs={"seed_kind": kind})
     study.set_user_attr("ri", table.to_dict(orient="records"))
+
+
+def _cuda_devices(model: torch.nn.Module) -> list[int]:
+    """The CUDA devices ``model`` is on (whose RNG ``fork_rng`` must restore)."""
+    return sorted({p.device.index or 0 for p in model.parameters() if p.is_cuda})

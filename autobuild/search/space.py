@@ -118,7 +118,8 @@ class Seeding(_Strict):
     all_converted: StrictBool = True
     #: Revert the top-k sites by RI (from a short importance run on the all-converted net).
     revert_top_ri: StrictInt = Field(default=3, ge=0, le=64)
-    #: Epochs of the all-converted training run that RI is measured on.
+    #: RI is measured on the all-converted network after this many of its epochs (or at
+    #: its end, if it trains fewer), and the reverts are queued then.
     importance_epochs: StrictInt = Field(default=1, ge=1, le=1000)
 
 

@@ -387,3 +387,42 @@ def test_reverts_queued_before_an_interrupt_are_not_queued_twice(in_tmp, monkeyp
     assert study.user_attrs["ri"]
     kinds = [t.user_attrs.get("seed_kind") for t in _trials(study)]
     assert kinds.count("revert_top_ri_1") == 1, kinds
+
+
+def test_ri_is_measured_after_importance_epochs_without_changing_the_trial(
+        in_tmp, monkeypatch) -> None:
+    """``seeding.importance_epochs``: the RI (and the reverts) come after that many epochs of
+    the all-converted trial, which then trains on exactly as if it had not been measured."""
+    import importlib
+
+    import torch
+    from safetensors.torch import load_file
+
+    importance_module = importlib.import_module("autobuild.search.importance")
+    real, epochs_seen = importance_module.importance, []
+
+    def spy(model, data, **kwargs):
+        storage = f"sqlite:///studies/{name}.db"
+        trials = optuna.load_study(study_name=name, storage=storage).get_trials()
+        converted = next(t for t in trials if t.user_attrs.get("seed_kind") == "all_converted")
+        epochs_seen.append(len(converted.user_attrs["top1_per_epoch"]))
+        return real(model, data, **kwargs)
+
+    monkeypatch.setattr(importance_module, "importance", spy)
+    weights = []
+    for name, at in (("early", 1), ("late", 5)):
+        # cutout draws from the global RNG in epoch 2, after the RI of "early" was measured
+        space = load_space(tiny_space(
+            name=name, n_trials=2, keep_weights=True,
+            budget={"epochs": 2, "batch_size": 32, "cutout": 4},
+            seeding={"revert_top_ri": 1, "importance_epochs": at}))
+        study = run(space, quiet=True)
+        assert study.user_attrs["ri"]
+        converted = next(t for t in _trials(study)
+                         if t.user_attrs.get("seed_kind") == "all_converted")
+        artifact = in_tmp / "studies" / f"{name}-artifacts" / converted.user_attrs[
+            "weights_artifact"]
+        weights.append(load_file(str(artifact)))
+    assert epochs_seen == [1, 2]  # after epoch 1; at the end when the trial trains fewer
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
