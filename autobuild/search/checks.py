@@ -33,10 +33,13 @@ def check_budget(space: Any, config: Any) -> None:
 @contextlib.contextmanager
 def undone_on_refusal(url: str, folder: str) -> Iterator[None]:
     """On any failure, remove what this command created and holds nothing: the SQLite file
-    (when no study is in it) and the artifact directory (when empty)."""
+    (when no study is in it) and the directories made for it or for the artifacts (when
+    empty), ``--artifacts a/b/c``'s ``a`` and ``a/b`` included."""
     path = sqlite_file(url)
     new_file = bool(path) and not os.path.exists(path)
-    new_folder = not folder.startswith("s3://") and not os.path.exists(folder)
+    new_dirs = _missing_dirs(os.path.dirname(os.path.abspath(path))) if path else []
+    if not folder.startswith("s3://"):
+        new_dirs += _missing_dirs(os.path.abspath(folder))
     try:
         yield
     except BaseException:
@@ -44,7 +47,16 @@ def undone_on_refusal(url: str, folder: str) -> Iterator[None]:
             for leftover in (path, path + "-journal", path + "-wal", path + "-shm"):
                 with contextlib.suppress(OSError):
                     os.remove(leftover)
-        if new_folder:
+        for directory in new_dirs:  # innermost first; rmdir removes only an empty one
             with contextlib.suppress(OSError):
-                os.rmdir(folder)  # (only when empty)
+                os.rmdir(directory)
         raise
+
+
+def _missing_dirs(path: str) -> list[str]:
+    """``path`` and those of its parents that do not exist yet, innermost first."""
+    missing = []
+    while path and not os.path.exists(path) and path != os.path.dirname(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing

@@ -49,6 +49,13 @@ def test_a_refused_search_leaves_nothing_behind(in_tmp, capsys, flags, needle) -
     assert os.listdir(in_tmp / "studies") == []
 
 
+def test_a_refused_search_removes_the_nested_directories_it_made(in_tmp, capsys) -> None:
+    _refused(capsys, ["search", _space(in_tmp), "--study", "zz", "--resume",
+                      "--storage", "sqlite:///db/a/zz.db", "--artifacts", "art/b/c"],
+             "no study 'zz' to resume")
+    assert sorted(os.listdir(in_tmp)) == ["space.yaml", "studies"]
+
+
 def test_a_database_that_holds_a_study_is_never_removed(in_tmp, capsys) -> None:
     """The clean-up removes only a file this command created and that holds no study."""
     space = _space(in_tmp, n_trials=1, seeding={"baseline": True, "all_converted": False,
