@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 from torch import nn
@@ -22,9 +23,11 @@ def param_groups(model: nn.Module, weight_decay: float, **group_options: Any
                  ) -> list[dict[str, Any]]:
     """Two groups: decayed weights, and the rest (norm parameters, biases, 1-d parameters
     and whatever a module declares in ``no_weight_decay_params``) with weight decay 0."""
-    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or \
+    # numbers.Real takes numpy scalars (a sweep's np.float64) as well as int and float.
+    if isinstance(weight_decay, bool) or not isinstance(weight_decay, numbers.Real) or \
             not 0 <= weight_decay < float("inf"):
         raise InvalidValue(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
+    weight_decay = float(weight_decay)
     decay, no_decay, seen = [], [], set()
     for module in model.modules():
         exempt = set(getattr(module, NO_WEIGHT_DECAY_ATTR, ()))

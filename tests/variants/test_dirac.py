@@ -262,3 +262,14 @@ def test_folding_a_dirac_preset_is_refused_rather_than_saved_unloadable() -> Non
         fold(model)
     converted = autobuild.convert("cifar_resnet20", "dirac")
     assert autobuild.plan_of(fold(converted)) is not None  # a converted network still folds
+
+
+def test_param_groups_take_a_numpy_weight_decay() -> None:
+    import numpy as np
+
+    model = nn.Sequential(DiracConv2d(3, 3, 3), nn.BatchNorm2d(3))
+    for decay in (np.float64(5e-4), np.float32(5e-4), np.int64(0)):
+        groups = autobuild.param_groups(model, decay)
+        assert type(groups[0]["weight_decay"]) is float
+        assert groups[0]["weight_decay"] == float(decay)
+    torch.optim.SGD(autobuild.param_groups(model, np.float32(5e-4)), lr=0.1)
