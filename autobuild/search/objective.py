@@ -218,13 +218,20 @@ class Objective:
         return self._values({**costs, "top1": top1})
 
     def _seed_reverts(self, trial: optuna.Trial, model: torch.nn.Module) -> None:
-        """The RI step of the all-converted seed trial (once per study): see seeding.py."""
+        """The RI step of the all-converted seed trial (once per study): see seeding.py.
+        If measuring RI fails, the search goes on without the reverts and the trial keeps
+        its training: the reason is recorded on the trial (``ri_error``) and said."""
         if trial.user_attrs.get("seed_kind") != "all_converted" or \
-                "ri" in trial.study.user_attrs:
+                "ri_error" in trial.user_attrs or "ri" in trial.study.user_attrs:
             return
         from autobuild.search.seeding import revert_top_ri
 
-        revert_top_ri(trial.study, trial.params, model, self)
+        try:
+            revert_top_ri(trial.study, trial.params, model, self)
+        except Exception as exc:  # (not an interrupt: that re-queues the trial)
+            reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            trial.set_user_attr("ri_error", reason)
+            self._say(f"trial {trial.number}: no RI seeds, measuring RI failed: {reason}")
 
     def _build(self, placement: Placement) -> torch.nn.Module:
         """The placement's network, from the same initial weights whatever ran before it in

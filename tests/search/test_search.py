@@ -426,3 +426,25 @@ def test_ri_is_measured_after_importance_epochs_without_changing_the_trial(
     assert epochs_seen == [1, 2]  # after epoch 1; at the end when the trial trains fewer
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_a_failing_ri_step_keeps_the_trial_and_says_why(in_tmp, monkeypatch) -> None:
+    import importlib
+
+    importance_module = importlib.import_module("autobuild.search.importance")
+
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("masked forward failed\nsecond line")
+
+    monkeypatch.setattr(importance_module, "importance", broken)
+    study = run(load_space(tiny_space(n_trials=3)), quiet=True)
+    assert "ri" not in study.user_attrs
+    trials = _trials(study)
+    converted = next(t for t in trials if t.user_attrs.get("seed_kind") == "all_converted")
+    assert converted.state == optuna.trial.TrialState.COMPLETE
+    assert converted.user_attrs["ri_error"] == "RuntimeError: masked forward failed"
+    assert len(converted.user_attrs["top1_per_epoch"]) == 2 and len(calls) == 1
+    assert not any(str(t.user_attrs.get("seed_kind")).startswith("revert") for t in trials)
