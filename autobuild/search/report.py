@@ -136,7 +136,7 @@ def _plot(study: optuna.Study, frame: Any, path: str) -> None:
     baseline = study.user_attrs.get("baseline") or {}
     cost = _cost_name(study)
     front = {t.number for t in pareto_trials(study)}
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    fig, ax = plt.subplots(figsize=(8.5, 4.5), dpi=120)
     trained = frame[frame["top1"].notna() & frame[cost].notna()]
     groups = {
         "Pareto front": trained[trained["number"].isin(front)],
@@ -166,7 +166,8 @@ def _plot(study: optuna.Study, frame: Any, path: str) -> None:
     ax.set_ylabel("val top-1 (%)")
     ax.set_title(f"{study.study_name}: top-1 vs {cost}")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    # Outside the axes: inside, it hid the infeasible trials (drawn at 0%, high cost).
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     from autobuild.files import atomic_file
 
