@@ -396,6 +396,11 @@ CLI_CASES: list[tuple[str, list[str], list[str]]] = [
     ("train-detection-huge-images", ["train", "ssdlite320_mobilenet_v3_large", "--data",
                                      "synthetic-detection:size=100000", "--out", "{out}"],
      ["size in 16..4096"]),
+    # the device is checked before the run directory is made (an empty one was left)
+    ("train-device-absent-out", ["train", "cifar_resnet20", "--data", SYNTH, "--device",
+                                 "cuda:99", "--out", "{out}"], ["--device cuda:99"]),
+    ("train-device-absent", ["train", "cifar_resnet20", "--to", "dirac", "--data", SYNTH,
+                             "--device", "cuda:99"], ["--device cuda:99"]),
     ("dashboard-port-0", ["dashboard", "--port", "0"], ["--port", "0"]),
     ("dashboard-port-huge", ["dashboard", "--port", "70000"], ["--port", "70000"]),
 ]

@@ -224,6 +224,7 @@ def run(args: argparse.Namespace) -> int:
 # ---- a new run: directory, recipe, data, model -------------------------------------------
 def _new_job(args: argparse.Namespace) -> _Job:
     from autobuild.train import prepare_run_dir
+    from autobuild.train.devices import check_device
     from autobuild.train.regularize import check_regularizers
     from autobuild.train.runs import is_main_process
 
@@ -231,6 +232,7 @@ def _new_job(args: argparse.Namespace) -> _Job:
     name = _model_name(args)
     task = _task(name, args.data) if name else "classification"
     cfg = _recipe(args, name, task)
+    check_device(str(cfg.device))  # before the run directory exists
     data = _new_data(args, name, task)
     model = _build_model(args, cfg)
     detection = task == "detection"
