@@ -75,10 +75,14 @@ class Option:
             low = self.min is not None and (value < self.min or (
                 not self.min_inclusive and value == self.min))
             high = self.max is not None and value > self.max
-            if low or high or (isinstance(value, float) and not math.isfinite(value)):
+            finite = not isinstance(value, float) or math.isfinite(value)
+            if low or high or not finite:
                 also = "".join(f" or {s}" for s in self.specials)
+                bounds = self.bounds()
+                if not finite and bounds != "finite":  # inf > 0, but not a number to use
+                    bounds = f"a finite number {bounds}"
                 raise AutobuildError(f"option {self.name}={value!r} of {family} must be "
-                                     f"{self.bounds()}{also}")
+                                     f"{bounds}{also}")
         return value
 
     def bounds(self) -> str:
@@ -93,7 +97,7 @@ class Option:
         return "finite"
 
     def _convert(self, value: Any, family: str) -> Any:
-        kind = {bool: "true or false", int: "an integer", float: "a number",
+        kind = {bool: "true or false (or yes/no, on/off, 1/0)", int: "an integer", float: "a number",
                 str: "a string"}.get(self.type, f"a {self.type.__name__}")
         shown = value if isinstance(value, str) else repr(value)
         if self.specials:
