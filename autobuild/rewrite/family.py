@@ -97,8 +97,8 @@ class Option:
         return "finite"
 
     def _convert(self, value: Any, family: str) -> Any:
-        kind = {bool: "true or false (or yes/no, on/off, 1/0)", int: "an integer", float: "a number",
-                str: "a string"}.get(self.type, f"a {self.type.__name__}")
+        kind = {bool: "true or false (or yes/no, on/off, 1/0)", int: "an integer",
+                float: "a number", str: "a string"}.get(self.type, f"a {self.type.__name__}")
         shown = value if isinstance(value, str) else repr(value)
         if self.specials:
             kind += " or " + " or ".join(map(str, self.specials))
