@@ -122,6 +122,15 @@ def _parse_expansion(value: Any) -> str | float:
     return k
 
 
+def _too_narrow(basis: int, expansion: Any) -> str:
+    """Why ``expansion`` x ``basis`` is no width (it rounds to 0 channels), or ""."""
+    k = _parse_expansion(expansion)
+    if k == "qlnet" or round(float(k) * basis) >= 1:
+        return ""
+    return (f"expansion={expansion} gives its QL block no channels ({expansion} x its "
+            f"narrowest width {basis} rounds to 0; K > {0.5 / basis:g} gives 1)")
+
+
 class MultiplicativeVariant(Variant):
     name = "multiplicative"
     summary = "QLNet quadratic-linear blocks (product nonlinearity, no ReLU, hardball)"
@@ -181,6 +190,9 @@ class MultiplicativeVariant(Variant):
             if not isinstance(module, ResNet):
                 return (f"layout=qlnet rebuilds a torchvision ResNet (e.g. resnet50), not a "
                         f"{type(module).__name__}; use --option layout=plain")
+            narrow = _too_narrow(min(QLNET_WIDTHS), options["expansion"])
+            if narrow:
+                return narrow
             k = options["dw_kernels"]
             widths = sorted({ql_width(w, _parse_expansion(options["expansion"]))
                              for w in QLNET_WIDTHS})
@@ -194,6 +206,9 @@ class MultiplicativeVariant(Variant):
         if ((h - 1) // stride + 1, (w - 1) // stride + 1) != tuple(site.output_shape[1:]):
             return (f"it maps {site.input_shape} to {site.output_shape}, which a stride-{stride} "
                     "3x3 conv cannot reproduce")
+        narrow = _too_narrow(_block_basis(site, analysis.module(site)), options["expansion"])
+        if narrow:
+            return narrow
         k = options["dw_kernels"]
         if k:
             width = ql_width(_block_basis(site, analysis.module(site)),

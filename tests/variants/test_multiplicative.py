@@ -276,3 +276,20 @@ def test_symmetry_cli_on_a_saved_model(tmp_path, capsys: pytest.CaptureFixture[s
 def test_symmetry_needs_ql_blocks() -> None:
     with pytest.raises(AutobuildError, match="multiplicative"):
         check_symmetry(resolve_baseline("cifar_resnet20").module, input_size=(3, 32, 32))
+
+
+def test_an_expansion_that_rounds_to_no_channels_is_refused_not_clamped() -> None:
+    """Widths used to be clamped to 1 channel: expansion=1e-30 silently built the same
+    network as 0.01 under another placement key."""
+    with pytest.raises(AutobuildError, match=r"expansion=1e-30 gives its QL block no channels"
+                                             r" .*narrowest width 16 rounds to 0"):
+        autobuild.convert("cifar_resnet20", "multiplicative", options={"expansion": 1e-30})
+    with pytest.raises(AutobuildError, match="K > 0.03125 gives 1"):
+        autobuild.convert("cifar_resnet20", "multiplicative", sites="layer1.0",
+                          options={"expansion": 0.03125})  # 0.5 rounds to 0
+    model = autobuild.convert("cifar_resnet20", "multiplicative", sites="layer1.0",
+                              options={"expansion": 0.0313})
+    assert model.layer1[0].width == 1  # (conv1 makes the two factors of the product)
+    with pytest.raises(AutobuildError, match="narrowest width 64"):
+        autobuild.convert("resnet18", "multiplicative",
+                          options={"layout": "qlnet", "expansion": 0.001})
