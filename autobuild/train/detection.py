@@ -339,4 +339,5 @@ def train_detection(model: nn.Module, data: DetectionData | str,
 def data_record(data: DetectionData) -> dict[str, Any]:
     """What a run records about its detection data (``train.yaml``, the checkpoint)."""
     return {"spec": data.spec, "data_dir": data.data_dir, "num_classes": data.num_classes,
-            "train_subset": data.train_subset, "augment": data.augment, "task": "detection"}
+            "classes": list(data.classes), "train_subset": data.train_subset,
+            "augment": data.augment, "task": "detection"}

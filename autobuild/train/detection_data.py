@@ -83,7 +83,7 @@ def build_detection_data(spec: str, data_dir: str | None = None, *, augment: str
         path, opts = _path_and_options(arg, {"train": "train", "val": "val"})
         root = os.path.expanduser(path)
         classes = voc_classes(root, VOC_CLASSES)
-        voc = {s: read_voc(root, opts[s], classes) for s in splits}
+        voc = {s: read_voc(root, opts[s], classes, role=s) for s in splits}
         train, val = voc.get("train", []), voc["val"]
     elif name == "coco" and arg:
         path, opts = _path_and_options(arg, {"train": "train", "val": "val"})
@@ -92,8 +92,11 @@ def build_detection_data(spec: str, data_dir: str | None = None, *, augment: str
         val, classes = coco["val"]
         train, train_classes = coco.get("train", ([], classes))
         if train_classes != classes:
+            diff = next((f"category {k + 1} is {a!r} in train and {b!r} in val" for k, (a, b)
+                         in enumerate(zip(train_classes, classes, strict=False)) if a != b),
+                        f"{len(train_classes)} in train, {len(classes)} in val")
             raise AutobuildError(f"coco:{path}: the train and val annotations list different "
-                                 f"categories ({len(train_classes)} vs {len(classes)})")
+                                 f"categories ({diff})")
     elif name == "synthetic-detection":
         return _synthetic(spec, arg, augment, None if val_only else train_subset)
     else:
@@ -105,6 +108,9 @@ def build_detection_data(spec: str, data_dir: str | None = None, *, augment: str
         raise AutobuildError(f"{spec}: no training image has a (non-difficult) object")
     if not val:
         raise AutobuildError(f"{spec}: the validation split has no image")
+    if not any((~r.crowd).any() for r in val):  # mAP is undefined (it read as -1)
+        raise AutobuildError(f"{spec}: the validation split has no (non-difficult) object "
+                             "to evaluate against")
     train = train if val_only else _subset(train, train_subset)
     return DetectionData(name, DetectionDataset(train, ssd_transform(augment)),
                          DetectionDataset(val, None), classes, spec, data_dir, train_subset,

@@ -59,16 +59,19 @@ def voc_classes(root: str, default: Sequence[str]) -> list[str]:
     return names
 
 
-def read_voc(root: str, split: str, classes: Sequence[str]) -> list[Record]:
-    """The images listed in ``ImageSets/Main/<split>.txt`` with their annotations."""
+def read_voc(root: str, split: str, classes: Sequence[str], role: str | None = None
+             ) -> list[Record]:
+    """The images listed in ``ImageSets/Main/<split>.txt`` with their annotations; ``role``
+    ("train" or "val") is the data option that chose ``split``."""
     root = voc_root(root)
+    role = role or split
     ids_file = os.path.join(root, "ImageSets", "Main", f"{split}.txt")
     try:
         with open(ids_file) as f:
             ids = [line.split()[0] for line in f if line.strip()]
     except OSError as exc:
-        raise AutobuildError(f"voc:{root}: cannot read the {split} split {ids_file!r} "
-                             f"({exc.strerror}); choose it with voc:PATH,{split}=NAME") from exc
+        raise AutobuildError(f"voc:{root}: cannot read the {role} split {ids_file!r} "
+                             f"({exc.strerror}); choose it with voc:PATH,{role}=NAME") from exc
     if not ids:
         raise AutobuildError(f"voc:{root}: the {split} split {ids_file!r} lists no image")
     index = {name: i + 1 for i, name in enumerate(classes)}
@@ -83,6 +86,8 @@ def _voc_record(root: str, image_id: str, index: dict[str, int]) -> Record:
         tree = ET.parse(path).getroot()
     except ET.ParseError as exc:
         raise AutobuildError(f"{path}: bad XML: {exc}") from exc
+    except OSError as exc:  # a directory, no permission
+        raise AutobuildError(f"{path}: cannot read: {exc.strerror or exc}") from exc
     name = (tree.findtext("filename") or f"{image_id}.jpg").strip()
     image = os.path.join(root, "JPEGImages", name)
     if not os.path.exists(image):
@@ -103,13 +108,22 @@ def _voc_record(root: str, image_id: str, index: dict[str, int]) -> Record:
         # VOC counts pixels from 1, inclusive: pixel columns x1..x2 span [x1 - 1, x2].
         box = [x1 - 1, y1 - 1, x2, y2]
         if width and height:
-            box = [min(max(v, 0.0), lim) for v, lim in zip(box, (width, height) * 2,
-                                                            strict=True)]
+            box = _inside(box, width, height, f"{path}: object {k} ({cls})")
         boxes.append(box)
         labels.append(index[cls])
         crowd.append(_number(obj, "difficult", path, k, required=False) == 1)
     return Record(image, np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
                   np.asarray(labels, dtype=np.int64), np.asarray(crowd, dtype=bool))
+
+
+def _inside(box: list[float], width: float, height: float, what: str) -> list[float]:
+    """``box`` clipped to the image (annotation tools put edges a pixel or so outside);
+    a box with nothing inside the image is refused: no prediction could ever match it."""
+    clipped = [min(max(v, 0.0), lim) for v, lim in zip(box, (width, height) * 2, strict=True)]
+    if clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:
+        raise AutobuildError(f"{what} has a box outside its {width:g}x{height:g} image "
+                             f"({', '.join(f'{v:g}' for v in box)} as x1, y1, x2, y2)")
+    return clipped
 
 
 def _number(node: ET.Element, tag: str, path: str, obj: int | None = None, *,
@@ -164,18 +178,27 @@ def read_coco(root: str, split: str) -> tuple[list[Record], list[str]]:
         raise AutobuildError(f"{ann_file}: not a COCO instances file (needs lists 'images', "
                              "'annotations' and 'categories')")
     try:
-        cats = sorted((int(c["id"]), str(c["name"])) for c in data["categories"])
-        images = {int(im["id"]): str(im["file_name"]) for im in data["images"]}
-    except (KeyError, TypeError, ValueError) as exc:
-        raise AutobuildError(f"{ann_file}: malformed category or image entry ({exc!r})") from exc
-    repeated = sorted(cid for cid, n in Counter(cid for cid, _ in cats).items() if n > 1)
-    if repeated:
-        raise AutobuildError(f"{ann_file}: category id {repeated[0]} is listed more than once "
-                             "in 'categories'")
+        cats = sorted((_id(c["id"]), str(c["name"])) for c in data["categories"])
+        entries = [(_id(im["id"]), str(im["file_name"]), im.get("width"), im.get("height"))
+                   for im in data["images"]]
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise AutobuildError(f"{ann_file}: malformed category or image entry "
+                             f"({_reason(exc)})") from exc
+    if not cats:
+        raise AutobuildError(f"{ann_file}: 'categories' is empty: a detector needs its classes")
+    # A repeated image id would move its objects onto another image.
+    for what, key, ids in (("category", "categories", [c for c, _ in cats]),
+                           ("image", "images", [e[0] for e in entries])):
+        repeated = sorted(i for i, n in Counter(ids).items() if n > 1)
+        if repeated:
+            raise AutobuildError(f"{ann_file}: {what} id {repeated[0]} is listed more than "
+                                 f"once in '{key}'")
+    images = {ident: name for ident, name, _, _ in entries}
+    sizes = {ident: (w, h) for ident, _, w, h in entries}
     label = {cid: i + 1 for i, (cid, _) in enumerate(cats)}
     per_image: dict[int, list[tuple[list[float], int, bool]]] = {i: [] for i in images}
     for a in data["annotations"]:
-        image_id, box, cat, crowd = _coco_annotation(a, ann_file, images, label)
+        image_id, box, cat, crowd = _coco_annotation(a, ann_file, sizes, label)
         if box is not None:
             per_image[image_id].append((box, cat, crowd))
     records = []
@@ -190,12 +213,23 @@ def read_coco(root: str, split: str) -> tuple[list[Record], list[str]]:
     return records, [name for _, name in cats]
 
 
-def _coco_annotation(a: Any, path: str, images: dict[int, str], label: dict[int, int]
-                     ) -> tuple[int, list[float] | None, int, bool]:
+def _id(value: Any) -> int:
+    """A COCO id: an integer (100.5 or "100" would be read as another id, or not match)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"an id must be an integer, got {value!r:.40}")
+    return value
+
+
+def _reason(exc: Exception) -> str:
+    return f"no {exc}" if isinstance(exc, KeyError) else str(exc)
+
+
+def _coco_annotation(a: Any, path: str, sizes: dict[int, tuple[Any, Any]],
+                     label: dict[int, int]) -> tuple[int, list[float] | None, int, bool]:
     """(image id, x1y1x2y2 box or None for a zero-size box, label, crowd) of one
     annotation."""
     try:
-        ident, image_id, cat = a.get("id"), int(a["image_id"]), int(a["category_id"])
+        ident, image_id, cat = a.get("id"), _id(a["image_id"]), _id(a["category_id"])
         bbox = a["bbox"]
         if not isinstance(bbox, list) or len(bbox) != 4 or not all(
                 isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
@@ -203,11 +237,13 @@ def _coco_annotation(a: Any, path: str, images: dict[int, str], label: dict[int,
             raise ValueError(f"bbox must be 4 finite numbers [x, y, width, height], got "
                              f"{bbox!r:.60}")
         x, y, w, h = (float(v) for v in bbox)
+        crowd = a.get("iscrowd", 0)
+        if crowd not in (0, 1) or isinstance(crowd, float):  # (True == 1, False == 0)
+            raise ValueError(f"iscrowd must be 0 or 1, got {crowd!r:.40}")
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         what = f"annotation {a.get('id')!r}" if isinstance(a, dict) else f"annotation {a!r:.40}"
-        reason = f"no {exc}" if isinstance(exc, KeyError) else str(exc)
-        raise AutobuildError(f"{path}: malformed {what}: {reason}") from exc
-    if image_id not in images:
+        raise AutobuildError(f"{path}: malformed {what}: {_reason(exc)}") from exc
+    if image_id not in sizes:
         raise AutobuildError(f"{path}: annotation {ident} refers to image {image_id}, which "
                              "is not in 'images'")
     if cat not in label:
@@ -217,5 +253,11 @@ def _coco_annotation(a: Any, path: str, images: dict[int, str], label: dict[int,
         raise AutobuildError(f"{path}: annotation {ident} has a box with negative width or "
                              f"height (bbox {[x, y, w, h]})")
     # Zero-size boxes exist in COCO itself; torchvision's reference drops them, as we do.
-    box = [x, y, x + w, y + h] if w > 0 and h > 0 else None
-    return image_id, box, label[cat], bool(a.get("iscrowd", 0))
+    if not (w > 0 and h > 0):
+        return image_id, None, label[cat], bool(crowd)
+    box = [x, y, x + w, y + h]
+    width, height = sizes[image_id]
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+           for v in (width, height)):
+        box = _inside(box, float(width), float(height), f"{path}: annotation {ident}")
+    return image_id, box, label[cat], bool(crowd)

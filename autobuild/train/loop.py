@@ -253,4 +253,5 @@ def _first_batches(loader: DataLoader, n: int = 1) -> list[Any]:
 
 def _data_record(data: Data) -> dict[str, Any]:
     return {"spec": data.spec, "data_dir": data.data_dir, "input_size": list(data.input_size),
-            "num_classes": data.num_classes, "train_subset": data.train_subset}
+            "num_classes": data.num_classes, "classes": list(data.classes),
+            "train_subset": data.train_subset}

@@ -47,6 +47,9 @@ class DataRecord(BaseModel):
     input_size: Annotated[list[Annotated[int, Field(ge=1)]],
                           Field(min_length=3, max_length=3)] | None = None
     num_classes: Annotated[int, Field(ge=1)] | None = None
+    #: The class names in label order (a detector's without the background), checked
+    #: against the data of an evaluate, resume or analysis (absent in older runs).
+    classes: list[str] | None = None
     train_subset: Annotated[int, Field(ge=1)] | None = None
     augment: str | None = None
     task: Literal["classification", "detection"] | None = None

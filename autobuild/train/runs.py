@@ -9,7 +9,7 @@ from typing import Any
 from autobuild.errors import AutobuildError
 from autobuild.train.data import DATA_SPECS, build_data
 
-__all__ = ["absolute_data", "data_for_run", "is_main_process", "task_for"]
+__all__ = ["absolute_data", "check_classes", "data_for_run", "is_main_process", "task_for"]
 
 
 def task_for(model: str, spec: str | None) -> str:
@@ -71,8 +71,10 @@ def data_for_run(spec: str | None, record: dict[str, Any] | None, *,
         if train_subset is None and same and not val_only:
             train_subset = record.get("train_subset")
         augment = augment or (record or {}).get("augment") or "ssd"
-        return build_detection_data(spec, data_dir, augment=augment, train_subset=train_subset,
-                                    val_only=val_only)
+        data = build_detection_data(spec, data_dir, augment=augment,
+                                    train_subset=train_subset, val_only=val_only)
+        check_classes(data, record)
+        return data
     if augment is not None:
         raise AutobuildError("--augment chooses a detection augmentation; "
                              f"{spec!r} is classification data")
@@ -80,9 +82,34 @@ def data_for_run(spec: str | None, record: dict[str, Any] | None, *,
         image_size = record["input_size"][1]
     if train_subset is None and same and not val_only:
         train_subset = record.get("train_subset")  # a resumed run trains on the same images
-    return build_data(spec, data_dir, download=download,
+    data = build_data(spec, data_dir, download=download,
                       image_size=image_size if spec.startswith("imagefolder:") else None,
                       train_subset=train_subset, val_only=val_only)
+    check_classes(data, record)
+    return data
+
+
+def check_classes(data: Any, record: dict[str, Any] | None) -> None:
+    """Refuse data whose classes are not those the run trained on, by count or by name in
+    order: scored against reordered or renamed labels, its accuracy or mAP would be
+    wrong without any error. (Runs recorded before the names were kept: the count alone.)"""
+    if not record:
+        return
+    where = f"the run trained on {record.get('spec')}"
+    names = record.get("classes")
+    background = data.num_classes - len(data.classes)  # 1 for a detector, else 0
+    trained = len(names) if names is not None else (
+        record["num_classes"] - background if record.get("num_classes") else None)
+    if trained is not None and trained != len(data.classes):
+        n = len(data.classes)
+        raise AutobuildError(f"{data.spec} has {n} class{'es' if n != 1 else ''} and {where}, "
+                             f"which has {trained}: the model's outputs would not be its "
+                             "classes")
+    if names is not None and list(data.classes) != list(names):
+        k = next(i for i, (a, b) in enumerate(zip(data.classes, names, strict=True)) if a != b)
+        raise AutobuildError(f"{data.spec} names its classes differently from {where}: class "
+                             f"{k + 1} is {data.classes[k]!r} here and {names[k]!r} there "
+                             f"(the labels would be scored against the wrong classes)")
 
 
 def is_main_process() -> bool:

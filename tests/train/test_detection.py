@@ -82,8 +82,9 @@ def test_a_detector_is_not_evaluated_on_data_of_other_classes(
     base, _, _ = runs
     assert main(["evaluate", str(base), "--data", "synthetic-detection:classes=1,size=48",
                  "--device", "cpu"]) == 2
-    assert "predicts 3 classes (+ background) but synthetic-detection:classes=1,size=48 has 1" \
-        in capsys.readouterr().err
+    # (it said "rebuild it with --num-classes", which evaluate cannot do)
+    assert "synthetic-detection:classes=1,size=48 has 1 class and the run trained on " \
+           "synthetic-detection:size=48,train=4,val=2, which has 3" in capsys.readouterr().err
 
 
 def test_resume_matches_an_uninterrupted_run(runs: tuple[Path, Path, Path],

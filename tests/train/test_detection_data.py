@@ -102,6 +102,18 @@ def _remove_voc_image(root: Path) -> str:
     return str(root / "Annotations" / "000001.xml")
 
 
+def _voc_box_outside(root: Path) -> str:
+    _edit_voc_xml(root, "<xmin>3</xmin>", "<xmin>40</xmin>")  # (1-based: x1 = 39)
+    return _edit_voc_xml(root, "<xmax>20</xmax>", "<xmax>50</xmax>")
+
+
+def _voc_xml_directory(root: Path) -> str:
+    path = root / "Annotations" / "000001.xml"
+    path.unlink()
+    path.mkdir()
+    return str(path)
+
+
 def _edit_coco(root: Path, edit: Callable[[dict], None]) -> str:
     path = root / "annotations" / "instances_train.json"
     data = json.loads(path.read_text())
@@ -127,6 +139,9 @@ _VOC_CASES: dict[str, tuple[Callable[[Path], str], str]] = {
                      "is not a number"),
     "nan": (lambda r: _edit_voc_xml(r, "<ymin>5</ymin>", "<ymin>nan</ymin>"),
             "<bndbox/ymin> is not a finite number: 'nan'"),
+    "a directory": (_voc_xml_directory, "cannot read"),
+    "box outside": (_voc_box_outside,
+                    "object 1 (dog) has a box outside its 32x32 image (39, 4, 50, 22 as"),
 }
 _COCO_CASES: dict[str, tuple[Callable[[Path], str], str]] = {
     "bad JSON": (_bad_json, "bad JSON"),
@@ -143,7 +158,21 @@ _COCO_CASES: dict[str, tuple[Callable[[Path], str], str]] = {
     "missing image": (lambda r: _edit_coco(r, lambda d: d["images"][0].update(
         file_name="gone.png")), "does not exist"),
     "repeated category": (lambda r: _edit_coco(r, lambda d: d["categories"].append(
-        {"id": 3, "name": "c"})), "category id 3 is listed more than once"),
+        {"id": 3, "name": "c"})), "category id 3 is listed more than once in 'categories'"),
+    # it moved image 100's objects onto 0001.png, and dropped 0000.png
+    "repeated image": (lambda r: _edit_coco(r, lambda d: d["images"].append(
+        {"id": 100, "file_name": "0001.png"})), "image id 100 is listed more than once in "
+                                                "'images'"),
+    "float image id": (lambda r: _edit_coco(r, lambda d: d["annotations"][0].update(
+        image_id=100.5)), "an id must be an integer, got 100.5"),
+    "text category id": (lambda r: _edit_coco(r, lambda d: d["annotations"][0].update(
+        category_id="3")), "an id must be an integer, got '3'"),
+    "iscrowd text": (lambda r: _edit_coco(r, lambda d: d["annotations"][0].update(
+        iscrowd="0")), "iscrowd must be 0 or 1, got '0'"),
+    "box outside": (lambda r: _edit_coco(r, lambda d: d["annotations"][0].update(
+        bbox=[300, 300, 20, 20])), "annotation 1 has a box outside its 32x32 image"),
+    "no categories": (lambda r: _edit_coco(r, lambda d: d.update(categories=[])),
+                      "'categories' is empty"),
 }
 
 
@@ -195,3 +224,41 @@ def test_voc_shapes_script_round_trips(tmp_path: Path) -> None:
     for a, b in zip(voc.val.records, synthetic.val.records, strict=True):
         np.testing.assert_array_equal(a.boxes, b.boxes)
         np.testing.assert_array_equal(a.labels, b.labels)
+
+
+def test_data_whose_classes_differ_from_the_runs_is_refused(tmp_path: Path) -> None:
+    """Reordered or renamed classes would be scored against the wrong labels, silently."""
+    from autobuild.train.runs import check_classes, data_for_run
+
+    root = write_voc(tmp_path / "voc", {"train": 2, "val": 2})
+    (root / "classes.txt").write_text("dog\ncat\n")
+    record = {"spec": f"voc:{root}", "num_classes": 3, "classes": ["dog", "cat"]}
+    assert data_for_run(None, record, val_only=True).classes == ["dog", "cat"]
+    (root / "classes.txt").write_text("cat\ndog\n")
+    with pytest.raises(AutobuildError, match="class 1 is 'cat' here and 'dog' there"):
+        data_for_run(None, record, val_only=True)
+    (root / "classes.txt").write_text("cat\ndog\nbird\n")
+    with pytest.raises(AutobuildError, match="has 3 classes and the run trained on .*which "
+                                             "has 2"):
+        data_for_run(None, record, val_only=True)
+    # A run recorded before the names were kept: its class count (background included)
+    data = build_detection_data(f"voc:{root}", augment="none")
+    check_classes(data, {"spec": "old", "num_classes": 4})
+    with pytest.raises(AutobuildError, match="which has 20"):
+        check_classes(data, {"spec": "old", "num_classes": 21})
+
+
+def test_reader_messages_name_what_differs(tmp_path: Path) -> None:
+    root = write_coco(tmp_path / "coco", {"train": 2, "val": 1})
+    _edit_coco(root, lambda d: d["categories"][0].update(name="box"))  # id 7: 'b' in val
+    with pytest.raises(AutobuildError, match="category 2 is 'box' in train and 'b' in val"):
+        build_detection_data(f"coco:{root}")
+    voc = write_voc(tmp_path / "voc", {"train": 2, "val": 1})
+    with pytest.raises(AutobuildError, match=r"choose it with voc:PATH,val=NAME"):
+        build_detection_data(f"voc:{voc},val=nope")
+    for name in ("000002.xml",):  # the val image: its dog made difficult too
+        path = voc / "Annotations" / name
+        path.write_text(path.read_text().replace("<difficult>0</difficult>",
+                                                 "<difficult>1</difficult>"))
+    with pytest.raises(AutobuildError, match="the validation split has no .*object"):
+        build_detection_data(f"voc:{voc}")

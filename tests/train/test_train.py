@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,18 @@ def test_learns_an_easy_task_and_evaluate_reproduces_it(easy_folder: str, tmp_pa
     result = json.loads(capsys.readouterr().out)
     assert result["images"] == 64
     assert result["val_top1"] == pytest.approx(best, abs=1e-3)
+    # The class names are recorded: data naming its classes otherwise is refused (the
+    # labels would be scored against the wrong classes, without any error).
+    assert yaml.safe_load(Path(run, "train.yaml").read_text())["data"]["classes"] == [
+        "bright", "dark"]
+    renamed = tmp_path / "renamed"
+    shutil.copytree(easy_folder, renamed)
+    for split in ("train", "val"):
+        os.rename(renamed / split / "dark", renamed / split / "a-dark")  # now class 1
+    assert main(["evaluate", run, "--data", f"imagefolder:{renamed}", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "names its classes differently from the run trained on" in err
+    assert "class 1 is 'a-dark' here and 'bright' there" in err and err.count("\n") == 1
 
 
 def test_resume_matches_an_uninterrupted_run(easy_folder: str, tmp_path: Path) -> None:
