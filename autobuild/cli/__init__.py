@@ -13,9 +13,11 @@ import argparse
 import contextlib
 import importlib
 import os
+import signal
 import sys
+import threading
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from autobuild.cli._common import Parser
 from autobuild.errors import AutobuildError, Terminated
@@ -85,7 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         with contextlib.redirect_stdout(sys.stderr):
             for spec in args.imports:
                 import_user_module(spec)
-        return int(args.run(args) or 0)
+        with sigterm_raises():
+            return int(args.run(args) or 0)
     except AutobuildError as exc:
         if debug:
             traceback.print_exc()
@@ -106,6 +109,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("autobuild: internal error (a bug): please report it with the traceback above",
               file=sys.stderr)
         return 1
+
+
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """SIGTERM (a scheduler, ``kill``) raises :class:`Terminated`, as Ctrl-C raises
+    KeyboardInterrupt: a training run then records how it stopped (``train.yaml``) and the
+    command exits 143, instead of dying with ``status: running`` on disk. Only where the
+    handler is still the default, and only in the main thread (the one that can set it)."""
+    pid = os.getpid()
+
+    def terminated(signum: int, frame: object) -> None:
+        if os.getpid() != pid:  # a forked data-loader worker: end as SIGTERM always did
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        raise Terminated()
+
+    previous = None
+    if threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def one_line(exc: BaseException) -> str:

@@ -183,3 +183,31 @@ def test_user_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture)
         assert message in err and err.count("\n") == 1, err
     with pytest.raises(AutobuildError, match=r"optimizer \(--optimizer\): must be 'sgd' or"):
         TrainConfig(optimizer="lamb")
+
+
+def test_sigterm_records_the_run_as_interrupted_and_exits_143(tmp_path: Path) -> None:
+    """A scheduler's SIGTERM used to kill the process with ``status: running`` on disk."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "run"
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "autobuild", "train", "cifar_resnet20", "--data",
+         "synthetic:size=3x16x16,classes=4,train=256,val=32", "--epochs", "40", "--out",
+         str(run), "--batch-size", "16", "--device", "cpu", "--no-progress", "--workers", "1"],
+        cwd=tmp_path, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(root)})
+    deadline = time.monotonic() + 120
+    while not (run / "checkpoint.pt").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)  # (with a data-loader worker running)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert err.rstrip().endswith("autobuild: terminated")
+    assert yaml.safe_load((run / "train.yaml").read_text())["status"] == "interrupted"
+    done = len(_rows(str(run)))
+    assert main(["train", "--resume", str(run), "--epochs", str(done + 1), *FAST]) == 0
+    assert len(_rows(str(run))) == done + 1
