@@ -124,6 +124,10 @@ def build_model(name: str, *, num_classes: int | None = None, weights: str | Non
     weights name such as ``IMAGENET1K_V1``)."""
     entry = get_model_entry(name)
     kw = dict(kwargs)
+    if num_classes is None and entry.source == "user":
+        # register_model's contract: builder(num_classes=...), the registered count by
+        # default (a builder without its own default failed here)
+        num_classes = entry.num_classes
     if num_classes is not None:
         kw["num_classes"] = num_classes
     model = entry.builder(**kw)

@@ -165,3 +165,20 @@ def test_transformers_have_linear_sites_only() -> None:
         autobuild.convert("swin_t", "quadratic")
     m = autobuild.convert("swin_t", "quadratic", sites=["features.1.0.mlp.0"])
     assert type(m.features[1][0].mlp[0]).__name__ == "QuadraticLinear"
+
+
+def test_a_registered_builder_gets_the_registered_class_count() -> None:
+    """``builder(num_classes=...)``, as register_model says: a builder without a default
+    of its own (the README's example) used to fail with a TypeError."""
+    import torchvision
+
+    from autobuild.models.registry import _REGISTRY
+
+    autobuild.register_model("readme-net", lambda num_classes: torchvision.models.resnet18(
+        num_classes=num_classes), input_size=(3, 64, 64), num_classes=10)
+    try:
+        a = autobuild.analyze("readme-net")
+        assert a.baseline.module.fc.out_features == 10
+        assert autobuild.analyze("readme-net", num_classes=3).baseline.module.fc.out_features == 3
+    finally:
+        del _REGISTRY["readme-net"]
