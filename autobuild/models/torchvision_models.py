@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 from torch import nn
@@ -44,6 +45,28 @@ def _detector(name: str):
     return build
 
 
+_CLASS_HEAD = "head.classification_head."
+
+
+def _load_detector(model: nn.Module, state: dict[str, Any], source: str) -> None:
+    """A whole detector's state dict. Weights for another number of classes (COCO's 91 on
+    a VOC-format set of 3) load all but the class-head tensors sized by the class count,
+    which keep their initialisation (fine-tuning). Any other mismatch is an error."""
+    own = model.state_dict()
+    other = {k for k, v in state.items() if k.startswith(_CLASS_HEAD) and k in own
+             and tuple(v.shape) != tuple(own[k].shape)}
+    if not other:
+        model.load_state_dict(state)
+        return
+    missing, unexpected = model.load_state_dict(
+        {k: v for k, v in state.items() if k not in other}, strict=False)
+    if set(missing) != other or unexpected:
+        model.load_state_dict(state)  # raises, naming the first mismatch
+    print(f"autobuild: note: {source} is for another number of classes: the {len(other)} "
+          "class-head tensors sized by it keep their initialisation, everything else is "
+          "loaded (fine-tuning)", file=sys.stderr)
+
+
 def _detector_weights(name: str):
     """``--weights`` of a detector: a file holding the whole detector's state dict or just
     its backbone's, torchvision weights of the detector (e.g. COCO_V1, 91 classes), or
@@ -57,7 +80,7 @@ def _detector_weights(name: str):
             try:
                 state = read_state_dict(weights)
                 if any(k.startswith("backbone.") for k in state):
-                    model.load_state_dict(state)
+                    _load_detector(model, state, weights)
                 else:  # a backbone's own state dict
                     model.backbone.load_state_dict(state)
             except Exception as exc:  # corrupt file or another architecture
@@ -66,8 +89,16 @@ def _detector_weights(name: str):
                                      f"{brief(exc)}") from exc
             return
         own = torchvision.models.get_model_weights(name)
-        if (weights in own.__members__ or weights == "DEFAULT" or os.sep in weights
-                or weights.endswith((".pth", ".pt", ".safetensors"))):
+        if weights in own.__members__ or weights == "DEFAULT":
+            w = own[weights] if weights != "DEFAULT" else own.DEFAULT
+            try:
+                state = w.get_state_dict(progress=False)
+            except Exception as exc:
+                raise AutobuildError(f"cannot fetch {w} (no network?): put the file in the "
+                                     "torch hub cache or pass a local weights file") from exc
+            _load_detector(model, state, f"{name} {weights}")
+            return
+        if os.sep in weights or weights.endswith((".pth", ".pt", ".safetensors")):
             load_weights(model, weights, name)
             return
         if name != "ssd300_vgg16":

@@ -163,7 +163,8 @@ def test_model_and_data_must_match(tmp_path: Path, capsys: pytest.CaptureFixture
     assert not (tmp_path / "x").exists()
 
 
-def test_backbone_weights_file_and_init_preserve(tmp_path: Path) -> None:
+def test_backbone_weights_file_and_init_preserve(tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture) -> None:
     torch.manual_seed(1)
     source = build_model(MODEL, num_classes=4).eval()
     backbone_file = tmp_path / "backbone.pth"
@@ -179,8 +180,24 @@ def test_backbone_weights_file_and_init_preserve(tmp_path: Path) -> None:
     torch.save(source.state_dict(), detector_file)
     whole = build_model(MODEL, num_classes=4, weights=str(detector_file))
     torch.testing.assert_close(whole.head.state_dict(), source.head.state_dict())
+    # Another number of classes: all but the class head (fine-tuning, e.g. COCO's 91)
+    torch.manual_seed(2)
+    other = build_model(MODEL, num_classes=5, weights=str(detector_file))
+    assert "is for another number of classes" in capsys.readouterr().err
+    torch.testing.assert_close(other.backbone.state_dict(), source.backbone.state_dict())
+    torch.testing.assert_close(other.head.regression_head.state_dict(),
+                               source.head.regression_head.state_dict())
+    torch.manual_seed(2)
+    fresh = build_model(MODEL, num_classes=5).head.classification_head.state_dict()
+    trained = source.head.classification_head.state_dict()
+    sized = [k for k, v in fresh.items() if v.shape != trained[k].shape]
+    assert len(sized) == 12  # each of the 6 feature maps' last conv: weight and bias
+    for k, v in other.head.classification_head.state_dict().items():
+        torch.testing.assert_close(v, fresh[k] if k in sized else trained[k])
+    mangled = {k: v for k, v in source.state_dict().items() if "regression_head" not in k}
+    torch.save(mangled, detector_file)  # a mismatch outside the class head is still an error
     with pytest.raises(AutobuildError, match="cannot load weights .* into ssdlite320"):
-        build_model(MODEL, num_classes=5, weights=str(detector_file))  # another head
+        build_model(MODEL, num_classes=5, weights=str(detector_file))
     with pytest.raises(AutobuildError, match="reduced tail"):
         build_model(MODEL, num_classes=4, weights="IMAGENET1K_V1")
 
