@@ -286,6 +286,10 @@ CLI_CASES: list[tuple[str, list[str], list[str]]] = [
     ("train-truncated-image", ["train", "cifar_resnet20", "--data",
                                "imagefolder:{truncated}", "--epochs", "1", "--out", "{out}",
                                *FAST], ["000.png"]),
+    # in a data-loader worker, the error arrives as the worker's traceback
+    ("train-truncated-image-worker", ["train", "cifar_resnet20", "--data",
+                                      "imagefolder:{truncated}", "--epochs", "1", "--out",
+                                      "{out}", *FAST, "--workers", "1"], ["000.png"]),
     ("train-unreadable-image", ["train", "cifar_resnet20", "--data", "imagefolder:{broken}",
                                 "--out", "{out}", *FAST], ["000.png", "cannot read"]),
     ("train-num-classes-mismatch", ["train", "cifar_resnet20", "--data", SYNTH,
@@ -421,6 +425,7 @@ def test_cli_refuses_cleanly(argv: list[str], words: list[str], world: dict[str,
         # records the failure, everything else is untouched.
         record = yaml.safe_load((tmp_path / "out" / "train.yaml").read_text())
         assert record["status"] == "failed" and "000.png" in record["reason"]
+        assert record["reason"].startswith("AutobuildError: cannot"), record["reason"]
         shutil.rmtree(tmp_path / "out")
     assert code == 2
     err = capsys.readouterr().err

@@ -361,8 +361,13 @@ class Session:
             elif isinstance(exc, KeyboardInterrupt):
                 self.record("interrupted", type(exc).__name__)
             else:
-                first = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
-                self.record("failed", f"{type(exc).__name__}: {first}"[:500])
+                last = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
+                # A data-loader worker's error arrives as its traceback, whose last line
+                # names the type again ("autobuild.errors.AutobuildError: cannot decode").
+                head, sep, rest = last.partition(": ")
+                if sep and head.rsplit(".", 1)[-1].endswith("Error"):
+                    last = rest
+                self.record("failed", f"{type(exc).__name__}: {last}"[:500])
         finally:
             self.close()
 
