@@ -35,6 +35,11 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # one line, exit 2, like every other bad input
+        head, sep, tail = message.partition(": ")
+        if sep and tail == "expected one argument" and head.startswith("argument --"):
+            # argparse takes "--input-size -3,32,32"'s value for a flag
+            flag = head[len("argument "):].split("/")[0]
+            message += f" (a value starting with '-' is written {flag}=VALUE)"
         raise AutobuildError(f"{message} (see `{self.prog} --help`)")
 
 
