@@ -2,8 +2,9 @@
 
     .venv/bin/python scripts/make_voc_shapes.py data/voc-shapes --train 400 --val 100 --size 128
 
-Each image holds 1-3 filled shapes in random colours (rectangle, ellipse, triangle; the
-class is the shape, not the colour) drawn by ``autobuild.train.synthetic_detection_sample``
+Each image holds 1-3 filled shapes in random colours (rectangle, ellipse, triangle, and
+cross with ``--classes 4``; the class is the shape, not the colour) drawn by
+``autobuild.train.synthetic_detection_sample``
 (the generator behind ``--data synthetic-detection``), saved as JPEG with a VOC XML
 annotation (1-based inclusive pixel boxes), ``ImageSets/Main/{train,val}.txt`` and a
 ``classes.txt`` naming the shapes. ``autobuild train ... --data voc:DIR`` reads it like
