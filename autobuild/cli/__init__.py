@@ -87,8 +87,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         with contextlib.redirect_stdout(sys.stderr):
             for spec in args.imports:
                 import_user_module(spec)
-        with sigterm_raises():
-            return int(args.run(args) or 0)
+        with sigterm_raises() as received:
+            code = int(args.run(args) or 0)
+        if received:  # a command that caught it and returned (the dashboard's server does)
+            raise Terminated()
+        return code
     except AutobuildError as exc:
         if debug:
             traceback.print_exc()
@@ -112,29 +115,38 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 @contextlib.contextmanager
-def sigterm_raises() -> Iterator[None]:
+def sigterm_raises() -> Iterator[list[int]]:
     """SIGTERM (a scheduler, ``kill``) raises :class:`Terminated`, as Ctrl-C raises
     KeyboardInterrupt: a training run then records how it stopped (``train.yaml``) and the
     command exits 143, instead of dying with ``status: running`` on disk. Only where the
-    handler is still the default, and only in the main thread (the one that can set it)."""
+    handler is still the default, and only in the main thread (the one that can set it).
+    Yields the signals received: a command that caught it and returned exits 143 too."""
     pid = os.getpid()
 
     def terminated(signum: int, frame: object) -> None:
-        if os.getpid() != pid:  # a forked data-loader worker: end as SIGTERM always did
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGTERM)
-            return
+        if os.getpid() != pid:  # a forked child that kept the handler: end as on Ctrl-C
+            raise KeyboardInterrupt
+        received.append(signum)
+        # A scheduler signals the whole process group: the data-loader workers die of it
+        # too, and torch's SIGCHLD handler would then raise "worker killed by signal" in
+        # the middle of the unwinding (the run record half written, exit 1). Python runs
+        # pending handlers in signal order, so SIGTERM's (15) comes before SIGCHLD's (17).
+        # It stays off: workers go on dying while the process ends (a caller of main()
+        # that goes on still detects failed workers, by polling).
+        if hasattr(signal, "SIGCHLD"):
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         raise Terminated()
 
-    previous = None
+    previous, received = None, []  # type: ignore[var-annotated]
     if threading.current_thread() is threading.main_thread() and \
             signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         previous = signal.signal(signal.SIGTERM, terminated)
     try:
-        yield
+        yield received
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
 
 
 def one_line(exc: BaseException) -> str:

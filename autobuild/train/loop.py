@@ -125,9 +125,12 @@ def check_fits(model: nn.Module, data: Data) -> None:
     """Fail in one line, before any training, when the model does not match the data."""
     was = model.training
     model.eval()
+    # On the model's own device: a search checks the network it is training on the GPU.
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
     try:
         with torch.no_grad():
-            out = model(torch.zeros(2, *data.input_size))
+            out = model(torch.zeros(2, *data.input_size, device=device))
     except RuntimeError as exc:
         raise AutobuildError(f"the model does not accept {data.name} images "
                              f"{'x'.join(map(str, data.input_size))}: "

@@ -197,13 +197,16 @@ def test_sigterm_records_the_run_as_interrupted_and_exits_143(tmp_path: Path) ->
     proc = subprocess.Popen(
         [sys.executable, "-m", "autobuild", "train", "cifar_resnet20", "--data",
          "synthetic:size=3x16x16,classes=4,train=256,val=32", "--epochs", "40", "--out",
-         str(run), "--batch-size", "16", "--device", "cpu", "--no-progress", "--workers", "1"],
-        cwd=tmp_path, stderr=subprocess.PIPE, text=True,
+         str(run), "--batch-size", "16", "--device", "cpu", "--no-progress", "--workers", "2"],
+        cwd=tmp_path, stderr=subprocess.PIPE, text=True, start_new_session=True,
         env={**os.environ, "PYTHONPATH": str(root)})
     deadline = time.monotonic() + 120
     while not (run / "checkpoint.pt").exists() and time.monotonic() < deadline:
         time.sleep(0.1)
-    proc.send_signal(signal.SIGTERM)  # (with a data-loader worker running)
+    time.sleep(0.3)  # (into the next epoch: its data-loader workers are running)
+    # As a scheduler does: to the whole process group, the data-loader workers included
+    # (a worker killed by it made the main process fail with "worker killed", exit 1).
+    os.killpg(proc.pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-2000:]
     assert err.rstrip().endswith("autobuild: terminated")
