@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import pickle
 from collections.abc import Callable
@@ -124,9 +125,10 @@ def build_model(name: str, *, num_classes: int | None = None, weights: str | Non
     weights name such as ``IMAGENET1K_V1``)."""
     entry = get_model_entry(name)
     kw = dict(kwargs)
-    if num_classes is None and entry.source == "user":
-        # register_model's contract: builder(num_classes=...), the registered count by
-        # default (a builder without its own default failed here)
+    if num_classes is None and entry.source == "user" and _requires_num_classes(entry.builder):
+        # register_model's contract is builder(num_classes=...): one without a default of
+        # its own gets the registered count (a builder with one keeps it, as saved plans
+        # that recorded no count were built with it)
         num_classes = entry.num_classes
     if num_classes is not None:
         kw["num_classes"] = num_classes
@@ -150,6 +152,14 @@ def read_state_dict(path: str) -> Any:
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     return state
+
+
+def _requires_num_classes(builder: Callable[..., nn.Module]) -> bool:
+    try:
+        parameter = inspect.signature(builder).parameters.get("num_classes")
+    except (TypeError, ValueError):  # no signature to read (a C builtin)
+        return False
+    return parameter is not None and parameter.default is inspect.Parameter.empty
 
 
 def load_weights(model: nn.Module, weights: str, model_name: str = "") -> None:

@@ -277,7 +277,7 @@ class Analysis:
                 raise AutobuildError("sites is an empty list; name at least one site pattern "
                                      "or pass None for the family's default sites")
             chosen = select_sites(accepted, patterns, family=variant.name, model=name)
-        variant.refuse_idle(chosen, opts)
+        variant.refuse_idle(chosen, opts, self)
         choice = Choice.of(variant.name, opts)
         return Placement({s.name: choice for s in chosen})
 

@@ -231,10 +231,12 @@ class Variant:
         why); :meth:`Analysis.select` refuses them when set away from their default."""
         return {}
 
-    def refuse_idle(self, sites: Sequence[Site], options: dict[str, Any]) -> None:
+    def refuse_idle(self, sites: Sequence[Site], options: dict[str, Any],
+                    analysis: Analysis | None = None) -> None:
         """Refuse an option set away from its default where it changes nothing: a user's
         conversion names one network under one placement key (the search would train it
-        twice). Only new input is refused; saved plans and search trials keep loading."""
+        twice). Only new input is refused; saved plans and search trials keep loading.
+        A family may refuse other new input here too (``analysis``: the sites' network)."""
         defaults = {o.name: o.default for o in self.options}
         for name, why in self.idle_options(sites, options).items():
             if name in options and options[name] != defaults[name]:

@@ -63,7 +63,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, fx, nn
 
-from autobuild.errors import AutobuildError
+from autobuild.errors import AutobuildError, InfeasiblePlacement
 from autobuild.rewrite import Counts, Option, Site, Variant, plan_of, register_family, root_of
 from autobuild.variants._ql_layers import (
     QLNET_WIDTHS,
@@ -179,6 +179,20 @@ class MultiplicativeVariant(Variant):
         _parse_expansion(options["expansion"])  # refuse a bad width rule up front
         return options
 
+    def refuse_idle(self, sites: Sequence[Site], options: dict[str, Any],
+                    analysis: Analysis | None = None) -> None:
+        """Also refuse, in new input only, an expansion that gives a block no channels (it
+        is built at 1 channel: the network of another, larger expansion under another
+        key); plans saved with one still load."""
+        super().refuse_idle(sites, options, analysis)
+        for site in sites if analysis is not None else ():
+            basis = (min(QLNET_WIDTHS) if options["layout"] == "qlnet"
+                     else _block_basis(site, analysis.module(site)))
+            narrow = _too_narrow(basis, options["expansion"])
+            if narrow:
+                raise InfeasiblePlacement(f"multiplicative cannot convert site {site.name}: "
+                                          f"{narrow}")
+
     def accepts(self, site: Site, options: dict[str, Any]) -> bool:
         return site.kind == ("network" if options["layout"] == "qlnet" else "block")
 
@@ -190,9 +204,6 @@ class MultiplicativeVariant(Variant):
             if not isinstance(module, ResNet):
                 return (f"layout=qlnet rebuilds a torchvision ResNet (e.g. resnet50), not a "
                         f"{type(module).__name__}; use --option layout=plain")
-            narrow = _too_narrow(min(QLNET_WIDTHS), options["expansion"])
-            if narrow:
-                return narrow
             k = options["dw_kernels"]
             widths = sorted({ql_width(w, _parse_expansion(options["expansion"]))
                              for w in QLNET_WIDTHS})
@@ -206,9 +217,6 @@ class MultiplicativeVariant(Variant):
         if ((h - 1) // stride + 1, (w - 1) // stride + 1) != tuple(site.output_shape[1:]):
             return (f"it maps {site.input_shape} to {site.output_shape}, which a stride-{stride} "
                     "3x3 conv cannot reproduce")
-        narrow = _too_narrow(_block_basis(site, analysis.module(site)), options["expansion"])
-        if narrow:
-            return narrow
         k = options["dw_kernels"]
         if k:
             width = ql_width(_block_basis(site, analysis.module(site)),

@@ -176,9 +176,14 @@ def test_a_registered_builder_gets_the_registered_class_count() -> None:
 
     autobuild.register_model("readme-net", lambda num_classes: torchvision.models.resnet18(
         num_classes=num_classes), input_size=(3, 64, 64), num_classes=10)
+    # A builder with a default of its own keeps it when no count is asked (plans saved
+    # without one were built so, and must load the same).
+    autobuild.register_model("defaulted-net", lambda num_classes=7: torchvision.models.resnet18(
+        num_classes=num_classes), input_size=(3, 64, 64))
     try:
         a = autobuild.analyze("readme-net")
         assert a.baseline.module.fc.out_features == 10
         assert autobuild.analyze("readme-net", num_classes=3).baseline.module.fc.out_features == 3
+        assert autobuild.analyze("defaulted-net").baseline.module.fc.out_features == 7
     finally:
-        del _REGISTRY["readme-net"]
+        del _REGISTRY["readme-net"], _REGISTRY["defaulted-net"]

@@ -293,3 +293,6 @@ def test_an_expansion_that_rounds_to_no_channels_is_refused_not_clamped() -> Non
     with pytest.raises(AutobuildError, match="narrowest width 64"):
         autobuild.convert("resnet18", "multiplicative",
                           options={"layout": "qlnet", "expansion": 0.001})
+    # Refused in new input only: a plan an earlier version saved with one still builds.
+    built = autobuild.analyze("cifar_resnet20").build({"layer1.0": "multiplicative:expansion=0.02"})
+    assert built.layer1[0].width == 1
