@@ -61,7 +61,7 @@ def analyze_run(run: str, out_dir: str, *, data: str | None = None,
     from autobuild.train.distributed import Dist
     from autobuild.train.loop import BEST_WEIGHTS, LAST_WEIGHTS
     from autobuild.train.rundir import read_run_record
-    from autobuild.train.runs import data_for_run, task_for
+    from autobuild.train.runs import check_classes, data_for_run, task_for
     from autobuild.train.session import make_loader, resolve_device
 
     if batches < 1 or batch_size < 1:
@@ -77,6 +77,11 @@ def analyze_run(run: str, out_dir: str, *, data: str | None = None,
     record = (read_run_record(run) or {}).get("data")
     task = task_for(load_plan(run).model, data or (record or {}).get("spec"))
     dataset = data_for_run(data, record, data_dir=data_dir)
+    if compare:  # measured on the same batches: they must be its classes too
+        try:
+            check_classes(dataset, (read_run_record(compare) or {}).get("data"))
+        except AutobuildError as exc:
+            raise AutobuildError(f"--compare {compare}: {exc}") from None
     cfg = TrainConfig(batch_size=batch_size, device=device, workers=workers)
     dev = resolve_device(cfg.device)
     loader = make_loader(dataset.val, cfg, dev, Dist(), False,

@@ -38,6 +38,10 @@ INIT_WEIGHTS = "init.safetensors"
 STATUSES = ("running", "finished", "stopped", "diverged", "failed", "interrupted")
 
 
+#: DataRecord keys that runs of earlier versions lack.
+_KEYS_ADDED_LATER = ("classes",)
+
+
 class DataRecord(BaseModel):
     """The data a run trained on (paths absolute: the run is usable from any directory)."""
 
@@ -127,8 +131,11 @@ def resume_history(run: str, config: dict[str, Any], data: dict[str, Any],
     record = read_run_record(run) or {}
     before = record.get("config") or {}
     changed = {k: [before.get(k), v] for k, v in config.items() if before.get(k) != v}
-    if record.get("data") is not None and record["data"] != DataRecord(**data).model_dump():
-        changed["data"] = [record["data"], DataRecord(**data).model_dump()]
+    now, then = DataRecord(**data).model_dump(), record.get("data")
+    # A key older versions did not record (null in their runs) is not a change of data.
+    if then is not None and any(then.get(k) != v for k, v in now.items()
+                                if not (k in _KEYS_ADDED_LATER and then.get(k) is None)):
+        changed["data"] = [then, now]
     return [*record.get("resumes", []), {"after_epoch": after_epoch, "changed": changed}]
 
 

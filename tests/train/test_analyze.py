@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
 import autobuild
@@ -103,6 +105,16 @@ def test_analyze_uses_the_recorded_data_and_refuses_mismatches(
     err = capsys.readouterr().err
     assert "is detection data and cifar_resnet20 is a classifier" in err
     assert err.count("\n") == 1
+    # --compare a run of other classes: its statistics would be measured on wrong labels
+    other = tmp_path / "other"
+    shutil.copytree(base, other)
+    record = yaml.safe_load((other / "train.yaml").read_text())
+    record["data"].update(num_classes=4, classes=["a", "b", "c", "d"])
+    (other / "train.yaml").write_text(yaml.safe_dump(record))
+    assert main(["analyze", str(base), "--compare", str(other), "--out",
+                 str(tmp_path / "y"), "--no-plots", "--batches", "1", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert f"--compare {other}: " in err and "which has 4" in err and err.count("\n") == 1
 
 
 @pytest.mark.parametrize("qtype, terms", [

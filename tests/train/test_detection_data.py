@@ -246,6 +246,15 @@ def test_data_whose_classes_differ_from_the_runs_is_refused(tmp_path: Path) -> N
     check_classes(data, {"spec": "old", "num_classes": 4})
     with pytest.raises(AutobuildError, match="which has 20"):
         check_classes(data, {"spec": "old", "num_classes": 21})
+    # Classes known by number only (a CIFAR folder without batches.meta): no names to compare
+    from types import SimpleNamespace
+
+    numbered = SimpleNamespace(spec="cifar10", classes=[str(i) for i in range(3)],
+                               num_classes=3)
+    check_classes(numbered, {"spec": "cifar10", "num_classes": 3, "classes": ["a", "b", "c"]})
+    with pytest.raises(AutobuildError, match="class 1 is 'x' here and 'a' there"):
+        check_classes(SimpleNamespace(spec="s", classes=["x", "b", "c"], num_classes=3),
+                      {"spec": "cifar10", "num_classes": 3, "classes": ["a", "b", "c"]})
 
 
 def test_reader_messages_name_what_differs(tmp_path: Path) -> None:

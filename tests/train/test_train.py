@@ -214,3 +214,18 @@ def test_sigterm_records_the_run_as_interrupted_and_exits_143(tmp_path: Path) ->
     done = len(_rows(str(run)))
     assert main(["train", "--resume", str(run), "--epochs", str(done + 1), *FAST]) == 0
     assert len(_rows(str(run))) == done + 1
+
+
+def test_resuming_a_run_of_an_earlier_version_records_no_data_change(tmp_path: Path) -> None:
+    """Runs recorded before the class names were kept: their null ``classes`` is not a
+    change of data when they are resumed."""
+    run = tmp_path / "run"
+    spec = "synthetic:size=3x8x8,classes=4,train=16,val=8"
+    assert main(["train", "cifar_resnet20", "--data", spec, "--epochs", "1", "--out",
+                 str(run), *FAST]) == 0
+    record = yaml.safe_load((run / "train.yaml").read_text())
+    del record["data"]["classes"]  # as an earlier version wrote it
+    (run / "train.yaml").write_text(yaml.safe_dump(record))
+    assert main(["train", "--resume", str(run), "--epochs", "2", *FAST]) == 0
+    (entry,) = yaml.safe_load((run / "train.yaml").read_text())["resumes"]
+    assert "data" not in entry["changed"], entry
