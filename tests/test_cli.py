@@ -89,6 +89,7 @@ def test_refuses_to_overwrite(tmp_path, capsys) -> None:
      "a value starting with '-' is written --input-size=VALUE"),
     (["convert", "cifar_resnet20", "--to", "quadratic", "--input-size=-3,32,32"],
      "must be C,H,W of positive integers"),
+    (["convert", "cifar_resnet20", "--to"], "argument --to: expected one argument (see"),
     (["convert", "cifar_resnet20"], "--to FAMILY"),
     (["sites", "cifar_resnet20", "--to", "quadratic", "--bogus"], "unrecognized arguments"),
     (["inspect", "/nonexistent/run"], "not a saved model directory"),

@@ -81,6 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = os.environ.get("AUTOBUILD_DEBUG") not in (None, "", "0") or "--debug" in argv
     try:
+        Parser.argv = argv
         args = build_parser().parse_args(argv)
         # What a user's module prints at import time goes to stderr: stdout is the
         # command's output (--json must stay parseable).

@@ -13,7 +13,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 from pydantic import Field, TypeAdapter, ValidationError
 
@@ -34,12 +34,17 @@ class Parser(argparse.ArgumentParser):
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
 
+    #: The command line being parsed (set by ``autobuild.cli.main``), for error hints.
+    argv: ClassVar[list[str]] = []
+
     def error(self, message: str) -> None:  # one line, exit 2, like every other bad input
         head, sep, tail = message.partition(": ")
         if sep and tail == "expected one argument" and head.startswith("argument --"):
-            # argparse takes "--input-size -3,32,32"'s value for a flag
-            flag = head[len("argument "):].split("/")[0]
-            message += f" (a value starting with '-' is written {flag}=VALUE)"
+            flags = head[len("argument "):].split("/")
+            after = [self.argv[i + 1] for i, a in enumerate(self.argv[:-1]) if a in flags]
+            if any(value.startswith("-") for value in after):
+                # argparse took "--input-size -3,32,32"'s value for a flag
+                message += f" (a value starting with '-' is written {flags[0]}=VALUE)"
         raise AutobuildError(f"{message} (see `{self.prog} --help`)")
 
 

@@ -106,6 +106,8 @@ class Option:
         if self.type is bool:
             if isinstance(value, bool):
                 return value
+            if isinstance(value, int) and value in (0, 1):  # YAML's `folded: 1`, as "1"
+                return bool(value)
             if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
                 return value.lower() in _TRUE
             raise bad

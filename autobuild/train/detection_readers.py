@@ -214,10 +214,15 @@ def read_coco(root: str, split: str) -> tuple[list[Record], list[str]]:
 
 
 def _id(value: Any) -> int:
-    """A COCO id: an integer (100.5 or "100" would be read as another id, or not match)."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"an id must be an integer, got {value!r:.40}")
-    return value
+    """A COCO id: an integer, also when written 100.0 or "100"; 100.5 is refused (it was
+    truncated to image 100's id)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    raise ValueError(f"an id must be an integer, got {value!r:.40}")
 
 
 def _reason(exc: Exception) -> str:

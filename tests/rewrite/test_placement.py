@@ -76,6 +76,17 @@ def test_placement_round_trips_through_a_plan_and_a_file(tmp_path) -> None:
     assert load_placement(str(tmp_path / "plan.yaml")) == p
 
 
+def test_a_boolean_option_takes_every_spelling_its_message_lists() -> None:
+    for value in (True, 1, "1", "true", "yes", "on"):
+        assert Placement({"layer1.0.conv1": {"family": "dirac", "folded": value}})[
+            "layer1.0.conv1"].opts["folded"] is True
+    for value in (False, 0, "0", "false", "no", "off"):
+        assert Placement({"layer1.0.conv1": {"family": "dirac", "folded": value}})[
+            "layer1.0.conv1"].opts["folded"] is False
+    with pytest.raises(AutobuildError, match="folded=2 of dirac must be true or false"):
+        Placement({"layer1.0.conv1": {"family": "dirac", "folded": 2}})
+
+
 @pytest.mark.parametrize("value,needle", [
     ("cubic", "unknown family 'cubic'"),
     ("quadratic:t9", "valid: ours, t2"),

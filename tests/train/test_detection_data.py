@@ -166,7 +166,7 @@ _COCO_CASES: dict[str, tuple[Callable[[Path], str], str]] = {
     "float image id": (lambda r: _edit_coco(r, lambda d: d["annotations"][0].update(
         image_id=100.5)), "an id must be an integer, got 100.5"),
     "text category id": (lambda r: _edit_coco(r, lambda d: d["annotations"][0].update(
-        category_id="3")), "an id must be an integer, got '3'"),
+        category_id="three")), "an id must be an integer, got 'three'"),
     "iscrowd text": (lambda r: _edit_coco(r, lambda d: d["annotations"][0].update(
         iscrowd="0")), "iscrowd must be 0 or 1, got '0'"),
     "box outside": (lambda r: _edit_coco(r, lambda d: d["annotations"][0].update(
@@ -255,6 +255,20 @@ def test_data_whose_classes_differ_from_the_runs_is_refused(tmp_path: Path) -> N
     with pytest.raises(AutobuildError, match="class 1 is 'x' here and 'a' there"):
         check_classes(SimpleNamespace(spec="s", classes=["x", "b", "c"], num_classes=3),
                       {"spec": "cifar10", "num_classes": 3, "classes": ["a", "b", "c"]})
+
+
+def test_coco_ids_written_as_integral_numbers_or_text_are_read(tmp_path: Path) -> None:
+    root = write_coco(tmp_path / "coco", {"train": 2, "val": 1})
+    want = build_detection_data(f"coco:{root}", augment="none")
+
+    def edit(d: dict) -> None:
+        d["images"][0]["id"] = 100.0
+        d["annotations"][0].update(image_id="100", category_id=3.0)
+    _edit_coco(root, edit)
+    got = build_detection_data(f"coco:{root}", augment="none")
+    for i in range(len(want.train)):
+        for key in ("boxes", "labels"):
+            torch.testing.assert_close(got.train[i][1][key], want.train[i][1][key])
 
 
 def test_reader_messages_name_what_differs(tmp_path: Path) -> None:
