@@ -218,20 +218,9 @@ class Objective:
         return self._values({**costs, "top1": top1})
 
     def _seed_reverts(self, trial: optuna.Trial, model: torch.nn.Module) -> None:
-        """The RI step of the all-converted seed trial (once per study): see seeding.py.
-        If measuring RI fails, the search goes on without the reverts and the trial keeps
-        its training: the reason is recorded on the trial (``ri_error``) and said."""
-        if trial.user_attrs.get("seed_kind") != "all_converted" or \
-                "ri_error" in trial.user_attrs or "ri" in trial.study.user_attrs:
-            return
-        from autobuild.search.seeding import revert_top_ri
+        from autobuild.search.seeding import seed_reverts
 
-        try:
-            revert_top_ri(trial.study, trial.params, model, self)
-        except Exception as exc:  # (not an interrupt: that re-queues the trial)
-            reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
-            trial.set_user_attr("ri_error", reason)
-            self._say(f"trial {trial.number}: no RI seeds, measuring RI failed: {reason}")
+        seed_reverts(trial, model, self)
 
     def _build(self, placement: Placement) -> torch.nn.Module:
         """The placement's network, from the same initial weights whatever ran before it in
@@ -313,7 +302,7 @@ class Objective:
                 for name, value in source.user_attrs.items():
                     # the result, not why the source was enqueued (a seed's kind)
                     if name not in trial.user_attrs and name not in ("reused_from",
-                                                                     "seed_kind"):
+                                                                     "seed_kind", "ri_error"):
                         trial.set_user_attr(name, value)
                 for name, value in source.system_attrs.items():
                     if name.startswith("constraints:"):

@@ -8,7 +8,7 @@ from typing import Any
 import optuna
 import torch
 
-__all__ = ["revert_top_ri", "seed_params"]
+__all__ = ["revert_top_ri", "seed_params", "seed_reverts"]
 
 
 def seed_params(search_groups: list, how: str) -> dict[str, str]:
@@ -23,6 +23,21 @@ def seed_params(search_groups: list, how: str) -> dict[str, str]:
         for name in ([f"site:{s}" for s in group.sites] if group.per_site else [group.name]):
             params[name] = label
     return params
+
+
+def seed_reverts(trial: optuna.Trial, model: torch.nn.Module, objective: Any) -> None:
+    """The RI step, if ``trial`` is the all-converted seed and the study has no RI yet.
+    If measuring RI fails, the search goes on without the reverts and the trial keeps its
+    training: the reason is recorded on the trial (``ri_error``) and said."""
+    if trial.user_attrs.get("seed_kind") != "all_converted" or \
+            "ri_error" in trial.user_attrs or "ri" in trial.study.user_attrs:
+        return
+    try:
+        revert_top_ri(trial.study, trial.params, model, objective)
+    except Exception as exc:  # (not an interrupt: that re-queues the trial)
+        reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        trial.set_user_attr("ri_error", reason)
+        objective._say(f"trial {trial.number}: no RI seeds, measuring RI failed: {reason}")
 
 
 def revert_top_ri(study: optuna.Study, params: dict[str, Any], model: torch.nn.Module,
