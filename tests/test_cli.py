@@ -160,3 +160,39 @@ def test_sites_of_every_family(capsys) -> None:
     assert main(["sites", "cifar_resnet20"]) == 0
     out = capsys.readouterr().out
     assert "layer3" in out and "pde-global*" in out
+
+
+def test_sigterm_switches_torchs_sigchld_handler_off_before_it_runs() -> None:
+    """A scheduler's SIGTERM reaches the data-loader workers too; the SIGCHLD of their
+    death must not run torch's handler ("worker killed by signal") in the middle of the
+    unwinding. Both signals pending at once: SIGTERM's handler runs first and switches
+    SIGCHLD's off."""
+    import signal
+    import threading
+    import time
+
+    from autobuild import cli
+    from autobuild.cli import sigterm_raises
+    from autobuild.errors import Terminated
+
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        pytest.skip("SIGTERM is handled by the test runner")
+    calls: list[int] = []
+    previous = signal.signal(signal.SIGCHLD, lambda *args: calls.append(1))
+    both = {signal.SIGTERM, signal.SIGCHLD}
+    try:
+        with pytest.raises(Terminated), sigterm_raises():
+            # (to this thread: sent to the process, another thread could take one early)
+            signal.pthread_sigmask(signal.SIG_BLOCK, both)
+            signal.pthread_kill(threading.get_ident(), signal.SIGCHLD)
+            signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, both)
+            for _ in range(200):  # (handlers run between bytecodes)
+                time.sleep(0.001)
+        for _ in range(50):
+            time.sleep(0.001)
+        assert calls == []
+        assert signal.getsignal(signal.SIGCHLD) is cli._ignore
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, both)
+        signal.signal(signal.SIGCHLD, previous)

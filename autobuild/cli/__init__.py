@@ -81,8 +81,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = os.environ.get("AUTOBUILD_DEBUG") not in (None, "", "0") or "--debug" in argv
     try:
-        Parser.argv = argv
-        args = build_parser().parse_args(argv)
+        Parser.argv = argv  # (for an error's hint; reset once parsed)
+        try:
+            args = build_parser().parse_args(argv)
+        finally:
+            Parser.argv = []
         # What a user's module prints at import time goes to stderr: stdout is the
         # command's output (--json must stay parseable).
         with contextlib.redirect_stdout(sys.stderr):
@@ -115,6 +118,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+def _ignore(signum: int, frame: object) -> None:
+    """A signal handler that does nothing."""
+
+
 @contextlib.contextmanager
 def sigterm_raises() -> Iterator[list[int]]:
     """SIGTERM (a scheduler, ``kill``) raises :class:`Terminated`, as Ctrl-C raises
@@ -133,9 +140,11 @@ def sigterm_raises() -> Iterator[list[int]]:
         # the middle of the unwinding (the run record half written, exit 1). Python runs
         # pending handlers in signal order, so SIGTERM's (15) comes before SIGCHLD's (17).
         # It stays off: workers go on dying while the process ends (a caller of main()
-        # that goes on still detects failed workers, by polling).
+        # that goes on still detects failed workers, by polling). A Python no-op, not
+        # SIG_DFL: a SIGCHLD already pending would print "Signal 17 ignored due to race
+        # condition".
         if hasattr(signal, "SIGCHLD"):
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            signal.signal(signal.SIGCHLD, _ignore)
         raise Terminated()
 
     previous, received = None, []  # type: ignore[var-annotated]
