@@ -158,7 +158,6 @@ def sigterm_raises() -> Iterator[list[int]]:
             signal.signal(signal.SIGTERM, previous)
 
 
-
 def one_line(exc: BaseException) -> str:
     """An error's message on one line. A worker process's error (a DataLoader's) arrives
     wrapped with the worker's traceback: its last line is the message."""
