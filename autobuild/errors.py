@@ -9,7 +9,7 @@ from typing import Any
 
 __all__ = ["NAME_PATTERN", "AutobuildError", "InfeasiblePlacement", "InvalidType",
            "InvalidValue", "Terminated", "brief", "check_input_size", "check_positive_int",
-           "schema_error", "schema_message", "unknown_name"]
+           "schema_error", "schema_message", "unknown_name", "without_type"]
 
 #: What a study may be called (also the name of its SQLite file and artifact folder).
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
@@ -42,6 +42,14 @@ class InfeasiblePlacement(AutobuildError, ValueError):
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM (a scheduler preempting a worker): handled like Ctrl-C, exit code 143."""
+
+
+def without_type(line: str) -> str | None:
+    """The message of a traceback's last line, ``autobuild.errors.AutobuildError: msg``
+    (how a data-loader worker's error arrives): ``msg``; None for a line that does not start
+    with an error type."""
+    head, sep, rest = line.partition(": ")
+    return rest if sep and head.rsplit(".", 1)[-1].endswith(("Error", "Placement")) else None
 
 
 def brief(exc: BaseException, limit: int = 300) -> str:

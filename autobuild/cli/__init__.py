@@ -20,7 +20,7 @@ import traceback
 from collections.abc import Iterator, Sequence
 
 from autobuild.cli._common import Parser
-from autobuild.errors import AutobuildError, Terminated
+from autobuild.errors import AutobuildError, Terminated, without_type
 
 __all__ = ["COMMANDS", "build_parser", "import_user_module", "main", "one_line"]
 
@@ -169,10 +169,8 @@ def one_line(exc: BaseException) -> str:
         lines = lines[:fx_note]
     if len(lines) <= 1:
         return lines[0] if lines else type(exc).__name__
-    last = lines[-1]
-    head, sep, rest = last.partition(": ")
-    return rest if sep and head.rsplit(".", 1)[-1].endswith(("Error", "Placement")) else \
-        " ".join(lines)
+    rest = without_type(lines[-1])
+    return rest if rest is not None else " ".join(lines)
 
 
 if __name__ == "__main__":  # pragma: no cover

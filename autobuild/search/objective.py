@@ -203,7 +203,7 @@ class Objective:
         self._upload_plan(trial, placement)
         if not feasible:
             trial.set_user_attr("trained", False)
-            self._say(f"trial {trial.number}: {placement.summary()} is over a constraint "
+            self.say(f"trial {trial.number}: {placement.summary()} is over a constraint "
                       f"({', '.join(t for t, v in violations.items() if v > 0)}): not trained")
             # Never trained: top-1 0 (Optuna ranks it below every feasible trial anyway).
             return self._values({**costs, "top1": 0.0})
@@ -260,7 +260,7 @@ class Objective:
         def on_epoch(metrics: Any) -> bool:
             history.append(float(metrics.val_top1))
             trial.set_user_attr("top1_per_epoch", list(history))
-            self._say(f"trial {trial.number}: {placement.summary()} epoch {metrics.epoch}/"
+            self.say(f"trial {trial.number}: {placement.summary()} epoch {metrics.epoch}/"
                       f"{self.config.epochs} top-1 {metrics.val_top1:.2f}% "
                       f"MACs {costs['macs'] / 1e6:.1f}M")
             if single:
@@ -279,7 +279,7 @@ class Objective:
             result = train(model, self.data, self.config, callback=on_epoch)
         except DivergedError as exc:
             trial.set_user_attr("fail_reason", str(exc))
-            self._say(f"trial {trial.number}: {placement.summary()} failed: {exc}")
+            self.say(f"trial {trial.number}: {placement.summary()} failed: {exc}")
             raise
         trial.set_user_attr("best_epoch", result.best_epoch)
         trial.set_user_attr("train_s", result.seconds)
@@ -308,7 +308,7 @@ class Objective:
                     if name.startswith("constraints:"):
                         trial.set_constraint(name.removeprefix("constraints:"), value)
                 trial.set_user_attr("reused_from", source.number)
-                self._say(f"trial {trial.number}: same placement as trial {source.number}: "
+                self.say(f"trial {trial.number}: same placement as trial {source.number}: "
                           "its result is reused")
                 return tuple(source.values)
             running = [t for t in same if t.state == optuna.trial.TrialState.RUNNING
@@ -351,7 +351,7 @@ class Objective:
             trial.set_user_attr("weights_artifact", upload_artifact(
                 artifact_store=self.artifact_store, file_path=path, study_or_trial=trial))
 
-    def _say(self, line: str) -> None:
+    def say(self, line: str) -> None:
         if not self.quiet:
             print(line, file=sys.stderr, flush=True)
 

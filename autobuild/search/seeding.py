@@ -37,7 +37,7 @@ def seed_reverts(trial: optuna.Trial, model: torch.nn.Module, objective: Any) ->
     except Exception as exc:  # (not an interrupt: that re-queues the trial)
         reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
         trial.set_user_attr("ri_error", reason)
-        objective._say(f"trial {trial.number}: no RI seeds, measuring RI failed: {reason}")
+        objective.say(f"trial {trial.number}: no RI seeds, measuring RI failed: {reason}")
 
 
 def revert_top_ri(study: optuna.Study, params: dict[str, Any], model: torch.nn.Module,

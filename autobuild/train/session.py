@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
-from autobuild.errors import AutobuildError, brief
+from autobuild.errors import AutobuildError, brief, without_type
 from autobuild.files import atomic_copy
 from autobuild.io import PLAN_FILE, save_plan, save_weights
 from autobuild.optim import param_groups
@@ -364,9 +364,8 @@ class Session:
                 last = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
                 # A data-loader worker's error arrives as its traceback, whose last line
                 # names the type again ("autobuild.errors.AutobuildError: cannot decode").
-                head, sep, rest = last.partition(": ")
-                if sep and head.rsplit(".", 1)[-1].endswith("Error"):
-                    last = rest
+                message = without_type(last)
+                last = last if message is None else message
                 self.record("failed", f"{type(exc).__name__}: {last}"[:500])
         finally:
             self.close()
