@@ -88,7 +88,9 @@ def _placement(analysis: Analysis, to: str | None, sites: Any, options: Any,
     if placement is not None:
         if to is not None or sites is not None or options is not None:
             raise AutobuildError("pass either placement= or to=/sites=/options=, not both")
-        return placement if isinstance(placement, Placement) else Placement(placement)
+        placement = placement if isinstance(placement, Placement) else Placement(placement)
+        analysis.check_new(placement)
+        return placement
     if to is None:
         raise AutobuildError("name a family with to= (see `autobuild variants`) or pass a "
                              "placement=")
@@ -106,21 +108,27 @@ def convert(model_or_name: nn.Module | str, to: str | None = None, *,
             placement: Placement | Mapping[str, Any] | None = None, init: str = "scratch",
             num_classes: int | None = None, input_size: Sequence[int] | None = None,
             weights: str | None = None, leaf_modules: Iterable[Any] = (),
-            model_args: Mapping[str, Any] | None = None) -> nn.Module:
+            model_args: Mapping[str, Any] | None = None, seed: int | None = None
+            ) -> nn.Module:
     """Convert a baseline with family ``to`` (on the sites matching the glob patterns
     ``sites``, default the family's default sites, with ``options``) or with a mixed
     ``placement``. ``init`` is "scratch" or "preserve" (the converted model computes the
     baseline's function). A model autobuild already converted is converted further: its
-    plan then holds both conversions. The result carries its plan (:func:`plan_of`)."""
+    plan then holds both conversions. The result carries its plan (:func:`plan_of`).
+    ``seed``: the baseline and then the new layers are each built right after
+    ``torch.manual_seed(seed)``, as ``autobuild train --seed`` and a search trial build."""
     _check_init(init)
     if isinstance(model_or_name, nn.Module) and plan_of(model_or_name) is not None:
         if any(v is not None for v in (num_classes, input_size, weights, model_args)):
             raise AutobuildError("num_classes/input_size/weights/model_args describe a "
                                  "baseline; a converted model keeps those of its plan")
-        return _convert_again(model_or_name, to, sites, options, placement, init)
+        return _convert_again(model_or_name, to, sites, options, placement, init, seed)
+    if seed is not None:
+        torch.manual_seed(seed)
     analysis = analyze(model_or_name, num_classes=num_classes, input_size=input_size,
                        weights=weights, leaf_modules=leaf_modules, model_args=model_args)
-    return analysis.build(_placement(analysis, to, sites, options, placement), init)
+    return analysis.build(_placement(analysis, to, sites, options, placement), init,
+                          seed=seed)
 
 
 def _trace_root(plan: Plan) -> str:
@@ -128,7 +136,7 @@ def _trace_root(plan: Plan) -> str:
 
 
 def _convert_again(model: nn.Module, to: str | None, sites: Any, options: Any,
-                   placement: Any, init: str) -> nn.Module:
+                   placement: Any, init: str, seed: int | None) -> nn.Module:
     """Convert more sites of a converted model, on the model as it is (its weights kept)."""
     record = record_of(model)
     plan = record.plan
@@ -152,7 +160,7 @@ def _convert_again(model: nn.Module, to: str | None, sites: Any, options: Any,
                                       f"({choice.short()}) overlap: {old} lies inside what "
                                       f"{name} replaces; a placement takes one of them")
     merged = plan.placement.merged(new)
-    built = analysis.build(new, init)
+    built = analysis.build(new, init, seed=seed)
     added = record_of(built)
     both = "preserve" if init == plan.init == "preserve" else "scratch"
     set_record(built, BuildRecord(plan.replace(placement=merged, init=both),
@@ -197,12 +205,17 @@ def plan_baseline(plan: Plan, baseline: nn.Module | None = None, *,
 
 
 def build_plan(plan: Plan, baseline: nn.Module | None = None, *,
-               load_baseline_weights: bool = True, device: str | None = None) -> nn.Module:
+               load_baseline_weights: bool = True, device: str | None = None,
+               seed: int | None = None) -> nn.Module:
     """Rebuild the model a plan describes. ``device="meta"`` builds the structure only (no
-    weights allocated or initialised), for loading saved weights into it."""
+    weights allocated or initialised), for loading saved weights into it. ``seed``: the
+    baseline and then the new layers are each built right after ``torch.manual_seed(seed)``
+    (the initial weights of a search trial, or of ``autobuild train --seed``)."""
+    if seed is not None:
+        torch.manual_seed(seed)
     base = plan_baseline(plan, baseline, load_baseline_weights=load_baseline_weights,
                          device=device)
     analysis = Analysis(base)
     where = torch.device(device) if device else contextlib.nullcontext()
     with where:
-        return analysis.build(plan.placement, plan.init)
+        return analysis.build(plan.placement, plan.init, seed=seed)

@@ -129,8 +129,15 @@ def schema_message(exc: Any, source: str = "",
         msg = _PATTERN_WORDS.get(ctx.get("pattern"), msg)
     elif kind in _BOUNDS and _not_finite(shown):  # "greater than 0" would mislead for NaN
         msg = "must be a finite number"
-    got = "" if isinstance(shown, dict) else f", got {shown!r}"
+    got = "" if isinstance(shown, dict) or _names_value(msg, shown) else f", got {shown!r}"
     return f"{source}{key}: {msg}{got}"
+
+
+def _names_value(msg: str, shown: Any) -> bool:
+    """Whether a validator's own message already quotes the value (or the list item at
+    fault): ``unknown sampler 'cmaes'; valid: ...`` needs no ``, got 'cmaes'``."""
+    items = shown if isinstance(shown, list) else [shown]
+    return any(repr(v) in msg for v in items if isinstance(v, str))
 
 
 

@@ -70,6 +70,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         "space_bad.yaml": yaml.safe_dump({**tiny_space(), "bogus_key": 1}),
         "space_bad_epochs.yaml": yaml.safe_dump(tiny_space(budget={"epochs": 0})),
         "space_ok.yaml": yaml.safe_dump(tiny_space()),
+        "exits.py": "import sys\nsys.exit(5)\n",
     }
     for name, text in files.items():
         (root / name).write_text(text)
@@ -82,6 +83,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     png.write_bytes(png.read_bytes()[:-30])  # a valid header, the pixels cut short
     broken = write_imagefolder(root / "broken", {"train": 2, "val": 2})
     (broken / "train" / "dark" / "000.png").write_bytes(b"not a png")
+    broken_val = write_imagefolder(root / "broken_val", {"train": 2, "val": 2})
+    (broken_val / "val" / "dark" / "000.png").write_bytes(b"not a png")
     (root / "a_file").write_text("not a directory\n")
     import sqlite3
 
@@ -92,7 +95,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
             "plan": os.path.join(model, "plan.yaml"), **{
                 Path(n).stem: str(root / n) for n in files},
             "one_class": str(root / "one_class"), "truncated": str(truncated),
-            "broken": str(broken), "a_file": str(root / "a_file")}
+            "broken": str(broken), "broken_val": str(broken_val),
+            "a_file": str(root / "a_file")}
 
 
 # (id, argv with {placeholders} from `world` and {out} = a fresh path, words the line must hold)
@@ -103,6 +107,17 @@ CLI_CASES: list[tuple[str, list[str], list[str]]] = [
      ["--epoch"]),
     ("models-extra-arg", ["models", "--bogus"], ["--bogus"]),
     ("import-missing", ["--import", "no_such_module_xyz", "models"], ["no_such_module_xyz"]),
+    # (it used to end the process with the module's exit status, saying nothing)
+    ("import-exits", ["--import", "{exits}", "models"], ["exits.py", "SystemExit: 5"]),
+    # a flag that takes a value, given twice (argparse kept the last one silently)
+    ("sites-twice", ["convert", "cifar_resnet20", "--to", "quadratic", "--sites", "layer1.*",
+                     "--sites", "layer2.*"], ["--sites: given twice", "--sites A B"]),
+    ("to-twice", ["convert", "cifar_resnet20", "--to", "quadratic", "--to=dirac"],
+     ["--to: given twice"]),
+    ("train-sync-bn-cpu", ["train", "cifar_resnet20", "--data", SYNTH, "--device", "cpu",
+                           "--sync-bn", "--out", "{out}"], ["--sync-bn needs CUDA"]),
+    ("milestones-twice", ["train", "cifar_resnet20", "--data", SYNTH, "--lr-milestones", "1",
+                          "--lr-milestones", "2"], ["--lr-milestones: given twice"]),
     # ---- convert: flags and their bounds
     ("convert-out-empty", ["convert", "cifar_resnet20", "--to", "quadratic", "--out", ""],
      ["--out", "empty"]),
@@ -290,6 +305,10 @@ CLI_CASES: list[tuple[str, list[str], list[str]]] = [
     ("train-truncated-image-worker", ["train", "cifar_resnet20", "--data",
                                       "imagefolder:{truncated}", "--epochs", "1", "--out",
                                       "{out}", *FAST, "--workers", "1"], ["000.png"]),
+    # (only train/'s headers were read: the run started and left its directory)
+    ("train-unreadable-val-image", ["train", "cifar_resnet20", "--data",
+                                    "imagefolder:{broken_val}", "--out", "{out}", *FAST],
+     ["val/dark/000.png", "cannot read"]),
     ("train-unreadable-image", ["train", "cifar_resnet20", "--data", "imagefolder:{broken}",
                                 "--out", "{out}", *FAST], ["000.png", "cannot read"]),
     ("train-num-classes-mismatch", ["train", "cifar_resnet20", "--data", SYNTH,

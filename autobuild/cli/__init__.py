@@ -71,7 +71,7 @@ def import_user_module(spec: str) -> None:
             importlib.import_module(spec)
     except AutobuildError:
         raise
-    except Exception as exc:  # the user's code failed to import
+    except (Exception, SystemExit) as exc:  # the user's code failed to import (or exited)
         raise AutobuildError(f"--import {spec} failed: {type(exc).__name__}: "
                              f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
 
@@ -92,7 +92,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             for spec in args.imports:
                 import_user_module(spec)
         with sigterm_raises() as received:
-            code = int(args.run(args) or 0)
+            try:
+                code = int(args.run(args) or 0)
+            except KeyboardInterrupt:
+                if received:  # (a command that caught Terminated and raised another)
+                    raise Terminated() from None
+                raise
         if received:  # a command that caught it and returned (the dashboard's server does)
             raise Terminated()
         return code

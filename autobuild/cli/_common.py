@@ -37,6 +37,40 @@ class Parser(argparse.ArgumentParser):
     #: The command line being parsed (set by ``autobuild.cli.main``), for error hints.
     argv: ClassVar[list[str]] = []
 
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        self._refuse_repeats(list(sys.argv[1:] if args is None else args))
+        return super().parse_known_args(args, namespace)
+
+    def _refuse_repeats(self, args: list[str]) -> None:
+        """A list flag given twice, or ``--to``: argparse would keep the last silently
+        (``--sites A --sites B`` converted B only; ``--to a --to b`` is not two families).
+        A single value given again replaces the first, as usual (``$COMMON --epochs 3``);
+        flags that collect (``--option``, ``--import``) are meant to be repeated."""
+        single = {flag: action for action in self._actions if action.option_strings
+                  and (action.nargs in ("+", "*") or getattr(action, "once", False))
+                  and not isinstance(action, argparse._AppendAction)
+                  for flag in action.option_strings}
+        seen: dict[argparse.Action, str] = {}
+        for arg in args:
+            if arg == "--" or arg in self._subparser_names():
+                return  # (the rest belongs to a subcommand, or is not flags)
+            action = single.get(arg.split("=", 1)[0] if arg.startswith("--") else arg)
+            if action is None:
+                continue
+            flag = arg.split("=", 1)[0]
+            if action in seen:
+                alias = f" (as {seen[action]} before)" if seen[action] != flag else ""
+                values = (f" with all its values ({flag} A B)" if action.nargs in ("+", "*")
+                          else " (mixed families: --placement FILE)")
+                raise AutobuildError(f"argument {flag}: given twice{alias}; it is not "
+                                     f"collected: give it once{values} (see `{self.prog} "
+                                     "--help`)")
+            seen[action] = flag
+
+    def _subparser_names(self) -> set[str]:
+        return {name for action in self._actions
+                if isinstance(action, argparse._SubParsersAction) for name in action.choices}
+
     def error(self, message: str) -> None:  # one line, exit 2, like every other bad input
         head, sep, tail = message.partition(": ")
         if sep and tail == "expected one argument" and head.startswith("argument --"):
@@ -157,7 +191,8 @@ def add_conversion_arguments(p: argparse.ArgumentParser, *, model_required: bool
     """The flags that say which converted model to build (shared by convert and train)."""
     p.add_argument("model", nargs=None if model_required else "?",
                    help="baseline name (see `autobuild models`), or a saved run/plan directory")
-    p.add_argument("--to", dest="family", help="family (see `autobuild variants`)")
+    p.add_argument("--to", dest="family", help="family (see `autobuild variants`)"
+                   ).once = True  # (given twice: refused, see Parser._refuse_repeats)
     p.add_argument("--option", action="append", metavar="NAME=VALUE",
                    help="family option, repeatable (e.g. type=ours)")
     p.add_argument("--sites", nargs="+", metavar="GLOB",
@@ -177,9 +212,11 @@ def add_conversion_arguments(p: argparse.ArgumentParser, *, model_required: bool
                         "stochastic_depth_prob (torchvision)")
 
 
-def model_from_args(args: argparse.Namespace, *, allow_baseline: bool = False
-                    ) -> tuple[Any, Any]:
-    """(model, analysis of its baseline) as the conversion flags describe.
+def model_from_args(args: argparse.Namespace, *, allow_baseline: bool = False,
+                    seed: int | None = None) -> tuple[Any, Any]:
+    """(model, analysis of its baseline) as the conversion flags describe; ``seed``: the
+    baseline and then the new layers are each built right after seeding (as a search
+    trial is, so that `train` reproduces it).
 
     ``args.model`` may be a saved directory (plan + weights) as well as a baseline name.
     With ``allow_baseline`` and no ``--to``/``--placement``, the model is the unconverted
@@ -207,7 +244,7 @@ def model_from_args(args: argparse.Namespace, *, allow_baseline: bool = False
             if args.model and args.model != plan.model:
                 raise AutobuildError(f"--plan is for {plan.model!r}, not {args.model!r}")
             analysis = Analysis(plan_baseline(plan))
-            return _build(analysis, plan.placement, plan.init), analysis
+            return _build(analysis, plan.placement, plan.init, seed), analysis
         status(f"loading {args.model}")
         model = load(args.model)
         return model, Analysis(plan_baseline(plan_of(model), device="meta"))
@@ -221,25 +258,27 @@ def model_from_args(args: argparse.Namespace, *, allow_baseline: bool = False
         if args.family or args.sites or args.option:
             raise AutobuildError("--placement names every choice; it takes no --to/--sites/"
                                  "--option")
-        return _build(analysis, load_placement(args.placement), init), analysis
+        placement = load_placement(args.placement)
+        analysis.check_new(placement)
+        return _build(analysis, placement, init, seed), analysis
     if not args.family:
         if not allow_baseline:
             raise AutobuildError("--to FAMILY or --placement FILE is required (see "
                                  "`autobuild variants`)")
         if args.sites or args.option:
             raise AutobuildError("--sites/--option need --to FAMILY")
-        return _build(analysis, Placement(), init), analysis
+        return _build(analysis, Placement(), init, seed), analysis
     placement = analysis.select(args.family, args.sites, parse_options(args.option))
-    return _build(analysis, placement, init), analysis
+    return _build(analysis, placement, init, seed), analysis
 
 
-def _build(analysis: Any, placement: Any, init: str) -> Any:
+def _build(analysis: Any, placement: Any, init: str, seed: int | None = None) -> Any:
     """Say what is about to be built (predicted from the analysis, nothing allocated), then
     build it; an absurd size is refused by the analysis before allocating."""
     cost = analysis.cost(placement)
     status(f"building {analysis.baseline.name} -> {placement.summary()}: "
            f"{human(cost.params)} params, {human(cost.macs)} MACs per image")
-    return analysis.build(placement, init)
+    return analysis.build(placement, init, seed=seed)
 
 
 # ---- printing ---------------------------------------------------------------------------

@@ -30,7 +30,8 @@ def run(args: argparse.Namespace) -> int:
     study = open_study(args)
     result = export_trial(study, args.trial, args.out, force=args.force,
                           artifacts=args.artifacts, keep=kept_paths(args, study))
-    print(f"trial {args.trial} ({result['placement']}) -> {args.out}: plan + "
-          f"{'trained' if result['trained_weights'] else 'freshly initialised'} weights; "
+    weights = ("trained weights" if result["trained_weights"] else
+               f"the initial weights it trained from (seed {result['seed']})")
+    print(f"trial {args.trial} ({result['placement']}) -> {args.out}: plan + {weights}; "
           f"`autobuild train {args.out} --data ...` trains it")
     return 0

@@ -224,7 +224,7 @@ def run(args: argparse.Namespace) -> int:
 # ---- a new run: directory, recipe, data, model -------------------------------------------
 def _new_job(args: argparse.Namespace) -> _Job:
     from autobuild.train import prepare_run_dir
-    from autobuild.train.devices import check_device
+    from autobuild.train.devices import check_device, check_sync_bn
     from autobuild.train.regularize import check_regularizers
     from autobuild.train.runs import is_main_process
 
@@ -233,6 +233,7 @@ def _new_job(args: argparse.Namespace) -> _Job:
     task = _task(name, args.data) if name else "classification"
     cfg = _recipe(args, name, task)
     check_device(str(cfg.device))  # before the run directory exists
+    check_sync_bn(cfg)
     data = _new_data(args, name, task)
     model = _build_model(args, cfg)
     detection = task == "detection"
@@ -307,19 +308,21 @@ def _build_model(args: argparse.Namespace, cfg: Any) -> Any:
     import torch
 
     torch.manual_seed(cfg.seed)  # the initial weights are part of a reproducible run
-    return model_from_args(args, allow_baseline=True)[0]
+    return model_from_args(args, allow_baseline=True, seed=cfg.seed)[0]
 
 
 # ---- a resumed run ---------------------------------------------------------------------
 def _resumed_job(args: argparse.Namespace) -> _Job:
-    """Continue a run from its checkpoint, with the recipe it recorded (flags given now
+    """Continue a run from its checkpoint, with the recipe train.yaml records (the latest
+    one asked for: an edit of its ``config`` applies, checked as a flag is; flags given now
     override it); refused, before anything is written, when nothing is left to train."""
     from autobuild.api import build_plan
     from autobuild.io import load_plan
     from autobuild.train import TrainConfig, load_checkpoint
     from autobuild.train.checkpoint import CHECKPOINT_FILE
     from autobuild.train.config import check_resume
-    from autobuild.train.rundir import check_writable
+    from autobuild.train.devices import check_sync_bn
+    from autobuild.train.rundir import check_writable, read_run_record
     from autobuild.train.tensorboard import check_log_dir
 
     run_dir = _resume_dir(args)
@@ -327,8 +330,13 @@ def _resumed_job(args: argparse.Namespace) -> _Job:
     plan = load_plan(run_dir)
     record = state.get("data") or {}
     task = _task(plan.model, args.data or record.get("spec"))
-    cfg = TrainConfig.from_dict({**state["config"], **config_overrides(args)})
+    # train.yaml, not the checkpoint: a resume interrupted before its first checkpoint
+    # recorded its recipe (e.g. more --epochs) there only, and a user may have edited it.
+    recorded = read_run_record(run_dir)
+    recipe = recorded["config"] if recorded else state["config"]
+    cfg = TrainConfig.from_dict({**recipe, **config_overrides(args)})
     check_resume(cfg, int(state["epoch"]))
+    check_sync_bn(cfg)
     check_writable(run_dir)
     check_log_dir(cfg.tensorboard)
     data = _data(args, record, task)

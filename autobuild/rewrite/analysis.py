@@ -277,7 +277,8 @@ class Analysis:
                 raise AutobuildError("sites is an empty list; name at least one site pattern "
                                      "or pass None for the family's default sites")
             chosen = select_sites(accepted, patterns, family=variant.name, model=name)
-        variant.refuse_idle(chosen, opts, self)
+        variant.refuse_idle(chosen, opts)
+        variant.refuse_new(chosen, opts, self)
         choice = Choice.of(variant.name, opts)
         return Placement({s.name: choice for s in chosen})
 
@@ -323,6 +324,16 @@ class Analysis:
         for choice, names in placement.groups():
             variant = get_family(choice.family)
             variant.check([self._sites[n] for n in names], choice.opts, init, self)
+
+    def check_new(self, placement: Placement | Mapping[str, Any]) -> None:
+        """Refuse what only new input is refused for (``Variant.refuse_new``, e.g. a QL
+        width that rounds to 0 channels): for a placement a user wrote, not one a saved
+        plan holds. Unknown and refused sites are named first; :meth:`check` does the rest."""
+        placement = _as_placement(placement)
+        self._items(placement)  # unknown sites and refused sites first, with their reasons
+        for choice, names in placement.groups():
+            get_family(choice.family).refuse_new([self._sites[n] for n in names],
+                                                 choice.opts, self)
 
     def cost(self, placement: Placement | Mapping[str, Any]) -> Counts:
         """Params, MACs and FLOPs of the built placement, predicted without building it:
@@ -401,9 +412,13 @@ class Analysis:
         return counts
 
     def build(self, placement: Placement | Mapping[str, Any], init: str = "scratch", *,
-              model: nn.Module | None = None, check_size: bool = True) -> nn.Module:
+              model: nn.Module | None = None, check_size: bool = True,
+              seed: int | None = None) -> nn.Module:
         """The converted model (a copy; the baseline is untouched). ``model``: build on this
         module instead of a copy of the baseline (it must have the baseline's structure).
+        ``seed``: the new layers are initialised right after ``torch.manual_seed(seed)``,
+        so they do not depend on what the process drew before (a search trial, ``train``
+        and ``export`` build the same network from the same seed and baseline).
         An absurd size is refused before anything is allocated (see the module docstring);
         a build on the meta device allocates nothing and is not checked."""
         placement = _as_placement(placement)
@@ -411,6 +426,8 @@ class Analysis:
         if check_size and placement and torch.empty(()).device.type != "meta":
             self.check_size(placement)
         target = copy.deepcopy(self.baseline.module) if model is None else model
+        if seed is not None:
+            torch.manual_seed(seed)
         # (the modules themselves, not their ids: a replaced module's id is reused)
         training, kept = target.training, set(target.modules())
         rewriter = self._rewriter(target)

@@ -233,17 +233,21 @@ class Variant:
         why); :meth:`Analysis.select` refuses them when set away from their default."""
         return {}
 
-    def refuse_idle(self, sites: Sequence[Site], options: dict[str, Any],
-                    analysis: Analysis | None = None) -> None:
+    def refuse_idle(self, sites: Sequence[Site], options: dict[str, Any]) -> None:
         """Refuse an option set away from its default where it changes nothing: a user's
         conversion names one network under one placement key (the search would train it
-        twice). Only new input is refused; saved plans and search trials keep loading.
-        A family may refuse other new input here too (``analysis``: the sites' network)."""
+        twice). Only new input is refused; saved plans and search trials keep loading."""
         defaults = {o.name: o.default for o in self.options}
         for name, why in self.idle_options(sites, options).items():
             if name in options and options[name] != defaults[name]:
                 raise InfeasiblePlacement(f"option {name}={options[name]} of {self.name} "
                                           f"changes nothing here ({why}); drop it")
+
+    def refuse_new(self, sites: Sequence[Site], options: dict[str, Any],
+                   analysis: Analysis) -> None:
+        """Refuse (raise :class:`InfeasiblePlacement`) what a family builds but no user
+        should ask for anew, e.g. a width that rounds to 0 channels: new conversions,
+        placement files and search spaces are refused; plans saved with it still load."""
 
     # ---- region and cost ------------------------------------------------------------
     def region(self, site: Site, options: dict[str, Any], analysis: Analysis) -> Region:

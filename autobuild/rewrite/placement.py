@@ -173,6 +173,16 @@ class Placement(Mapping[str, Choice]):
         counts = Counter(c.short() for c in self._items.values())
         return ", ".join(f"{k} x{n}" for k, n in sorted(counts.items())) or "baseline"
 
+    def describe(self) -> str:
+        """:meth:`summary` with where each choice goes, so that two placements with the same
+        counts read differently: ``pde-global x1 in layer3; quadratic:ours x6 in layer1.*``
+        (up to 3 sites by name, more by the modules that hold them)."""
+        by_choice: dict[str, list[str]] = {}
+        for site, choice in self._items.items():
+            by_choice.setdefault(choice.short(), []).append(site)
+        return "; ".join(f"{short} x{len(sites)} in {_where(sites)}"
+                         for short, sites in sorted(by_choice.items())) or "baseline"
+
     def merged(self, other: Placement) -> Placement:
         """This placement plus ``other``'s choices (a site in both must agree)."""
         for site in set(self) & set(other):
@@ -182,3 +192,26 @@ class Placement(Mapping[str, Choice]):
                 raise InfeasiblePlacement(f"site {site} has two choices: {self[site]} and "
                                           f"{other[site]}")
         return Placement({**self._items, **other._items})
+
+
+def _where(sites: list[str]) -> str:
+    """``layer1.*,layer3.0.conv1``: the sites, or per top-level module the deepest module
+    holding all of its sites."""
+    if len(sites) <= 3:
+        return ",".join(sites)
+    by_top: dict[str, list[list[str]]] = {}
+    for site in sites:
+        by_top.setdefault(site.split(".")[0], []).append(site.split("."))
+    out = []
+    for paths in by_top.values():
+        if len(paths) == 1:
+            out.append(".".join(paths[0]))
+            continue
+        common = paths[0]
+        for path in paths[1:]:
+            n = 0
+            while n < min(len(common), len(path)) and common[n] == path[n]:
+                n += 1
+            common = common[:n]
+        out.append(".".join(common) + ".*")
+    return ",".join(out)

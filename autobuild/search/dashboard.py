@@ -64,6 +64,9 @@ def serve(storage: str, *, study: str | None = None, port: int | None = None,
     except OSError as exc:  # taken between the check and the start
         raise AutobuildError(f"--port {port}: cannot serve on 127.0.0.1:{port} "
                              f"({exc.strerror}); pass another --port") from exc
+    # The server returns only when interrupted (Bottle catches the KeyboardInterrupt of a
+    # Ctrl-C): the command exits 130 as every interrupted one does (SIGTERM: 143).
+    raise KeyboardInterrupt
 
 
 def _check_port(port: int) -> None:

@@ -43,9 +43,11 @@ def trial_plan(study: optuna.Study, number: int) -> Any:
 def export_trial(study: optuna.Study, number: int, out: str, *, force: bool = False,
                  artifacts: str | None = None, keep: Sequence[str] = ()) -> dict[str, Any]:
     """Write trial ``number`` as ``out`` (plan + weights: the trial's trained weights when the
-    space kept them, else freshly initialised ones). ``artifacts`` is the study's artifact
-    directory (default: as ``search`` resolves it); ``force`` replaces a non-empty ``out``
-    whole, unless it is or holds one of ``keep`` (the study's database, its artifacts)."""
+    space kept them, else the initial weights the trial trained from, built from its seed:
+    ``autobuild train OUT`` with the space's budget reproduces it). ``artifacts`` is the
+    study's artifact directory (default: as ``search`` resolves it); ``force`` replaces a
+    non-empty ``out`` whole, unless it is or holds one of ``keep`` (the study's database,
+    its artifacts)."""
     from autobuild.api import build_plan
     from autobuild.files import check_replaceable, ensure_writable_dir
     from autobuild.io import load, save
@@ -55,7 +57,8 @@ def export_trial(study: optuna.Study, number: int, out: str, *, force: bool = Fa
         check_replaceable(out, keep)
     trial = _trial(study, number)
     plan = trial_plan(study, number)
-    model = build_plan(plan)
+    seed = trial.user_attrs.get("seed")
+    model = build_plan(plan, seed=seed)
     trained = False
     artifact = trial.user_attrs.get("weights_artifact")
     if artifact:
@@ -68,7 +71,8 @@ def export_trial(study: optuna.Study, number: int, out: str, *, force: bool = Fa
             model = load(tmp)
         trained = True
     save(model, out, force=force)
-    return {"out": out, "placement": plan.placement.summary(), "trained_weights": trained}
+    return {"out": out, "placement": plan.placement.summary(), "trained_weights": trained,
+            "seed": seed}
 
 
 def _download_weights(study: optuna.Study, number: int, artifact: str, artifacts: str | None,

@@ -15,12 +15,12 @@ from typing import Any
 import optuna
 import torch
 
-from autobuild.errors import AutobuildError
 from autobuild.rewrite import Analysis, Choice, Placement, Region
+from autobuild.search.groups import ResolvedGroup, resolve_groups
 from autobuild.search.pruning import Curve, should_stop
 from autobuild.search.space import OBJECTIVES, SearchSpace
 
-__all__ = ["Objective", "ResolvedGroup", "SurplusTrial", "resolve_groups"]
+__all__ = ["Objective", "SurplusTrial"]
 
 #: Trial user attributes every trial gets (the report and the dashboard read them).
 ATTR_KEY = "placement_key"
@@ -36,41 +36,28 @@ class SurplusTrial(Exception):
     ``n_trials`` finished trials."""
 
 
-@dataclass
-class ResolvedGroup:
-    """A space group matched against the baseline: its sites and parsed choices."""
+def _device_name(setting: str) -> str:
+    """Where this worker's trials train (``auto`` resolved), with the GPU's model and the
+    ``CUDA_VISIBLE_DEVICES`` a worker was given: ``cuda:0 (NVIDIA H200,
+    CUDA_VISIBLE_DEVICES=3)``."""
+    from autobuild.train.devices import resolve_device
 
-    name: str
-    sites: list[str]
-    labels: list[str]
-    choices: list[Choice | None]
-    per_site: bool
+    device = resolve_device(setting)
+    if device.type != "cuda":
+        return str(device)
+    details = [torch.cuda.get_device_name(device)]
+    if os.environ.get("CUDA_VISIBLE_DEVICES"):
+        details.append(f"CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']}")
+    return f"{device} ({', '.join(details)})"
 
 
-def resolve_groups(space: SearchSpace, analysis: Analysis) -> list[ResolvedGroup]:
-    """Match each group's patterns against the baseline's sites (every pattern must match a
-    site some choice of the group can take) and parse its choices."""
-    import fnmatch
-
-    groups = []
-    names = [s.name for s in analysis.sites()]
-    for i, group in enumerate(space.groups):
-        label = group.name or f"g{i}"
-        # A mapping choice is kept as its JSON text (Optuna's categorical values are scalars).
-        choices = [Choice.parse(json.loads(c) if c.startswith("{") else c, where=label)
-                   for c in group.choices]
-        sites: list[str] = []
-        for pattern in group.sites:
-            hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
-            if not hits:
-                raise AutobuildError(f"search space groups[{i}].sites: pattern {pattern!r} "
-                                     f"matches no site of {analysis.baseline.name}")
-            sites += [n for n in hits if n not in sites]
-        groups.append(ResolvedGroup(label, sites, list(group.choices), choices, group.per_site))
-    if all(c is None for g in groups for c in g.choices):
-        raise AutobuildError("search space has nothing to search: every group's only choice "
-                             "is keep")
-    return groups
+def _set_constraints(trial: optuna.Trial, values: dict[str, float]) -> None:
+    """Set the constraints the trial does not hold yet: a trial Optuna retried after its
+    worker went silent carries its predecessor's (Optuna warns on setting one again)."""
+    held = trial.constraints
+    for text, value in values.items():
+        if text not in held:
+            trial.set_constraint(text, value)
 
 
 @dataclass
@@ -111,6 +98,7 @@ class Objective:
         import socket
 
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self.device_name = _device_name(str(config.device))
 
     # ---- the placement a trial proposes ---------------------------------------------
     def placement(self, trial: optuna.Trial) -> Placement:
@@ -176,17 +164,18 @@ class Objective:
         start = time.perf_counter()
         placement = self.placement(trial)
         trial.set_user_attr(ATTR_KEY, placement.key)
-        trial.set_user_attr("placement", placement.summary())
+        trial.set_user_attr("placement", placement.describe())
         trial.set_user_attr("placement_json", json.dumps(
             {s: str(c) for s, c in placement.items()}))
         trial.set_user_attr("seed", self.space.seed)
-        trial.set_user_attr("device", str(self.config.device))
+        trial.set_user_attr("device", self.device_name)
         self.analysis.check(placement, self.space.init)
         costs = self.analysis.cost(placement).to_dict()
         for key in ("params", "macs", "flops"):
             trial.set_user_attr(key, costs[key])
         reused = self._reuse(trial, placement.key)
-        if reused is not None:
+        if reused is not None:  # (its own wall time: the waiting, not the source's training)
+            trial.set_user_attr("wall_time_s", time.perf_counter() - start)
             return reused
         model = None
         if self.needs_latency:
@@ -195,15 +184,14 @@ class Objective:
                                               self.config.device)
             trial.set_user_attr("latency_ms", costs["latency_ms"])
         violations = {c.text: c.violation(costs, self.baseline) for c in self.constraints}
-        for text, value in violations.items():
-            trial.set_constraint(text, value)
+        _set_constraints(trial, violations)
         trial.set_user_attr("constraints", violations)
         feasible = all(v <= 0 for v in violations.values())
         trial.set_user_attr("feasible", feasible)
         self._upload_plan(trial, placement)
         if not feasible:
             trial.set_user_attr("trained", False)
-            self.say(f"trial {trial.number}: {placement.summary()} is over a constraint "
+            self.say(f"trial {trial.number}: {placement.describe()} is over a constraint "
                       f"({', '.join(t for t, v in violations.items() if v > 0)}): not trained")
             # Never trained: top-1 0 (Optuna ranks it below every feasible trial anyway).
             return self._values({**costs, "top1": 0.0})
@@ -226,8 +214,7 @@ class Objective:
         """The placement's network, from the same initial weights whatever ran before it in
         this process (as `autobuild train` seeds before it builds): a single-worker search
         is then reproducible, and a placement's score does not depend on the trial order."""
-        torch.manual_seed(self.space.seed)
-        return self.analysis.build(placement, self.space.init)
+        return self.analysis.build(placement, self.space.init, seed=self.space.seed)
 
     def _claim(self, trial: optuna.Trial) -> None:
         """Stand down if this trial is beyond the study's ``n_trials``: trials that finished
@@ -260,7 +247,7 @@ class Objective:
         def on_epoch(metrics: Any) -> bool:
             history.append(float(metrics.val_top1))
             trial.set_user_attr("top1_per_epoch", list(history))
-            self.say(f"trial {trial.number}: {placement.summary()} epoch {metrics.epoch}/"
+            self.say(f"trial {trial.number}: {placement.describe()} epoch {metrics.epoch}/"
                       f"{self.config.epochs} top-1 {metrics.val_top1:.2f}% "
                       f"MACs {costs['macs'] / 1e6:.1f}M")
             if single:
@@ -279,7 +266,7 @@ class Objective:
             result = train(model, self.data, self.config, callback=on_epoch)
         except DivergedError as exc:
             trial.set_user_attr("fail_reason", str(exc))
-            self.say(f"trial {trial.number}: {placement.summary()} failed: {exc}")
+            self.say(f"trial {trial.number}: {placement.describe()} failed: {exc}")
             raise
         trial.set_user_attr("best_epoch", result.best_epoch)
         trial.set_user_attr("train_s", result.seconds)
@@ -301,12 +288,10 @@ class Objective:
                 source = min(done, key=lambda t: t.number)
                 for name, value in source.user_attrs.items():
                     # the result, not why the source was enqueued (a seed's kind)
-                    if name not in trial.user_attrs and name not in ("reused_from",
-                                                                     "seed_kind", "ri_error"):
+                    if name not in trial.user_attrs and name not in (
+                            "reused_from", "seed_kind", "ri_error", "wall_time_s"):
                         trial.set_user_attr(name, value)
-                for name, value in source.system_attrs.items():
-                    if name.startswith("constraints:"):
-                        trial.set_constraint(name.removeprefix("constraints:"), value)
+                _set_constraints(trial, source.constraints)
                 trial.set_user_attr("reused_from", source.number)
                 self.say(f"trial {trial.number}: same placement as trial {source.number}: "
                           "its result is reused")

@@ -199,7 +199,11 @@ def write_report(study: optuna.Study, out: str, *, force: bool = False,
         raise AutobuildError(f"study {study.study_name!r} has no trials yet")
     frame = trials_frame(study)
     with staged_directory(out, force=force) as staging:
-        atomic_write_text(os.path.join(staging, "trials.csv"), frame.to_csv(index=False))
+        # (counts as integers: a column with empty cells would be written as 2.0)
+        whole = {c: "Int64" for c in ("params", "macs", "flops", "pruned_at_epoch",
+                                      "reused_from")}
+        atomic_write_text(os.path.join(staging, "trials.csv"),
+                          frame.astype(whole).to_csv(index=False))
         atomic_write_text(os.path.join(staging, "report.md"), _markdown(study, frame))
         _plot(study, frame, os.path.join(staging, "pareto.png"))
         ri = pd.DataFrame(study.user_attrs.get("ri") or [])

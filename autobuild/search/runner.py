@@ -30,7 +30,7 @@ from autobuild.search.study import (
     running_elsewhere,
     wait_for_others,
 )
-from autobuild.train.devices import check_device
+from autobuild.train.devices import check_device, check_sync_bn
 
 __all__ = ["SQLITE_ONE_WORKER", "Search", "attach", "prepare", "run", "run_worker", "work"]
 
@@ -85,9 +85,23 @@ def _config(space: SearchSpace, device: str | None) -> Any:
     if unknown:
         raise AutobuildError(f"search space budget.{unknown[0]}: unknown key; valid: "
                              f"{', '.join(sorted(known | {'train_subset', 'image_size'}))}")
+    # Keys the search sets itself: taken from the budget, they would be ignored silently.
+    for key, where in _SET_BY_SEARCH.items():
+        if key in extra:
+            raise AutobuildError(f"search space budget.{key}: {where}")
+    if not device:  # (named as the space's key, not as a budget's)
+        TrainConfig.from_space({"device": space.device}, "search space ", "")
     return TrainConfig.from_space({**extra, "seed": space.seed,
                                    "device": device or space.device, "progress": False},
                                   "search space ", "budget")
+
+
+_SET_BY_SEARCH = {
+    "seed": "the space's top-level `seed` seeds every trial (and the sampler); set it there",
+    "device": "the space's top-level `device` (or --device) is where trials train; set it "
+              "there",
+    "progress": "trials train without progress bars (the search prints one line per trial)",
+}
 
 
 def prepare(space: SearchSpace, *, storage: str | None = None, study_name: str | None = None,
@@ -103,6 +117,7 @@ def prepare(space: SearchSpace, *, storage: str | None = None, study_name: str |
     from autobuild.api import analyze
     from autobuild.train import build_data
     from autobuild.train.config import check_new_recipe
+    from autobuild.train.tensorboard import check_log_dir
 
     name = study_name or space.name
     url = storage or default_storage(name)
@@ -111,9 +126,11 @@ def prepare(space: SearchSpace, *, storage: str | None = None, study_name: str |
         raise AutobuildError(SQLITE_ONE_WORKER)
     config = _config(space, device)
     check_device(str(config.device), "--device" if device else "search space device")
+    check_sync_bn(config, "search space budget.sync_bn")
     check_budget(space, config)
     if not (resume or join):  # (a study an older version made continues as it was made)
         check_new_recipe(config, "search space budget.")
+    check_log_dir(config.tensorboard, "search space budget.tensorboard")
     data = build_data(space.data, space.data_dir, image_size=space.budget.image_size,
                       train_subset=space.budget.train_subset,
                       subset_key="search space budget.train_subset")

@@ -125,7 +125,8 @@ class TrainConfig(BaseModel):
     def from_space(cls, data: dict[str, Any], source: str, key: str) -> TrainConfig:
         """A recipe from a search space's ``key`` (``budget``): a bad field is named as the
         space's key (``search space budget.lr``), not as a flag."""
-        token = _NAMES.set((source, lambda loc: ".".join((key, *map(str, loc)))))
+        token = _NAMES.set((source, lambda loc: ".".join(p for p in (key, *map(str, loc))
+                                                           if p)))
         try:
             return cls(**data)
         finally:

@@ -260,6 +260,7 @@ def _imagefolder(root: str, image_size: int | None, val_only: bool = False) -> D
                                      f"class folders ({len(names)} vs {len(val.classes)})")
         return Data("imagefolder", Subset(val, []), val, len(val.classes),
                     (channels, size, size), list(val.classes))
+    _mode_and_size(val.samples)  # (its headers too: an unreadable one is refused now)
     train = ImageFolder(os.path.join(root, "train"), transform=train_t, loader=loader)
     if val.classes != train.classes:
         raise AutobuildError(f"imagefolder:{root}: train/ and val/ have different class "
@@ -299,7 +300,8 @@ def _synthetic(arg: str) -> Data:
     except ValueError:
         raise AutobuildError(f"bad synthetic options {arg!r}; valid: {DATA_SPECS}") from None
     if len(size) != 3 or min(size) < 1 or classes < 2 or min(n_train, n_val) < 1:
-        raise AutobuildError(f"bad synthetic options {arg!r}; valid: {DATA_SPECS}")
+        raise AutobuildError(f"bad synthetic options {arg!r}: size is CxHxW (each >= 1), "
+                             "classes >= 2, train and val >= 1")
     # Bounds that keep a typo from allocating or generating for ever (the class patterns
     # are held in memory; images are made one at a time).
     if size[0] > 64 or max(size[1:]) > 4096 or max(n_train, n_val) > 1_000_000 or \

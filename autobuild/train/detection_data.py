@@ -24,7 +24,13 @@ import torch
 from torch.utils.data import Dataset
 
 from autobuild.errors import AutobuildError
-from autobuild.train.detection_readers import Record, read_coco, read_voc, voc_classes
+from autobuild.train.detection_readers import (
+    Record,
+    check_size,
+    read_coco,
+    read_voc,
+    voc_classes,
+)
 
 __all__ = ["AUGMENTATIONS", "DETECTION_SPECS", "VOC_CLASSES", "DetectionData",
            "DetectionDataset", "build_detection_data", "collate_detection",
@@ -112,9 +118,28 @@ def build_detection_data(spec: str, data_dir: str | None = None, *, augment: str
         raise AutobuildError(f"{spec}: the validation split has no (non-difficult) object "
                              "to evaluate against")
     train = train if val_only else _subset(train, train_subset)
+    _check_headers(train + val)
     return DetectionData(name, DetectionDataset(train, ssd_transform(augment)),
                          DetectionDataset(val, None), classes, spec, data_dir, train_subset,
                          augment)
+
+
+#: Images whose headers are read before training (spread over the set): a set resized
+#: after annotating is refused up front; every image is checked again when it is loaded.
+HEADER_SAMPLES = 256
+
+
+def _check_headers(records: list[Record]) -> None:
+    from PIL import Image
+
+    step = max(1, len(records) // HEADER_SAMPLES)
+    for r in records[::step]:
+        try:
+            with Image.open(r.image) as img:
+                check_size(r, *img.size)
+        except OSError as exc:  # includes PIL's UnidentifiedImageError
+            raise AutobuildError(f"cannot read image {r.image!r}: "
+                                 f"{str(exc).splitlines()[0]}") from None
 
 
 def _path_and_options(arg: str, defaults: dict[str, str]) -> tuple[str, dict[str, str]]:
@@ -176,6 +201,7 @@ class DetectionDataset(Dataset):
 
             try:
                 with Image.open(r.image) as img:
+                    check_size(r, *img.size)
                     pixels = np.array(img.convert("RGB"))
             except OSError as exc:  # includes PIL's UnidentifiedImageError
                 raise AutobuildError(f"cannot decode image {r.image!r}: "

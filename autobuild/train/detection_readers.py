@@ -22,7 +22,7 @@ import numpy as np
 
 from autobuild.errors import AutobuildError
 
-__all__ = ["Record", "read_coco", "read_voc", "voc_classes", "voc_root"]
+__all__ = ["Record", "check_size", "read_coco", "read_voc", "voc_classes", "voc_root"]
 
 
 @dataclass
@@ -31,6 +31,10 @@ class Record:
     boxes: np.ndarray  # (N, 4) float32, x1 y1 x2 y2
     labels: np.ndarray  # (N,) int64, 1..K
     crowd: np.ndarray  # (N,) bool: difficult / crowd, ignored by training and evaluation
+    #: (width, height) the annotation declares, checked against the image when it is read
+    #: (boxes of images resized after annotating would land in the wrong place)
+    size: tuple[int, int] | None = None
+    source: str = ""  # the annotation file, named by errors
 
 
 # ---- Pascal VOC -----------------------------------------------------------------------------
@@ -114,7 +118,27 @@ def _voc_record(root: str, image_id: str, index: dict[str, int]) -> Record:
         labels.append(index[cls])
         crowd.append(_number(obj, "difficult", path, k, required=False) == 1)
     return Record(image, np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
-                  np.asarray(labels, dtype=np.int64), np.asarray(crowd, dtype=bool))
+                  np.asarray(labels, dtype=np.int64), np.asarray(crowd, dtype=bool),
+                  _declared(width, height), path)
+
+
+def _declared(width: Any, height: Any) -> tuple[int, int] | None:
+    """The size an annotation declares, when it declares a usable one (VOC files written
+    by some tools say 0 x 0)."""
+    if (isinstance(width, (int, float)) and isinstance(height, (int, float))
+            and not isinstance(width, bool) and not isinstance(height, bool)
+            and width >= 1 and height >= 1 and float(width).is_integer()
+            and float(height).is_integer()):
+        return int(width), int(height)
+    return None
+
+
+def check_size(record: Record, width: int, height: int) -> None:
+    """Refuse an image whose size is not the one its annotation declares."""
+    if record.size is not None and record.size != (width, height):
+        raise AutobuildError(f"{record.source}: declares a {record.size[0]}x{record.size[1]} "
+                             f"image but {record.image!r} is {width}x{height}; its boxes "
+                             "would be misplaced (an image resized after annotating?)")
 
 
 def _inside(box: list[float], width: float, height: float, what: str) -> list[float]:
@@ -208,9 +232,11 @@ def read_coco(root: str, split: str) -> tuple[list[Record], list[str]]:
         if not os.path.exists(path):
             raise AutobuildError(f"{ann_file}: image {image_id}'s file {path!r} does not exist")
         objs = per_image[image_id]
+        width, height = sizes[image_id]
         records.append(Record(path, np.asarray([o[0] for o in objs], np.float32).reshape(-1, 4),
                               np.asarray([o[1] for o in objs], np.int64),
-                              np.asarray([o[2] for o in objs], bool)))
+                              np.asarray([o[2] for o in objs], bool),
+                              _declared(width, height), f"{ann_file} (image {image_id})"))
     return records, [name for _, name in cats]
 
 

@@ -3,11 +3,13 @@ this machine does not have is one line naming the flag, not an error inside a tr
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from autobuild.errors import AutobuildError
 
-__all__ = ["check_device", "resolve_device"]
+__all__ = ["check_device", "check_sync_bn", "resolve_device"]
 
 
 def check_device(name: str, flag: str = "--device") -> None:
@@ -39,3 +41,9 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         return torch.device(name)
     except RuntimeError as exc:
         raise AutobuildError(f"bad --device {name!r}: {exc}") from exc
+
+
+def check_sync_bn(cfg: Any, key: str = "--sync-bn") -> None:
+    """``--sync-bn`` where the run would not be on CUDA: refused before any work."""
+    if cfg.sync_bn and resolve_device(str(cfg.device)).type != "cuda":
+        raise AutobuildError(f"{key} needs CUDA (torch's SyncBatchNorm is GPU-only)")

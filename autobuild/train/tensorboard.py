@@ -24,25 +24,46 @@ __all__ = ["TensorBoardLogger", "check_log_dir"]
 _GROUPS = {"train_": "train/", "val_": "val/", "map": "val/"}
 
 
-def check_log_dir(log_dir: str | None) -> None:
+def check_log_dir(log_dir: str | None, key: str = "--tensorboard") -> None:
     """Refuse, before any work (and before a run's record is written), a ``--tensorboard``
-    path that cannot become a log directory, or a missing tensorboard package."""
+    path (``key`` names it) that cannot become a log directory, or a missing tensorboard
+    package."""
     if log_dir is None:
         return
     import importlib.util
     import os
 
     if importlib.util.find_spec("tensorboard") is None:
-        raise AutobuildError("--tensorboard needs the tensorboard package: pip install "
+        raise AutobuildError(f"{key} needs the tensorboard package: pip install "
                              "'autobuild[analysis]'")
     probe = os.path.abspath(log_dir)
     while not os.path.exists(probe):
         probe = os.path.dirname(probe)
     if probe == os.path.abspath(log_dir) and not os.path.isdir(probe):
-        raise AutobuildError(f"--tensorboard {log_dir!r}: exists and is not a directory")
+        raise AutobuildError(f"{key} {log_dir!r}: exists and is not a directory")
     if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
-        raise AutobuildError(f"--tensorboard {log_dir!r}: {probe!r} is not a writable "
+        raise AutobuildError(f"{key} {log_dir!r}: {probe!r} is not a writable "
                              "directory")
+    _try_to_create(os.path.abspath(log_dir), probe, f"{key} {log_dir!r}")
+
+
+def _try_to_create(path: str, existing: str, what: str) -> None:
+    """Create the missing folders of ``path`` (below ``existing``) and remove them again:
+    what ``os.access`` does not see (a read-only file system, /proc, root's rights) is
+    refused now, not when the first epoch ends."""
+    import contextlib
+    import os
+
+    if path == existing:
+        return
+    try:
+        os.makedirs(path)
+    except OSError as exc:
+        raise AutobuildError(f"{what}: cannot create it ({exc.strerror or exc})") from None
+    while path != existing:
+        with contextlib.suppress(OSError):
+            os.rmdir(path)
+        path = os.path.dirname(path)
 
 
 class TensorBoardLogger:

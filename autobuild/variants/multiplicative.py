@@ -179,13 +179,11 @@ class MultiplicativeVariant(Variant):
         _parse_expansion(options["expansion"])  # refuse a bad width rule up front
         return options
 
-    def refuse_idle(self, sites: Sequence[Site], options: dict[str, Any],
-                    analysis: Analysis | None = None) -> None:
-        """Also refuse, in new input only, an expansion that gives a block no channels (it
-        is built at 1 channel: the network of another, larger expansion under another
-        key); plans saved with one still load."""
-        super().refuse_idle(sites, options, analysis)
-        for site in sites if analysis is not None else ():
+    def refuse_new(self, sites: Sequence[Site], options: dict[str, Any],
+                   analysis: Analysis) -> None:
+        """An expansion that gives a block no channels (it would be built at 1 channel,
+        the network of another, larger expansion under another key)."""
+        for site in sites:
             basis = (min(QLNET_WIDTHS) if options["layout"] == "qlnet"
                      else _block_basis(site, analysis.module(site)))
             narrow = _too_narrow(basis, options["expansion"])

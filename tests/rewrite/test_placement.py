@@ -341,3 +341,21 @@ def test_idle_options_are_refused_as_new_input_only(tmp_path) -> None:
                           placement={"layer1.0.conv1": "quadratic:type=t4,memory=save"})
     autobuild.save(m, str(tmp_path / "old"))
     assert autobuild.plan_of(autobuild.load(str(tmp_path / "old"))) == autobuild.plan_of(m)
+
+
+def test_describe_says_where_each_choice_goes() -> None:
+    """Search reports label trials with it: two placements with the same counts on other
+    stages used to read the same ("quadratic:ours x6")."""
+    convs = {f"layer{s}.{b}.conv{c}": "quadratic:ours" for s in (1, 3) for b in range(3)
+             for c in (1, 2)}
+    stage1 = Placement({k: v for k, v in convs.items() if k.startswith("layer1")})
+    stage3 = Placement({k: v for k, v in convs.items() if k.startswith("layer3")})
+    assert stage1.summary() == stage3.summary()
+    assert stage1.describe() == "quadratic:ours x6 in layer1.*"
+    assert stage3.describe() == "quadratic:ours x6 in layer3.*"
+    mixed = Placement({**convs, "layer2": "pde-global", "fc": "quadratic:ours"})
+    assert mixed.describe() == ("pde-global:plain x1 in layer2; quadratic:ours x13 in "
+                                "fc,layer1.*,layer3.*")
+    assert Placement({"conv1": "dirac", "layer2.0.conv1": "dirac"}).describe() == \
+        "dirac:network x2 in conv1,layer2.0.conv1"
+    assert Placement().describe() == "baseline"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -56,9 +57,15 @@ def test_dashboard_serves_the_study_and_its_artifacts(in_tmp) -> None:
         artifact = trial.user_attrs["plan_artifact"]
         body = _get(f"{base}/artifacts/{summary['study_id']}/{served['trial_id']}/{artifact}")
         assert b"autobuild_plan: 3" in body
+        # Ctrl-C stops it as any interrupted command: exit 130 (the server's own handling
+        # of the KeyboardInterrupt made it 0)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 130
+        assert "autobuild: interrupted" in proc.stdout.read()
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(timeout=30)
 
 
 def _refused(capsys, argv: list[str], needle: str) -> None:

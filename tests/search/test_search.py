@@ -64,6 +64,17 @@ def test_identical_placements_are_trained_once(in_tmp) -> None:
     assert trials[2].user_attrs["reused_from"] == 0
     assert trials[2].values == trials[0].values
     assert "top1_per_epoch" in trials[2].user_attrs  # the record is carried over
+    # ...but not the source's training time, and the report writes trial numbers as such
+    assert trials[2].user_attrs["wall_time_s"] < trials[0].user_attrs["wall_time_s"]
+    from autobuild.search import write_report
+
+    write_report(search.study, "rep")
+    import csv
+
+    with open("rep/trials.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["reused_from"] for r in rows] == ["", "", "0"]
+    assert rows[0]["macs"] == str(trials[0].user_attrs["macs"])
 
 
 def test_a_placement_over_a_constraint_is_never_trained(in_tmp) -> None:
@@ -112,7 +123,7 @@ def test_report_export_and_resume_through_the_cli(in_tmp, capsys) -> None:
     assert sorted(os.listdir(in_tmp / "rep")) == ["pareto.png", "report.md", "ri.csv",
                                                    "trials.csv"]
     assert main(["export", "--study", "tiny", "--trial", "1", "--out", "best"]) == 0
-    assert "freshly initialised weights" in capsys.readouterr().out
+    assert "the initial weights it trained from (seed 0)" in capsys.readouterr().out
     assert sorted(os.listdir(in_tmp / "best")) == ["plan.yaml", "weights.safetensors"]
     assert main(["inspect", "best", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["placement"].startswith(("parameter-free",
@@ -448,3 +459,39 @@ def test_a_failing_ri_step_keeps_the_trial_and_says_why(in_tmp, monkeypatch) -> 
     assert converted.user_attrs["ri_error"] == "RuntimeError: masked forward failed"
     assert len(converted.user_attrs["top1_per_epoch"]) == 2 and len(calls) == 1
     assert not any(str(t.user_attrs.get("seed_kind")).startswith("revert") for t in trials)
+
+
+def test_a_trial_is_reproduced_by_export_and_train(in_tmp, capsys) -> None:
+    """The initial weights of a trial are those `export` writes and `train` builds from the
+    same seed (the conversions used to draw theirs after the baseline's in `train`, and
+    `export` did not seed at all): the same per-epoch top-1 outside the search."""
+    import csv
+
+    import yaml
+
+    space = tiny_space(groups=[{"sites": "layer1.*.conv*", "choices": ["quadratic:ours"]}],
+                       n_trials=1, seed=3, pruning={"enabled": False},
+                       seeding={"baseline": False, "all_converted": True, "revert_top_ri": 0})
+    (in_tmp / "space.yaml").write_text(yaml.safe_dump(space))
+    assert main(["search", "space.yaml", "--quiet"]) == 0
+    (trial,) = optuna.load_study(study_name="tiny",
+                                 storage="sqlite:///studies/tiny.db").get_trials()
+    expected = trial.user_attrs["top1_per_epoch"]
+    assert main(["export", "--study", "tiny", "--trial", "0", "--out", "best"]) == 0
+    budget = ["--data", space["data"], "--epochs", "2", "--batch-size", "32", "--seed", "3",
+              "--device", "cpu", "--no-progress"]
+    runs = {"export": ["best"], "plan": ["--plan", "best/plan.yaml"],
+            "flags": ["cifar_resnet20", "--to", "quadratic", "--sites", "layer1.*.conv*"]}
+    for name, argv in runs.items():
+        assert main(["train", *argv, *budget, "--out", f"run-{name}"]) == 0, name
+        with open(in_tmp / f"run-{name}" / "metrics.csv") as f:
+            top1 = [float(r["val_top1"]) for r in csv.DictReader(f)]
+        assert top1 == pytest.approx(expected, abs=1e-3), name
+    capsys.readouterr()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a machine without CUDA")
+def test_a_trial_records_where_it_trained_not_the_setting(in_tmp) -> None:
+    """`device: auto` was recorded as 'auto': with several GPUs nobody could tell."""
+    study = run(load_space(tiny_space(device="auto", n_trials=1)), quiet=True)
+    assert study.trials[0].user_attrs["device"] == "cpu"

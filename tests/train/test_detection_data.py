@@ -114,6 +114,13 @@ def _voc_xml_directory(root: Path) -> str:
     return str(path)
 
 
+def _voc_image_resized(root: Path) -> str:
+    from PIL import Image
+
+    Image.new("RGB", (48, 32)).save(root / "JPEGImages" / "000001.jpg")
+    return str(root / "Annotations" / "000001.xml")
+
+
 def _edit_coco(root: Path, edit: Callable[[dict], None]) -> str:
     path = root / "annotations" / "instances_train.json"
     data = json.loads(path.read_text())
@@ -142,6 +149,9 @@ _VOC_CASES: dict[str, tuple[Callable[[Path], str], str]] = {
     "a directory": (_voc_xml_directory, "cannot read"),
     "box outside": (_voc_box_outside,
                     "object 1 (dog) has a box outside its 32x32 image (39, 4, 50, 22 as"),
+    # its boxes were drawn on another picture: they would train the detector wrongly
+    "image resized": (_voc_image_resized,
+                      "declares a 32x32 image but '{root}/JPEGImages/000001.jpg' is 48x32"),
 }
 _COCO_CASES: dict[str, tuple[Callable[[Path], str], str]] = {
     "bad JSON": (_bad_json, "bad JSON"),
@@ -173,6 +183,8 @@ _COCO_CASES: dict[str, tuple[Callable[[Path], str], str]] = {
         bbox=[300, 300, 20, 20])), "annotation 1 has a box outside its 32x32 image"),
     "no categories": (lambda r: _edit_coco(r, lambda d: d.update(categories=[])),
                       "'categories' is empty"),
+    "other size": (lambda r: _edit_coco(r, lambda d: d["images"][0].update(width=64)),
+                   "(image 100): declares a 64x32 image but"),
 }
 
 
@@ -188,6 +200,7 @@ def test_malformed_annotation_is_one_line_naming_the_file(
         culprit, message = _VOC_CASES[case]
         spec = f"voc:{root}"
     path = culprit(root)
+    message = message.format(root=root)
     code = main(["train", "ssdlite320_mobilenet_v3_large", "--data", spec, "--epochs", "1",
                  "--device", "cpu", "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err
@@ -285,3 +298,22 @@ def test_reader_messages_name_what_differs(tmp_path: Path) -> None:
                                                  "<difficult>1</difficult>"))
     with pytest.raises(AutobuildError, match="the validation split has no .*object"):
         build_detection_data(f"voc:{voc}")
+
+
+def test_an_image_of_another_size_than_declared_is_refused_when_loaded(tmp_path: Path
+                                                                       ) -> None:
+    """Beyond the headers read before training (a spread of them), each image is checked
+    as it is loaded."""
+    from PIL import Image
+
+    from autobuild.train.detection_data import DetectionDataset
+    from autobuild.train.detection_readers import Record
+
+    Image.new("RGB", (40, 30)).save(tmp_path / "a.png")
+    boxes = np.array([[1, 1, 9, 9]], np.float32)
+    record = Record(str(tmp_path / "a.png"), boxes, np.array([1]), np.array([False]),
+                    (40, 30), "a.xml")
+    assert DetectionDataset([record], None)[0][0].shape == (3, 30, 40)
+    record.size = (30, 40)
+    with pytest.raises(AutobuildError, match=r"^a.xml: declares a 30x40 image but .* is 40x30"):
+        DetectionDataset([record], None)[0]

@@ -75,7 +75,7 @@ def test_resume_matches_an_uninterrupted_run(easy_folder: str, tmp_path: Path) -
     part = str(tmp_path / "part")
     cfg = TrainConfig(epochs=2, batch_size=16, device="cpu", workers=0)
     torch.manual_seed(0)  # as the CLI does before building the model (--seed 0)
-    stopped = train(model_from_args(ns, allow_baseline=True)[0], data, cfg,
+    stopped = train(model_from_args(ns, allow_baseline=True, seed=0)[0], data, cfg,
                     out_dir=part, callback=lambda m: m.epoch < 1)
     assert stopped.stopped_early and len(stopped.history) == 1
     assert main(["train", "--resume", part, "--device", "cpu", "--no-progress"]) == 0
@@ -229,3 +229,29 @@ def test_resuming_a_run_of_an_earlier_version_records_no_data_change(tmp_path: P
     assert main(["train", "--resume", str(run), "--epochs", "2", *FAST]) == 0
     (entry,) = yaml.safe_load((run / "train.yaml").read_text())["resumes"]
     assert "data" not in entry["changed"], entry
+
+
+def test_a_resume_takes_the_recipe_train_yaml_holds(tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    """train.yaml holds the latest recipe asked for: a hand edit of its config applies (it
+    used to be overwritten by the checkpoint's silently), checked like a flag; the resume
+    records what changed against the recipe that trained."""
+    run = tmp_path / "run"
+    assert main(["train", "cifar_resnet20", "--data", "synthetic:size=3x8x8,classes=4,"
+                 "train=16,val=8", "--epochs", "1", "--out", str(run), *FAST]) == 0
+    path = run / "train.yaml"
+    record = yaml.safe_load(path.read_text())
+    record["config"]["epochs"] = 0
+    path.write_text(yaml.safe_dump(record))
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "train.yaml" in err and "config" in err, err
+    record["config"].update(epochs=2, label_smoothing=0.1)
+    path.write_text(yaml.safe_dump(record))
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    assert [r["epoch"] for r in _rows(str(run))] == ["1", "2"]
+    record = yaml.safe_load(path.read_text())
+    (entry,) = record["resumes"]
+    assert entry["changed"] == {"epochs": [1, 2], "label_smoothing": [0.0, 0.1]}
+    assert record["config"]["label_smoothing"] == 0.1

@@ -296,3 +296,31 @@ def test_an_expansion_that_rounds_to_no_channels_is_refused_not_clamped() -> Non
     # Refused in new input only: a plan an earlier version saved with one still builds.
     built = autobuild.analyze("cifar_resnet20").build({"layer1.0": "multiplicative:expansion=0.02"})
     assert built.layer1[0].width == 1
+
+
+def test_a_too_narrow_expansion_is_refused_in_every_new_input(tmp_path, capsys) -> None:
+    """Placement files, placement= in the API and search spaces are new input too; the
+    search used to train such a trial at 1 channel."""
+    from autobuild.search.groups import resolve_groups
+    from autobuild.search.space import load_space
+
+    narrow = {"layer1.0": "multiplicative:expansion=0.02"}
+    with pytest.raises(AutobuildError, match="site layer1.0: expansion=0.02 gives"):
+        autobuild.convert("cifar_resnet20", placement=narrow)
+    path = tmp_path / "placement.yaml"
+    path.write_text("layer1.0: multiplicative:expansion=0.02\n")
+    out = tmp_path / "out"
+    assert main(["convert", "cifar_resnet20", "--placement", str(path),
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "expansion=0.02 gives its QL block no channels" in err[0]
+    assert not out.exists()
+    analysis = autobuild.analyze("cifar_resnet20")
+    space = {"name": "narrow", "baseline": "cifar_resnet20", "data": "synthetic",
+             "groups": [{"sites": "layer2.*", "choices": ["quadratic"]},
+                        {"sites": "layer1.*", "choices": ["multiplicative:expansion=0.02"]}]}
+    with pytest.raises(AutobuildError, match=r"groups\[1\].choices: multiplicative:expansion"
+                                             r"=0.02: .*site layer1.0: .*no channels"):
+        resolve_groups(load_space(space), analysis)
+    space["groups"][1]["choices"] = ["multiplicative:expansion=0.05"]  # 0.8 -> 1 channel
+    assert len(resolve_groups(load_space(space), analysis)) == 2
