@@ -115,8 +115,9 @@ def convert(model_or_name: nn.Module | str, to: str | None = None, *,
     ``placement``. ``init`` is "scratch" or "preserve" (the converted model computes the
     baseline's function). A model autobuild already converted is converted further: its
     plan then holds both conversions. The result carries its plan (:func:`plan_of`).
-    ``seed``: the baseline and then the new layers are each built right after
-    ``torch.manual_seed(seed)``, as ``autobuild train --seed`` and a search trial build."""
+    ``seed``: the new layers are drawn right after ``torch.manual_seed(seed)``, and a
+    named baseline is built right after it too, as ``autobuild train --seed`` and a search
+    trial build them (this sets torch's global random state)."""
     _check_init(init)
     if isinstance(model_or_name, nn.Module) and plan_of(model_or_name) is not None:
         if any(v is not None for v in (num_classes, input_size, weights, model_args)):

@@ -129,7 +129,8 @@ def schema_message(exc: Any, source: str = "",
         msg = _PATTERN_WORDS.get(ctx.get("pattern"), msg)
     elif kind in _BOUNDS and _not_finite(shown):  # "greater than 0" would mislead for NaN
         msg = "must be a finite number"
-    got = "" if isinstance(shown, dict) or _names_value(msg, shown) else f", got {shown!r}"
+    named = kind == "value_error" and _names_value(msg, shown)  # (a validator's own text)
+    got = "" if isinstance(shown, dict) or named else f", got {shown!r}"
     return f"{source}{key}: {msg}{got}"
 
 
@@ -138,7 +139,6 @@ def _names_value(msg: str, shown: Any) -> bool:
     fault): ``unknown sampler 'cmaes'; valid: ...`` needs no ``, got 'cmaes'``."""
     items = shown if isinstance(shown, list) else [shown]
     return any(repr(v) in msg for v in items if isinstance(v, str))
-
 
 
 _BOUNDS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal", "finite_number")

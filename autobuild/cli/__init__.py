@@ -71,7 +71,10 @@ def import_user_module(spec: str) -> None:
             importlib.import_module(spec)
     except AutobuildError:
         raise
-    except (Exception, SystemExit) as exc:  # the user's code failed to import (or exited)
+    except SystemExit as exc:  # the user's module ended the process
+        raise AutobuildError(f"--import {spec} failed: it called sys.exit({exc.code!r})"
+                             ) from exc
+    except Exception as exc:  # the user's code failed to import
         raise AutobuildError(f"--import {spec} failed: {type(exc).__name__}: "
                              f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
 

@@ -61,7 +61,7 @@ class Parser(argparse.ArgumentParser):
             if action in seen:
                 alias = f" (as {seen[action]} before)" if seen[action] != flag else ""
                 values = (f" with all its values ({flag} A B)" if action.nargs in ("+", "*")
-                          else " (mixed families: --placement FILE)")
+                          else "")
                 raise AutobuildError(f"argument {flag}: given twice{alias}; it is not "
                                      f"collected: give it once{values} (see `{self.prog} "
                                      "--help`)")

@@ -24,7 +24,8 @@ def add_parser(sub: Any) -> None:
                                    "family's default sites).")
     p.add_argument("model", help="baseline name (see `autobuild models`)")
     p.add_argument("--to", dest="family", default="all",
-                   help="family (see `autobuild variants`), or all (the default)")
+                   help="family (see `autobuild variants`), or all (the default)"
+                   ).once = True  # (given twice: refused, see Parser._refuse_repeats)
     p.add_argument("--option", action="append", metavar="NAME=VALUE",
                    help="family option, repeatable")
     p.add_argument("--num-classes", type=POSITIVE_INT, help="classifier outputs")

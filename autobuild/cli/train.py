@@ -334,11 +334,17 @@ def _resumed_job(args: argparse.Namespace) -> _Job:
     # recorded its recipe (e.g. more --epochs) there only, and a user may have edited it.
     recorded = read_run_record(run_dir)
     recipe = recorded["config"] if recorded else state["config"]
-    cfg = TrainConfig.from_dict({**recipe, **config_overrides(args)})
+    given = config_overrides(args)
+    cfg = TrainConfig.from_dict({**recipe, **given})
     check_resume(cfg, int(state["epoch"]))
-    check_sync_bn(cfg)
+
+    def key(field: str) -> str:  # a setting the user did not give now is the run's
+        return (f"--{field.replace('_', '-')}" if field in given else
+                f"{field} (recorded in {os.path.join(run_dir, 'train.yaml')}: edit it there)")
+
+    check_sync_bn(cfg, key("sync_bn"))
     check_writable(run_dir)
-    check_log_dir(cfg.tensorboard)
+    check_log_dir(cfg.tensorboard, key("tensorboard"))
     data = _data(args, record, task)
     model = build_plan(plan, load_baseline_weights=False)
     return _Job(run_dir, task, model, data, cfg, resume=True)

@@ -174,9 +174,11 @@ class Placement(Mapping[str, Choice]):
         return ", ".join(f"{k} x{n}" for k, n in sorted(counts.items())) or "baseline"
 
     def describe(self) -> str:
-        """:meth:`summary` with where each choice goes, so that two placements with the same
-        counts read differently: ``pde-global x1 in layer3; quadratic:ours x6 in layer1.*``
-        (up to 3 sites by name, more by the modules that hold them)."""
+        """:meth:`summary` with where each choice goes, so that placements with the same
+        counts on other modules read differently: ``pde-global:plain x1 in layer3;
+        quadratic:ours x6 in layer1.*`` (up to 3 sites by name; more by the deepest module
+        holding them under each top-level module, so two subsets of one stage may read
+        alike: :attr:`key` tells every placement apart)."""
         by_choice: dict[str, list[str]] = {}
         for site, choice in self._items.items():
             by_choice.setdefault(choice.short(), []).append(site)

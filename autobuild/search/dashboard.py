@@ -41,9 +41,10 @@ def resolve_storage(storage: str | None, study: str | None) -> str:
 
 def serve(storage: str, *, study: str | None = None, port: int | None = None,
           artifacts: str | None = None) -> None:
-    """Start optuna-dashboard (blocks until interrupted) and print its URL first. Every
-    argument is checked before the server starts: the port is free, ``artifacts`` is a
-    directory, ``study`` is in the storage."""
+    """Start optuna-dashboard and print its URL first; it serves until interrupted, and
+    then raises KeyboardInterrupt (the server itself swallows it). Every argument is
+    checked before the server starts: the port is free, ``artifacts`` is a directory,
+    ``study`` is in the storage."""
     from optuna_dashboard import run_server
 
     from autobuild.search.study import load_study

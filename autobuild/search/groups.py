@@ -1,13 +1,15 @@
 """A search space's groups matched against the baseline: the sites of each group and its
-choices, every choice checked on the sites it would take before any study or trial."""
+choices, every choice checked on the sites it would take before a new study starts."""
 
 from __future__ import annotations
 
+import fnmatch
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
-from autobuild.errors import AutobuildError
-from autobuild.rewrite import Analysis, Choice
+from autobuild.errors import AutobuildError, InfeasiblePlacement
+from autobuild.rewrite import Analysis, Choice, Site, get_family
 from autobuild.search.space import SearchSpace
 
 __all__ = ["ResolvedGroup", "resolve_groups"]
@@ -22,13 +24,19 @@ class ResolvedGroup:
     labels: list[str]
     choices: list[Choice | None]
     per_site: bool
+    #: label -> the sites of a per-site group where that choice is refused as new input
+    #: (e.g. a QL width of 0 channels on the narrowest blocks): never proposed there.
+    excluded: dict[str, set[str]] = field(default_factory=dict)
+
+    def offers(self, label: str, site: str) -> bool:
+        return site not in self.excluded.get(label, ())
 
 
-def resolve_groups(space: SearchSpace, analysis: Analysis) -> list[ResolvedGroup]:
+def resolve_groups(space: SearchSpace, analysis: Analysis, *, new: bool = True
+                   ) -> list[ResolvedGroup]:
     """Match each group's patterns against the baseline's sites (every pattern must match a
-    site some choice of the group can take) and parse its choices."""
-    import fnmatch
-
+    site) and parse its choices; for a ``new`` study, check each choice on the sites it
+    would take (a study made before these checks continues as it was made)."""
     groups = []
     names = [s.name for s in analysis.sites()]
     for i, group in enumerate(space.groups):
@@ -44,7 +52,8 @@ def resolve_groups(space: SearchSpace, analysis: Analysis) -> list[ResolvedGroup
                                      f"matches no site of {analysis.baseline.name}")
             sites += [n for n in hits if n not in sites]
         resolved = ResolvedGroup(label, sites, list(group.choices), choices, group.per_site)
-        _refuse_choices(resolved, i, analysis, space.init)
+        if new:
+            _check_choices(resolved, i, analysis, space.init)
         groups.append(resolved)
     if all(c is None for g in groups for c in g.choices):
         raise AutobuildError("search space has nothing to search: every group's only choice "
@@ -52,13 +61,11 @@ def resolve_groups(space: SearchSpace, analysis: Analysis) -> list[ResolvedGroup
     return groups
 
 
-def _refuse_choices(group: ResolvedGroup, index: int, analysis: Analysis, init: str) -> None:
-    """A choice that takes none of its group's sites (the search would only ever keep
-    them), or that its family refuses on those it takes (an ``init`` it cannot honour, a
-    QL width of 0 channels), is refused with the space: before any study or trial."""
-    from autobuild.errors import InfeasiblePlacement
-    from autobuild.rewrite import get_family
-
+def _check_choices(group: ResolvedGroup, index: int, analysis: Analysis, init: str) -> None:
+    """Refuse a choice that takes none of its group's sites (the search would only ever
+    keep them), or that its family refuses on those it takes (an ``init`` it cannot honour,
+    a QL width of 0 channels): a group decided as one converts them all; a per-site group
+    is refused only where no site is left, and never offers the choice on the others."""
     for label, choice in zip(group.labels, group.choices, strict=True):
         if choice is None:
             continue
@@ -68,18 +75,37 @@ def _refuse_choices(group: ResolvedGroup, index: int, analysis: Analysis, init: 
                   and not variant.refusal(s, choice.opts, analysis)]
         where = f"search space groups[{index}].choices: {label}"
         if not takers:
-            kinds = sorted({s.kind for s in sites})
-            why = next((variant.refusal(s, choice.opts, analysis) for s in sites
-                        if variant.accepts(s, choice.opts)), "")
-            raise AutobuildError(
-                f"{where}: converts none of the group's sites ({', '.join(group.sites[:3])}"
-                f"{', ...' if len(group.sites) > 3 else ''}): " + (
-                    f"{why}" if why else f"{variant.name} takes "
-                    f"{'/'.join(variant.site_kinds)} sites, these are {'/'.join(kinds)} "
-                    f"(`autobuild sites {analysis.baseline.name} --to {variant.name}` lists "
-                    "those it takes)"))
-        try:
-            variant.check(takers, choice.opts, init, analysis)
-            variant.refuse_new(takers, choice.opts, analysis)
-        except InfeasiblePlacement as exc:
-            raise AutobuildError(f"{where}: {exc}") from None
+            why = _why_none(variant, sites, choice, analysis)
+            raise AutobuildError(f"{where}: converts none of the group's sites "
+                                 f"({_few(group.sites)}): {why}")
+        together = [takers] if not group.per_site else [[s] for s in takers]
+        refusals = [_refusal(variant, part, choice, init, analysis) for part in together]
+        if all(refusals):
+            raise AutobuildError(f"{where}: {refusals[0]}")
+        group.excluded[label] = {part[0].name for part, why in zip(together, refusals,
+                                                                  strict=True) if why}
+
+
+def _refusal(variant: Any, sites: list[Site], choice: Choice, init: str,
+             analysis: Analysis) -> str:
+    try:
+        variant.check(sites, choice.opts, init, analysis)
+        variant.refuse_new(sites, choice.opts, analysis)
+    except InfeasiblePlacement as exc:
+        return str(exc)
+    return ""
+
+
+def _why_none(variant: Any, sites: list[Site], choice: Choice, analysis: Analysis) -> str:
+    why = next((variant.refusal(s, choice.opts, analysis) for s in sites
+                if variant.accepts(s, choice.opts)), "")
+    if why:
+        return why
+    kinds = "/".join(sorted({s.kind for s in sites}))
+    return (f"{variant.name} takes {'/'.join(variant.site_kinds)} sites, these are {kinds} "
+            f"(`autobuild sites {analysis.baseline.name} --to {variant.name}` lists those "
+            "it takes)")
+
+
+def _few(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")

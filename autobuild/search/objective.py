@@ -71,9 +71,9 @@ class Objective:
 
     def __init__(self, space: SearchSpace, analysis: Analysis, data: Any, config: Any, *,
                  artifact_store: Any = None, quiet: bool = False,
-                 weights_dir: str | None = None) -> None:
+                 weights_dir: str | None = None, new_study: bool = True) -> None:
         self.space, self.analysis, self.data, self.config = space, analysis, data, config
-        self.groups = resolve_groups(space, analysis)
+        self.groups = resolve_groups(space, analysis, new=new_study)
         self.constraints = space.parsed_constraints()
         self.artifact_store = artifact_store
         self.quiet = quiet
@@ -127,7 +127,8 @@ class Objective:
         for name in sites:
             region = self.analysis.region(name)
             if not any(region.overlaps(r) for r in regions) and any(
-                    c is not None and self._can_take(c, name) for c in group.choices):
+                    c is not None and group.offers(label, name) and self._can_take(c, name)
+                    for label, c in zip(group.labels, group.choices, strict=True)):
                 out.append(name)
         return out
 
@@ -147,7 +148,7 @@ class Objective:
 
         variant = get_family(choice.family)
         for name in sites:
-            if not self._can_take(choice, name):
+            if not group.offers(label, name) or not self._can_take(choice, name):
                 continue
             region = variant.region(self.analysis.site(name), choice.opts, self.analysis)
             if any(region.overlaps(r) for r in regions):

@@ -75,7 +75,7 @@ def _sampler_seed(space: SearchSpace, study: optuna.Study, created: bool, join: 
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=4).digest(), "big")
 
 
-def _config(space: SearchSpace, device: str | None) -> Any:
+def _config(space: SearchSpace, device: str | None, new: bool = True) -> Any:
     from autobuild.train import TrainConfig
 
     known = set(TrainConfig.field_names())
@@ -85,8 +85,9 @@ def _config(space: SearchSpace, device: str | None) -> Any:
     if unknown:
         raise AutobuildError(f"search space budget.{unknown[0]}: unknown key; valid: "
                              f"{', '.join(sorted(known | {'train_subset', 'image_size'}))}")
-    # Keys the search sets itself: taken from the budget, they would be ignored silently.
-    for key, where in _SET_BY_SEARCH.items():
+    # Keys the search sets itself: taken from the budget, they would be ignored silently
+    # (a study made before this was refused continues as it was made).
+    for key, where in _SET_BY_SEARCH.items() if new else ():
         if key in extra:
             raise AutobuildError(f"search space budget.{key}: {where}")
     if not device:  # (named as the space's key, not as a budget's)
@@ -124,11 +125,12 @@ def prepare(space: SearchSpace, *, storage: str | None = None, study_name: str |
     check_url(url)
     if join and url.startswith("sqlite"):
         raise AutobuildError(SQLITE_ONE_WORKER)
-    config = _config(space, device)
+    new = not (resume or join)  # (a study an older version made continues as it was made)
+    config = _config(space, device, new)
     check_device(str(config.device), "--device" if device else "search space device")
     check_sync_bn(config, "search space budget.sync_bn")
     check_budget(space, config)
-    if not (resume or join):  # (a study an older version made continues as it was made)
+    if new:
         check_new_recipe(config, "search space budget.")
     check_log_dir(config.tensorboard, "search space budget.tensorboard")
     data = build_data(space.data, space.data_dir, image_size=space.budget.image_size,
@@ -140,7 +142,7 @@ def prepare(space: SearchSpace, *, storage: str | None = None, study_name: str |
                        model_args=space.model_args)
     folder = artifact_dir(url, name, artifacts)
     with undone_on_refusal(url, folder):
-        objective = Objective(space, analysis, data, config,
+        objective = Objective(space, analysis, data, config, new_study=new,
                               artifact_store=artifact_store(folder), quiet=quiet)
         store = open_storage(url, heartbeat=heartbeat)
         study, created = _open_study(space, name, store, url, (objective, folder), config,

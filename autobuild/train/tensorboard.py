@@ -44,26 +44,22 @@ def check_log_dir(log_dir: str | None, key: str = "--tensorboard") -> None:
     if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
         raise AutobuildError(f"{key} {log_dir!r}: {probe!r} is not a writable "
                              "directory")
-    _try_to_create(os.path.abspath(log_dir), probe, f"{key} {log_dir!r}")
+    _try_to_write(probe, f"{key} {log_dir!r}")
 
 
-def _try_to_create(path: str, existing: str, what: str) -> None:
-    """Create the missing folders of ``path`` (below ``existing``) and remove them again:
-    what ``os.access`` does not see (a read-only file system, /proc, root's rights) is
-    refused now, not when the first epoch ends."""
-    import contextlib
+def _try_to_write(folder: str, what: str) -> None:
+    """Make and remove a uniquely named folder in ``folder``, the deepest part of the path
+    that exists: what ``os.access`` does not see (a read-only file system, /proc, root's
+    rights) is refused now, not when the first epoch ends. (A unique name: ranks and
+    workers check the same path at once, and nothing of the path itself is made.)"""
     import os
+    import tempfile
 
-    if path == existing:
-        return
     try:
-        os.makedirs(path)
+        os.rmdir(tempfile.mkdtemp(prefix=".autobuild-probe-", dir=folder))
     except OSError as exc:
-        raise AutobuildError(f"{what}: cannot create it ({exc.strerror or exc})") from None
-    while path != existing:
-        with contextlib.suppress(OSError):
-            os.rmdir(path)
-        path = os.path.dirname(path)
+        raise AutobuildError(f"{what}: cannot create folders in {folder!r} "
+                             f"({exc.strerror or exc})") from None
 
 
 class TensorBoardLogger:

@@ -46,7 +46,7 @@ def _refused(capsys, argv: list[str], needle: str) -> None:
     (["--set", "init=preserve", "--set", "groups=[{sites: layer1.*, choices: [multiplicative]}]"],
      "groups[0].choices: multiplicative: multiplicative does not support init 'preserve'"),
     (["--set", "budget.tensorboard=/proc/tb"],
-     "search space budget.tensorboard '/proc/tb': cannot create it"),
+     "search space budget.tensorboard '/proc/tb': cannot create folders in '/proc'"),
     # A choice that converts none of its sites made every trial the baseline.
     (["--set", "groups=[{sites: layer1.*.conv*, choices: [multiplicative]}]"],
      "groups[0].choices: multiplicative: converts none of the group's sites (layer1.0.conv1, "
@@ -55,6 +55,7 @@ def _refused(capsys, argv: list[str], needle: str) -> None:
     # Keys the search sets itself were accepted in the budget and ignored.
     (["--set", "budget.device=cuda"], "search space budget.device: the space's top-level"),
     (["--set", "budget.seed=3"], "search space budget.seed: the space's top-level `seed`"),
+    (["--set", "budget.progress=true"], "search space budget.progress: trials train without"),
     (["--set", "device=tpu"], "search space device: must be auto, cpu"),
 ])
 def test_a_refused_search_leaves_nothing_behind(in_tmp, capsys, flags, needle) -> None:
@@ -147,3 +148,15 @@ def test_an_existing_study_hears_of_the_device_and_of_the_flag_given(in_tmp, cap
     _refused(capsys, ["search", space, "--storage", postgres_url, "--join",
                       "--set", "budget.epochs=1"], "--join works on the same space only")
     assert set(_states(postgres_url)) == {"WAITING"}
+
+
+def test_keys_the_search_sets_are_refused_for_new_studies_only() -> None:
+    """A study made before budget.seed/device/progress were refused continues as made."""
+    from autobuild.errors import AutobuildError
+    from autobuild.search import load_space
+    from autobuild.search.runner import _config
+
+    space = load_space(tiny_space(budget={"epochs": 1, "batch_size": 8, "seed": 3}))
+    with pytest.raises(AutobuildError, match="budget.seed"):
+        _config(space, None)
+    assert _config(space, None, new=False).seed == 0  # (the space's: as it always was)

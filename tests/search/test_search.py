@@ -461,35 +461,6 @@ def test_a_failing_ri_step_keeps_the_trial_and_says_why(in_tmp, monkeypatch) -> 
     assert not any(str(t.user_attrs.get("seed_kind")).startswith("revert") for t in trials)
 
 
-def test_a_trial_is_reproduced_by_export_and_train(in_tmp, capsys) -> None:
-    """The initial weights of a trial are those `export` writes and `train` builds from the
-    same seed (the conversions used to draw theirs after the baseline's in `train`, and
-    `export` did not seed at all): the same per-epoch top-1 outside the search."""
-    import csv
-
-    import yaml
-
-    space = tiny_space(groups=[{"sites": "layer1.*.conv*", "choices": ["quadratic:ours"]}],
-                       n_trials=1, seed=3, pruning={"enabled": False},
-                       seeding={"baseline": False, "all_converted": True, "revert_top_ri": 0})
-    (in_tmp / "space.yaml").write_text(yaml.safe_dump(space))
-    assert main(["search", "space.yaml", "--quiet"]) == 0
-    (trial,) = optuna.load_study(study_name="tiny",
-                                 storage="sqlite:///studies/tiny.db").get_trials()
-    expected = trial.user_attrs["top1_per_epoch"]
-    assert main(["export", "--study", "tiny", "--trial", "0", "--out", "best"]) == 0
-    budget = ["--data", space["data"], "--epochs", "2", "--batch-size", "32", "--seed", "3",
-              "--device", "cpu", "--no-progress"]
-    runs = {"export": ["best"], "plan": ["--plan", "best/plan.yaml"],
-            "flags": ["cifar_resnet20", "--to", "quadratic", "--sites", "layer1.*.conv*"]}
-    for name, argv in runs.items():
-        assert main(["train", *argv, *budget, "--out", f"run-{name}"]) == 0, name
-        with open(in_tmp / f"run-{name}" / "metrics.csv") as f:
-            top1 = [float(r["val_top1"]) for r in csv.DictReader(f)]
-        assert top1 == pytest.approx(expected, abs=1e-3), name
-    capsys.readouterr()
-
-
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a machine without CUDA")
 def test_a_trial_records_where_it_trained_not_the_setting(in_tmp) -> None:
     """`device: auto` was recorded as 'auto': with several GPUs nobody could tell."""

@@ -247,7 +247,13 @@ def test_a_resume_takes_the_recipe_train_yaml_holds(tmp_path: Path,
     assert main(["train", "--resume", str(run)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "train.yaml" in err and "config" in err, err
-    record["config"].update(epochs=2, label_smoothing=0.1)
+    if not torch.cuda.is_available():  # a recorded setting is named as recorded
+        record["config"].update(epochs=2, sync_bn=True)
+        path.write_text(yaml.safe_dump(record))
+        assert main(["train", "--resume", str(run)]) == 2
+        assert f"sync_bn (recorded in {path}: edit it there) needs CUDA" in \
+            capsys.readouterr().err
+    record["config"].update(epochs=2, label_smoothing=0.1, sync_bn=False)
     path.write_text(yaml.safe_dump(record))
     assert main(["train", "--resume", str(run), "--no-progress"]) == 0
     assert [r["epoch"] for r in _rows(str(run))] == ["1", "2"]

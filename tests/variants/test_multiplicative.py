@@ -324,3 +324,15 @@ def test_a_too_narrow_expansion_is_refused_in_every_new_input(tmp_path, capsys) 
         resolve_groups(load_space(space), analysis)
     space["groups"][1]["choices"] = ["multiplicative:expansion=0.05"]  # 0.8 -> 1 channel
     assert len(resolve_groups(load_space(space), analysis)) == 2
+    # One choice per site: refused only where it fits nowhere, and never offered where it
+    # gives no channels (16 x 0.02 rounds to 0, 64 x 0.02 to 1)
+    space["groups"] = [{"sites": ["layer1.*", "layer3.*"], "per_site": True,
+                        "choices": ["multiplicative:expansion=0.02"]}]
+    (group,) = resolve_groups(load_space(space), analysis)
+    assert group.excluded == {"multiplicative:expansion=0.02": {"layer1.0", "layer1.1",
+                                                                "layer1.2"}}
+    assert not group.offers("multiplicative:expansion=0.02", "layer1.0")
+    assert group.offers("multiplicative:expansion=0.02", "layer3.0")
+    # A study made before these checks continues as it was made.
+    space["groups"] = [{"sites": "layer1.*", "choices": ["multiplicative:expansion=0.02"]}]
+    assert resolve_groups(load_space(space), analysis, new=False)[0].excluded == {}
