@@ -71,7 +71,7 @@ def export_trial(study: optuna.Study, number: int, out: str, *, force: bool = Fa
             model = load(tmp)
         trained = True
     save(model, out, force=force)
-    return {"out": out, "placement": plan.placement.summary(), "trained_weights": trained,
+    return {"out": out, "placement": plan.placement.describe(), "trained_weights": trained,
             "seed": seed}
 
 
