@@ -64,8 +64,9 @@ def resolve_groups(space: SearchSpace, analysis: Analysis, *, new: bool = True
 def _check_choices(group: ResolvedGroup, index: int, analysis: Analysis, init: str) -> None:
     """Refuse a choice that takes none of its group's sites (the search would only ever
     keep them), or that its family refuses on those it takes (an ``init`` it cannot honour,
-    a QL width of 0 channels): a group decided as one converts them all; a per-site group
-    is refused only where no site is left, and never offers the choice on the others."""
+    a QL width of 0 channels). A group decided as one converts them all; in a per-site
+    group the choice is refused only if it fits none of them, and is not offered on the
+    sites it does not fit."""
     for label, choice in zip(group.labels, group.choices, strict=True):
         if choice is None:
             continue
