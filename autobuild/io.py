@@ -114,10 +114,14 @@ def read_weights(path: str) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     try:
-        return load_file(path)
+        state = load_file(path)
     except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise AutobuildError(f"corrupt weights {path!r}: {first}") from exc
+    # safetensors 0.8 returns tensors at the file's byte offsets, and MKL's matmul rounds
+    # differently at another alignment: a loaded model (its weights are assigned, not
+    # copied) would not compute its saved self bit for bit. Fresh storage is 64-byte aligned.
+    return {k: v if v.data_ptr() % 64 == 0 else v.clone() for k, v in state.items()}
 
 
 #: (parameter name, value, the layer classes that own it) of a legacy fill.

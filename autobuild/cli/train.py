@@ -314,8 +314,9 @@ def _build_model(args: argparse.Namespace, cfg: Any) -> Any:
 # ---- a resumed run ---------------------------------------------------------------------
 def _resumed_job(args: argparse.Namespace) -> _Job:
     """Continue a run from its checkpoint, with the recipe train.yaml records (the latest
-    one asked for: an edit of its ``config`` applies, checked as a flag is; flags given now
-    override it); refused, before anything is written, when nothing is left to train."""
+    one asked for: an edit of its ``config`` applies, checked as a flag is) or, after a
+    divergence or a failure, the checkpoint's; flags given now override it. Refused, before
+    anything is written, when nothing is left to train."""
     from autobuild.api import build_plan
     from autobuild.io import load_plan
     from autobuild.train import TrainConfig, load_checkpoint
@@ -332,15 +333,18 @@ def _resumed_job(args: argparse.Namespace) -> _Job:
     task = _task(plan.model, args.data or record.get("spec"))
     # train.yaml, not the checkpoint: a resume interrupted before its first checkpoint
     # recorded its recipe (e.g. more --epochs) there only, and a user may have edited it.
+    # A run that diverged or failed resumes the checkpoint's: the last that trained well.
     recorded = read_run_record(run_dir)
-    recipe = recorded["config"] if recorded else state["config"]
+    from_record = bool(recorded) and recorded.get("status") not in ("diverged", "failed")
+    recipe = recorded["config"] if from_record else state["config"]
     given = config_overrides(args)
     cfg = TrainConfig.from_dict({**recipe, **given})
     check_resume(cfg, int(state["epoch"]))
 
     def key(field: str) -> str:  # a setting the user did not give now is the run's
-        return (f"--{field.replace('_', '-')}" if field in given else
-                f"{field} (recorded in {os.path.join(run_dir, 'train.yaml')}: edit it there)")
+        where = (f"recorded in {os.path.join(run_dir, 'train.yaml')}: edit it there"
+                 if from_record else "the recipe of the checkpoint")
+        return f"--{field.replace('_', '-')}" if field in given else f"{field} ({where})"
 
     check_sync_bn(cfg, key("sync_bn"))
     check_writable(run_dir)

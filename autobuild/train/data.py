@@ -301,7 +301,7 @@ def _synthetic(arg: str) -> Data:
         raise AutobuildError(f"bad synthetic options {arg!r}; valid: {DATA_SPECS}") from None
     if len(size) != 3 or min(size) < 1 or classes < 2 or min(n_train, n_val) < 1:
         raise AutobuildError(f"bad synthetic options {arg!r}: size is CxHxW (each >= 1), "
-                             "classes >= 2, train and val >= 1")
+                             f"classes >= 2, train and val >= 1; valid: {DATA_SPECS}")
     # Bounds that keep a typo from allocating or generating for ever (the class patterns
     # are held in memory; images are made one at a time).
     if size[0] > 64 or max(size[1:]) > 4096 or max(n_train, n_val) > 1_000_000 or \

@@ -125,13 +125,11 @@ def write_run_record(run: str, record: dict[str, Any]) -> None:
 
 
 def resume_history(run: str, config: dict[str, Any], data: dict[str, Any],
-                   after_epoch: int, trained: dict[str, Any] | None = None
-                   ) -> list[dict[str, Any]]:
+                   after_epoch: int) -> list[dict[str, Any]]:
     """The ``resumes`` of ``run``'s record with this resume added: ``config`` (the recipe
-    from now on) against ``trained`` (the checkpoint's, which trained up to
-    ``after_epoch``; default the record's), ``data`` against the record's."""
+    from now on) and ``data`` against the recipe and data the record holds."""
     record = read_run_record(run) or {}
-    before = trained if trained is not None else record.get("config") or {}
+    before = record.get("config") or {}
     changed = {k: [before.get(k), v] for k, v in config.items() if before.get(k) != v}
     now, then = DataRecord(**data).model_dump(), record.get("data")
     # A key older versions did not record (null in their runs) is not a change of data.

@@ -294,8 +294,7 @@ class Session:
                                  f"model/recipe: {brief(exc)}") from exc
         check_resume(self.cfg, int(state["epoch"]))  # before anything is written
         self.resumes = resume_history(self.out_dir, self.cfg.to_dict(), self.data_record,
-                                      int(state["epoch"]),
-                                      trained=TrainConfig.from_dict(state["config"]).to_dict())
+                                      int(state["epoch"]))
         self.first_epoch = int(state["epoch"]) + 1
         self.best_epoch = int(state["best_epoch"])
         set_rng_state(state["rng"])
