@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -209,11 +210,5 @@ def _where(sites: list[str]) -> str:
         if len(paths) == 1:
             out.append(".".join(paths[0]))
             continue
-        common = paths[0]
-        for path in paths[1:]:
-            n = 0
-            while n < min(len(common), len(path)) and common[n] == path[n]:
-                n += 1
-            common = common[:n]
-        out.append(".".join(common) + ".*")
+        out.append(".".join(os.path.commonprefix(paths)) + ".*")  # (element-wise on lists)
     return ",".join(out)
