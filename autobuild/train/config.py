@@ -65,7 +65,8 @@ class TrainConfig(BaseModel):
     epochs: Annotated[int, Field(ge=1, le=1_000_000)] = 200
     batch_size: Annotated[int, Field(ge=1, le=1_048_576)] = 128
     optimizer: Literal["sgd", "adamw"] = "sgd"
-    #: Peak learning rate; None = 0.1 for SGD, 1e-3 for AdamW (scaled by batch_size / 128).
+    #: Peak learning rate; None = 0.1 for SGD, 1e-3 for AdamW, scaled by the batch / 128 (the
+    #: batch a step sees: the training set when it is smaller than batch_size).
     lr: Annotated[float, Field(gt=0)] | None = None
     #: SGD momentum (a negative one is gradient ascent in disguise; 1 never forgets).
     momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
@@ -167,11 +168,14 @@ class TrainConfig(BaseModel):
         return os.path.abspath(os.path.expanduser(value)) if value is not None else None
 
     # ---- resolved values ------------------------------------------------------------------
-    def peak_lr(self) -> float:
+    def peak_lr(self, step_batch: int | None = None) -> float:
+        """``lr``, or the optimizer's default scaled linearly (Goyal et al. 2017) by the
+        images a step sees: ``step_batch`` (default ``batch_size``), which is smaller when
+        the training set is."""
         if self.lr is not None:
             return self.lr
         base = 0.1 if self.optimizer == "sgd" else 1e-3
-        return base * self.batch_size / 128  # linear scaling rule (Goyal et al. 2017)
+        return base * (step_batch or self.batch_size) / 128
 
     def decay(self) -> float:
         if self.weight_decay is not None:

@@ -279,7 +279,8 @@ def train_detection(model: nn.Module, data: DetectionData | str,
     check_detector(model, data)
     prepare_detector(model)
     session = Session(model, cfg, out_dir=out_dir, best_key="best_map",
-                      compile_module="backbone", clip_table=DETECTION_CLIP_FAMILIES)
+                      compile_module="backbone", clip_table=DETECTION_CLIP_FAMILIES,
+                      train_images=len(data.train))
     device, dist, net = session.device, session.dist, session.net
     train_loader = make_loader(data.train, cfg, device, dist, True, collate_detection)
     val_loader = make_loader(data.val, cfg, device, dist, False, collate_detection)

@@ -170,7 +170,8 @@ def train(model: nn.Module, data: Data | str, config: TrainConfig | None = None,
 
 def _run(model: nn.Module, data: Data, cfg: TrainConfig, reg: Regularizers,
          callback: Callback | None, out_dir: str | None, resume: bool) -> Session:
-    session = Session(model, cfg, out_dir=out_dir, best_key="best_top1")
+    session = Session(model, cfg, out_dir=out_dir, best_key="best_top1",
+                      train_images=len(data.train))
     train_loader = make_loader(data.train, cfg, session.device, session.dist, True)
     val_loader = make_loader(data.val, cfg, session.device, session.dist, False)
     if len(train_loader) == 0:

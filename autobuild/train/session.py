@@ -163,12 +163,15 @@ class Session:
     ``best_key`` names the validation score that picks the best epoch (higher is better)
     and is how the checkpoint stores it (``best_top1``, ``best_map``). ``compile_module``
     names the submodule ``--compile`` compiles in place (default: the whole model);
-    ``clip_table`` the per-family clipping of ``--clip-grad auto``.
+    ``clip_table`` the per-family clipping of ``--clip-grad auto``; ``train_images`` the
+    size of the training set, so that the default lr scales with the batch a step really
+    sees (a --batch-size above the set's size is the whole set, not the nominal batch).
     """
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, *, out_dir: str | None = None,
                  best_key: str = "best_top1", compile_module: str | None = None,
-                 clip_table: dict[str, float] | None = None) -> None:
+                 clip_table: dict[str, float] | None = None,
+                 train_images: int | None = None) -> None:
         if out_dir and plan_of(model) is None:
             raise AutobuildError("saving a run needs a model with a plan "
                                  "(autobuild.convert/load)")
@@ -181,7 +184,7 @@ class Session:
         families = {c.family for c in plan.conversions} if plan else set()
         self.max_norm = cfg.max_grad_norm(families, clip_table)
         self._place(model, compile_module)
-        self._optimizer()
+        self._optimizer(train_images)
         self.memory_format = (torch.channels_last if channels_last(cfg, self.device)
                               else torch.contiguous_format)
         self.history: list[Any] = []
@@ -230,15 +233,19 @@ class Session:
         elif cfg.compile:
             self.net = torch.compile(self.net)  # type: ignore[assignment]
 
-    def _optimizer(self) -> None:
+    def _optimizer(self, train_images: int | None) -> None:
         cfg = self.cfg
-        groups = param_groups(self.base, cfg.decay(), lr=cfg.peak_lr())
+        step_batch = cfg.batch_size  # images per process and step, as the loader makes them
+        if train_images is not None:
+            step_batch = max(1, min(step_batch, train_images // self.dist.world_size))
+        lr = cfg.peak_lr(step_batch)
+        groups = param_groups(self.base, cfg.decay(), lr=lr)
         if cfg.optimizer == "sgd":
             self.opt: torch.optim.Optimizer = torch.optim.SGD(
-                groups, lr=cfg.peak_lr(), momentum=cfg.momentum,
+                groups, lr=lr, momentum=cfg.momentum,
                 nesterov=cfg.nesterov and cfg.momentum > 0)
         else:
-            self.opt = torch.optim.AdamW(groups, lr=cfg.peak_lr())
+            self.opt = torch.optim.AdamW(groups, lr=lr)
 
     # ---- set-up -------------------------------------------------------------------------
     def start(self, steps_per_epoch: int, *, resume: bool, metrics_cls: Any,

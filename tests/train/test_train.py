@@ -260,3 +260,17 @@ def test_a_resume_takes_the_recipe_train_yaml_holds(tmp_path: Path,
     (entry,) = record["resumes"]  # (changes against the record: the edit is no change)
     assert entry == {"after_epoch": 1, "changed": {}}
     assert record["config"]["label_smoothing"] == 0.1 and record["config"]["epochs"] == 2
+
+
+def test_the_default_lr_scales_with_the_batch_a_step_really_sees() -> None:
+    """A --batch-size above the training set's size trains on the whole set per step: the
+    linear scaling rule applies to that batch, not to the nominal one (which diverged)."""
+    from autobuild.train.session import Session
+
+    cfg = TrainConfig(batch_size=512, device="cpu")
+    assert Session(nn.Linear(2, 2), cfg, train_images=32).opt.param_groups[0]["lr"] == \
+        pytest.approx(0.1 * 32 / 128)
+    assert Session(nn.Linear(2, 2), cfg, train_images=4096).opt.param_groups[0]["lr"] == \
+        pytest.approx(0.1 * 512 / 128)
+    given = TrainConfig(batch_size=512, lr=0.3, device="cpu")
+    assert Session(nn.Linear(2, 2), given, train_images=32).opt.param_groups[0]["lr"] == 0.3
