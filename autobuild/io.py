@@ -13,6 +13,7 @@ from torch import nn
 from autobuild.errors import AutobuildError
 from autobuild.files import _atomic_by_name, _step, atomic_write_text, staged_directory
 from autobuild.rewrite import Placement, Plan, get_family, plan_of, record_of, set_record
+from autobuild.rewrite.plan import load_yaml, yaml_problem
 
 __all__ = ["PLAN_FILE", "WEIGHTS_FILE", "load", "load_placement", "load_plan", "read_weights",
            "save", "save_plan", "save_weights"]
@@ -67,10 +68,9 @@ def load_placement(path: str) -> Placement:
         raise AutobuildError(f"placement file {path!r} does not exist")
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)  # JSON is YAML
+            data = load_yaml(f)  # JSON is YAML
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise AutobuildError(f"corrupt placement file {path!r}: {first}") from exc
+        raise AutobuildError(f"corrupt placement file {path!r}: {yaml_problem(exc)}") from exc
     if isinstance(data, dict) and "autobuild_plan" in data:
         return Plan.from_dict(data, repr(path)).placement
     if isinstance(data, dict) and set(data) == {"placement"}:

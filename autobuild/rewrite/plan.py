@@ -31,12 +31,51 @@ import yaml
 from autobuild.errors import AutobuildError, InfeasiblePlacement
 from autobuild.rewrite.placement import Choice, Placement
 
-__all__ = ["INITS", "PLAN_VERSION", "Conversion", "Plan"]
+__all__ = ["INITS", "PLAN_VERSION", "Conversion", "Plan", "load_yaml", "yaml_problem"]
 
 #: 3: every option of every conversion is recorded (plans of version 2 may omit options
 #: added later; a family's ``legacy_defaults`` say what their omission meant).
 PLAN_VERSION = 3
 INITS = ("scratch", "preserve")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error: a
+    hand-edited file where the second ``layer1.0.conv1:`` silently wins loses the first."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        self.flatten_mapping(node)  # merge keys (<<) first: they may be overridden
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
+            if isinstance(key, (str, int, float, bool)) or key is None:
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} is given twice (line "
+                        f"{key_node.start_mark.line + 1}); keep one", key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(stream: Any) -> Any:
+    """``yaml.safe_load`` that refuses a key given twice in a mapping (JSON is YAML)."""
+    return yaml.load(stream, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object, refusing a key given twice (as :func:`load_yaml` does)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"key {key!r} is given twice; keep one")
+        out[key] = value
+    return out
+
+
+def yaml_problem(exc: BaseException) -> str:
+    """The first line of a YAML (or decoding) error, for a one-line message."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 @dataclass
@@ -195,10 +234,10 @@ class Plan:
     @classmethod
     def loads(cls, text: str, *, fmt: str = "yaml", source: str = "plan") -> Plan:
         try:
-            data = json.loads(text) if fmt == "json" else yaml.safe_load(text)
-        except (json.JSONDecodeError, yaml.YAMLError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise AutobuildError(f"corrupt plan {source}: {first}") from exc
+            data = (json.loads(text, object_pairs_hook=_unique_keys) if fmt == "json"
+                    else load_yaml(text))
+        except (json.JSONDecodeError, yaml.YAMLError, ValueError) as exc:
+            raise AutobuildError(f"corrupt plan {source}: {yaml_problem(exc)}") from exc
         return cls.from_dict(data, source)
 
 

@@ -43,6 +43,7 @@ from pydantic import (
 )
 
 from autobuild.errors import NAME_PATTERN, AutobuildError, schema_error
+from autobuild.rewrite.plan import load_yaml, yaml_problem
 
 __all__ = ["OBJECTIVES", "Constraint", "Group", "SearchSpace", "load_space"]
 
@@ -240,7 +241,7 @@ def _set(data: dict[str, Any], assignment: str) -> None:
             raise AutobuildError(f"--set {key}: {part!r} is not a mapping in the space")
         node = child
     try:
-        node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+        node[parts[-1]] = load_yaml(value) if value.strip() else None
     except yaml.YAMLError as exc:
         raise AutobuildError(f"--set {key}: value {value!r} is not valid YAML") from exc
 
@@ -260,10 +261,10 @@ def load_space(path_or_data: str | dict[str, Any], overrides: list[str] | tuple[
             raise AutobuildError(f"search space {path_or_data!r} does not exist")
         try:
             with open(path_or_data, encoding="utf-8") as f:
-                data = yaml.safe_load(f)
+                data = load_yaml(f)
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise AutobuildError(f"search space {source} is not valid YAML: {first}") from exc
+            raise AutobuildError(f"search space {source} is not valid YAML: "
+                                 f"{yaml_problem(exc)}") from exc
     else:
         data = json.loads(json.dumps(path_or_data))
     if not isinstance(data, dict):

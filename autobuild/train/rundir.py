@@ -23,6 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from autobuild.errors import AutobuildError, schema_message
+from autobuild.rewrite.plan import load_yaml, yaml_problem
 
 __all__ = ["INIT_WEIGHTS", "RUN_FILE", "RUN_MARKERS", "SAVED_MODEL", "RunRecord",
            "check_writable", "default_run_dir", "prepare_run_dir", "read_run_record",
@@ -101,10 +102,9 @@ def read_run_record(run: str) -> dict[str, Any] | None:
         return None
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+            data = load_yaml(f)
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise AutobuildError(f"corrupt run record {path!r}: {first}") from exc
+        raise AutobuildError(f"corrupt run record {path!r}: {yaml_problem(exc)}") from exc
     if not isinstance(data, dict):
         raise AutobuildError(f"corrupt run record {path!r}: not a mapping (data, config, ...)")
     try:

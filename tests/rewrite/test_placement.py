@@ -74,6 +74,10 @@ def test_placement_round_trips_through_a_plan_and_a_file(tmp_path) -> None:
     assert load_placement(str(path)) == p
     (tmp_path / "plan.yaml").write_text(plan.dumps())
     assert load_placement(str(tmp_path / "plan.yaml")) == p
+    # a site given twice is refused, not decided by whichever line comes last
+    path.write_text("layer1.0.conv1: quadratic:t4\nlayer1.0.conv1: keep\n")
+    with pytest.raises(AutobuildError, match="key 'layer1.0.conv1' is given twice \\(line 2\\)"):
+        load_placement(str(path))
 
 
 def test_a_boolean_option_takes_every_spelling_its_message_lists() -> None:

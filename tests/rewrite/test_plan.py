@@ -38,7 +38,8 @@ def test_plan_naming_a_missing_site_fails_clearly() -> None:
 
 
 @pytest.mark.parametrize("text", ["model: [unclosed", "just a string", "autobuild_plan: 1\n",
-                                  "autobuild_plan: 99\nmodel: x\n"])
+                                  "autobuild_plan: 99\nmodel: x\n",
+                                  "autobuild_plan: 3\nmodel: a\nmodel: b\n"])
 def test_corrupt_plans(tmp_path, text: str) -> None:
     path = tmp_path / "plan.yaml"
     path.write_text(text)
@@ -76,3 +77,10 @@ def test_an_older_plan_means_the_defaults_of_its_time() -> None:
     model = autobuild.api.build_plan(old)
     eps = {m.eps for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)}
     assert 1e-5 in eps and not any(e >= 1 for e in eps)
+
+
+def test_a_json_plan_with_a_key_given_twice_is_refused(tmp_path) -> None:
+    path = tmp_path / "plan.json"
+    path.write_text('{"autobuild_plan": 3, "model": "a", "model": "b"}')
+    with pytest.raises(AutobuildError, match="corrupt plan .*key 'model' is given twice"):
+        load_plan(str(path))

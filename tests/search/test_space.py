@@ -77,6 +77,9 @@ def test_bad_files_and_overrides(tmp_path) -> None:
     bad.write_text("name: [unclosed")
     with pytest.raises(AutobuildError, match="is not valid YAML"):
         load_space(str(bad))
+    bad.write_text("name: a\nbudget: {epochs: 1, epochs: 2}\n")
+    with pytest.raises(AutobuildError, match="key 'epochs' is given twice \\(line 2\\)"):
+        load_space(str(bad))
     bad.write_text("- just\n- a list\n")
     with pytest.raises(AutobuildError, match="must be a mapping"):
         load_space(str(bad))
