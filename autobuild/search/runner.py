@@ -135,7 +135,8 @@ def prepare(space: SearchSpace, *, storage: str | None = None, study_name: str |
     check_log_dir(config.tensorboard, "search space budget.tensorboard")
     data = build_data(space.data, space.data_dir, image_size=space.budget.image_size,
                       train_subset=space.budget.train_subset,
-                      subset_key="search space budget.train_subset")
+                      subset_key="search space budget.train_subset",
+                      size_key="search space budget.image_size")
     torch.manual_seed(space.seed)  # the baseline's weights: every trial's kept layers
     analysis = analyze(space.baseline, num_classes=space.num_classes or data.num_classes,
                        input_size=space.input_size or data.input_size,

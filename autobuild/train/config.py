@@ -158,7 +158,12 @@ class TrainConfig(BaseModel):
     @field_validator("lr_milestones")
     @classmethod
     def _milestones(cls, value: list[int] | None) -> list[int] | None:
-        return sorted(set(value)) if value is not None else None
+        if value is None:
+            return None
+        twice = sorted({m for m in value if value.count(m) > 1})
+        if twice:  # a decay meant twice happens once: say so rather than drop one
+            raise ValueError(f"epoch {twice[0]} is given twice; each milestone decays once")
+        return sorted(value)
 
     @field_validator("tensorboard")
     @classmethod

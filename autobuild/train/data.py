@@ -57,17 +57,24 @@ class Data:
 
 def build_data(spec: str, data_dir: str | None = None, *, download: bool = False,
                image_size: int | None = None, train_subset: int | None = None,
-               val_only: bool = False, subset_key: str = "--train-subset") -> Data:
+               val_only: bool = False, subset_key: str = "--train-subset",
+               size_key: str = "--image-size") -> Data:
     """Build the datasets a spec names; every bad spec or missing file is an AutobuildError.
 
     ``train_subset`` keeps a fixed random subset of that many training images (quick runs,
     search trials); the val split is always whole, so accuracies stay comparable.
     ``val_only`` (evaluation) lets an image folder hold ``val/`` alone. ``subset_key``
-    names the setting in errors (a search space's ``budget.train_subset``).
+    names the setting in errors (a search space's ``budget.train_subset``), ``size_key``
+    that of ``image_size``, which only an image folder takes (CIFAR is 32 px; synthetic
+    data is as large as its ``size=`` says).
     """
     if not isinstance(spec, str) or not spec:
         raise AutobuildError(f"data must be a spec string ({DATA_SPECS}), got {spec!r}")
     name, _, arg = spec.partition(":")
+    if image_size is not None and name != "imagefolder":
+        fixed = "synthetic:size=CxHxW sets its size" if name == "synthetic" else "it is 32 px"
+        raise AutobuildError(f"{size_key} {image_size}: only imagefolder data is resized; "
+                             f"{spec!r} is not ({fixed})")
     if name in _CIFAR and not arg:
         data = _cifar(name, os.path.expanduser(data_dir or "data"), download)
     elif name == "imagefolder" and arg:

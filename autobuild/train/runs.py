@@ -78,12 +78,13 @@ def data_for_run(spec: str | None, record: dict[str, Any] | None, *,
     if augment is not None:
         raise AutobuildError("--augment chooses a detection augmentation; "
                              f"{spec!r} is classification data")
-    if image_size is None and same and record.get("input_size"):
+    if image_size is None and same and record.get("input_size") and \
+            spec.startswith("imagefolder:"):
         image_size = record["input_size"][1]
     if train_subset is None and same and not val_only:
         train_subset = record.get("train_subset")  # a resumed run trains on the same images
     data = build_data(spec, data_dir, download=download,
-                      image_size=image_size if spec.startswith("imagefolder:") else None,
+                      image_size=image_size,
                       train_subset=train_subset, val_only=val_only)
     check_classes(data, record)
     return data
