@@ -63,6 +63,14 @@ def _check_leaf_names(baseline: Baseline) -> None:
                                shown=20)
 
 
+def _check_plan_leaves(baseline: Baseline) -> None:
+    """A hand-edited plan's misspelt leaf would be ignored: refused, naming the plan key."""
+    try:
+        _check_leaf_names(baseline)
+    except AutobuildError as exc:
+        raise type(exc)(f"plan leaf_modules: {exc}") from None
+
+
 def _leaves(leaf_modules: Any) -> tuple[Any, ...]:
     if isinstance(leaf_modules, (str, type)):
         return (leaf_modules,)
@@ -197,12 +205,16 @@ def plan_baseline(plan: Plan, baseline: nn.Module | None = None, *,
         if baseline is None:
             raise AutobuildError(f"plan is for a custom model ({plan.model}); pass the baseline "
                                  "module (autobuild.load(dir, baseline=module))")
-        return resolve_baseline(baseline, num_classes=plan.num_classes,
+        base = resolve_baseline(baseline, num_classes=plan.num_classes,
                                 input_size=plan.input_size, leaf_modules=plan.leaf_modules)
+        _check_plan_leaves(base)
+        return base
     weights = plan.weights if load_baseline_weights else None
-    return resolve_baseline(plan.model, num_classes=plan.num_classes, input_size=plan.input_size,
+    base = resolve_baseline(plan.model, num_classes=plan.num_classes, input_size=plan.input_size,
                             weights=weights, leaf_modules=plan.leaf_modules, device=device,
                             model_args=plan.model_args)
+    _check_plan_leaves(base)
+    return base
 
 
 def build_plan(plan: Plan, baseline: nn.Module | None = None, *,

@@ -151,6 +151,8 @@ CLI_CASES: list[tuple[str, list[str], list[str]]] = [
                         "K=2.5"], ["K=2.5", "integer"]),
     ("option-K-huge", ["convert", "cifar_resnet20", "--to", "pde-global", "--option",
                        "K=1000000000"], ["K=1000000000"]),
+    ("option-dx-huge", ["convert", "cifar_resnet20", "--to", "pde-global", "--option",
+                        "dx=1000000"], ["dx=1000000", "[1, 64]"]),
     ("option-K-zero", ["convert", "cifar_resnet20", "--to", "pde-global", "--option", "K=0"],
      ["K=0"]),
     ("option-dt-zero", ["convert", "cifar_resnet20", "--to", "pde-global", "--option",

@@ -220,8 +220,9 @@ class PdeGlobalVariant(Variant):
                "advection only)", DIFFUSIVITIES),
         Option("init_block", "identity", "H^0 = block(f) (official cell_type; basicblock: the "
                "residual-block initialisation)", INIT_BLOCKS),
-        Option("dx", 1, "grid spacing along H (official --dx)", None, int, min=1),
-        Option("dy", 1, "grid spacing along W (official --dy)", None, int, min=1),
+        # A spacing is also the shift of torch.roll: past a feature map's size it wraps.
+        Option("dx", 1, "grid spacing along H (official --dx)", None, int, min=1, max=64),
+        Option("dy", 1, "grid spacing along W (official --dy)", None, int, min=1, max=64),
         Option("bn_eps", "channels", "eps of the coefficient batch norms: channels (the "
                "official code's norm_layer(planes, planes)) or 1e-5 (PyTorch's default)",
                BN_EPS, aliases=(("1e-05", "1e-5"), ("0.00001", "1e-5"))),

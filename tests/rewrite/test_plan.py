@@ -84,3 +84,13 @@ def test_a_json_plan_with_a_key_given_twice_is_refused(tmp_path) -> None:
     path.write_text('{"autobuild_plan": 3, "model": "a", "model": "b"}')
     with pytest.raises(AutobuildError, match="corrupt plan .*key 'model' is given twice"):
         load_plan(str(path))
+
+
+def test_a_plan_naming_a_leaf_the_model_lacks_is_refused() -> None:
+    """Analysis refuses a misspelt leaf; a hand-edited plan must not get past it either
+    (the leaf would silently be traced through)."""
+    plan = Plan("cifar_resnet20", [], "scratch", 10, (3, 32, 32), leaf_modules=["nosuch"])
+    with pytest.raises(AutobuildError, match="plan leaf_modules: unknown leaf module 'nosuch'"):
+        autobuild.build_plan(plan)
+    ok = Plan("cifar_resnet20", [], "scratch", 10, (3, 32, 32), leaf_modules=["layer1.0"])
+    autobuild.build_plan(ok)
