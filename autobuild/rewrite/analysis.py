@@ -19,18 +19,23 @@ from __future__ import annotations
 import copy
 import difflib
 import itertools
-import os
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
-from torch import fx, nn
-from torch.fx.node import map_aggregate
-from torch.fx.passes.shape_prop import _extract_tensor_metadata
+from torch import nn
 
 from autobuild.errors import AutobuildError, InfeasiblePlacement
-from autobuild.rewrite.cost import CostCounter, Counts, count_module, meta_twin, run_on_meta
+from autobuild.rewrite.baseline import Baseline, annotate
+from autobuild.rewrite.cost import (
+    MAX_MACS,
+    MAX_PARAMS,
+    Counts,
+    count_module,
+    human,
+    meta_twin,
+    size_limits,
+)
 from autobuild.rewrite.family import Variant, get_family
 from autobuild.rewrite.graph import Block, find_blocks
 from autobuild.rewrite.placement import Choice, Placement
@@ -41,105 +46,6 @@ from autobuild.rewrite.sites import Region, Site, find_sites, select_sites
 from autobuild.rewrite.trace import trace
 
 __all__ = ["MAX_MACS", "MAX_PARAMS", "Analysis", "Baseline", "size_limits"]
-
-#: 4G parameters: 16 GB of float32 weights (3x the largest torchvision classifier, which
-#: every family converts; ``expansion=1000000`` wanted 8G and 32 GB).
-MAX_PARAMS = 4_000_000_000
-#: 10T MACs per image: ~3x a quadratic ViT-H/14 at 518x518.
-MAX_MACS = 10_000_000_000_000
-
-
-def size_limits() -> tuple[int, int]:
-    """(max params, max MACs per image) of a build: the defaults or the environment's."""
-    limits = []
-    for var, default in (("AUTOBUILD_MAX_PARAMS", MAX_PARAMS), ("AUTOBUILD_MAX_MACS", MAX_MACS)):
-        text = os.environ.get(var, "").strip()
-        try:
-            value = int(float(text)) if text else default
-        except ValueError:
-            value = -1
-        if value < 1:
-            raise AutobuildError(f"{var}={text!r} must be a positive number (e.g. 8e9)")
-        limits.append(value)
-    return limits[0], limits[1]
-
-
-def _human(n: float) -> str:
-    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.3g}{unit}"
-    return f"{n:.0f}"
-
-
-@dataclass
-class Baseline:
-    """A baseline module plus what a plan needs to rebuild it."""
-
-    module: nn.Module
-    name: str
-    input_size: tuple[int, int, int]
-    #: The submodule that is traced and converted ("" = the model; detectors: "backbone").
-    root: str = ""
-    num_classes: int | None = None
-    weights: str | None = None
-    #: Module classes (or class names / qualified names) fx keeps opaque.
-    leaf_modules: tuple[Any, ...] = ()
-    #: The arguments the named baseline was built with (e.g. ``drop_path_rate``).
-    model_args: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def root_module(self) -> nn.Module:
-        return self.module.get_submodule(self.root) if self.root else self.module
-
-    def leaf_names(self) -> list[str]:
-        return [m.__name__ if isinstance(m, type) else str(m) for m in self.leaf_modules]
-
-
-class _Annotator(fx.Interpreter):
-    """Runs the graph once, recording each node's output shape and its own MACs/FLOPs."""
-
-    def __init__(self, gm: fx.GraphModule, counter: CostCounter) -> None:
-        super().__init__(gm)
-        self.counter = counter
-
-    def run_node(self, n: fx.Node) -> Any:
-        self.counter.stack = [n.name]
-        try:
-            result = super().run_node(n)
-        finally:
-            self.counter.stack = []
-        meta = map_aggregate(result, lambda v: _extract_tensor_metadata(v)
-                             if isinstance(v, torch.Tensor) else v)
-        if isinstance(result, torch.Tensor) or (isinstance(result, (tuple, list)) and any(
-                isinstance(v, torch.Tensor) for v in result)):
-            n.meta["tensor_meta"] = meta
-        return result
-
-
-def _annotate(gm: fx.GraphModule, input_size: Sequence[int]) -> dict[str, tuple[int, int]]:
-    """Shapes on every node of ``gm`` and (MACs, FLOPs) per node name, from one run on the
-    meta device (or, for a model that cannot run there, one real run with batch 1)."""
-
-    def run(module: nn.Module, x: torch.Tensor) -> tuple[dict, CostCounter]:
-        counter = CostCounter()
-        with counter, torch.no_grad():
-            _Annotator(module, counter).run(x)
-        return {n.name: n.meta.get("tensor_meta") for n in module.graph.nodes}, counter
-
-    try:
-        shapes, counter = run_on_meta(gm, input_size, run)
-    except AutobuildError:
-        raise
-    except Exception as exc:
-        raise AutobuildError(f"the model does not run on input size {tuple(input_size)}: "
-                             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-                             " (pass --input-size C,H,W)") from exc
-    for node in gm.graph.nodes:
-        if shapes.get(node.name) is not None:
-            node.meta["tensor_meta"] = shapes[node.name]
-    return {name: (counter.macs.get(name, 0), counter.flops.get(name, 0))
-            for name in shapes}
-
 
 def _prefixed(site: Site, region: Region, root: str) -> tuple[Site, Region]:
     if not root:
@@ -164,7 +70,7 @@ class Analysis:
         self.baseline = baseline
         root = baseline.root_module
         self.gm = trace(root, leaf_modules=baseline.leaf_modules, name=baseline.name)
-        costs = _annotate(self.gm, baseline.input_size)
+        costs = annotate(self.gm, baseline.input_size)
         node_of = {n.name: n for n in self.gm.graph.nodes}
         self.blocks: dict[str, Block] = {b.path: b for b in find_blocks(self.gm)}
         self._node_costs = costs
@@ -400,14 +306,14 @@ class Analysis:
         counts = self.cost(placement)
         max_params, max_macs = size_limits()
         if counts.params > max_params or counts.macs > max_macs:
-            what = (f"{_human(counts.params)} parameters ({_human(4 * counts.params)}B in "
+            what = (f"{human(counts.params)} parameters ({human(4 * counts.params)}B in "
                     f"float32)" if counts.params > max_params else
-                    f"{_human(counts.macs)} MACs per image")
+                    f"{human(counts.macs)} MACs per image")
             var, limit = (("AUTOBUILD_MAX_PARAMS", max_params) if counts.params > max_params
                           else ("AUTOBUILD_MAX_MACS", max_macs))
             raise AutobuildError(
                 f"{self.baseline.name} -> {_as_placement(placement).summary()} would have "
-                f"{what}, over the limit of {_human(limit)}; nothing was built (check the "
+                f"{what}, over the limit of {human(limit)}; nothing was built (check the "
                 f"options, e.g. a width or step count; set {var} to allow it)")
         return counts
 

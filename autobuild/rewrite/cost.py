@@ -8,13 +8,15 @@ window element; batch norm: two, a scale and a shift).
 
 Counting needs shapes, not values, so it runs on the meta device whenever the model allows
 (nothing is computed or allocated); a model that builds real tensors inside ``forward`` is
-counted on its own device instead, with the same result.
+counted on its own device instead, with the same result. A build whose predicted size is
+absurd is refused before anything is allocated (:func:`size_limits`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import os
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -25,8 +27,10 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
-__all__ = ["CostCounter", "Counts", "count_module", "meta_twin", "param_count",
-           "run_on_meta"]
+from autobuild.errors import AutobuildError
+
+__all__ = ["MAX_MACS", "MAX_PARAMS", "CostCounter", "Counts", "count_module", "human",
+           "meta_twin", "param_count", "run_on_meta", "size_limits"]
 
 aten = torch.ops.aten
 
@@ -197,3 +201,32 @@ def count_module(module: nn.Module, input_size: Sequence[int], *, per_module: bo
 
 def _pop(stack: list[str]) -> None:
     stack.pop()  # a forward hook must return None, or it would replace the output
+
+
+#: 4G parameters: 16 GB of float32 weights (3x the largest torchvision classifier, which
+#: every family converts; ``expansion=1000000`` wanted 8G and 32 GB).
+MAX_PARAMS = 4_000_000_000
+#: 10T MACs per image: ~3x a quadratic ViT-H/14 at 518x518.
+MAX_MACS = 10_000_000_000_000
+
+
+def size_limits() -> tuple[int, int]:
+    """(max params, max MACs per image) of a build: the defaults or the environment's."""
+    limits = []
+    for var, default in (("AUTOBUILD_MAX_PARAMS", MAX_PARAMS), ("AUTOBUILD_MAX_MACS", MAX_MACS)):
+        text = os.environ.get(var, "").strip()
+        try:
+            value = int(float(text)) if text else default
+        except ValueError:
+            value = -1
+        if value < 1:
+            raise AutobuildError(f"{var}={text!r} must be a positive number (e.g. 8e9)")
+        limits.append(value)
+    return limits[0], limits[1]
+
+
+def human(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return f"{n:.0f}"
