@@ -62,7 +62,8 @@ def analyze_run(run: str, out_dir: str, *, data: str | None = None,
     from autobuild.train.loop import BEST_WEIGHTS, LAST_WEIGHTS
     from autobuild.train.rundir import read_run_record
     from autobuild.train.runs import check_classes, data_for_run, task_for
-    from autobuild.train.session import make_loader, resolve_device
+    from autobuild.train.runtime import make_loader
+    from autobuild.train.session import resolve_device
 
     if batches < 1 or batch_size < 1:
         raise AutobuildError("--batches and --batch-size must be at least 1")

@@ -32,13 +32,15 @@ from autobuild.train.detection_data import (
 from autobuild.train.distributed import Dist
 from autobuild.train.metrics import DetectionEpochMetrics
 from autobuild.train.regularize import check_regularizers
-from autobuild.train.session import (
-    Callback,
-    Session,
+from autobuild.train.runtime import (
     autocast,
     make_loader,
     peak_mem_mb,
     place_model,
+)
+from autobuild.train.session import (
+    Callback,
+    Session,
     resolve_device,
 )
 

@@ -32,17 +32,19 @@ from autobuild.train.regularize import (
     set_drop_path,
     settle,
 )
+from autobuild.train.runtime import (
+    autocast,
+    channels_last,
+    make_loader,
+    peak_mem_mb,
+    place_model,
+)
 from autobuild.train.session import (
     BEST_WEIGHTS,
     LAST_WEIGHTS,
     Callback,
     DivergedError,
     Session,
-    autocast,
-    channels_last,
-    make_loader,
-    peak_mem_mb,
-    place_model,
     resolve_device,
 )
 

@@ -8,16 +8,15 @@ validation metric), and at the end of every epoch writes the run directory (rank
 logs to TensorBoard and asks the callback whether to go on. Used as a context manager
 around the epochs, it records how the run ended in ``train.yaml`` (finished, stopped,
 diverged, failed or interrupted, with the reason). The task supplies the batches, the loss
-and the validation metric.
+and the validation metric. The pieces that do not depend on a run (loaders, the lr
+schedule, autocast) are :mod:`autobuild.train.runtime`'s.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import random
-import resource
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -27,7 +26,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from autobuild.errors import AutobuildError, brief, without_type
 from autobuild.files import atomic_copy
@@ -43,12 +41,14 @@ from autobuild.train.checkpoint import (
 )
 from autobuild.train.config import TrainConfig, check_resume
 from autobuild.train.devices import resolve_device
-from autobuild.train.distributed import Dist, init_distributed
+from autobuild.train.distributed import init_distributed
 from autobuild.train.metrics import write_csv
 from autobuild.train.rundir import resume_history, write_run_record
+from autobuild.train.runtime import autocast as recipe_autocast
+from autobuild.train.runtime import channels_last, lr_factor, place_model
 
 __all__ = ["BEST_WEIGHTS", "LAST_WEIGHTS", "Callback", "DivergedError", "Session",
-           "make_loader", "resolve_device"]
+           "resolve_device"]
 
 BEST_WEIGHTS = "weights.safetensors"  # what autobuild.load() and `evaluate` read
 LAST_WEIGHTS = "last.safetensors"
@@ -62,88 +62,6 @@ class DivergedError(AutobuildError):
     """The loss became NaN or infinite: the run stops, the CLI exits with code 3."""
 
     exit_code = 3
-
-
-class _EpochSampler(Sampler[int]):
-    """A shuffle that depends only on (seed, epoch), so a resumed run sees the same order."""
-
-    def __init__(self, n: int, seed: int) -> None:
-        self.n, self.seed, self.epoch = n, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self):  # type: ignore[no-untyped-def]
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
-
-
-def make_loader(ds: Dataset, cfg: TrainConfig, device: torch.device, dist: Dist, train: bool,
-                collate_fn: Callable[[list[Any]], Any] | None = None) -> DataLoader:
-    """Training: a seeded shuffle (DistributedSampler under DDP); validation: in order, each
-    rank an exact shard (no padding duplicates), so summed metrics are exact."""
-    workers = cfg.workers if cfg.workers is not None else (
-        min(8, os.cpu_count() or 1) if device.type == "cuda" else 0)
-    sampler: Sampler[int] | None = None
-    if train:
-        if dist.enabled:
-            from torch.utils.data.distributed import DistributedSampler
-
-            sampler = DistributedSampler(ds, dist.world_size, dist.rank, shuffle=True,
-                                         seed=cfg.seed, drop_last=True)
-        else:
-            sampler = _EpochSampler(len(ds), cfg.seed)  # type: ignore[arg-type]
-    elif dist.enabled:
-        ds = Subset(ds, range(dist.rank, len(ds), dist.world_size))  # type: ignore[arg-type]
-    # Dropping a ragged last batch keeps BN away from 1-sample batches, unless that is all.
-    drop = train and len(ds) // dist.world_size > cfg.batch_size  # type: ignore[arg-type]
-    return DataLoader(ds, cfg.batch_size, sampler=sampler, shuffle=False, num_workers=workers,
-                      pin_memory=device.type == "cuda", drop_last=drop,
-                      persistent_workers=workers > 0, collate_fn=collate_fn)
-
-
-def lr_factor(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
-    """The lr multiplier per optimizer step: linear warm-up, then cosine to zero or steps."""
-    total = max(1, cfg.epochs * steps_per_epoch)
-    warm = int(min(cfg.warmup_epochs, cfg.epochs / 4) * steps_per_epoch)
-    bounds = [m * steps_per_epoch for m in cfg.milestones()]
-
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        if cfg.lr_schedule == "multistep":
-            return cfg.lr_gamma ** sum(step >= b for b in bounds)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
-
-    return factor
-
-
-def peak_mem_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-def autocast(cfg: TrainConfig, device: torch.device) -> Any:
-    if not cfg.amp:
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if cfg.amp_dtype == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
-
-
-def channels_last(cfg: TrainConfig, device: torch.device) -> bool:
-    return cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
-
-
-def place_model(model: nn.Module, cfg: TrainConfig, device: torch.device) -> nn.Module:
-    """The model on ``device`` in the recipe's memory format (for evaluation)."""
-    model = model.to(device)
-    if channels_last(cfg, device):
-        model = model.to(memory_format=torch.channels_last)
-    return model
 
 
 def _save_weights(model: nn.Module, out: str, name: str) -> None:
@@ -322,7 +240,7 @@ class Session:
         return self.ema.module if self.ema is not None else self.base
 
     def autocast(self) -> Any:
-        return autocast(self.cfg, self.device)
+        return recipe_autocast(self.cfg, self.device)
 
     def progress_bar(self, epoch: int, steps: int) -> Any:
         if not (self.cfg.progress and self.dist.is_main):
