@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from autobuild.rewrite import Analysis, count_module, param_count, record_of, root_of
 
-__all__ = ["flat_output", "output_difference", "summarize"]
+__all__ = ["flat_output", "nonfinite_tensors", "output_difference", "summarize"]
 
 
 def flat_output(y: Any) -> Tensor:
@@ -45,6 +45,18 @@ def output_difference(reference: nn.Module, other: nn.Module, input_size: Sequen
         for m, mode in modes.items():
             m.training = mode
     return float((y0 - y1).abs().max()), float(y0.abs().max())
+
+
+def nonfinite_tensors(model: nn.Module) -> dict[str, int]:
+    """Parameter and buffer name -> how many of its values are NaN or infinite (only those
+    that hold any): weights saved from a run that blew up are unusable, whatever the counts."""
+    bad = {}
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_floating_point() or t.is_complex():
+            n = int(t.numel() - torch.isfinite(t).sum())
+            if n:
+                bad[name] = n
+    return bad
 
 
 def summarize(model: nn.Module, analysis: Analysis, *, compare: bool = True) -> dict[str, Any]:

@@ -196,3 +196,25 @@ def test_sigterm_switches_torchs_sigchld_handler_off_before_it_runs() -> None:
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, both)
         signal.signal(signal.SIGCHLD, previous)
+
+
+def test_inspect_says_whether_the_weights_are_finite(tmp_path, capsys) -> None:
+    """Weights saved from a run that blew up load and count like good ones: inspect names
+    the tensors that hold NaN/inf."""
+    from safetensors.torch import load_file, save_file
+
+    out = str(tmp_path / "r20")
+    assert main(["convert", "cifar_resnet20", "--to", "quadratic", "--out", out]) == 0
+    capsys.readouterr()
+    assert main(["inspect", out]) == 0
+    assert "weights: all finite" in capsys.readouterr().out
+    path = os.path.join(out, "weights.safetensors")
+    tensors = load_file(path)
+    tensors["fc.weight"][0, :3] = float("nan")
+    tensors["fc.bias"][1] = float("inf")
+    save_file(tensors, path)
+    assert main(["inspect", out]) == 0
+    assert "weights: 4 NaN/inf values in 2 tensors (fc.weight, fc.bias)" in \
+        capsys.readouterr().out
+    assert main(["inspect", out, "--json"]) == 0
+    assert _json(capsys)["nonfinite"] == {"fc.weight": 3, "fc.bias": 1}

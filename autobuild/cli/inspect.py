@@ -21,7 +21,7 @@ def run(args: argparse.Namespace) -> int:
     from autobuild.api import plan_baseline
     from autobuild.io import load
     from autobuild.rewrite import Analysis, plan_of
-    from autobuild.summary import summarize
+    from autobuild.summary import nonfinite_tensors, summarize
 
     model = load(args.run_dir)
     plan = plan_of(model)
@@ -31,8 +31,16 @@ def run(args: argparse.Namespace) -> int:
     analysis = Analysis(plan_baseline(plan, device=None if real else "meta"))
     summary = summarize(model, analysis, compare=real)
     summary["run"] = args.run_dir
+    summary["nonfinite"] = nonfinite_tensors(model)
     if args.json:
         print_json(summary)
+        return 0
+    print_summary(summary)
+    bad = summary["nonfinite"]
+    if bad:
+        names = ", ".join(list(bad)[:3]) + (", ..." if len(bad) > 3 else "")
+        print(f"  weights: {sum(bad.values())} NaN/inf values in {len(bad)} tensors "
+              f"({names}): the model is unusable")
     else:
-        print_summary(summary)
+        print("  weights: all finite")
     return 0
