@@ -239,9 +239,24 @@ def _new_job(args: argparse.Namespace) -> _Job:
     detection = task == "detection"
     check_regularizers(model, cfg, detection=detection,
                        image_size=None if detection else data.input_size[1:])
+    _check_model_fits(model, data, detection)  # before --force clears a directory
     if is_main_process():  # only rank 0 touches the run directory
         prepare_run_dir(run_dir, force=args.force, adopt=adopt)
     return _Job(run_dir, task, model, data, cfg, resume=False)
+
+
+def _check_model_fits(model: Any, data: Any, detection: bool) -> None:
+    """The trainer checks it too; here it is refused before the run directory is touched
+    (a --force that cleared another run, or a saved model given init.safetensors, for
+    a model that cannot take the data)."""
+    if detection:
+        from autobuild.train.detection import check_detector
+
+        check_detector(model, data)
+    else:
+        from autobuild.train.loop import check_fits
+
+        check_fits(model, data)
 
 
 def _new_run_dir(args: argparse.Namespace) -> tuple[str, bool]:

@@ -274,3 +274,28 @@ def test_the_default_lr_scales_with_the_batch_a_step_really_sees() -> None:
         pytest.approx(0.1 * 512 / 128)
     given = TrainConfig(batch_size=512, lr=0.3, device="cpu")
     assert Session(nn.Linear(2, 2), given, train_images=32).opt.param_groups[0]["lr"] == 0.3
+
+
+def test_a_refused_forced_run_loses_nothing(tmp_path: Path,
+                                            capsys: pytest.CaptureFixture) -> None:
+    """A model that cannot take the data is refused before --force clears the directory,
+    and before a saved model given as the run gets its init.safetensors."""
+    run = str(tmp_path / "run")
+    four = "synthetic:size=3x8x8,classes=4,train=16,val=8"
+    assert main(["train", "cifar_resnet20", "--data", four, "--epochs", "1", "--out", run,
+                 *FAST]) == 0
+    before = sorted(os.listdir(run))
+    ten = four.replace("classes=4", "classes=10")
+    assert main(["train", run, "--data", ten, "--epochs", "1", "--out", run, "--force",
+                 *FAST]) == 2
+    assert "has 10 classes" in capsys.readouterr().err
+    assert sorted(os.listdir(run)) == before
+    saved = str(tmp_path / "saved")
+    assert main(["convert", "cifar_resnet20", "--to", "quadratic", "--num-classes", "4",
+                 "--input-size", "3,8,8", "--out", saved]) == 0
+    assert main(["train", saved, "--data", ten, "--epochs", "1", *FAST]) == 2
+    assert "has 10 classes" in capsys.readouterr().err
+    assert sorted(os.listdir(saved)) == ["plan.yaml", "weights.safetensors"]
+    assert main(["train", run, "--data", ten, "--out", str(tmp_path / "new" / "x"),
+                 *FAST]) == 2
+    assert not (tmp_path / "new").exists()
