@@ -20,7 +20,7 @@ def add_parser(sub: Any) -> None:
                                    "site (its higher-order part masked exactly) on the val "
                                    "split of --data (default: the data the run trained on).")
     p.add_argument("run_dir", metavar="RUN", type=PATH, help="a run or saved model directory")
-    add_data_arguments(p)
+    add_data_arguments(p, training=False)  # only the val split is read
     p.add_argument("--batch-size", type=recipe_value("batch_size"), default=256,
                    help="evaluation batch size")
     p.add_argument("--device", type=recipe_value("device"), default="auto",
@@ -39,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from autobuild.train.runs import data_for_run
 
     _check_run(args.run_dir)  # first: without a run, "--data is required" misleads
+    _check_classifier(args.run_dir)
     if args.csv:
         _check_csv(args.csv, args.force)  # before the evaluations, not after
     record = read_run_record(args.run_dir)
@@ -60,6 +61,18 @@ def run(args: argparse.Namespace) -> int:
           f"RI = P_M·P_W / max(dtop-1, ε), ε = 1/{frame.attrs['val_images']}; high RI = revert "
           "first")
     return 0
+
+
+def _check_classifier(path: str) -> None:
+    """RI is defined on top-1 (QuadraLib's): a detector has none."""
+    from autobuild.io import load_plan
+    from autobuild.train.detection import is_detector
+
+    name = load_plan(path).model
+    if is_detector(name):
+        raise AutobuildError(f"RUN {path!r} is a detector ({name}): RI importance is measured "
+                             "on a classifier's val top-1; `autobuild analyze` measures a "
+                             "detector's sites")
 
 
 def _check_run(path: str) -> None:

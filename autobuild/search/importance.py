@@ -81,6 +81,11 @@ def importance(model: nn.Module, data: Any, *, sites: Iterable[str] | None = Non
                              "sites); convert or load one first")
     names = list(record.plan.placement) if sites is None else list(sites)
     data = build_data(data) if isinstance(data, str) else data
+    from autobuild.train.detection_data import DetectionData
+
+    if isinstance(data, DetectionData):
+        raise AutobuildError(f"importance measures a classifier's val top-1 (RI); {data.spec} "
+                             "is detection data")
     check_fits(model, data)
     dev = resolve_device(device)
     was_training = model.training

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
 import autobuild
+from autobuild.errors import AutobuildError
 from autobuild.train.data import Data
 
 
@@ -72,3 +74,20 @@ def test_importance_command(tmp_path, capsys) -> None:
     assert open(csv).readline().startswith("site,family,choice")
     assert main(["importance", run]) == 0
     assert "RI = P_M" in capsys.readouterr().out
+
+
+def test_a_detector_is_refused_in_one_line(tmp_path, capsys) -> None:
+    """RI is a classifier's (val top-1): a converted detector is refused, not a traceback."""
+    from autobuild.cli import main
+    from autobuild.train import build_detection_data
+
+    out = str(tmp_path / "det")
+    assert main(["convert", "ssdlite320_mobilenet_v3_large", "--to", "quadratic", "--sites",
+                 "backbone.features.0.1.*", "--num-classes", "4", "--input-size", "3,64,64",
+                 "--out", out]) == 0
+    capsys.readouterr()
+    assert main(["importance", out, "--data", "synthetic-detection"]) == 2
+    assert "is a detector (ssdlite320_mobilenet_v3_large)" in capsys.readouterr().err
+    data = build_detection_data("synthetic-detection:size=64,classes=3,train=4,val=2")
+    with pytest.raises(AutobuildError, match="is detection data"):
+        autobuild.search.importance(autobuild.load(out), data, device="cpu", progress=False)
