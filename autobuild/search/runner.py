@@ -137,6 +137,12 @@ def prepare(space: SearchSpace, *, storage: str | None = None, study_name: str |
                       train_subset=space.budget.train_subset,
                       subset_key="search space budget.train_subset",
                       size_key="search space budget.image_size")
+    from autobuild.train.regularize import check_regularizers
+
+    # Regularisers the images cannot take (a cutout larger than them), before the study
+    # exists: refused in the first trial, they left a study that blocked the corrected run.
+    check_regularizers(None, config, key="search space budget.",
+                       image_size=data.input_size[1:])
     torch.manual_seed(space.seed)  # the baseline's weights: every trial's kept layers
     analysis = analyze(space.baseline, num_classes=space.num_classes or data.num_classes,
                        input_size=space.input_size or data.input_size,
