@@ -270,11 +270,25 @@ def _new_run_dir(args: argparse.Namespace) -> tuple[str, bool]:
 
         raise AutobuildError(f"--data is required ({DATA_SPECS}, or detection data)")
     model_dir = bool(args.model and os.path.isdir(args.model))
-    run_dir = args.out or (args.model if model_dir else default_run_dir(args.model,
-                                                                        args.family))
+    run_dir = args.out or (args.model if model_dir else default_run_dir(*_run_name(args)))
     adopt = model_dir and os.path.abspath(run_dir) == os.path.abspath(args.model)
     prepare_run_dir(run_dir, force=args.force, adopt=adopt, dry_run=True)
     return run_dir, adopt
+
+
+def _run_name(args: argparse.Namespace) -> tuple[str, str | None]:
+    """(model, family) of a new run's default directory ``runs/MODEL-FAMILY``: those of a
+    --plan, the families of a --placement ("mixed" for several), else --to's."""
+    from autobuild.io import load_placement, load_plan
+
+    if args.plan:
+        plan = load_plan(args.plan)
+        return plan.model, plan.family or None
+    if args.placement:
+        families = load_placement(args.placement).families
+        return args.model, (families.pop() if len(families) == 1 else
+                            "mixed" if families else None)
+    return args.model, args.family
 
 
 def _task(name: str, spec: str | None) -> str:

@@ -299,3 +299,19 @@ def test_a_refused_forced_run_loses_nothing(tmp_path: Path,
     assert main(["train", run, "--data", ten, "--out", str(tmp_path / "new" / "x"),
                  *FAST]) == 2
     assert not (tmp_path / "new").exists()
+
+
+def test_default_run_directories_of_a_plan_and_a_placement(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """runs/MODEL-FAMILY names what trains: a --plan's model and family, a --placement's
+    families (they went to runs/None-baseline and runs/MODEL-baseline)."""
+    monkeypatch.chdir(tmp_path)
+    spec = "synthetic:size=3x8x8,classes=4,train=16,val=8"
+    assert main(["convert", "cifar_resnet20", "--to", "dirac", "--num-classes", "4",
+                 "--input-size", "3,8,8", "--out", "d"]) == 0
+    Path("pl.yaml").write_text("layer1.0.conv1: quadratic\nlayer2: pde-global\n")
+    assert main(["train", "--plan", "d/plan.yaml", "--data", spec, "--epochs", "1",
+                 *FAST]) == 0
+    assert main(["train", "cifar_resnet20", "--placement", "pl.yaml", "--data", spec,
+                 "--epochs", "1", *FAST]) == 0
+    assert sorted(os.listdir("runs")) == ["cifar_resnet20-dirac", "cifar_resnet20-mixed"]
