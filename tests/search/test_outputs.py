@@ -39,12 +39,15 @@ def test_report_and_export_never_replace_the_study_or_its_artifacts(in_tmp, caps
     studies, art = _listing(in_tmp / "studies"), _listing(in_tmp / "art")
     assert "tiny.db" in studies and art  # the plan and the weights
     export = ["export", "--study", "tiny", "--trial", "0", "--force"]
-    _refused(capsys, [*export, "--out", "studies"], "studies/tiny.db': replacing it whole")
-    _refused(capsys, [*export, "--out", "art", "--artifacts", "art"], "art': replacing it")
+    _refused(capsys, [*export, "--out", "studies"],
+             "studies/tiny.db', which this command reads: replacing it whole")
+    _refused(capsys, [*export, "--out", "art", "--artifacts", "art"],
+             "art', which this command reads: replacing it")
     # The store the study was created with is guarded without --artifacts, too.
-    _refused(capsys, [*export, "--out", "art"], "art': replacing it whole")
+    _refused(capsys, [*export, "--out", "art"],
+             "art', which this command reads: replacing it whole")
     _refused(capsys, ["report", "--study", "tiny", "--out", "art", "--force"],
-             "art': replacing it whole")
+             "art', which this command reads: replacing it whole")
     # The default store (beside the database) is guarded whether or not the study used it.
     os.makedirs(in_tmp / "studies" / "tiny-artifacts" / "x")
     for command in (export, ["report", "--study", "tiny", "--force"]):

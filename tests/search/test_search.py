@@ -117,7 +117,9 @@ def test_report_export_and_resume_through_the_cli(in_tmp, capsys) -> None:
     assert "pass --force" in capsys.readouterr().err
     assert (in_tmp / "rep" / "notes.md").read_text() == "mine"
     assert main(["report", "--study", "tiny", "--out", "studies", "--force"]) == 2
-    assert "studies/tiny.db': replacing it whole" in capsys.readouterr().err  # not the study
+    # not the study
+    assert "studies/tiny.db', which this command reads: replacing it whole" in \
+        capsys.readouterr().err
     assert main(["report", "--study", "tiny", "--out", "rep", "--force", "--json"]) == 0
     capsys.readouterr()
     assert sorted(os.listdir(in_tmp / "rep")) == ["pareto.png", "report.md", "ri.csv",
