@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 from typing import Annotated, Any
 
 from pydantic import Field
@@ -44,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
     from autobuild.search import load_space
     from autobuild.search import run as run_search
     from autobuild.search.report import pareto_trials
+    from autobuild.search.study import mask_url
 
     space = load_space(args.space, args.overrides)
     study = run_search(space, storage=args.storage, study_name=args.study, resume=args.resume,
@@ -52,8 +54,9 @@ def run(args: argparse.Namespace) -> int:
     front = [str(t.number) for t in pareto_trials(study)]
     done = sum(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials)
     named = f"trial{'s' if len(front) > 1 else ''} {', '.join(front)}" if front else "empty"
+    report = f"autobuild report --study {shlex.quote(study.study_name)}"
+    if args.storage:  # (a password stays masked: the user knows it)
+        report += f" --storage {shlex.quote(mask_url(args.storage))}"
     print(f"study {study.study_name}: {done} trial{'s' if done != 1 else ''} finished "
-          f"({len(study.trials)} in all), "
-          f"Pareto front: {named}; `autobuild report --study {study.study_name}` writes the "
-          "report")
+          f"({len(study.trials)} in all), Pareto front: {named}; `{report}` writes the report")
     return 0

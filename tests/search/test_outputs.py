@@ -114,3 +114,17 @@ def test_no_top1_for_a_failed_trial_and_no_eta_without_workers(in_tmp) -> None:
     assert trials_frame(study)["top1"].isna().tolist() == [False, False, True]
     (row,) = storage_status(url, "s")
     assert row["finished"] == 2 and row["workers_alive"] == [] and row["eta_s"] is None
+
+
+def test_the_report_command_a_search_prints_works_as_printed(in_tmp, capsys) -> None:
+    """The hint names the --storage the search used (without it, report looked in
+    studies/ and found nothing)."""
+    import shlex
+
+    (in_tmp / "space.yaml").write_text(yaml.safe_dump(tiny_space(**ONE_TRIAL)))
+    url = f"sqlite:///{in_tmp / 'elsewhere.db'}"
+    assert main(["search", "space.yaml", "--quiet", "--storage", url]) == 0
+    hint = capsys.readouterr().out.split("`")[1]
+    assert hint == f"autobuild report --study tiny --storage {url}"
+    assert main([*shlex.split(hint)[1:], "--out", "rep"]) == 0
+    assert (in_tmp / "rep" / "report.md").exists()
