@@ -256,7 +256,8 @@ class TrainConfig(BaseModel):
 
 def check_new_recipe(cfg: TrainConfig, key: str = "--") -> None:
     """What the schema cannot refuse without refusing older records (they stay readable):
-    an AMP precision without AMP, milestones a new run would ignore (cosine) or never reach.
+    an AMP precision without AMP, a TensorBoard period without TensorBoard, milestones a
+    new run would ignore (cosine) or never reach.
     ``key`` names the settings: ``--`` as flags, ``search space budget.`` as a space's keys."""
 
     def name(field: str) -> str:
@@ -265,6 +266,10 @@ def check_new_recipe(cfg: TrainConfig, key: str = "--") -> None:
     if cfg.amp_dtype == "fp16" and not cfg.amp:  # (bf16 is the default)
         raise InvalidValue(f"{name('amp_dtype')} fp16: it sets the precision of AMP, which is "
                            f"off; turn on {name('amp')}")
+    if "tensorboard_every" in cfg.model_fields_set and cfg.tensorboard is None:
+        raise InvalidValue(f"{name('tensorboard_every')} {cfg.tensorboard_every}: it sets how "
+                           f"often TensorBoard logs histograms, which is off; give "
+                           f"{name('tensorboard')} DIR")
     if cfg.lr_milestones is None:
         return
     if cfg.lr_schedule != "multistep":
