@@ -191,6 +191,7 @@ def write_report(study: optuna.Study, out: str, *, force: bool = False,
         ensure_writable_dir,
         staged_directory,
     )
+    from autobuild.search.importance import COLUMNS as RI_COLUMNS
 
     ensure_writable_dir(out, force=force)
     if force:
@@ -206,7 +207,8 @@ def write_report(study: optuna.Study, out: str, *, force: bool = False,
                           frame.astype(whole).to_csv(index=False))
         atomic_write_text(os.path.join(staging, "report.md"), _markdown(study, frame))
         _plot(study, frame, os.path.join(staging, "pareto.png"))
-        ri = pd.DataFrame(study.user_attrs.get("ri") or [])
+        # (a study whose RI was never measured gets the header alone, not an empty file)
+        ri = pd.DataFrame(study.user_attrs.get("ri") or [], columns=RI_COLUMNS)
         atomic_write_text(os.path.join(staging, "ri.csv"), ri.to_csv(index=False))
     return {"out": out, "files": ["trials.csv", "report.md", "pareto.png", "ri.csv"],
             "trials": len(frame), "pareto": len(pareto_trials(study)),

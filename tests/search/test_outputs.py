@@ -128,3 +128,10 @@ def test_the_report_command_a_search_prints_works_as_printed(in_tmp, capsys) -> 
     assert hint == f"autobuild report --study tiny --storage {url}"
     assert main([*shlex.split(hint)[1:], "--out", "rep"]) == 0
     assert (in_tmp / "rep" / "report.md").exists()
+
+
+def test_ri_csv_has_its_header_when_no_ri_was_measured(in_tmp, capsys) -> None:
+    (in_tmp / "space.yaml").write_text(yaml.safe_dump(tiny_space(**ONE_TRIAL)))  # no RI
+    assert main(["search", "space.yaml", "--quiet"]) == 0
+    assert main(["report", "--study", "tiny", "--out", "rep"]) == 0
+    assert (in_tmp / "rep" / "ri.csv").read_text().startswith("site,family,choice,")
