@@ -27,6 +27,9 @@ _COLUMNS = ["number", "state", "placement", "top1", "params", "macs", "flops", "
             "wall_time_s", "placement_key"]
 
 
+_COST_LABELS = {"macs": "MACs", "params": "params", "flops": "FLOPs", "latency_ms": "latency"}
+
+
 def _cost_name(study: optuna.Study) -> str:
     names = study.metric_names or []
     return next((n for n in names if n != "top1"), "macs")
@@ -44,7 +47,7 @@ def _row(t: optuna.trial.FrozenTrial) -> dict[str, Any]:
 
 def trials_frame(study: optuna.Study) -> Any:
     """One row per trial with the columns of ``_COLUMNS`` (top-1 of pruned trials: the last
-    epoch reached; of failed, interrupted and running trials: empty)."""
+    epoch reached; of failed, interrupted, running and never trained trials: empty)."""
     import pandas as pd
 
     names = study.metric_names or ["top1"]
@@ -107,20 +110,26 @@ def hypervolume(study: optuna.Study, trials: list[optuna.trial.FrozenTrial] | No
 def _markdown(study: optuna.Study, frame: Any) -> str:
     baseline = study.user_attrs.get("baseline") or {}
     cost = _cost_name(study)
+    label = _COST_LABELS.get(cost, cost)
+    unit = " (ms)" if cost == "latency_ms" else ""
+    extra_head = "" if cost in ("params", "macs") else f" {label}{unit} |"
     lines = [f"# Study {study.study_name}", "",
              f"{len(frame)} trials: " + ", ".join(f"{n} {s.lower()}" for s, n in
                                                    frame["state"].value_counts().items()), "",
              f"Baseline: {baseline.get('params', 0) / 1e6:.3f}M params, "
              f"{baseline.get('macs', 0) / 1e6:.2f}M MACs.", "",
              "## Pareto front", "",
-             "| trial | top-1 (%) | params | MACs | vs baseline MACs | placement |",
-             "|---|---|---|---|---|---|"]
+             # the ratio is the front's own cost (MACs, params, FLOPs or latency)
+             f"| trial | top-1 (%) | params | MACs |{extra_head} vs baseline {label} | "
+             "placement |", "|---|---|---|---|" + "---|" * bool(extra_head) + "---|---|"]
     for t in pareto_trials(study):
         a = t.user_attrs
         top1 = dict(zip(study.metric_names or ["top1"], t.values, strict=False)).get("top1")
-        ratio = a.get("macs", 0) / max(baseline.get("macs", 1), 1)
+        ratio = a.get(cost, 0) / baseline[cost] if baseline.get(cost) else float("nan")
+        extra = "" if cost in ("params", "macs") else (
+            f" {a.get(cost, 0) / 1e6:.2f}M |" if cost == "flops" else f" {a.get(cost, 0):.3g} |")
         lines.append(f"| {t.number} | {top1:.2f} | {a.get('params', 0) / 1e6:.3f}M | "
-                     f"{a.get('macs', 0) / 1e6:.2f}M | {ratio:.2f}x | "
+                     f"{a.get('macs', 0) / 1e6:.2f}M |{extra} {ratio:.2f}x | "
                      f"{a.get('placement', '')} |")
     lines += ["", f"Hypervolume (reference: 0% top-1, 2x the baseline's {cost}): "
                   f"{hypervolume(study):.4f}", ""]

@@ -135,3 +135,14 @@ def test_ri_csv_has_its_header_when_no_ri_was_measured(in_tmp, capsys) -> None:
     assert main(["search", "space.yaml", "--quiet"]) == 0
     assert main(["report", "--study", "tiny", "--out", "rep"]) == 0
     assert (in_tmp / "rep" / "ri.csv").read_text().startswith("site,family,choice,")
+
+
+def test_the_pareto_table_shows_the_cost_the_front_is_on(in_tmp, capsys) -> None:
+    (in_tmp / "space.yaml").write_text(yaml.safe_dump(tiny_space(
+        **{**ONE_TRIAL, "n_trials": 2}, objectives=["top1", "latency_ms"])))
+    assert main(["search", "space.yaml", "--quiet"]) == 0
+    assert main(["report", "--study", "tiny", "--out", "rep"]) == 0
+    md = (in_tmp / "rep" / "report.md").read_text()
+    assert "| trial | top-1 (%) | params | MACs | latency (ms) | vs baseline latency |" in md
+    row = next(ln for ln in md.splitlines() if ln.startswith("| 0 |"))
+    assert row.count("|") == 8 and row.split("|")[6].strip().endswith("x")
