@@ -8,6 +8,7 @@ model's ``--num-classes`` / ``--input-size`` rather than the other way round.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 from collections.abc import Callable
@@ -165,9 +166,13 @@ def _cifar(name: str, root: str, download: bool) -> Data:
         import torchvision
 
         cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+        made = _missing_dirs(root)
         try:
             cls(root, train=True, download=True)
         except Exception as exc:  # no network, full disk...
+            for directory in made:  # innermost first; only what the download left empty
+                with contextlib.suppress(OSError):
+                    os.rmdir(directory)
             raise AutobuildError(f"cannot download {name} into {root!r}: {exc}") from exc
         missing = [f for f in expected if not os.path.exists(os.path.join(path, f))]
     if missing:
@@ -180,6 +185,15 @@ def _cifar(name: str, root: str, download: bool) -> Data:
     train_t, val_t = _transforms(32, _STATS[name], small=True)
     return Data(name, _ArrayDataset(train_x, train_y, train_t),
                 _ArrayDataset(val_x, val_y, val_t), n, (3, 32, 32), classes)
+
+
+def _missing_dirs(path: str) -> list[str]:
+    """``path`` and those of its parents that do not exist yet, innermost first."""
+    missing, path = [], os.path.abspath(path)
+    while not os.path.exists(path) and path != os.path.dirname(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing
 
 
 def _cifar_classes(path: str, name: str, n: int) -> list[str]:

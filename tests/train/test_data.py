@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -95,3 +96,17 @@ def test_synthetic_options_and_subset() -> None:
     assert torch.equal(data.val[3][0], data.val[3][0])  # the same image every time
     with pytest.raises(AutobuildError, match="--train-subset must be in 1..40"):
         build_data("synthetic:train=40", train_subset=41)
+
+
+def test_a_failed_download_leaves_no_directory_behind(tmp_path, monkeypatch) -> None:
+    import torchvision
+
+    def offline(root, **kw):
+        os.makedirs(root, exist_ok=True)  # torchvision makes the root before it fetches
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    root = tmp_path / "dl" / "x"
+    with pytest.raises(AutobuildError, match="cannot download cifar10 into .*Name or service"):
+        build_data("cifar10", str(root), download=True)
+    assert not (tmp_path / "dl").exists()
