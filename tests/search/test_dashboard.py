@@ -37,7 +37,10 @@ def test_dashboard_serves_the_study_and_its_artifacts(in_tmp) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "autobuild", "dashboard", "--study", "tiny",
                              "--port", str(port)], cwd=in_tmp, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+                            env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            # a job runner may start the tests with SIGINT ignored, which
+                            # Python keeps: a terminal's Ctrl-C is what is tested
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         base = f"http://127.0.0.1:{port}"
         deadline = time.time() + 120
