@@ -30,7 +30,7 @@ from autobuild.rewrite import (
 )
 from autobuild.rewrite.sites import Region
 
-__all__ = ["analyze", "build_plan", "convert", "sites"]
+__all__ = ["analyze", "build_plan", "check_plan_leaves", "convert", "sites"]
 
 
 def analyze(model_or_name: nn.Module | str, *, num_classes: int | None = None,
@@ -63,8 +63,10 @@ def _check_leaf_names(baseline: Baseline) -> None:
                                shown=20)
 
 
-def _check_plan_leaves(baseline: Baseline) -> None:
-    """A hand-edited plan's misspelt leaf would be ignored: refused, naming the plan key."""
+def check_plan_leaves(baseline: Baseline) -> None:
+    """A plan the user hands in (``--plan``): a misspelt leaf in a hand-edited one would be
+    traced through, so it is refused, naming the plan key. (Not on ``load``: a plan records
+    a leaf class by name, and a class the model has no instance of is a harmless no-op.)"""
     try:
         _check_leaf_names(baseline)
     except AutobuildError as exc:
@@ -205,16 +207,12 @@ def plan_baseline(plan: Plan, baseline: nn.Module | None = None, *,
         if baseline is None:
             raise AutobuildError(f"plan is for a custom model ({plan.model}); pass the baseline "
                                  "module (autobuild.load(dir, baseline=module))")
-        base = resolve_baseline(baseline, num_classes=plan.num_classes,
+        return resolve_baseline(baseline, num_classes=plan.num_classes,
                                 input_size=plan.input_size, leaf_modules=plan.leaf_modules)
-        _check_plan_leaves(base)
-        return base
     weights = plan.weights if load_baseline_weights else None
-    base = resolve_baseline(plan.model, num_classes=plan.num_classes, input_size=plan.input_size,
+    return resolve_baseline(plan.model, num_classes=plan.num_classes, input_size=plan.input_size,
                             weights=weights, leaf_modules=plan.leaf_modules, device=device,
                             model_args=plan.model_args)
-    _check_plan_leaves(base)
-    return base
 
 
 def build_plan(plan: Plan, baseline: nn.Module | None = None, *,

@@ -176,8 +176,8 @@ def check_replaceable(dest: str, keep: Iterable[str] = ()) -> None:
     if not os.path.isdir(dest):
         return
     target = os.path.realpath(dest)
-    guarded = [(os.getcwd(), "the current directory")] + [(k, f"{k!r}, which this command reads")
-                                                          for k in keep if k]
+    guarded = [(os.getcwd(), "the current directory")]
+    guarded += [(k, f"{k!r}, which this command must keep") for k in keep if k]
     for path, what in guarded:
         real = os.path.realpath(path)
         if real == target or real.startswith(target.rstrip(os.sep) + os.sep):

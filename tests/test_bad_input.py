@@ -423,10 +423,10 @@ CLI_CASES: list[tuple[str, list[str], list[str]]] = [
     ("analyze-force-over-the-run", ["analyze", "{run}", "--out", "{run}", "--force"],
      ["run' is '", "replacing it whole (--force) would delete that"]),
     ("fold-force-over-the-run", ["fold", "{run}", "--out", "{run}", "--force"],
-     ["run', which this command reads", "would delete that"]),
+     ["run', which this command must keep", "would delete that"]),
     ("convert-force-over-its-plan", ["convert", "--plan", "{run}/plan.yaml", "--out", "{run}",
                                      "--force"], ["holds", "plan.yaml', which this command "
-                                                  "reads", "would delete that"]),
+                                                  "must keep", "would delete that"]),
     ("analyze-force-over-its-parent", ["analyze", "{run}", "--out", "{root}", "--force"],
      ["holds", "would delete that"]),
     ("analyze-force-over-the-cwd", ["analyze", "{run}", "--out", ".", "--force"],

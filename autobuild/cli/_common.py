@@ -222,7 +222,7 @@ def model_from_args(args: argparse.Namespace, *, allow_baseline: bool = False,
     With ``allow_baseline`` and no ``--to``/``--placement``, the model is the unconverted
     baseline (an empty placement), which training uses for reference runs.
     """
-    from autobuild.api import analyze, plan_baseline
+    from autobuild.api import analyze, check_plan_leaves, plan_baseline
     from autobuild.io import load, load_placement, load_plan
     from autobuild.rewrite import Analysis, Placement, plan_of
 
@@ -243,7 +243,9 @@ def model_from_args(args: argparse.Namespace, *, allow_baseline: bool = False,
             plan = load_plan(args.plan)
             if args.model and args.model != plan.model:
                 raise AutobuildError(f"--plan is for {plan.model!r}, not {args.model!r}")
-            analysis = Analysis(plan_baseline(plan))
+            base = plan_baseline(plan)
+            check_plan_leaves(base)
+            analysis = Analysis(base)
             return _build(analysis, plan.placement, plan.init, seed), analysis
         status(f"loading {args.model}")
         model = load(args.model)

@@ -69,7 +69,7 @@ def _check_classifier(path: str) -> None:
     from autobuild.train.detection import is_detector
 
     name = load_plan(path).model
-    if is_detector(name):
+    if not name.startswith("custom:") and is_detector(name):
         raise AutobuildError(f"RUN {path!r} is a detector ({name}): RI importance is measured "
                              "on a classifier's val top-1; `autobuild analyze` measures a "
                              "detector's sites")

@@ -62,7 +62,8 @@ def _add_recipe_arguments(p: argparse.ArgumentParser) -> None:
                    help="per process (per GPU)")
     g.add_argument("--optimizer", choices=("sgd", "adamw"), default=_S, help="optimizer")
     g.add_argument("--lr", type=typed("lr"), default=_S,
-                   help="peak lr > 0 (default 0.1 SGD / 1e-3 AdamW, times batch-size/128)")
+                   help="peak lr > 0 (default 0.1 SGD / 1e-3 AdamW, times the batch a step "
+                        "sees / 128: --batch-size, or the training set when smaller)")
     g.add_argument("--momentum", type=typed("momentum"), default=_S,
                    help="SGD momentum in [0, 1) (default 0.9)")
     g.add_argument("--no-nesterov", dest="nesterov", action="store_false", default=_S,

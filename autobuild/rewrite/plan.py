@@ -44,16 +44,23 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     hand-edited file where the second ``layer1.0.conv1:`` silently wins loses the first."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        self.flatten_mapping(node)  # merge keys (<<) first: they may be overridden
+        # The mapping's own keys only: a key after a merge (``<<: *base``) overrides the
+        # merged one, as YAML means it to.
         seen: set[Any] = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
             key = self.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
-            if isinstance(key, (str, int, float, bool)) or key is None:
-                if key in seen:
-                    raise yaml.constructor.ConstructorError(
-                        None, None, f"key {key!r} is given twice (line "
-                        f"{key_node.start_mark.line + 1}); keep one", key_node.start_mark)
-                seen.add(key)
+            try:
+                hash(key)
+            except TypeError:
+                continue  # an unhashable key: PyYAML refuses it itself
+            # (True and 1 are one key of the dict made: refused too, rather than one lost)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice (line "
+                    f"{key_node.start_mark.line + 1}); keep one", key_node.start_mark)
+            seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
 

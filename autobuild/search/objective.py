@@ -264,7 +264,9 @@ class Objective:
             return not pruned["stop"]
 
         try:
-            result = train(model, self.data, self.config, callback=on_epoch)
+            # (the recipe was checked when the study was created: an older study goes on)
+            result = train(model, self.data, self.config, callback=on_epoch,
+                           check_recipe=False)
         except DivergedError as exc:
             trial.set_user_attr("fail_reason", str(exc))
             self.say(f"trial {trial.number}: {placement.describe()} failed: {exc}")

@@ -133,7 +133,9 @@ def prepare(space: SearchSpace, *, storage: str | None = None, study_name: str |
     if new:
         check_new_recipe(config, "search space budget.")
     check_log_dir(config.tensorboard, "search space budget.tensorboard")
-    data = build_data(space.data, space.data_dir, image_size=space.budget.image_size,
+    # (a study made before image_size was refused on other data goes on without it)
+    size = space.budget.image_size if new or space.data.startswith("imagefolder:") else None
+    data = build_data(space.data, space.data_dir, image_size=size,
                       train_subset=space.budget.train_subset,
                       subset_key="search space budget.train_subset",
                       size_key="search space budget.image_size")

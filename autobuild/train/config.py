@@ -158,12 +158,9 @@ class TrainConfig(BaseModel):
     @field_validator("lr_milestones")
     @classmethod
     def _milestones(cls, value: list[int] | None) -> list[int] | None:
-        if value is None:
-            return None
-        twice = sorted({m for m in value if value.count(m) > 1})
-        if twice:  # a decay meant twice happens once: say so rather than drop one
-            raise ValueError(f"epoch {twice[0]} is given twice; each milestone decays once")
-        return sorted(value)
+        # (repeats are kept: each is a decay, and an older record may hold them; a new
+        # recipe refuses them, check_new_recipe)
+        return sorted(value) if value is not None else None
 
     @field_validator("tensorboard")
     @classmethod
@@ -272,6 +269,10 @@ def check_new_recipe(cfg: TrainConfig, key: str = "--") -> None:
                            f"{name('tensorboard')} DIR")
     if cfg.lr_milestones is None:
         return
+    twice = sorted({m for m in cfg.lr_milestones if cfg.lr_milestones.count(m) > 1})
+    if twice:  # one decay meant, or two? say so rather than guess
+        raise InvalidValue(f"{name('lr_milestones')} {cfg.lr_milestones}: epoch {twice[0]} "
+                           "is given twice; give each milestone once")
     if cfg.lr_schedule != "multistep":
         raise InvalidValue(f"{name('lr_milestones')} {cfg.lr_milestones}: milestones apply to "
                            "the multistep schedule only; cosine has none")

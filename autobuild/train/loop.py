@@ -148,19 +148,22 @@ def check_fits(model: nn.Module, data: Data) -> None:
 
 def train(model: nn.Module, data: Data | str, config: TrainConfig | None = None, *,
           callback: Callback | None = None, out_dir: str | None = None,
-          resume: bool = False) -> Result:
+          resume: bool = False, check_recipe: bool = True) -> Result:
     """Train ``model`` on ``data`` with ``config``; see the module docstring for ``out_dir``.
 
     ``resume`` continues from ``out_dir/checkpoint.pt`` (model, optimizer, scheduler,
     scaler, EMA, epoch, RNG state). Refusing to overwrite another run is the caller's job
-    (:func:`autobuild.train.prepare_run_dir`). Raises :class:`DivergedError` on a
-    non-finite training or validation loss, or an exploded training loss (the last good
-    checkpoint is kept and ``train.yaml`` says why the run stopped).
+    (:func:`autobuild.train.prepare_run_dir`). ``check_recipe=False`` skips the checks of a
+    new recipe (:func:`~autobuild.train.config.check_new_recipe`): a search made them when
+    it created the study, and a study made before a check existed continues as made.
+    Raises :class:`DivergedError` on a non-finite training or validation loss, or an
+    exploded training loss (the last good checkpoint is kept and ``train.yaml`` says why the
+    run stopped).
     """
     cfg, data = _inputs(config, data)
     check_fits(model, data)
     check_regularizers(model, cfg, image_size=data.input_size[1:])
-    if not resume:
+    if check_recipe and not resume:
         check_new_recipe(cfg)
     with regularizers(model, cfg) as reg:
         session = _run(model, data, cfg, reg, callback, out_dir, resume)

@@ -86,11 +86,32 @@ def test_a_json_plan_with_a_key_given_twice_is_refused(tmp_path) -> None:
         load_plan(str(path))
 
 
-def test_a_plan_naming_a_leaf_the_model_lacks_is_refused() -> None:
-    """Analysis refuses a misspelt leaf; a hand-edited plan must not get past it either
-    (the leaf would silently be traced through)."""
-    plan = Plan("cifar_resnet20", [], "scratch", 10, (3, 32, 32), leaf_modules=["nosuch"])
-    with pytest.raises(AutobuildError, match="plan leaf_modules: unknown leaf module 'nosuch'"):
-        autobuild.build_plan(plan)
-    ok = Plan("cifar_resnet20", [], "scratch", 10, (3, 32, 32), leaf_modules=["layer1.0"])
-    autobuild.build_plan(ok)
+def test_a_plan_naming_a_leaf_the_model_lacks_is_refused(tmp_path, capsys) -> None:
+    """Analysis refuses a misspelt leaf; a hand-edited plan given as --plan must not get past
+    it either (the leaf would silently be traced through). A saved model whose plan names a
+    leaf class the model has no instance of (harmless) still loads."""
+    from torch import nn
+
+    from autobuild.cli import main
+
+    path = tmp_path / "plan.yaml"
+    path.write_text(Plan("cifar_resnet20", [], "scratch", 10, (3, 32, 32),
+                         leaf_modules=["nosuch"]).dumps())
+    assert main(["convert", "--plan", str(path)]) == 2
+    assert "plan leaf_modules: unknown leaf module 'nosuch'" in capsys.readouterr().err
+    saved = str(tmp_path / "saved")
+    autobuild.save(autobuild.convert("cifar_resnet20", "quadratic",
+                                     leaf_modules=[nn.MultiheadAttention]), saved)
+    assert autobuild.plan_of(autobuild.load(saved)).leaf_modules == ["MultiheadAttention"]
+    assert main(["inspect", saved]) == 0
+
+
+def test_yaml_keys_given_twice_and_merge_keys() -> None:
+    from autobuild.rewrite.plan import load_yaml
+
+    # a key after a merge overrides the merged one, as YAML means it to
+    merged = load_yaml("b: &b {epochs: 1, lr: 2}\nc:\n  <<: *b\n  epochs: 2\n")
+    assert merged["c"] == {"epochs": 2, "lr": 2}
+    for text, key in (("a: 1\na: 2\n", "'a'"), ("{1: a, true: b}", "True")):
+        with pytest.raises(Exception, match=f"key {key} is given twice"):
+            load_yaml(text)

@@ -40,14 +40,14 @@ def test_report_and_export_never_replace_the_study_or_its_artifacts(in_tmp, caps
     assert "tiny.db" in studies and art  # the plan and the weights
     export = ["export", "--study", "tiny", "--trial", "0", "--force"]
     _refused(capsys, [*export, "--out", "studies"],
-             "studies/tiny.db', which this command reads: replacing it whole")
+             "studies/tiny.db', which this command must keep: replacing it whole")
     _refused(capsys, [*export, "--out", "art", "--artifacts", "art"],
-             "art', which this command reads: replacing it")
+             "art', which this command must keep: replacing it")
     # The store the study was created with is guarded without --artifacts, too.
     _refused(capsys, [*export, "--out", "art"],
-             "art', which this command reads: replacing it whole")
+             "art', which this command must keep: replacing it whole")
     _refused(capsys, ["report", "--study", "tiny", "--out", "art", "--force"],
-             "art', which this command reads: replacing it whole")
+             "art', which this command must keep: replacing it whole")
     # The default store (beside the database) is guarded whether or not the study used it.
     os.makedirs(in_tmp / "studies" / "tiny-artifacts" / "x")
     for command in (export, ["report", "--study", "tiny", "--force"]):
@@ -144,5 +144,13 @@ def test_the_pareto_table_shows_the_cost_the_front_is_on(in_tmp, capsys) -> None
     assert main(["report", "--study", "tiny", "--out", "rep"]) == 0
     md = (in_tmp / "rep" / "report.md").read_text()
     assert "| trial | top-1 (%) | params | MACs | latency (ms) | vs baseline latency |" in md
-    row = next(ln for ln in md.splitlines() if ln.startswith("| 0 |"))
-    assert row.count("|") == 8 and row.split("|")[6].strip().endswith("x")
+    import optuna
+
+    study = optuna.load_study(study_name="tiny", storage="sqlite:///studies/tiny.db")
+    base = study.user_attrs["baseline"]["latency_ms"]
+    assert study.best_trials
+    for t in study.best_trials:
+        row = next(ln for ln in md.splitlines() if ln.startswith(f"| {t.number} |"))
+        cells = [c.strip() for c in row.split("|")[1:-1]]
+        assert cells[4] == f"{t.user_attrs['latency_ms']:.3g}"
+        assert cells[5] == f"{t.user_attrs['latency_ms'] / base:.2f}x"  # not the MACs ratio

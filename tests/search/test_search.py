@@ -118,7 +118,7 @@ def test_report_export_and_resume_through_the_cli(in_tmp, capsys) -> None:
     assert (in_tmp / "rep" / "notes.md").read_text() == "mine"
     assert main(["report", "--study", "tiny", "--out", "studies", "--force"]) == 2
     # not the study
-    assert "studies/tiny.db', which this command reads: replacing it whole" in \
+    assert "studies/tiny.db', which this command must keep: replacing it whole" in \
         capsys.readouterr().err
     assert main(["report", "--study", "tiny", "--out", "rep", "--force", "--json"]) == 0
     capsys.readouterr()

@@ -315,3 +315,14 @@ def test_default_run_directories_of_a_plan_and_a_placement(
     assert main(["train", "cifar_resnet20", "--placement", "pl.yaml", "--data", spec,
                  "--epochs", "1", *FAST]) == 0
     assert sorted(os.listdir("runs")) == ["cifar_resnet20-dirac", "cifar_resnet20-mixed"]
+
+
+def test_a_repeated_milestone_is_refused_for_a_new_recipe_only() -> None:
+    """An older run record may hold a repeated milestone (each one a decay): it still loads;
+    a new recipe is asked to give each once."""
+    from autobuild.train.config import check_new_recipe
+
+    cfg = TrainConfig(epochs=10, lr_schedule="multistep", lr_milestones=[5, 2, 5])
+    assert cfg.milestones() == [2, 5, 5]
+    with pytest.raises(AutobuildError, match=r"\[2, 5, 5\]: epoch 5 is given twice"):
+        check_new_recipe(cfg)
