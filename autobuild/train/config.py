@@ -263,7 +263,9 @@ def check_new_recipe(cfg: TrainConfig, key: str = "--") -> None:
     if cfg.amp_dtype == "fp16" and not cfg.amp:  # (bf16 is the default)
         raise InvalidValue(f"{name('amp_dtype')} fp16: it sets the precision of AMP, which is "
                            f"off; turn on {name('amp')}")
-    if "tensorboard_every" in cfg.model_fields_set and cfg.tensorboard is None:
+    # (compared with the default, not "was it set": a replaced or recorded config sets all)
+    every = TrainConfig.model_fields["tensorboard_every"].default
+    if cfg.tensorboard_every != every and cfg.tensorboard is None:
         raise InvalidValue(f"{name('tensorboard_every')} {cfg.tensorboard_every}: it sets how "
                            f"often TensorBoard logs histograms, which is off; give "
                            f"{name('tensorboard')} DIR")
