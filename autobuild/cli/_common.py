@@ -213,12 +213,14 @@ def add_conversion_arguments(p: argparse.ArgumentParser, *, model_required: bool
 
 
 def model_from_args(args: argparse.Namespace, *, allow_baseline: bool = False,
-                    seed: int | None = None) -> tuple[Any, Any]:
+                    seed: int | None = None,
+                    weights_name: str = "weights.safetensors") -> tuple[Any, Any]:
     """(model, analysis of its baseline) as the conversion flags describe; ``seed``: the
     baseline and then the new layers are each built right after seeding (as a search
     trial is, so that `train` reproduces it).
 
-    ``args.model`` may be a saved directory (plan + weights) as well as a baseline name.
+    ``args.model`` may be a saved directory (plan + ``weights_name``) as well as a baseline
+    name.
     With ``allow_baseline`` and no ``--to``/``--placement``, the model is the unconverted
     baseline (an empty placement), which training uses for reference runs.
     """
@@ -248,7 +250,7 @@ def model_from_args(args: argparse.Namespace, *, allow_baseline: bool = False,
             analysis = Analysis(base)
             return _build(analysis, plan.placement, plan.init, seed), analysis
         status(f"loading {args.model}")
-        model = load(args.model)
+        model = load(args.model, weights_name=weights_name)
         return model, Analysis(plan_baseline(plan_of(model), device="meta"))
     if not args.model:
         raise AutobuildError("name a baseline model or a saved run directory")

@@ -236,7 +236,7 @@ def _new_job(args: argparse.Namespace) -> _Job:
     check_device(str(cfg.device))  # before the run directory exists
     check_sync_bn(cfg)
     data = _new_data(args, name, task)
-    model = _build_model(args, cfg)
+    model = _build_model(args, cfg, adopt)
     detection = task == "detection"
     check_regularizers(model, cfg, detection=detection,
                        image_size=None if detection else data.input_size[1:])
@@ -334,11 +334,16 @@ def _new_data(args: argparse.Namespace, name: str | None, task: str) -> Any:
     return data
 
 
-def _build_model(args: argparse.Namespace, cfg: Any) -> Any:
+def _build_model(args: argparse.Namespace, cfg: Any, adopt: bool = False) -> Any:
+    """The model a new run starts from; a saved model trained in its own directory again
+    (--force) starts from the weights it was saved with, not from the last run's."""
     import torch
 
+    from autobuild.train.rundir import adopted_weights
+
     torch.manual_seed(cfg.seed)  # the initial weights are part of a reproducible run
-    return model_from_args(args, allow_baseline=True, seed=cfg.seed)[0]
+    weights = adopted_weights(args.model) if adopt else "weights.safetensors"
+    return model_from_args(args, allow_baseline=True, seed=cfg.seed, weights_name=weights)[0]
 
 
 # ---- a resumed run ---------------------------------------------------------------------

@@ -26,8 +26,8 @@ from autobuild.errors import AutobuildError, schema_message
 from autobuild.rewrite.plan import load_yaml, yaml_problem
 
 __all__ = ["INIT_WEIGHTS", "RUN_FILE", "RUN_MARKERS", "SAVED_MODEL", "RunRecord",
-           "check_writable", "default_run_dir", "prepare_run_dir", "read_run_record",
-           "resume_history", "write_run_record"]
+           "adopted_weights", "check_writable", "default_run_dir", "prepare_run_dir",
+           "read_run_record", "resume_history", "write_run_record"]
 
 RUN_FILE = "train.yaml"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -181,7 +181,8 @@ def prepare_run_dir(path: str, *, force: bool = False, adopt: bool = False,
     unless ``force``, which replaces it as a whole, in one step (a staged empty directory is
     swapped in: no file of the old run stays beside the new one). With ``adopt`` (training a
     saved model in its own directory), a directory holding just plan + weights is accepted
-    and its weights are kept as ``init.safetensors``. ``dry_run`` only checks.
+    and its weights are kept as ``init.safetensors``; once there, they stay the saved
+    model's weights (a --force run restarts from them). ``dry_run`` only checks.
     """
     if not isinstance(path, str) or not path.strip():
         raise AutobuildError(f"a run directory must be a non-empty path, got {path!r}")
@@ -199,18 +200,31 @@ def prepare_run_dir(path: str, *, force: bool = False, adopt: bool = False,
     from autobuild.files import atomic_copy, staged_directory
 
     weights = os.path.join(path, "weights.safetensors")
+    # A run in this directory began from init.safetensors: those are the saved model's own
+    # weights (weights.safetensors is then that run's result), and a new run starts again
+    # from them.
+    init = os.path.join(path, INIT_WEIGHTS)
+    original = init if os.path.exists(init) else weights
     if entries and force:
         with staged_directory(path, force=True) as staging:
-            if adopt and os.path.exists(weights):  # the saved model stays what it was
-                for name in (*sorted(SAVED_MODEL), INIT_WEIGHTS):
-                    src = weights if name == INIT_WEIGHTS else os.path.join(path, name)
-                    if os.path.exists(src):
-                        atomic_copy(src, os.path.join(staging, name))
+            if adopt and os.path.exists(original):  # the saved model stays what it was
+                plan = os.path.join(path, "plan.yaml")
+                if os.path.exists(plan):
+                    atomic_copy(plan, os.path.join(staging, "plan.yaml"))
+                for name in ("weights.safetensors", INIT_WEIGHTS):
+                    atomic_copy(original, os.path.join(staging, name))
         return
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as exc:
         raise AutobuildError(f"cannot create {path!r}: {exc.strerror}") from exc
-    if adopting and os.path.exists(weights):
+    if adopting and original == weights and os.path.exists(weights):
         # A copy, not a move: other DDP ranks may still be loading these weights.
-        atomic_copy(weights, os.path.join(path, INIT_WEIGHTS))
+        atomic_copy(weights, init)
+
+
+def adopted_weights(path: str) -> str:
+    """The file a new run in the saved model directory ``path`` starts from: its
+    init.safetensors when a run there began from it, else its weights.safetensors."""
+    return INIT_WEIGHTS if os.path.exists(os.path.join(path, INIT_WEIGHTS)) else \
+        "weights.safetensors"

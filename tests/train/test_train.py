@@ -301,6 +301,26 @@ def test_a_refused_forced_run_loses_nothing(tmp_path: Path,
     assert not (tmp_path / "new").exists()
 
 
+def test_a_saved_model_trained_again_in_place_restarts_from_its_own_weights(
+        tmp_path: Path) -> None:
+    """`train SAVED --force` after a run there: init.safetensors stays the weights the model
+    was saved with (the last run's result overwrote it), and the new run starts from them."""
+    spec = "synthetic:size=3x8x8,classes=4,train=16,val=8"
+    saved = tmp_path / "saved"
+    assert main(["convert", "cifar_resnet20", "--to", "quadratic", "--num-classes", "4",
+                 "--input-size", "3,8,8", "--out", str(saved)]) == 0
+    original = load_file(saved / "weights.safetensors")
+    assert main(["train", str(saved), "--data", spec, "--epochs", "1", *FAST]) == 0
+    first = load_file(saved / "weights.safetensors")
+    assert any(not torch.equal(first[k], original[k]) for k in original)
+    assert main(["train", str(saved), "--data", spec, "--epochs", "1", "--force",
+                 *FAST]) == 0
+    init = load_file(saved / "init.safetensors")
+    assert all(torch.equal(init[k], original[k]) for k in original)
+    again = load_file(saved / "weights.safetensors")  # the same start, recipe and seed
+    assert all(torch.equal(again[k], first[k]) for k in first)
+
+
 def test_default_run_directories_of_a_plan_and_a_placement(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """runs/MODEL-FAMILY names what trains: a --plan's model and family, a --placement's
