@@ -141,13 +141,28 @@ def check_size(record: Record, width: int, height: int) -> None:
                              "would be misplaced (an image resized after annotating?)")
 
 
+#: How far (pixels, or this fraction of the side when larger) an edge may lie outside its
+#: image and be clipped: annotation tools put edges a pixel or so outside. A box reaching
+#: further was drawn for another image size or is corrupt; clipping it would train on a
+#: box that is not the object.
+EDGE_TOLERANCE_PX, EDGE_TOLERANCE_FRACTION = 2.0, 0.01
+
+
 def _inside(box: list[float], width: float, height: float, what: str) -> list[float]:
-    """``box`` clipped to the image (annotation tools put edges a pixel or so outside);
-    a box with nothing inside the image is refused: no prediction could ever match it."""
-    clipped = [min(max(v, 0.0), lim) for v, lim in zip(box, (width, height) * 2, strict=True)]
+    """``box`` clipped to the image; a box with nothing inside the image, or reaching past
+    it by more than a small tolerance, is refused."""
+    limits = (width, height) * 2
+    clipped = [min(max(v, 0.0), lim) for v, lim in zip(box, limits, strict=True)]
+    shown = f"({', '.join(f'{v:g}' for v in box)} as x1, y1, x2, y2)"
     if clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:
-        raise AutobuildError(f"{what} has a box outside its {width:g}x{height:g} image "
-                             f"({', '.join(f'{v:g}' for v in box)} as x1, y1, x2, y2)")
+        raise AutobuildError(f"{what} has a box outside its {width:g}x{height:g} image {shown}")
+    for v, lim in zip(box, limits, strict=True):
+        slack = max(EDGE_TOLERANCE_PX, EDGE_TOLERANCE_FRACTION * lim)
+        if v < -slack or v > lim + slack:
+            raise AutobuildError(
+                f"{what} has a box reaching past its {width:g}x{height:g} image {shown}; "
+                f"an edge may lie at most {slack:g} px outside (a box drawn for another "
+                "image size?)")
     return clipped
 
 

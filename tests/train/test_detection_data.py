@@ -149,6 +149,10 @@ _VOC_CASES: dict[str, tuple[Callable[[Path], str], str]] = {
     "a directory": (_voc_xml_directory, "cannot read"),
     "box outside": (_voc_box_outside,
                     "object 1 (dog) has a box outside its 32x32 image (39, 4, 50, 22 as"),
+    # drawn for a larger picture: clipping it would train on a box that is not the object
+    "box past the edge": (lambda r: _edit_voc_xml(r, "<xmax>20</xmax>", "<xmax>1000</xmax>"),
+                          "object 1 (dog) has a box reaching past its 32x32 image (2, 4, 1000, "
+                          "22 as x1, y1, x2, y2); an edge may lie at most 2 px outside"),
     # its boxes were drawn on another picture: they would train the detector wrongly
     "image resized": (_voc_image_resized,
                       "declares a 32x32 image but '{root}/JPEGImages/000001.jpg' is 48x32"),
@@ -181,6 +185,8 @@ _COCO_CASES: dict[str, tuple[Callable[[Path], str], str]] = {
         iscrowd="0")), "iscrowd must be 0 or 1, got '0'"),
     "box outside": (lambda r: _edit_coco(r, lambda d: d["annotations"][0].update(
         bbox=[300, 300, 20, 20])), "annotation 1 has a box outside its 32x32 image"),
+    "box past the edge": (lambda r: _edit_coco(r, lambda d: d["annotations"][0].update(
+        bbox=[2, -9, 10, 12])), "annotation 1 has a box reaching past its 32x32 image"),
     "no categories": (lambda r: _edit_coco(r, lambda d: d.update(categories=[])),
                       "'categories' is empty"),
     "other size": (lambda r: _edit_coco(r, lambda d: d["images"][0].update(width=64)),
@@ -317,3 +323,19 @@ def test_an_image_of_another_size_than_declared_is_refused_when_loaded(tmp_path:
     record.size = (30, 40)
     with pytest.raises(AutobuildError, match=r"^a.xml: declares a 30x40 image but .* is 40x30"):
         DetectionDataset([record], None)[0]
+
+
+def test_an_edge_a_pixel_outside_the_image_is_clipped(tmp_path: Path) -> None:
+    """Annotation tools put edges a pixel or so outside the image: those are clipped, not
+    refused (the refusal is for boxes reaching further)."""
+    from autobuild.train.detection_readers import read_coco, read_voc
+
+    voc = write_voc(tmp_path / "voc", {"train": 2})
+    _edit_voc_xml(voc, "<xmax>20</xmax>", "<xmax>33.5</xmax>")
+    _edit_voc_xml(voc, "<ymin>5</ymin>", "<ymin>0</ymin>")  # 1-based: y1 = -1
+    record = read_voc(str(voc), "train", VOC_CLASSES)[1]
+    assert record.boxes[0].tolist() == [2, 0, 32, 22]
+    coco = write_coco(tmp_path / "coco", {"train": 1})
+    _edit_coco(coco, lambda d: d["annotations"][0].update(bbox=[-1.5, 4, 34, 12]))
+    records, _ = read_coco(str(coco), "train")
+    assert records[0].boxes[0].tolist() == [0, 4, 32, 16]
