@@ -48,7 +48,10 @@ class Choice:
         at = f" for site {where}" if where else ""
         if isinstance(value, Choice):
             return value
-        if value is None or value == KEEP:
+        if value is None:  # `site:` with nothing after it in YAML: a choice left unwritten
+            raise AutobuildError(f"choice{at} is empty; write 'keep' to keep the baseline's "
+                                 "layer, or a family")
+        if value == KEEP:
             return None
         if isinstance(value, str):
             family, sep, rest = value.partition(":")
@@ -66,6 +69,9 @@ class Choice:
                 if not eq or not key.strip():
                     raise AutobuildError(f"choice {value!r}{at}: options are name=value pairs "
                                          "separated by commas")
+                if key.strip() in options:
+                    raise AutobuildError(f"choice {value!r}{at}: option {key.strip()!r} is "
+                                         "given twice")
                 options[key.strip()] = val.strip()
             return cls.of(variant.name, options)
         if isinstance(value, Mapping):
@@ -74,6 +80,8 @@ class Choice:
             if not isinstance(family, str):
                 raise AutobuildError(f"choice {value!r}{at} needs a 'family' (a string)")
             if family == KEEP:
+                if data:
+                    raise AutobuildError(f"choice {value!r}{at}: keep takes no options")
                 return None
             options = data.pop("options", None)
             if options is not None and data:

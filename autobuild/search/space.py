@@ -81,6 +81,20 @@ class Group(_Strict):
         return [str(v) if not isinstance(v, dict) else json.dumps(v, sort_keys=True)
                 for v in out]
 
+    @field_validator("choices")
+    @classmethod
+    def _known_choices(cls, value: list[str]) -> list[str]:
+        """Each choice names a family and options it has (a typo is refused here, naming
+        the space and the key, rather than when the study starts)."""
+        from autobuild.rewrite import Choice
+
+        for text in value:
+            try:
+                Choice.parse(json.loads(text) if text.startswith("{") else text)
+            except AutobuildError as exc:
+                raise ValueError(f"choice {text!r}: {exc}") from None
+        return value
+
 
 class Constraint(_Strict):
     """``metric <= value`` or ``metric <= k * baseline`` (also >=)."""

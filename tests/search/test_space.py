@@ -60,6 +60,14 @@ def test_model_args_are_checked_and_a_space_without_them_keeps_its_fingerprint()
     # a value the fixed text happens to quote is still shown
     ({"name": "-"}, "name: must be 1 to 100 letters.*, got '-'$"),
     ({"groups": [{"sites": "x"}]}, "groups.0.choices: is required"),
+    # a typo in a choice: refused when the space is read, naming the key (it was a bare
+    # "unknown option" once the study had started)
+    ({"groups": [{"sites": "x", "choices": ["quadratic:typ=ours"]}]},
+     "groups.0.choices: choice 'quadratic:typ=ours': unknown option of quadratic 'typ' "
+     ".did you mean type..; valid: .*type, volterra_max_params$"),
+    ({"groups": [{"sites": "x", "choices": [{"family": "quadratic", "type": "t9"}]}]},
+     "groups.0.choices: choice '{\"family\": \"quadratic\", \"type\": \"t9\"}': "
+     "option type='t9' of quadratic is not valid"),
 ])
 def test_bad_spaces_name_the_key(change, needle) -> None:
     with pytest.raises(AutobuildError, match=needle.replace("(", r"\(").replace("[", r"\[")):
