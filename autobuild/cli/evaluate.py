@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from typing import Any
 
 from autobuild.cli._common import PATH, recipe_value, status
@@ -40,13 +41,16 @@ def run(args: argparse.Namespace) -> int:
     from autobuild.train import BEST_WEIGHTS, LAST_WEIGHTS, TrainConfig
     from autobuild.train.rundir import read_run_record
     from autobuild.train.runs import data_for_run, task_for
+    from autobuild.train.runtime import check_finite
 
     record = read_run_record(args.run_dir)
     saved = (record or {}).get("config") or {}
     keep = {k: saved[k] for k in ("amp", "amp_dtype", "channels_last", "batch_size") if k in saved}
     cfg = TrainConfig.from_dict({**keep, **config_overrides(args)})
     status(f"loading {args.run_dir}")
-    model = load(args.run_dir, weights_name=LAST_WEIGHTS if args.last else BEST_WEIGHTS)
+    weights = LAST_WEIGHTS if args.last else BEST_WEIGHTS
+    model = load(args.run_dir, weights_name=weights)
+    check_finite(model, f"the weights in {os.path.join(args.run_dir, weights)!r}")
     data_record = (record or {}).get("data")
     task = task_for(plan_of(model).model, args.data or (data_record or {}).get("spec"))
     data = data_for_run(args.data, data_record, data_dir=args.data_dir,

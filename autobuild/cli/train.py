@@ -228,6 +228,7 @@ def _new_job(args: argparse.Namespace) -> _Job:
     from autobuild.train.devices import check_device, check_sync_bn
     from autobuild.train.regularize import check_regularizers
     from autobuild.train.runs import is_main_process
+    from autobuild.train.runtime import check_finite
 
     run_dir, adopt = _new_run_dir(args)
     name = _model_name(args)
@@ -236,7 +237,10 @@ def _new_job(args: argparse.Namespace) -> _Job:
     check_device(str(cfg.device))  # before the run directory exists
     check_sync_bn(cfg)
     data = _new_data(args, name, task)
-    model = _build_model(args, cfg, adopt)
+    weights = _start_weights(args, adopt)
+    model = _build_model(args, cfg, weights)
+    if weights:  # named here: the trainer's own check cannot say which file it was
+        check_finite(model, f"the weights in {weights!r}")
     detection = task == "detection"
     check_regularizers(model, cfg, detection=detection,
                        image_size=None if detection else data.input_size[1:])
@@ -334,16 +338,24 @@ def _new_data(args: argparse.Namespace, name: str | None, task: str) -> Any:
     return data
 
 
-def _build_model(args: argparse.Namespace, cfg: Any, adopt: bool = False) -> Any:
-    """The model a new run starts from; a saved model trained in its own directory again
+def _start_weights(args: argparse.Namespace, adopt: bool) -> str | None:
+    """The weights file a saved model given as ``args.model`` starts from (None for a
+    model built from a name or a --plan): a saved model trained in its own directory again
     (--force) starts from the weights it was saved with, not from the last run's."""
-    import torch
-
     from autobuild.train.rundir import adopted_weights
 
+    if args.plan or not (args.model and os.path.isdir(args.model)):
+        return None
+    name = adopted_weights(args.model) if adopt else "weights.safetensors"
+    return os.path.join(args.model, name)
+
+
+def _build_model(args: argparse.Namespace, cfg: Any, weights: str | None) -> Any:
+    import torch
+
     torch.manual_seed(cfg.seed)  # the initial weights are part of a reproducible run
-    weights = adopted_weights(args.model) if adopt else "weights.safetensors"
-    return model_from_args(args, allow_baseline=True, seed=cfg.seed, weights_name=weights)[0]
+    name = os.path.basename(weights) if weights else "weights.safetensors"
+    return model_from_args(args, allow_baseline=True, seed=cfg.seed, weights_name=name)[0]
 
 
 # ---- a resumed run ---------------------------------------------------------------------

@@ -34,6 +34,7 @@ from autobuild.train.metrics import DetectionEpochMetrics
 from autobuild.train.regularize import check_regularizers
 from autobuild.train.runtime import (
     autocast,
+    check_finite,
     make_loader,
     peak_mem_mb,
     place_model,
@@ -167,7 +168,9 @@ def prepare_detector(model: nn.Module) -> nn.Module:
 
 
 def check_detector(model: nn.Module, data: DetectionData) -> None:
-    """Fail in one line, before training, when the detector does not fit the data."""
+    """Fail in one line, before training, when the detector does not fit the data (or its
+    weights are not finite)."""
+    check_finite(model)
     _transform(model)
     head = getattr(getattr(model, "head", None), "classification_head", None)
     # (torchvision's SSD heads keep their class count, background included, as num_columns)

@@ -35,6 +35,7 @@ from autobuild.train.regularize import (
 from autobuild.train.runtime import (
     autocast,
     channels_last,
+    check_finite,
     make_loader,
     peak_mem_mb,
     place_model,
@@ -124,7 +125,9 @@ def evaluate(model: nn.Module, data: Data | str, config: TrainConfig | None = No
 
 
 def check_fits(model: nn.Module, data: Data) -> None:
-    """Fail in one line, before any training, when the model does not match the data."""
+    """Fail in one line, before any training, when the model does not match the data (or
+    its weights are not finite)."""
+    check_finite(model)
     was = model.training
     model.eval()
     # On the model's own device: a search checks the network it is training on the GPU.

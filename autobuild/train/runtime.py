@@ -14,11 +14,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
+from autobuild.errors import AutobuildError
 from autobuild.train.config import TrainConfig
 from autobuild.train.distributed import Dist
 
-__all__ = ["autocast", "channels_last", "lr_factor", "make_loader", "peak_mem_mb",
-           "place_model"]
+__all__ = ["autocast", "channels_last", "check_finite", "lr_factor", "make_loader",
+           "peak_mem_mb", "place_model"]
 
 
 class _EpochSampler(Sampler[int]):
@@ -101,3 +102,18 @@ def place_model(model: nn.Module, cfg: TrainConfig, device: torch.device) -> nn.
     if channels_last(cfg, device):
         model = model.to(memory_format=torch.channels_last)
     return model
+
+
+def check_finite(model: nn.Module, what: str = "the model's weights") -> None:
+    """Refuse weights that already hold NaN or infinite values (saved from a run that blew
+    up, or edited): training them reports a divergence that is not one, and an evaluation
+    scores nothing."""
+    from autobuild.summary import nonfinite_tensors
+
+    bad = nonfinite_tensors(model)
+    if bad:
+        first, count = next(iter(bad.items()))
+        more = f" and {len(bad) - 1} more tensor{'s' * (len(bad) > 2)}" if len(bad) > 1 else ""
+        raise AutobuildError(f"{what} are not finite: {first} holds {count} NaN "
+                             f"or infinite value{'s' * (count > 1)}{more} (weights saved from "
+                             "a run that diverged?); `autobuild inspect` lists them")

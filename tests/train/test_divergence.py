@@ -146,3 +146,30 @@ def test_a_finite_but_exploded_loss_stops_the_run() -> None:
     healthy = _Blowup()
     healthy.forward = lambda x: healthy.fc(x.flatten(1))  # type: ignore[method-assign]
     assert train(healthy, build_data(SYNTH), cfg).history
+
+
+def test_weights_that_are_already_not_finite_are_refused_naming_the_file(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Not a divergence (exit 3 with lr advice, and a run directory left behind) nor a NaN
+    loss reported as a result (evaluate exited 0): bad input, exit 2, nothing written."""
+    from safetensors.torch import load_file, save_file
+
+    saved = tmp_path / "saved"
+    assert main(["convert", "cifar_resnet20", "--to", "quadratic", "--num-classes", "4",
+                 "--input-size", "3,8,8", "--out", str(saved)]) == 0
+    path = saved / "weights.safetensors"
+    state = load_file(path)
+    state["layer1.0.conv1.weight"][0] = float("nan")
+    save_file(state, path, metadata={"format": "pt"})
+    capsys.readouterr()
+    run = tmp_path / "run"
+    assert main(["train", str(saved), "--data", SYNTH, "--epochs", "1", "--out", str(run),
+                 *FAST]) == 2
+    err = capsys.readouterr().err
+    assert f"the weights in '{path}' are not finite: layer1.0.conv1.weight holds" in err
+    assert err.count("\n") == 1 and not run.exists()
+    assert main(["train", str(saved), "--data", SYNTH, "--epochs", "1", *FAST]) == 2
+    assert sorted(os.listdir(saved)) == ["plan.yaml", "weights.safetensors"]
+    capsys.readouterr()
+    assert main(["evaluate", str(saved), "--data", SYNTH, "--device", "cpu"]) == 2
+    assert f"the weights in '{path}' are not finite" in capsys.readouterr().err
