@@ -277,15 +277,13 @@ def _imagefolder(root: str, image_size: int | None, val_only: bool = False) -> D
         if os.path.isdir(train_dir):  # the classes a model trained on train/ knows
             names = sorted(e.name for e in os.scandir(train_dir) if e.is_dir())
             if names != val.classes:
-                raise AutobuildError(f"imagefolder:{root}: train/ and val/ have different "
-                                     f"class folders ({len(names)} vs {len(val.classes)})")
+                raise AutobuildError(_class_mismatch(root, names, val.classes))
         return Data("imagefolder", Subset(val, []), val, len(val.classes),
                     (channels, size, size), list(val.classes))
     _mode_and_size(val.samples)  # (its headers too: an unreadable one is refused now)
     train = ImageFolder(os.path.join(root, "train"), transform=train_t, loader=loader)
     if val.classes != train.classes:
-        raise AutobuildError(f"imagefolder:{root}: train/ and val/ have different class "
-                             f"folders ({len(train.classes)} vs {len(val.classes)})")
+        raise AutobuildError(_class_mismatch(root, train.classes, val.classes))
     return Data("imagefolder", train, val, len(train.classes), (channels, size, size),
                 list(train.classes))
 
@@ -306,6 +304,16 @@ class _Synthetic(Dataset):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)  # same image every epoch
         label = int(torch.randint(self.classes, (1,), generator=g))
         return self.patterns[label] * 0.5 + torch.randn(*self.size, generator=g), label
+
+
+def _class_mismatch(root: str, train: list[str], val: list[str]) -> str:
+    """Which class folder train/ and val/ do not share (labels are the folders' order)."""
+    only_train = sorted(set(train) - set(val))
+    only_val = sorted(set(val) - set(train))
+    where = "; ".join(f"{', '.join(map(repr, names))} only in {split}/"
+                      for names, split in ((only_train, "train"), (only_val, "val")) if names)
+    return (f"imagefolder:{root}: train/ and val/ must have the same class folders: "
+            f"{where}")
 
 
 def _synthetic(arg: str) -> Data:

@@ -85,7 +85,8 @@ def test_evaluation_reads_an_imagefolder_with_val_alone(tmp_path: Path) -> None:
     # Where train/ is there too, its class folders must be val/'s (labels are their order).
     (root / "train" / "bright").mkdir(parents=True)
     (root / "train" / "dim").mkdir()
-    with pytest.raises(AutobuildError, match="different class folders"):
+    with pytest.raises(AutobuildError, match="must have the same class folders: 'dim' only "
+                                             "in train/; 'dark' only in val/$"):
         build_data(f"imagefolder:{root}", val_only=True)
 
 
