@@ -232,7 +232,8 @@ def _new_job(args: argparse.Namespace) -> _Job:
 
     run_dir, adopt = _new_run_dir(args)
     name = _model_name(args)
-    task = _task(name, args.data) if name else "classification"
+    spec = args.data or (_recorded_data(args) or {}).get("spec")
+    task = _task(name, spec) if name else "classification"
     cfg = _recipe(args, name, task)
     check_device(str(cfg.device))  # before the run directory exists
     check_sync_bn(cfg)
@@ -270,7 +271,7 @@ def _new_run_dir(args: argparse.Namespace) -> tuple[str, bool]:
     from autobuild.train import prepare_run_dir
     from autobuild.train.rundir import default_run_dir
 
-    if not args.data:
+    if not args.data and not _recorded_data(args):
         from autobuild.train.data import DATA_SPECS
 
         raise AutobuildError(f"--data is required ({DATA_SPECS}, or detection data)")
@@ -332,10 +333,22 @@ def _new_data(args: argparse.Namespace, name: str | None, task: str) -> Any:
         if not building and args.image_size:
             raise AutobuildError("--image-size applies to a new detector; a saved model or "
                                  "plan keeps the size it was built at")
-    data = _data(args, None, task)
+    data = _data(args, _recorded_data(args), task)
     if building:
         (_fit_detector_to_data if task == "detection" else _fit_to_data)(args, data)
     return data
+
+
+def _recorded_data(args: argparse.Namespace) -> dict[str, Any] | None:
+    """Without --data, a trained run given as the model trains again on the data it
+    recorded (as evaluate, analyze and importance read it); with --data, the data given
+    (fine-tuning on other data of the same class count is allowed)."""
+    from autobuild.train.rundir import read_run_record
+
+    if args.data or args.plan or not (args.model and os.path.isdir(args.model)):
+        return None
+    record = read_run_record(args.model) or {}
+    return record.get("data") if (record.get("data") or {}).get("spec") else None
 
 
 def _start_weights(args: argparse.Namespace, adopt: bool) -> str | None:

@@ -319,6 +319,11 @@ def test_a_saved_model_trained_again_in_place_restarts_from_its_own_weights(
     assert all(torch.equal(init[k], original[k]) for k in original)
     again = load_file(saved / "weights.safetensors")  # the same start, recipe and seed
     assert all(torch.equal(again[k], first[k]) for k in first)
+    # Training it further elsewhere: without --data, on the data the run recorded (as
+    # evaluate and analyze read it; --data was required).
+    tuned = tmp_path / "tuned"
+    assert main(["train", str(saved), "--epochs", "1", "--out", str(tuned), *FAST]) == 0
+    assert yaml.safe_load((tuned / "train.yaml").read_text())["data"]["spec"] == spec
 
 
 def test_default_run_directories_of_a_plan_and_a_placement(
