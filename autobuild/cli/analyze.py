@@ -53,7 +53,9 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=2))
         return 0
     print(f"{summary['run']} ({summary['task']}) on {summary['data']}: {summary['images']} "
-          f"val images, {summary['layers']} layers, {summary['sites']} converted sites"
+          f"val images, {summary['layers']} layers, {summary['sites']} converted "
+          f"site{'s' * (summary['sites'] != 1)} ({summary['converted_layers']} of the "
+          "layers)"
           + (f"; compared with {summary['compare']}" if "compare" in summary else ""))
     for path in summary["files"]:
         print(f"  {path}")

@@ -62,8 +62,9 @@ class TermStats:
 class LayerStats:
     layer: str
     type: str
-    family: str  # the family of a converted site; "" for a plain layer
+    family: str  # the family of a converted layer; "" for a plain layer
     params: int
+    site: str = ""  # the converted site (of the plan) the layer is part of; "" if none
     calls: int = 0
     act_mean: float = math.nan
     act_std: float = math.nan
@@ -84,8 +85,12 @@ class Analysis:
     task: str
     images: int
 
+    site_names: list[str] = field(default_factory=list)  # the plan's converted sites
+
     @property
     def sites(self) -> list[LayerStats]:
+        """The layers of the families (a site may hold several: a QL block and its
+        hardball; Dirac's whole-network site every conv)."""
         return [s for s in self.layers if s.family]
 
 
@@ -104,6 +109,17 @@ def layers_of(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
         if family or isinstance(module, _PLAIN):
             out.append((name, module, family))
     return out
+
+
+def _site_of(name: str, family: str, paths: dict[str, str]) -> str:
+    """The converted site whose module holds layer ``name``: the innermost one; a site
+    built at the root (Dirac's ``network``) holds the family's layers only."""
+    best, depth = "", -1
+    for site, path in paths.items():
+        inside = name == path or name.startswith(path + ".") if path else bool(family)
+        if inside and len(path) > depth:
+            best, depth = site, len(path)
+    return best
 
 
 def weight_terms(module: nn.Module) -> list[tuple[str, str, torch.Tensor]]:
@@ -221,10 +237,14 @@ def collect(model: nn.Module, task: str, batches: Sequence[Any], *,
             gradients: bool = True, seed: int = 0) -> Analysis:
     """Measure ``model`` on ``batches`` (classification ``(x, y)`` or detection
     ``(images, targets)``); see the module docstring."""
+    from autobuild.rewrite import site_modules
+
     device = torch.device(device)
     layers = layers_of(model)
+    paths = site_modules(model)
     stats = {name: LayerStats(name, type(m).__name__, fam,
-                              sum(p.numel() for p in m.parameters()))
+                              sum(p.numel() for p in m.parameters()),
+                              site=_site_of(name, fam, paths))
              for name, m, fam in layers}
     recorders = {name: _Recorder(saturation, sample, seed + i)
                  for i, (name, _, _) in enumerate(layers)}
@@ -256,24 +276,25 @@ def collect(model: nn.Module, task: str, batches: Sequence[Any], *,
                 for p, g in saved.items():
                     p.grad = g
         model.train(was_training)
-    for name, m, _ in layers:
+    for name, m, fam in layers:
         recorders[name].fill(stats[name])
         norms = grads[name]
         if norms:
             stats[name].grad_norm_mean = float(np.mean(norms))
             stats[name].grad_norm_max = float(np.max(norms))
-        own = [p.detach().float() for p in m.parameters(recurse=False)]
+        own = [p.detach().float() for p in _own_parameters(m, fam)]
         if own:
             stats[name].weight_norm = math.sqrt(sum(float(p.square().sum()) for p in own))
     terms = [_term_stats(name, term, role, t, term_grads.get((name, term)))
              for name, m, _ in layers for term, role, t in weight_terms(m)]
-    return Analysis([stats[name] for name, _, _ in layers], terms, task, images)
+    return Analysis([stats[name] for name, _, _ in layers], terms, task, images,
+                    sorted(paths))
 
 
 def _record_grads(layers: Iterable[tuple[str, nn.Module, str]], grads: dict[str, list[float]],
                   term_grads: dict[tuple[str, str], list[float]]) -> None:
-    for name, m, _ in layers:
-        own = [p.grad for p in m.parameters(recurse=False) if p.grad is not None]
+    for name, m, fam in layers:
+        own = [p.grad for p in _own_parameters(m, fam) if p.grad is not None]
         if own:
             grads[name].append(math.sqrt(sum(float(g.float().square().sum()) for g in own)))
         if getattr(m, "qtype", None) is not None and m.weight.grad is not None:
@@ -283,6 +304,12 @@ def _record_grads(layers: Iterable[tuple[str, nn.Module, str]], grads: dict[str,
         for term, g in grad_terms:
             if g is not None:
                 term_grads.setdefault((name, term), []).append(float(g.float().norm()))
+
+
+def _own_parameters(m: nn.Module, family: str) -> Iterable[nn.Parameter]:
+    """A plain layer's own parameters; all those of a family's layer, which is one unit
+    however it is built (a QL block's convs, a PDE layer's coefficient nets)."""
+    return m.parameters(recurse=bool(family))
 
 
 def _grad_terms(m: nn.Module) -> list[tuple[str, torch.Tensor | None]]:
@@ -341,11 +368,13 @@ def _histogram_rows(analysis: Analysis, bins: int) -> list[dict[str, Any]]:
 
 def write_analysis(analysis: Analysis, out_dir: str, *, plots: bool = True,
                    bins: int = 40) -> list[str]:
-    """``layers.csv`` (every layer), ``sites.csv`` (converted sites only), ``weights.csv``
+    """``layers.csv`` (every layer, with the converted site it is part of), ``sites.csv``
+    (the families' layers only), ``weights.csv``
     (per weight term), ``histograms.csv`` and, with ``plots``, PNG figures. Returns the
     paths written."""
     os.makedirs(out_dir, exist_ok=True)
-    layer_cols = [f.name for f in fields(LayerStats) if f.name != "sample"]
+    layer_cols = ["layer", "site"] + [f.name for f in fields(LayerStats)
+                                      if f.name not in ("layer", "site", "sample")]
     term_cols = [f.name for f in fields(TermStats) if f.name != "values"]
     layer_rows = [{k: v for k, v in asdict(s).items() if k != "sample"} for s in analysis.layers]
     files = {"layers.csv": layer_rows,

@@ -93,7 +93,8 @@ def plot_analysis(analysis: Any, out_dir: str, *, bins: int = 40) -> list[str]:
     axes[1].set_xlabel("layer (module order)")
     axes[1].legend(fontsize=8)
     fig.suptitle(f"activations over {analysis.images} images, {len(layers)} layers, "
-                 f"{len(analysis.sites)} converted sites")
+                 f"{len(analysis.site_names)} converted sites "
+                 f"({len(analysis.sites)} of the layers)")
     written.append(_save(fig, os.path.join(out_dir, "activations.png")))
     plt.close(fig)
 

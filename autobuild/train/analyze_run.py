@@ -100,7 +100,8 @@ def analyze_run(run: str, out_dir: str, *, data: str | None = None,
         if second is not None else None
     summary: dict[str, Any] = {"run": run, "task": task, "data": dataset.spec,
                                "images": a.images, "layers": len(a.layers),
-                               "sites": len(a.sites)}
+                               "sites": len(a.site_names),
+                               "converted_layers": len(a.sites)}
     # Written whole: --force replaces an earlier analysis, it never mixes with it.
     with staged_directory(out_dir, force=force) as staging:
         files = write_analysis(a, staging, plots=plots)

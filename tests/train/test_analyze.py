@@ -52,7 +52,8 @@ def test_analyze_writes_csv_and_png(saved: tuple[Path, Path], tmp_path: Path,
     # A directory `convert` wrote has no recorded data: --data names it.
     assert main(["analyze", str(quad), "--data", SPEC, "--out", str(out), "--compare",
                  str(base), "--batches", "2", "--batch-size", "8", "--device", "cpu"]) == 0
-    assert "16 val images, 57 layers, 18 converted sites" in capsys.readouterr().out
+    assert "16 val images, 57 layers, 18 converted sites (18 of the layers)" in \
+        capsys.readouterr().out
     layers = _csv(out / "layers.csv")
     assert len(layers) == 57
     assert {r["type"] for r in layers} >= {"Conv2d", "BatchNorm2d", "Linear",
@@ -61,6 +62,7 @@ def test_analyze_writes_csv_and_png(saved: tuple[Path, Path], tmp_path: Path,
         assert float(r["act_std"]) > 0 and 0 <= float(r["act_zero_frac"]) <= 1, r
     sites = _csv(out / "sites.csv")
     assert len(sites) == 18 and {r["family"] for r in sites} == {"quadratic"}
+    assert all(r["site"] == r["layer"] for r in sites)
     assert all(float(r["grad_norm_mean"]) > 0 for r in sites)
     terms = _csv(out / "weights.csv")
     site_terms = {(r["term"], r["role"]) for r in terms if r["layer"] == "layer1.0.conv1"}
@@ -151,6 +153,30 @@ def test_collect_leaves_the_model_as_it_was() -> None:
         assert torch.equal(v, before[k]), k
     assert [s.layer for s in analysis.layers] == [n for n, _, _ in layers_of(model)]
     assert {s.family for s in analysis.sites} == {"quadratic"}
+
+
+def test_layers_are_named_with_the_site_they_are_part_of() -> None:
+    """A site may hold several of a family's layers (a QL block and its hardball; Dirac's
+    one whole-network site every conv): each row names its site, and the count of sites is
+    the plan's (it counted layers: 3 sites reported as 4)."""
+    model = autobuild.convert("cifar_resnet20", to="multiplicative",
+                              sites=["layer1.0", "layer2.0", "layer3.0"], num_classes=3,
+                              input_size=(3, 16, 16))
+    batches = [(torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 0]))]
+    analysis = collect(model, "classification", batches)
+    assert analysis.site_names == ["layer1.0", "layer2.0", "layer3.0"]
+    rows = {s.layer: s for s in analysis.layers}
+    assert len(analysis.sites) > 3 and {s.site for s in analysis.sites} == {
+        "layer1.0", "layer2.0", "layer3.0"}
+    assert rows["layer2.0"].site == "layer2.0" and rows["layer2.0.hardball"].site == "layer2.0"
+    assert rows["layer2.0.conv1"].site == "layer2.0" and rows["layer1.1.conv1"].site == ""
+    # a block is one unit: its norms cover its convs' weights (they were NaN: no own ones)
+    assert rows["layer2.0"].grad_norm_mean > 0 and rows["layer2.0"].weight_norm > 0
+    dirac = collect(autobuild.convert("cifar_resnet20", to="dirac", num_classes=3,
+                                      input_size=(3, 16, 16)), "classification", batches)
+    assert dirac.site_names == ["network"]
+    assert {s.site for s in dirac.sites} == {"network"} and len(dirac.sites) == 18
+    assert {s.site for s in dirac.layers if not s.family} == {""}
 
 
 def test_train_tensorboard_writes_event_files(tmp_path: Path) -> None:
