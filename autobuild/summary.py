@@ -101,4 +101,12 @@ def summarize(model: nn.Module, analysis: Analysis, *, compare: bool = True) -> 
     if plan.init == "preserve" and compare:
         result["max_abs_diff"], result["max_abs_output"] = output_difference(
             base.root_module, root, base.input_size)
+    elif plan.init == "preserve":
+        result["max_abs_diff_note"] = NO_REFERENCE
     return result
+
+
+#: Why a preserving conversion of a baseline without named weights cannot be checked later.
+NO_REFERENCE = ("not measurable from the saved model: its baseline's weights were drawn at "
+                "random when it was converted and are not saved (`convert` measured it then; "
+                "convert with --weights to keep a reference)")

@@ -218,3 +218,19 @@ def test_inspect_says_whether_the_weights_are_finite(tmp_path, capsys) -> None:
         capsys.readouterr().out
     assert main(["inspect", out, "--json"]) == 0
     assert _json(capsys)["nonfinite"] == {"fc.weight": 3, "fc.bias": 1}
+
+
+def test_inspect_says_why_a_preserving_conversion_is_not_measured(tmp_path, capsys) -> None:
+    """init=preserve of a baseline with random weights: convert measured the difference;
+    inspect has no reference to measure it against and says so (it printed nothing and
+    --json gave a bare null)."""
+    out = str(tmp_path / "p")
+    assert main(["convert", "cifar_resnet20", "--to", "quadratic", "--init", "preserve",
+                 "--out", out]) == 0
+    assert "max |output - baseline| = 0 " in capsys.readouterr().out
+    assert main(["inspect", out]) == 0
+    assert "max |output - baseline|: not measurable from the saved model: its baseline's " \
+        "weights were drawn at random" in capsys.readouterr().out
+    assert main(["inspect", out, "--json"]) == 0
+    summary = _json(capsys)
+    assert summary["max_abs_diff"] is None and "--weights" in summary["max_abs_diff_note"]
