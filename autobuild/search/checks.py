@@ -27,7 +27,7 @@ def check_budget(space: Any, config: Any) -> None:
         baseline = resolve_baseline(space.baseline, device="meta", model_args=space.model_args)
     except (NotImplementedError, RuntimeError):
         baseline = resolve_baseline(space.baseline, model_args=space.model_args)
-    check_regularizers(baseline.module, config, key="search space budget.")
+    check_regularizers(baseline.module, config, key=space.key("budget."))
 
 
 @contextlib.contextmanager

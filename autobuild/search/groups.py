@@ -48,20 +48,20 @@ def resolve_groups(space: SearchSpace, analysis: Analysis, *, new: bool = True
         for pattern in group.sites:
             hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
             if not hits:
-                raise AutobuildError(f"search space groups[{i}].sites: pattern {pattern!r} "
+                raise AutobuildError(f"{space.key(f'groups[{i}].sites')}: pattern {pattern!r} "
                                      f"matches no site of {analysis.baseline.name}")
             sites += [n for n in hits if n not in sites]
         resolved = ResolvedGroup(label, sites, list(group.choices), choices, group.per_site)
         if new:
-            _check_choices(resolved, i, analysis, space.init)
+            _check_choices(resolved, space.key(f"groups[{i}].choices"), analysis, space.init)
         groups.append(resolved)
     if all(c is None for g in groups for c in g.choices):
-        raise AutobuildError("search space has nothing to search: every group's only choice "
-                             "is keep")
+        raise AutobuildError(f"{space.key().rstrip()} has nothing to search: every group's "
+                             "only choice is keep")
     return groups
 
 
-def _check_choices(group: ResolvedGroup, index: int, analysis: Analysis, init: str) -> None:
+def _check_choices(group: ResolvedGroup, key: str, analysis: Analysis, init: str) -> None:
     """Refuse a choice that takes none of its group's sites (the search would only ever
     keep them), or that its family refuses on those it takes (an ``init`` it cannot honour,
     a QL width of 0 channels). A group decided as one converts them all; in a per-site
@@ -74,7 +74,7 @@ def _check_choices(group: ResolvedGroup, index: int, analysis: Analysis, init: s
         sites = [analysis.site(n) for n in group.sites]
         takers = [s for s in sites if variant.accepts(s, choice.opts)
                   and not variant.refusal(s, choice.opts, analysis)]
-        where = f"search space groups[{index}].choices: {label}"
+        where = f"{key}: {label}"
         if not takers:
             why = _why_none(variant, sites, choice, analysis)
             raise AutobuildError(f"{where}: converts none of the group's sites "

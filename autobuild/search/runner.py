@@ -83,18 +83,18 @@ def _config(space: SearchSpace, device: str | None, new: bool = True) -> Any:
              if k not in ("train_subset", "image_size")}
     unknown = sorted(set(extra) - known)
     if unknown:
-        raise AutobuildError(f"search space budget.{unknown[0]}: unknown key; valid: "
+        raise AutobuildError(f"{space.key('budget.')}{unknown[0]}: unknown key; valid: "
                              f"{', '.join(sorted(known | {'train_subset', 'image_size'}))}")
     # Keys the search sets itself: taken from the budget, they would be ignored silently
     # (a study made before this was refused continues as it was made).
     for key, where in _SET_BY_SEARCH.items() if new else ():
         if key in extra:
-            raise AutobuildError(f"search space budget.{key}: {where}")
+            raise AutobuildError(f"{space.key('budget.')}{key}: {where}")
     if not device:  # (named as the space's key, not as a budget's)
-        TrainConfig.from_space({"device": space.device}, "search space ", "")
+        TrainConfig.from_space({"device": space.device}, space.key(), "")
     return TrainConfig.from_space({**extra, "seed": space.seed,
                                    "device": device or space.device, "progress": False},
-                                  "search space ", "budget")
+                                  space.key(), "budget")
 
 
 _SET_BY_SEARCH = {
@@ -127,23 +127,23 @@ def prepare(space: SearchSpace, *, storage: str | None = None, study_name: str |
         raise AutobuildError(SQLITE_ONE_WORKER)
     new = not (resume or join)  # (a study an older version made continues as it was made)
     config = _config(space, device, new)
-    check_device(str(config.device), "--device" if device else "search space device")
-    check_sync_bn(config, "search space budget.sync_bn")
+    check_device(str(config.device), "--device" if device else space.key("device"))
+    check_sync_bn(config, space.key("budget.sync_bn"))
     check_budget(space, config)
     if new:
-        check_new_recipe(config, "search space budget.")
-    check_log_dir(config.tensorboard, "search space budget.tensorboard")
+        check_new_recipe(config, space.key("budget."))
+    check_log_dir(config.tensorboard, space.key("budget.tensorboard"))
     # (a study made before image_size was refused on other data goes on without it)
     size = space.budget.image_size if new or space.data.startswith("imagefolder:") else None
     data = build_data(space.data, space.data_dir, image_size=size,
                       train_subset=space.budget.train_subset,
-                      subset_key="search space budget.train_subset",
-                      size_key="search space budget.image_size")
+                      subset_key=space.key("budget.train_subset"),
+                      size_key=space.key("budget.image_size"))
     from autobuild.train.regularize import check_regularizers
 
     # Regularisers the images cannot take (a cutout larger than them), before the study
     # exists: refused in the first trial, they left a study that blocked the corrected run.
-    check_regularizers(None, config, key="search space budget.",
+    check_regularizers(None, config, key=space.key("budget."),
                        image_size=data.input_size[1:])
     torch.manual_seed(space.seed)  # the baseline's weights: every trial's kept layers
     analysis = analyze(space.baseline, num_classes=space.num_classes or data.num_classes,
@@ -176,7 +176,7 @@ def _open_study(space: SearchSpace, name: str, store: Any, url: str,
     if resume and not exists:
         raise AutobuildError(f"no study {name!r} to resume in {mask_url(url)}")
     if join and not exists:
-        check_new_recipe(config, "search space budget.")
+        check_new_recipe(config, space.key("budget."))
     study = None if exists else _create(space, name, store, *made)
     if study is not None:
         return study, True

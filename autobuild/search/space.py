@@ -35,6 +35,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     StrictBool,
     StrictFloat,
     StrictInt,
@@ -191,6 +192,13 @@ class SearchSpace(_Strict):
     pruning: Pruning = Pruning()
     keep_weights: StrictBool = False
     device: str = "auto"
+    _source: str = PrivateAttr(default="")  # the file it was read from, for messages
+
+    def key(self, name: str = "") -> str:
+        """How a message names key ``name`` (``budget.epochs``) of this space: with the
+        file it was read from, when it was read from one."""
+        return f"search space {self._source}: {name}" if self._source else \
+            f"search space {name}"
 
     @field_validator("model_args")
     @classmethod
@@ -291,6 +299,9 @@ def load_space(path_or_data: str | dict[str, Any], overrides: list[str] | tuple[
     if isinstance(data.get("data_dir"), str):
         data["data_dir"] = os.path.abspath(os.path.expanduser(data["data_dir"]))
     try:
-        return SearchSpace.model_validate(data)
+        space = SearchSpace.model_validate(data)
     except ValidationError as exc:
         raise schema_error(exc, f"search space {source}: ") from None
+    if isinstance(path_or_data, str):
+        space._source = source
+    return space

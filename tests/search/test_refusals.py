@@ -39,24 +39,29 @@ def _refused(capsys, argv: list[str], needle: str) -> None:
     (["--storage", "sqlite:///"], "in-memory SQLite"),
     (["--storage", "sqlite:///:memory:"], "in-memory SQLite"),
     pytest.param(["--device", "cuda"], "--device cuda: no CUDA GPU", marks=NO_CUDA),
-    pytest.param(["--set", "device=cuda:1"], "search space device cuda:1", marks=NO_CUDA),
+    pytest.param(["--set", "device=cuda:1"], "search space 'space.yaml': device cuda:1",
+                 marks=NO_CUDA),
     (["--device", "mps"], "--device mps: MPS is not available"),
     # Found only when a trial built or trained, these used to leave a study (with a failed
     # trial, after training the baseline) that blocked the name.
     (["--set", "init=preserve", "--set", "groups=[{sites: layer1.*, choices: [multiplicative]}]"],
      "groups[0].choices: multiplicative: multiplicative does not support init 'preserve'"),
     (["--set", "budget.tensorboard=/proc/tb"],
-     "search space budget.tensorboard '/proc/tb': cannot create folders in '/proc'"),
+     "search space 'space.yaml': budget.tensorboard '/proc/tb': cannot create folders in "
+     "'/proc'"),
     # A choice that converts none of its sites made every trial the baseline.
     (["--set", "groups=[{sites: layer1.*.conv*, choices: [multiplicative]}]"],
      "groups[0].choices: multiplicative: converts none of the group's sites (layer1.0.conv1, "
      "layer1.0.conv2, layer1.1.conv1, ...): multiplicative takes block/network sites, these "
      "are conv"),
     # Keys the search sets itself were accepted in the budget and ignored.
-    (["--set", "budget.device=cuda"], "search space budget.device: the space's top-level"),
-    (["--set", "budget.seed=3"], "search space budget.seed: the space's top-level `seed`"),
-    (["--set", "budget.progress=true"], "search space budget.progress: trials train without"),
-    (["--set", "device=tpu"], "search space device: must be auto, cpu"),
+    (["--set", "budget.device=cuda"],
+     "search space 'space.yaml': budget.device: the space's top-level"),
+    (["--set", "budget.seed=3"],
+     "search space 'space.yaml': budget.seed: the space's top-level `seed`"),
+    (["--set", "budget.progress=true"],
+     "search space 'space.yaml': budget.progress: trials train without"),
+    (["--set", "device=tpu"], "search space 'space.yaml': device: must be auto, cpu"),
 ])
 def test_a_refused_search_leaves_nothing_behind(in_tmp, capsys, flags, needle) -> None:
     if flags == ["--device", "mps"] and torch.backends.mps.is_available():

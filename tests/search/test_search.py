@@ -325,8 +325,8 @@ def test_a_budget_the_baseline_cannot_take_is_refused_before_the_study(in_tmp, c
 
 
 @pytest.mark.parametrize(("budget", "needle"), [
-    ({"cutout": -1}, "search space budget.cutout: must be greater than or equal to 0"),
-    ({"lr": 0}, "search space budget.lr: must be greater than 0"),
+    ({"cutout": -1}, "space.yaml': budget.cutout: must be greater than or equal to 0"),
+    ({"lr": 0}, "space.yaml': budget.lr: must be greater than 0"),
 ])
 def test_a_bad_budget_value_names_the_space_key(in_tmp, capsys, budget, needle) -> None:
     import yaml
