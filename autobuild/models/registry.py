@@ -185,12 +185,30 @@ def load_weights(model: nn.Module, weights: str, model_name: str = "") -> None:
     except Exception as exc:
         raise AutobuildError(f"{model_name!r} has no torchvision weights named {weights!r};"
                              " give a weights file path instead") from exc
-    try:
-        state = w.get_state_dict(progress=False)
-    except Exception as exc:
-        raise AutobuildError(f"cannot fetch {w} (no network?): put the file in the torch hub "
-                             "cache or pass a local weights file") from exc
+    state = fetch_weights(lambda: w.get_state_dict(progress=False), str(w))
     model.load_state_dict(state)
+
+
+def fetch_weights(fetch: Callable[[], Any], what: str) -> Any:
+    """``fetch()`` (a download into the torch hub cache, or a read from it); a failure is
+    one line, and leaves no cache directory it created on the way (offline, torch makes
+    ``~/.cache/torch/hub/checkpoints`` before it finds there is no network)."""
+    import torch.hub
+
+    made, path = [], os.path.join(torch.hub.get_dir(), "checkpoints")
+    while not os.path.exists(path) and path != os.path.dirname(path):
+        made.append(path)
+        path = os.path.dirname(path)
+    try:
+        return fetch()
+    except Exception as exc:
+        for directory in made:  # innermost first; only what the download left empty
+            try:
+                os.rmdir(directory)
+            except OSError:
+                break
+        raise AutobuildError(f"cannot fetch {what} (no network?): put the file in the torch "
+                             "hub cache or pass a local weights file") from exc
 
 
 def _timm_entry(timm_name: str) -> ModelEntry:

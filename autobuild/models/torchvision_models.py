@@ -9,7 +9,12 @@ from typing import Any
 from torch import nn
 
 from autobuild.errors import AutobuildError, brief
-from autobuild.models.registry import load_weights, read_state_dict, register_model
+from autobuild.models.registry import (
+    fetch_weights,
+    load_weights,
+    read_state_dict,
+    register_model,
+)
 
 # torchvision builders that need a non-default input resolution to run.
 _INPUT_SIZES = {"inception_v3": (3, 299, 299)}
@@ -91,11 +96,7 @@ def _detector_weights(name: str):
         own = torchvision.models.get_model_weights(name)
         if weights in own.__members__ or weights == "DEFAULT":
             w = own[weights] if weights != "DEFAULT" else own.DEFAULT
-            try:
-                state = w.get_state_dict(progress=False)
-            except Exception as exc:
-                raise AutobuildError(f"cannot fetch {w} (no network?): put the file in the "
-                                     "torch hub cache or pass a local weights file") from exc
+            state = fetch_weights(lambda: w.get_state_dict(progress=False), str(w))
             _load_detector(model, state, f"{name} {weights}")
             return
         if os.sep in weights or weights.endswith((".pth", ".pt", ".safetensors")):
@@ -114,11 +115,9 @@ def _detector_weights(name: str):
             raise AutobuildError(f"{name} has no weights named {weights!r}; valid: "
                                  f"{', '.join([*own.__members__, *vgg.__members__])} (VGG16's "
                                  "for the backbone), or a weights file")
-        try:
-            backbone = torchvision.models.vgg16(weights=vgg[weights], progress=False)
-        except Exception as exc:
-            raise AutobuildError(f"cannot fetch VGG16 {weights} (no network?): put the file in "
-                                 "the torch hub cache or pass a local weights file") from exc
+        backbone = fetch_weights(
+            lambda: torchvision.models.vgg16(weights=vgg[weights], progress=False),
+            f"VGG16 {weights}")
         # torchvision's own SSD300 conversion of VGG16 (the builder with weights_backbone).
         model.backbone.load_state_dict(_vgg_extractor(backbone, False, 5).state_dict())
 

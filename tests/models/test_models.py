@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -187,3 +189,25 @@ def test_a_registered_builder_gets_the_registered_class_count() -> None:
         assert autobuild.analyze("defaulted-net").baseline.module.fc.out_features == 7
     finally:
         del _REGISTRY["readme-net"], _REGISTRY["defaulted-net"]
+
+
+def test_a_failed_weights_download_leaves_no_cache_directory(tmp_path, monkeypatch) -> None:
+    """Offline, torch creates the hub's checkpoints directory before it finds there is no
+    network: the refusal removes what it made (and only that)."""
+    import torch.hub
+
+    from autobuild.models.registry import fetch_weights
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home" / "torch"))
+    (tmp_path / "home").mkdir()
+    with pytest.raises(AutobuildError, match=r"cannot fetch X \(no network\?\)"):
+        fetch_weights(lambda: torch.hub.load_state_dict_from_url("http://127.0.0.1:9/w.pth"),
+                      "X")
+    assert os.listdir(tmp_path / "home") == []
+    kept = tmp_path / "home" / "torch" / "hub" / "checkpoints"
+    kept.mkdir(parents=True)
+    (kept / "other.pth").write_bytes(b"x")
+    with pytest.raises(AutobuildError):
+        fetch_weights(lambda: torch.hub.load_state_dict_from_url("http://127.0.0.1:9/w.pth"),
+                      "X")
+    assert os.listdir(kept) == ["other.pth"]
