@@ -363,7 +363,7 @@ def _start_weights(args: argparse.Namespace, adopt: bool) -> str | None:
     return os.path.join(args.model, name)
 
 
-def _build_model(args: argparse.Namespace, cfg: Any, weights: str | None) -> Any:
+def _build_model(args: argparse.Namespace, cfg: Any, weights: str | None = None) -> Any:
     import torch
 
     torch.manual_seed(cfg.seed)  # the initial weights are part of a reproducible run
