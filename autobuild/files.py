@@ -22,7 +22,7 @@ import torch
 
 from autobuild.errors import AutobuildError
 
-__all__ = ["atomic_copy", "atomic_file", "atomic_torch_save", "atomic_write_text",
+__all__ = ["OUTPUT_FILES", "atomic_copy", "atomic_file", "atomic_torch_save", "atomic_write_text",
            "check_replaceable", "ensure_writable_dir", "staged_directory"]
 
 _TMP = ".tmp-"
@@ -126,16 +126,34 @@ def atomic_torch_save(obj: Any, path: str) -> None:
 
 
 # ---- directories ---------------------------------------------------------------------------
-def ensure_writable_dir(path: str, *, force: bool = False) -> None:
-    """Refuse a non-empty ``path`` unless ``force`` (nothing is lost silently); refuse a file
-    or a directory that cannot be written. Creates nothing."""
+#: Files that mark a directory as one autobuild wrote (a run, a saved model, an analysis, a
+#: report): the only directories --force replaces whole. A folder of datasets or of study
+#: databases given as --out by mistake is refused, not emptied.
+OUTPUT_FILES = frozenset({"plan.yaml", "weights.safetensors", "init.safetensors",
+                          "last.safetensors", "train.yaml", "checkpoint.pt", "metrics.csv",
+                          "layers.csv", "sites.csv", "report.md", "trials.csv"})
+
+
+def ensure_writable_dir(path: str, *, force: bool = False, keep: Iterable[str] = ()) -> None:
+    """Refuse a non-empty ``path`` unless ``force`` (nothing is lost silently), and with
+    ``force`` one that is or holds what the command reads (``keep``, see
+    :func:`check_replaceable`) or that holds nothing autobuild wrote; refuse a file or a
+    directory that cannot be written. Creates nothing."""
     if not isinstance(path, str) or not path.strip():
         raise AutobuildError(f"an output directory must be a non-empty path, got {path!r}")
     if os.path.exists(path) and not os.path.isdir(path):
         raise AutobuildError(f"{path!r} exists and is not a directory; choose another --out")
-    if os.path.isdir(path) and _entries(path) and not force:
+    entries = _entries(path) if os.path.isdir(path) else []
+    if entries and not force:
         raise AutobuildError(f"{path!r} is not empty; choose another --out or pass --force "
                              "(force=True in Python) to overwrite it")
+    if entries:
+        check_replaceable(path, keep)
+    if entries and not set(entries) & OUTPUT_FILES:
+        shown = ", ".join(sorted(entries)[:3]) + (", ..." if len(entries) > 3 else "")
+        raise AutobuildError(f"{path!r} holds nothing autobuild wrote ({shown}): --force "
+                             "replaces a run, a saved model, an analysis or a report, never "
+                             "other files; choose another --out")
     parent = os.path.dirname(os.path.abspath(path))
     probe = path if os.path.isdir(path) else _existing_ancestor(parent)
     if not os.access(probe, os.W_OK | os.X_OK):

@@ -71,6 +71,12 @@ def test_refuses_to_overwrite(tmp_path, capsys) -> None:
     (tmp_path / "mine.txt").write_text("x")
     rc = main(["convert", "cifar_resnet20", "--to", "quadratic", "--out", str(tmp_path)])
     assert rc == 2 and "--force" in capsys.readouterr().err
+    # --force replaces a directory autobuild wrote, never a user's other files
+    assert main(["convert", "cifar_resnet20", "--to", "quadratic", "--out", str(tmp_path),
+                 "--force"]) == 2
+    assert "holds nothing autobuild wrote (mine.txt)" in capsys.readouterr().err
+    (tmp_path / "mine.txt").unlink()
+    assert main(["convert", "cifar_resnet20", "--to", "dirac", "--out", str(tmp_path)]) == 0
     assert main(["convert", "cifar_resnet20", "--to", "quadratic", "--out", str(tmp_path),
                  "--force"]) == 0
 

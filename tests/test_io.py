@@ -35,8 +35,14 @@ def test_refuses_non_empty_dir_unless_forced(tmp_path) -> None:
     with pytest.raises(AutobuildError, match="not empty"):
         autobuild.save(m, str(tmp_path))
     assert (tmp_path / "keep.txt").read_text() == "mine"  # refused: nothing touched
-    # --force replaces the directory as a whole: no stale file of an older run stays beside
-    # the new model.
+    # ...and --force too, for a directory holding nothing autobuild wrote (it would delete a
+    # user's files given as --out by mistake)
+    with pytest.raises(AutobuildError, match=r"holds nothing autobuild wrote \(keep.txt\)"):
+        autobuild.save(m, str(tmp_path), force=True)
+    assert sorted(os.listdir(tmp_path)) == ["keep.txt"]
+    # --force replaces a saved model as a whole: no stale file of an older run stays beside
+    # the new one.
+    (tmp_path / "plan.yaml").write_text("old")
     autobuild.save(m, str(tmp_path), force=True)
     assert sorted(os.listdir(tmp_path)) == ["plan.yaml", "weights.safetensors"]
 

@@ -30,15 +30,15 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from autobuild.files import check_replaceable, ensure_writable_dir
+    from autobuild.files import ensure_writable_dir
     from autobuild.io import save
     from autobuild.summary import summarize
 
     if args.out:  # refuse before the (possibly slow) conversion
-        ensure_writable_dir(args.out, force=args.force)
         # --force replaces --out whole: not the saved model, plan or files it reads
-        check_replaceable(args.out, [p for p in (args.model, args.plan, args.placement,
-                                                 args.weights) if p and os.path.exists(p)])
+        ensure_writable_dir(args.out, force=args.force, keep=[
+            p for p in (args.model, args.plan, args.placement, args.weights)
+            if p and os.path.exists(p)])
     model, analysis = model_from_args(args)
     summary = summarize(model, analysis)
     if args.out:

@@ -22,13 +22,13 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from autobuild import fold
-    from autobuild.files import check_replaceable, ensure_writable_dir
+    from autobuild.files import ensure_writable_dir
     from autobuild.io import load, save
     from autobuild.rewrite import plan_of
     from autobuild.summary import output_difference
 
-    ensure_writable_dir(args.out, force=args.force)
-    check_replaceable(args.out, [args.run_dir])  # --force would delete the run it reads
+    # (--force would delete the run it reads)
+    ensure_writable_dir(args.out, force=args.force, keep=[args.run_dir])
     model = load(args.run_dir)
     folded = fold(model)
     diff, scale = output_difference(model, folded, plan_of(model).input_size)

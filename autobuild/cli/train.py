@@ -247,7 +247,7 @@ def _new_job(args: argparse.Namespace) -> _Job:
                        image_size=None if detection else data.input_size[1:])
     _check_model_fits(model, data, detection)  # before --force clears a directory
     if is_main_process():  # only rank 0 touches the run directory
-        prepare_run_dir(run_dir, force=args.force, adopt=adopt)
+        prepare_run_dir(run_dir, force=args.force, adopt=adopt)  # (checked: _new_run_dir)
     return _Job(run_dir, task, model, data, cfg, resume=False)
 
 
@@ -278,8 +278,20 @@ def _new_run_dir(args: argparse.Namespace) -> tuple[str, bool]:
     model_dir = bool(args.model and os.path.isdir(args.model))
     run_dir = args.out or (args.model if model_dir else default_run_dir(*_run_name(args)))
     adopt = model_dir and os.path.abspath(run_dir) == os.path.abspath(args.model)
-    prepare_run_dir(run_dir, force=args.force, adopt=adopt, dry_run=True)
+    prepare_run_dir(run_dir, force=args.force, adopt=adopt, dry_run=True,
+                    keep=_read_by_run(args, model_dir and not adopt))
     return run_dir, adopt
+
+
+def _read_by_run(args: argparse.Namespace, model_dir: bool) -> list[str]:
+    """What a new run reads (its data, saved model, plan, placement, weights): a --force
+    that would delete them with the directory it replaces is refused."""
+    from autobuild.train.runs import data_paths
+
+    spec = args.data or (_recorded_data(args) or {}).get("spec")
+    read = [args.model if model_dir else None, args.plan, args.placement, args.weights,
+            *data_paths(spec, args.data_dir)]
+    return [p for p in read if p and os.path.exists(p)]
 
 
 def _run_name(args: argparse.Namespace) -> tuple[str, str | None]:

@@ -49,12 +49,10 @@ def export_trial(study: optuna.Study, number: int, out: str, *, force: bool = Fa
     non-empty ``out`` whole, unless it is or holds one of ``keep`` (the study's database,
     its artifacts)."""
     from autobuild.api import build_plan
-    from autobuild.files import check_replaceable, ensure_writable_dir
+    from autobuild.files import ensure_writable_dir
     from autobuild.io import load, save
 
-    ensure_writable_dir(out, force=force)
-    if force:
-        check_replaceable(out, keep)
+    ensure_writable_dir(out, force=force, keep=keep)
     trial = _trial(study, number)
     plan = trial_plan(study, number)
     seed = trial.user_attrs.get("seed")

@@ -196,15 +196,12 @@ def write_report(study: optuna.Study, out: str, *, force: bool = False,
 
     from autobuild.files import (
         atomic_write_text,
-        check_replaceable,
         ensure_writable_dir,
         staged_directory,
     )
     from autobuild.search.importance import COLUMNS as RI_COLUMNS
 
-    ensure_writable_dir(out, force=force)
-    if force:
-        check_replaceable(out, keep)
+    ensure_writable_dir(out, force=force, keep=keep)
     if not study.get_trials(deepcopy=False):
         raise AutobuildError(f"study {study.study_name!r} has no trials yet")
     frame = trials_frame(study)

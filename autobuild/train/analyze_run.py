@@ -53,7 +53,7 @@ def analyze_run(run: str, out_dir: str, *, data: str | None = None,
     """Analyse ``run`` on the first ``batches`` val batches of ``data`` (default: the data
     the run trained on) into ``out_dir``; with ``compare``, analyse that run on the same
     batches into ``out_dir/compare/`` and write ``compare.csv`` / ``compare.png``."""
-    from autobuild.files import check_replaceable, ensure_writable_dir, staged_directory
+    from autobuild.files import ensure_writable_dir, staged_directory
     from autobuild.io import load_plan
     from autobuild.train.analyze import collect, write_analysis, write_comparison
     from autobuild.train.config import TrainConfig
@@ -61,21 +61,23 @@ def analyze_run(run: str, out_dir: str, *, data: str | None = None,
     from autobuild.train.distributed import Dist
     from autobuild.train.loop import BEST_WEIGHTS, LAST_WEIGHTS
     from autobuild.train.rundir import read_run_record
-    from autobuild.train.runs import check_classes, data_for_run, task_for
+    from autobuild.train.runs import check_classes, data_for_run, data_paths, task_for
     from autobuild.train.runtime import make_loader
     from autobuild.train.session import resolve_device
 
     if batches < 1 or batch_size < 1:
         raise AutobuildError("--batches and --batch-size must be at least 1")
-    ensure_writable_dir(out_dir, force=force)  # (--out: a file, or not empty without --force)
-    if force:  # replaced whole: never the runs it reads, nor the directory it runs in
-        check_replaceable(out_dir, [run, compare or ""])
     weights = LAST_WEIGHTS if last else BEST_WEIGHTS
     if not os.path.isdir(run):
         raise AutobuildError(f"{run!r} is not a saved model directory")
     if compare and not os.path.isdir(compare):
         raise AutobuildError(f"--compare {compare!r} is not a saved model directory")
     record = (read_run_record(run) or {}).get("data")
+    recorded = {} if data else record or {}  # (the data it will read)
+    folders = data_paths(data or recorded.get("spec"), data_dir or recorded.get("data_dir"))
+    # --out: a file, not empty without --force; with it, never what it reads (the runs, the
+    # data) nor the directory it runs in
+    ensure_writable_dir(out_dir, force=force, keep=[run, compare or "", *folders])
     task = task_for(load_plan(run).model, data or (record or {}).get("spec"))
     dataset = data_for_run(data, record, data_dir=data_dir)
     if compare:  # measured on the same batches: they must be its classes too

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 import yaml
@@ -174,7 +175,7 @@ def check_writable(path: str) -> None:
 
 
 def prepare_run_dir(path: str, *, force: bool = False, adopt: bool = False,
-                    dry_run: bool = False) -> None:
+                    dry_run: bool = False, keep: Sequence[str] = ()) -> None:
     """Make ``path`` ready for a new run, never losing another run or a user's weights.
 
     A directory holding a run (checkpoint, metrics, record) or anything else is refused
@@ -182,7 +183,9 @@ def prepare_run_dir(path: str, *, force: bool = False, adopt: bool = False,
     swapped in: no file of the old run stays beside the new one). With ``adopt`` (training a
     saved model in its own directory), a directory holding just plan + weights is accepted
     and its weights are kept as ``init.safetensors``; once there, they stay the saved
-    model's weights (a --force run restarts from them). ``dry_run`` only checks.
+    model's weights (a --force run restarts from them). A ``force`` over a directory that
+    is or holds any of ``keep`` (what the run reads), or that holds nothing autobuild
+    wrote, is refused. ``dry_run`` only checks.
     """
     if not isinstance(path, str) or not path.strip():
         raise AutobuildError(f"a run directory must be a non-empty path, got {path!r}")
@@ -194,6 +197,10 @@ def prepare_run_dir(path: str, *, force: bool = False, adopt: bool = False,
         if entries & set(RUN_MARKERS):
             raise AutobuildError(_describe(path, entries))
         raise AutobuildError(f"{path!r} is not empty; choose another --out or pass --force")
+    if entries and force:
+        from autobuild.files import ensure_writable_dir
+
+        ensure_writable_dir(path, force=True, keep=keep)
     check_writable(path)
     if dry_run:
         return

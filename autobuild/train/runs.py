@@ -9,7 +9,8 @@ from typing import Any
 from autobuild.errors import AutobuildError
 from autobuild.train.data import DATA_SPECS, build_data
 
-__all__ = ["absolute_data", "check_classes", "data_for_run", "is_main_process", "task_for"]
+__all__ = ["absolute_data", "check_classes", "data_for_run", "data_paths", "is_main_process",
+           "task_for"]
 
 
 def task_for(model: str, spec: str | None) -> str:
@@ -34,21 +35,35 @@ def task_for(model: str, spec: str | None) -> str:
     return "detection" if detector else "classification"
 
 
+def _folder(name: str, arg: str) -> tuple[str, list[str]]:
+    """(the folder, the options) of an ``imagefolder:``/``voc:``/``coco:`` spec's argument."""
+    parts, options = arg.split(","), []
+    while name != "imagefolder" and len(parts) > 1 and "=" in parts[-1]:
+        options.insert(0, parts.pop())  # voc:PATH,train=...,val=...
+    return os.path.abspath(os.path.expanduser(",".join(parts))), options
+
+
 def absolute_data(spec: str, data_dir: str | None) -> tuple[str, str | None]:
     """The data spec and folder with absolute paths: what a run records must name the same
     files from any working directory (``evaluate``/``--resume``/``analyze`` elsewhere)."""
     name, sep, arg = spec.partition(":")
     if name in ("imagefolder", "voc", "coco") and arg:
-        parts, options = arg.split(","), []
-        while name != "imagefolder" and len(parts) > 1 and "=" in parts[-1]:
-            options.insert(0, parts.pop())  # voc:PATH,train=...,val=...
-        path = os.path.abspath(os.path.expanduser(",".join(parts)))
+        path, options = _folder(name, arg)
         spec = f"{name}{sep}{','.join([path, *options])}"
     if name in ("cifar10", "cifar100") and not arg:
         data_dir = data_dir or "data"  # build_data's default, relative to where it runs
     if data_dir:
         data_dir = os.path.abspath(os.path.expanduser(data_dir))
     return spec, data_dir
+
+
+def data_paths(spec: str | None, data_dir: str | None = None) -> list[str]:
+    """The folders a data spec reads: what an output replaced with --force must not hold."""
+    if not spec:
+        return []
+    name, _, arg = spec.partition(":")
+    paths = [_folder(name, arg)[0]] if name in ("imagefolder", "voc", "coco") and arg else []
+    return paths + [absolute_data(spec, data_dir)[1] or ""]
 
 
 def data_for_run(spec: str | None, record: dict[str, Any] | None, *,

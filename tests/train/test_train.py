@@ -351,3 +351,49 @@ def test_a_repeated_milestone_is_refused_for_a_new_recipe_only() -> None:
     assert cfg.milestones() == [2, 5, 5]
     with pytest.raises(AutobuildError, match=r"\[2, 5, 5\]: epoch 5 is given twice"):
         check_new_recipe(cfg)
+
+
+def test_force_never_deletes_what_the_run_reads(easy_folder: str, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture) -> None:
+    """--force replaces --out whole: an --out that is or holds the data, the saved model,
+    the plan or placement file the run reads is refused (each was deleted), and so is a
+    directory that holds nothing autobuild wrote (a folder of study databases, a dataset)."""
+    run = tmp_path / "run"  # a run, in which the user keeps what the next run reads
+    assert main(["train", "cifar_resnet20", "--data", "synthetic:size=3x8x8,classes=2,"
+                 "train=16,val=8", "--epochs", "1", "--out", str(run), *FAST]) == 0
+    data = run / "data"
+    shutil.copytree(easy_folder, data)
+    spec = f"imagefolder:{data}"
+    saved = run / "model"
+    assert main(["convert", "cifar_resnet20", "--to", "dirac", "--num-classes", "2",
+                 "--input-size", "3,32,32", "--out", str(saved)]) == 0
+    (run / "p.yaml").write_text("layer1.0.conv1: quadratic\n")
+    (tmp_path / "st").mkdir()
+    (tmp_path / "st" / "s1.db").write_bytes(b"SQLite format 3\0")
+    before = {p: sorted(os.listdir(p)) for p in (run, data, saved, tmp_path / "st")}
+    out = ["--out", str(run)]
+    cases = [
+        (["cifar_resnet20", "--data", spec, *out], f"'{run}' holds '{data}', which this"),
+        ([str(saved), "--data", spec, *out], f"holds '{saved}', which this command must keep"),
+        (["--plan", str(saved / "plan.yaml"), "--data", spec, *out],
+         "plan.yaml', which this command must keep"),
+        (["cifar_resnet20", "--placement", str(run / "p.yaml"), "--data", spec, *out],
+         "p.yaml', which this command must keep"),
+        (["cifar_resnet20", "--data", spec, "--out", str(tmp_path / "st")],
+         "holds nothing autobuild wrote (s1.db): --force replaces a run"),
+        (["cifar_resnet20", "--data", spec, "--out", str(data)],
+         f"'{data}' is '{data}', which this command must keep"),
+        (["cifar_resnet20", "--data", "synthetic", "--out", str(data)],
+         "holds nothing autobuild wrote (train, val)"),
+    ]
+    for argv, needle in cases:
+        assert main(["train", *argv, "--force", "--epochs", "1", *FAST]) == 2, argv
+        err = capsys.readouterr().err
+        assert needle in err and err.count("\n") == 1, (argv, err)
+    # analyze --force: not the data it reads either
+    other = tmp_path / "other"
+    shutil.copytree(saved, other)
+    assert main(["analyze", str(other), "--data", spec, *out, "--force", "--device",
+                 "cpu"]) == 2
+    assert f"holds '{data}', which this command must keep" in capsys.readouterr().err
+    assert before == {p: sorted(os.listdir(p)) for p in before}
