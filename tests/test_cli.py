@@ -6,8 +6,10 @@ import json
 import os
 
 import pytest
+import torch
 
 from autobuild.cli import main
+from autobuild.models import build_model
 
 
 def _json(capsys) -> object:
@@ -240,3 +242,25 @@ def test_inspect_says_why_a_preserving_conversion_is_not_measured(tmp_path, caps
     assert main(["inspect", out, "--json"]) == 0
     summary = _json(capsys)
     assert summary["max_abs_diff"] is None and "--weights" in summary["max_abs_diff_note"]
+
+
+def test_inspect_measures_a_preserving_conversion_of_named_weights_again(
+        tmp_path, capsys) -> None:
+    """With --weights, the plan names the baseline's weights: inspect loads them and
+    measures the difference again (it read the loaded model's record, which drops them,
+    and printed the random-weights note); weights moved since are said to be missing."""
+    base = build_model("cifar_resnet20")
+    torch.save(base.state_dict(), tmp_path / "r20.pt")
+    out = str(tmp_path / "p")
+    assert main(["convert", "cifar_resnet20", "--to", "quadratic", "--init", "preserve",
+                 "--weights", str(tmp_path / "r20.pt"), "--out", out]) == 0
+    capsys.readouterr()
+    assert main(["inspect", out, "--json"]) == 0
+    summary = _json(capsys)
+    assert summary["max_abs_diff"] is not None and summary["max_abs_diff"] < 1e-4
+    assert "max_abs_diff_note" not in summary
+    os.rename(tmp_path / "r20.pt", tmp_path / "moved.pt")
+    assert main(["inspect", out, "--json"]) == 0
+    summary = _json(capsys)
+    assert summary["max_abs_diff"] is None
+    assert "the baseline's weights do not load" in summary["max_abs_diff_note"]

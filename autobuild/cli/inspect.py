@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from autobuild.cli._common import PATH, print_json, print_summary
+from autobuild.errors import AutobuildError
 
 
 def add_parser(sub: Any) -> None:
@@ -19,17 +20,26 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from autobuild.api import plan_baseline
-    from autobuild.io import load
-    from autobuild.rewrite import Analysis, plan_of
+    from autobuild.io import load, load_plan
+    from autobuild.rewrite import Analysis
     from autobuild.summary import nonfinite_tensors, summarize
 
     model = load(args.run_dir)
-    plan = plan_of(model)
-    # The preservation error is only meaningful against the baseline's own weights; without
-    # them the baseline's structure (on the meta device) gives the counts.
-    real = bool(plan.weights)
-    analysis = Analysis(plan_baseline(plan, device=None if real else "meta"))
-    summary = summarize(model, analysis, compare=real)
+    # The preservation error is only meaningful against the baseline's own weights (those
+    # the plan file names: the loaded model's record does not keep them); without them
+    # the baseline's structure (on the meta device) gives the counts.
+    plan = load_plan(args.run_dir)
+    unloadable = None
+    if plan.weights:
+        try:
+            analysis = Analysis(plan_baseline(plan))
+        except AutobuildError as exc:  # (a file moved since, a download offline)
+            unloadable = f"not measurable: the baseline's weights do not load ({exc})"
+    if not plan.weights or unloadable:
+        analysis = Analysis(plan_baseline(plan, device="meta"))
+    summary = summarize(model, analysis, compare=bool(plan.weights) and not unloadable)
+    if unloadable:
+        summary["max_abs_diff_note"] = unloadable
     summary["run"] = args.run_dir
     summary["nonfinite"] = nonfinite_tensors(model)
     if args.json:
