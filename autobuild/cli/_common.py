@@ -108,6 +108,9 @@ def _path(text: str) -> str:
 POSITIVE_INT = flag_value(Annotated[int, Field(ge=1)], "positive integer")
 NON_NEGATIVE_INT = flag_value(Annotated[int, Field(ge=0)], "integer >= 0")
 POSITIVE_FLOAT = flag_value(Annotated[float, Field(gt=0, allow_inf_nan=False)], "number > 0")
+#: An image side (--image-size): a search budget's bounds (4096: a 3x4096x4096 batch of 64 is
+#: 12 GB in float32 already; a mistyped 100000 tried to allocate 240 GB before it failed).
+IMAGE_SIZE = flag_value(Annotated[int, Field(ge=8, le=4096)], "image size")
 PORT = flag_value(Annotated[int, Field(ge=1, le=65535)], "port")
 #: A file or directory named by the user: never empty (``--out ""`` is not "here").
 PATH = _path

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from autobuild.cli._common import (
+    IMAGE_SIZE,
     PATH,
     POSITIVE_INT,
     add_conversion_arguments,
@@ -30,7 +31,7 @@ def add_data_arguments(p: argparse.ArgumentParser, *, training: bool = True) -> 
     p.add_argument("--data-dir", default=None, type=PATH,
                    help="folder holding cifar-10-batches-py/ or cifar-100-python/ (default ./data)")
     p.add_argument("--download", action="store_true", help="download CIFAR if it is missing")
-    p.add_argument("--image-size", type=POSITIVE_INT, default=None,
+    p.add_argument("--image-size", type=IMAGE_SIZE, default=None,
                    help="imagefolder crop size (default: the images' own size up to 64, else "
                         "224); for a detector, the size it resizes its inputs to (default its "
                         "own: 300 or 320)")
