@@ -318,11 +318,15 @@ def _class_mismatch(root: str, train: list[str], val: list[str]) -> str:
 
 def _synthetic(arg: str) -> Data:
     opts = {"size": "3x32x32", "classes": "10", "train": "1024", "val": "256"}
+    given: set[str] = set()
     for pair in filter(None, arg.split(",")):
         key, sep, value = pair.partition("=")
         if not sep or key not in opts:
             raise AutobuildError(f"bad synthetic option {pair!r}; valid: {DATA_SPECS}")
+        if key in given:  # (not decided by whichever comes last)
+            raise AutobuildError(f"synthetic option {key} is given twice in {arg!r}")
         opts[key] = value
+        given.add(key)
     try:
         size = tuple(int(v) for v in opts["size"].split("x"))
         classes, n_train, n_val = int(opts["classes"]), int(opts["train"]), int(opts["val"])

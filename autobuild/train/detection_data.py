@@ -144,13 +144,16 @@ def _check_headers(records: list[Record]) -> None:
 
 def _path_and_options(arg: str, defaults: dict[str, str]) -> tuple[str, dict[str, str]]:
     """``PATH,key=value,...``: trailing options split off the path."""
-    opts = dict(defaults)
+    opts, given = dict(defaults), set()
     parts = arg.split(",")
     while len(parts) > 1 and "=" in parts[-1]:
         key, _, value = parts.pop().partition("=")
         if key not in defaults or not value:
             raise AutobuildError(f"bad data option {key}={value!r}; valid: {DETECTION_SPECS}")
+        if key in given:
+            raise AutobuildError(f"data option {key} is given twice in {arg!r}")
         opts[key] = value
+        given.add(key)
     return ",".join(parts), opts
 
 
@@ -284,12 +287,17 @@ class _Renderer:
 
 def _synthetic(spec: str, arg: str, augment: str, train_subset: int | None) -> DetectionData:
     opts = {"size": "128", "classes": "3", "train": "64", "val": "32", "seed": "0"}
+    given: set[str] = set()
     for pair in filter(None, arg.split(",")):
         key, sep, value = pair.partition("=")
         if not sep or key not in opts:
             raise AutobuildError(f"bad synthetic-detection option {pair!r}; valid: "
                                  f"{DETECTION_SPECS}")
+        if key in given:
+            raise AutobuildError(f"synthetic-detection option {key} is given twice in "
+                                 f"{arg!r}")
         opts[key] = value
+        given.add(key)
     try:
         size, classes, n_train, n_val, seed = (int(opts[k]) for k in
                                                ("size", "classes", "train", "val", "seed"))

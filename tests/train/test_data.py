@@ -111,3 +111,16 @@ def test_a_failed_download_leaves_no_directory_behind(tmp_path, monkeypatch) -> 
     with pytest.raises(AutobuildError, match="cannot download cifar10 into .*Name or service"):
         build_data("cifar10", str(root), download=True)
     assert not (tmp_path / "dl").exists()
+
+
+@pytest.mark.parametrize("spec,needle", [
+    ("synthetic:size=3x8x8,val=16,val=17", "synthetic option val is given twice"),
+    ("synthetic-detection:seed=1,seed=2", "synthetic-detection option seed is given twice"),
+    ("voc:/nowhere,train=a,train=b", "data option train is given twice"),
+])
+def test_a_data_option_given_twice_is_refused(spec: str, needle: str) -> None:
+    """(it took the last value, where a repeated family option or key is refused)"""
+    from autobuild.train.detection_data import build_detection_data, is_detection_spec
+
+    with pytest.raises(AutobuildError, match=needle):
+        (build_detection_data if is_detection_spec(spec) else build_data)(spec)
