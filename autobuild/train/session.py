@@ -325,10 +325,12 @@ class Session:
         if why is not None:
             if bar is not None:
                 bar.close()
+            # (bf16 is advice for fp16 AMP only: its range is what overflows there)
+            fp16 = ", or use --amp-dtype bf16" if self.cfg.amp and \
+                self.cfg.amp_dtype == "fp16" else ""
             raise DivergedError(
                 f"training diverged: {why} in epoch {epoch} (step {step}); "
-                f"lower --lr, keep --clip-grad (e.g. 0.5), or use --amp-dtype bf16"
-                f"{self._what_is_kept()}")
+                f"lower --lr or keep --clip-grad (e.g. 0.5){fp16}{self._what_is_kept()}")
         return tot
 
     # ---- per epoch ----------------------------------------------------------------------
