@@ -127,9 +127,10 @@ def check_classes(data: Any, record: dict[str, Any] | None) -> None:
     if names is not None and list(data.classes) != list(names) and \
             not (_unnamed(names) or _unnamed(data.classes)):
         k = next(i for i, (a, b) in enumerate(zip(data.classes, names, strict=True)) if a != b)
-        raise AutobuildError(f"{data.spec} names its classes differently from {where}: class "
-                             f"{k + 1} is {data.classes[k]!r} here and {names[k]!r} there "
-                             f"(the labels would be scored against the wrong classes)")
+        # (named by the label the model outputs: 0-based, after a detector's background)
+        raise AutobuildError(f"{data.spec} names its classes differently from {where}: label "
+                             f"{k + background} is {data.classes[k]!r} here and {names[k]!r} "
+                             f"there (the labels would be scored against the wrong classes)")
 
 
 def is_main_process() -> bool:

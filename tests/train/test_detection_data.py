@@ -254,7 +254,7 @@ def test_data_whose_classes_differ_from_the_runs_is_refused(tmp_path: Path) -> N
     record = {"spec": f"voc:{root}", "num_classes": 3, "classes": ["dog", "cat"]}
     assert data_for_run(None, record, val_only=True).classes == ["dog", "cat"]
     (root / "classes.txt").write_text("cat\ndog\n")
-    with pytest.raises(AutobuildError, match="class 1 is 'cat' here and 'dog' there"):
+    with pytest.raises(AutobuildError, match="label 1 is 'cat' here and 'dog' there"):
         data_for_run(None, record, val_only=True)
     (root / "classes.txt").write_text("cat\ndog\nbird\n")
     with pytest.raises(AutobuildError, match="has 3 classes and the run trained on .*which "
@@ -271,7 +271,7 @@ def test_data_whose_classes_differ_from_the_runs_is_refused(tmp_path: Path) -> N
     numbered = SimpleNamespace(spec="cifar10", classes=[str(i) for i in range(3)],
                                num_classes=3)
     check_classes(numbered, {"spec": "cifar10", "num_classes": 3, "classes": ["a", "b", "c"]})
-    with pytest.raises(AutobuildError, match="class 1 is 'x' here and 'a' there"):
+    with pytest.raises(AutobuildError, match="label 0 is 'x' here and 'a' there"):
         check_classes(SimpleNamespace(spec="s", classes=["x", "b", "c"], num_classes=3),
                       {"spec": "cifar10", "num_classes": 3, "classes": ["a", "b", "c"]})
 

@@ -56,7 +56,7 @@ def test_learns_an_easy_task_and_evaluate_reproduces_it(easy_folder: str, tmp_pa
     assert main(["evaluate", run, "--data", f"imagefolder:{renamed}", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "names its classes differently from the run trained on" in err
-    assert "class 1 is 'a-dark' here and 'bright' there" in err and err.count("\n") == 1
+    assert "label 0 is 'a-dark' here and 'bright' there" in err and err.count("\n") == 1
 
 
 def test_resume_matches_an_uninterrupted_run(easy_folder: str, tmp_path: Path) -> None:
