@@ -64,6 +64,9 @@ def load_placement(path: str) -> Placement:
     import yaml
 
     path = as_path(path)
+    if isinstance(path, str) and os.path.isdir(path):
+        raise AutobuildError(f"placement file {path!r} is a directory; give a YAML/JSON file "
+                             "(or a plan.yaml)")
     if not isinstance(path, str) or not os.path.isfile(path):
         raise AutobuildError(f"placement file {path!r} does not exist")
     try:
