@@ -279,6 +279,7 @@ CLI_CASES: list[tuple[str, list[str], list[str]]] = [
                                        "budget.lr_milestones=[1]", "--storage",
                                        "sqlite:///{out}.db"],
      ["search space '{space_ok}': budget.lr_milestones [1]", "multistep schedule only"]),
+    ("sites-of-a-saved-model", ["sites", "{model}"], ["is a directory", "autobuild inspect"]),
     ("convert-placement-a-directory", ["convert", "cifar_resnet20", "--placement", "{root}"],
      ["placement file", "is a directory"]),
     # it tried to allocate 240 GB before the model refused the images

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
 from autobuild.cli._common import (
@@ -38,6 +39,10 @@ def run(args: argparse.Namespace) -> int:
     from autobuild.api import analyze
     from autobuild.variants import get_variant, list_variants
 
+    if os.path.isdir(args.model):  # (it said "unknown model")
+        raise AutobuildError(f"{args.model!r} is a directory: `sites` lists a baseline's sites "
+                             "(see `autobuild models`); `autobuild inspect DIR` shows a saved "
+                             "model's converted sites")
     analysis = analyze(args.model, num_classes=args.num_classes, input_size=args.input_size)
     options = parse_options(args.option)
     if args.family == "all":
