@@ -417,6 +417,12 @@ def check_symmetry(model: nn.Module, *, seed: int = 0,
     from autobuild.summary import output_difference
 
     rotated, stages = _symmetry(model, seed)
+    if not stages:  # (it reported a pass: BN folding alone, nothing rotated)
+        raise AutobuildError("no stage's residual stream can be rotated: each reaches "
+                             "something that does not commute with a rotation (a block that "
+                             "is not a QL block, the stem's ReLU, the output), so there is "
+                             "nothing to check; convert every block of a stage to "
+                             "multiplicative")
     diff, scale = output_difference(model, rotated, input_size, seed=seed)
     return {"max_abs_diff": diff, "max_abs_output": scale, "relative": diff / max(scale, 1e-12),
             "stages": stages, "seed": seed}

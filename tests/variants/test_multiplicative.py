@@ -276,6 +276,10 @@ def test_symmetry_cli_on_a_saved_model(tmp_path, capsys: pytest.CaptureFixture[s
 def test_symmetry_needs_ql_blocks() -> None:
     with pytest.raises(AutobuildError, match="multiplicative"):
         check_symmetry(resolve_baseline("cifar_resnet20").module, input_size=(3, 32, 32))
+    # QL blocks in no whole stage: nothing rotates, and the check said it passed (stages=0)
+    some = autobuild.convert("cifar_resnet20", "multiplicative", sites=["layer2.0", "layer3.1"])
+    with pytest.raises(AutobuildError, match="no stage's residual stream can be rotated"):
+        check_symmetry(some)
 
 
 def test_an_expansion_that_rounds_to_no_channels_is_refused_not_clamped() -> None:
