@@ -250,20 +250,29 @@ class SearchSpace(_Strict):
 
 
 def _set(data: dict[str, Any], assignment: str) -> None:
+    """``key.sub=value``; a number indexes a list (``groups.0.choices=[keep, dirac]``)."""
     key, sep, value = assignment.partition("=")
     if not sep or not key.strip():
         raise AutobuildError(f"--set takes key.sub=value, got {assignment!r}")
     parts = key.strip().split(".")
-    node = data
-    for part in parts[:-1]:
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            raise AutobuildError(f"--set {key}: {part!r} is not a mapping in the space")
-        node = child
+    node: Any = data
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise AutobuildError(f"--set {key}: {'.'.join(parts[:i]) or 'the space'} is a "
+                                     f"list of {len(node)}; index it with 0..{len(node) - 1}")
+            part = int(part)  # type: ignore[assignment]
+        elif not isinstance(node, dict):
+            raise AutobuildError(f"--set {key}: {'.'.join(parts[:i])!r} is not a mapping or "
+                                 "a list in the space")
+        if last:
+            break
+        if isinstance(node, dict) and node.get(part) is None:
+            node[part] = {}
+        node = node[part]
     try:
-        node[parts[-1]] = load_yaml(value) if value.strip() else None
+        node[part] = load_yaml(value) if value.strip() else None
     except yaml.YAMLError as exc:
         raise AutobuildError(f"--set {key}: value {value!r} is not valid YAML") from exc
 

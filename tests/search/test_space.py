@@ -95,5 +95,12 @@ def test_bad_files_and_overrides(tmp_path) -> None:
         load_space(str(tmp_path / "missing.yaml"))
     with pytest.raises(AutobuildError, match="--set takes key.sub=value"):
         load_space(tiny_space(), ["budget.epochs"])
+    # a number indexes a list ('groups' is not a mapping, it said)
+    space = load_space(tiny_space(), ["groups.1.choices=[keep, dirac]", "groups.0.sites=layer2"])
+    assert space.groups[1].choices == ["keep", "dirac"] and space.groups[0].sites == ["layer2"]
+    with pytest.raises(AutobuildError, match="groups is a list of 2; index it with 0..1"):
+        load_space(tiny_space(), ["groups.5.choices=[keep]"])
+    with pytest.raises(AutobuildError, match="'name' is not a mapping or a list"):
+        load_space(tiny_space(), ["name.x=1"])
     with pytest.raises(ValueError, match="must look like"):
         Constraint.parse("latency <= 3")
