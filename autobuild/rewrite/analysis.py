@@ -162,8 +162,9 @@ class Analysis:
                                       f"none; " + (hint or f"it applies to e.g. {examples}"))
         if sites is None and not candidates:
             first = accepted[0]
-            raise InfeasiblePlacement(f"{variant.name} cannot convert site {first.name} of "
-                                      f"{name}: {variant.refusal(first, opts, self)}")
+            raise InfeasiblePlacement(f"{variant.name} with these options converts no site "
+                                      f"of {name} (e.g. {first.name}: "
+                                      f"{variant.refusal(first, opts, self)})")
         if sites is None:
             chosen = variant.default_sites(candidates, opts)
             if not chosen:
