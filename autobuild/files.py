@@ -149,8 +149,9 @@ def ensure_writable_dir(path: str, *, force: bool = False, keep: Iterable[str] =
                              "(force=True in Python) to overwrite it")
     if entries:
         check_replaceable(path, keep)
-    if entries and not set(entries) & OUTPUT_FILES:
-        shown = ", ".join(sorted(entries)[:3]) + (", ..." if len(entries) > 3 else "")
+    visible = [e for e in entries if not e.startswith(".")]  # (.DS_Store, ...: no loss)
+    if visible and not set(entries) & OUTPUT_FILES:
+        shown = ", ".join(sorted(visible)[:3]) + (", ..." if len(visible) > 3 else "")
         raise AutobuildError(f"{path!r} holds nothing autobuild wrote ({shown}): --force "
                              "replaces a run, a saved model, an analysis or a report, never "
                              "other files; choose another --out")

@@ -9,7 +9,7 @@ import os
 from typing import Any
 
 from autobuild.cli._common import PATH, recipe_value, status
-from autobuild.cli.train import add_data_arguments, config_overrides
+from autobuild.cli._train_args import add_data_arguments, config_overrides
 
 _S = argparse.SUPPRESS
 

@@ -13,7 +13,7 @@ from autobuild.errors import AutobuildError
 
 
 def add_parser(sub: Any) -> None:
-    from autobuild.cli.train import add_data_arguments
+    from autobuild.cli._train_args import add_data_arguments
 
     p = sub.add_parser("importance", help="RI importance of a trained model's converted sites",
                        description="Measure RI = P_M*P_W / max(dtop-1, eps) of every converted "

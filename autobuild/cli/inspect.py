@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
 from autobuild.cli._common import PATH, print_json, print_summary
@@ -30,16 +31,21 @@ def run(args: argparse.Namespace) -> int:
     # the baseline's structure (on the meta device) gives the counts.
     plan = load_plan(args.run_dir)
     unloadable = None
-    if plan.weights:
+    trained = os.path.exists(os.path.join(args.run_dir, "train.yaml"))  # (moved by training)
+    measurable = bool(plan.weights) and plan.init == "preserve" and not trained
+    if measurable:
         try:
             analysis = Analysis(plan_baseline(plan))
         except AutobuildError as exc:  # (a file moved since, a download offline)
             unloadable = f"not measurable: the baseline's weights do not load ({exc})"
-    if not plan.weights or unloadable:
+    if not measurable or unloadable:
         analysis = Analysis(plan_baseline(plan, device="meta"))
-    summary = summarize(model, analysis, compare=bool(plan.weights) and not unloadable)
+    summary = summarize(model, analysis, compare=measurable and not unloadable)
     if unloadable:
         summary["max_abs_diff_note"] = unloadable
+    elif trained and plan.init == "preserve":
+        summary["max_abs_diff_note"] = ("not a preservation check: the model was trained "
+                                        "after its conversion")
     summary["run"] = args.run_dir
     summary["nonfinite"] = nonfinite_tensors(model)
     if args.json:

@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from autobuild.api import analyze
     from autobuild.variants import get_variant, list_variants
 
-    if os.path.isdir(args.model):  # (it said "unknown model")
+    if os.path.isfile(os.path.join(args.model, "plan.yaml")):  # a saved model, not a name
         raise AutobuildError(f"{args.model!r} is a directory: `sites` lists a baseline's sites "
                              "(see `autobuild models`); `autobuild inspect DIR` shows a saved "
                              "model's converted sites")

@@ -8,120 +8,13 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from autobuild.cli._common import (
-    IMAGE_SIZE,
-    PATH,
-    POSITIVE_INT,
-    add_conversion_arguments,
-    model_from_args,
+from autobuild.cli._common import PATH, add_conversion_arguments, model_from_args
+from autobuild.cli._train_args import (
+    add_data_arguments,
+    add_recipe_arguments,
+    config_overrides,
 )
 from autobuild.errors import AutobuildError
-
-_S = argparse.SUPPRESS  # absent flags stay absent: a resumed run keeps its saved recipe
-
-
-def add_data_arguments(p: argparse.ArgumentParser, *, training: bool = True) -> None:
-    """--data and its companions; ``training=False`` (evaluate) leaves out the flags that
-    only shape the train split."""
-    from autobuild.train.data import DATA_SPECS
-    from autobuild.train.detection_data import AUGMENTATIONS, DETECTION_SPECS
-
-    p.add_argument("--data", default=None, type=PATH,
-                   help=f"classification: {DATA_SPECS}; detection: {DETECTION_SPECS}")
-    p.add_argument("--data-dir", default=None, type=PATH,
-                   help="folder holding cifar-10-batches-py/ or cifar-100-python/ (default ./data)")
-    p.add_argument("--download", action="store_true", help="download CIFAR if it is missing")
-    p.add_argument("--image-size", type=IMAGE_SIZE, default=None,
-                   help="imagefolder crop size (default: the images' own size up to 64, else "
-                        "224); for a detector, the size it resizes its inputs to (default its "
-                        "own: 300 or 320)")
-    if not training:
-        return
-    p.add_argument("--train-subset", type=POSITIVE_INT, default=None, metavar="N",
-                   help="train on a fixed random subset of N images (val stays whole)")
-    p.add_argument("--augment", choices=AUGMENTATIONS, default=None,
-                   help="detection training augmentation (torchvision's references): ssd = "
-                        "photometric distortion, zoom out, IoU crop, flip; ssdlite = IoU crop, "
-                        "flip (default: ssd for ssd300_vgg16, ssdlite for ssdlite320)")
-
-
-def _add_recipe_arguments(p: argparse.ArgumentParser) -> None:
-    """One flag per recipe field; each parses and bounds its value with the field's schema
-    (:meth:`TrainConfig.flag_type`), so a bad value is refused before any work."""
-    from autobuild.train import TrainConfig
-
-    def typed(name: str) -> Any:
-        return TrainConfig.flag_type(name)
-
-    g = p.add_argument_group("recipe (classifier defaults: " + ", ".join(
-        f"{k}={TrainConfig.default(k)}" for k in ("epochs", "batch_size", "optimizer",
-                                                   "warmup_epochs", "clip_grad"))
-        + "; detectors default to torchvision's detection recipe, see "
-        "autobuild.train.detection.DETECTION_RECIPES)")
-    g.add_argument("--epochs", type=typed("epochs"), default=_S, help="training epochs (>= 1)")
-    g.add_argument("--batch-size", type=typed("batch_size"), default=_S,
-                   help="per process (per GPU)")
-    g.add_argument("--optimizer", choices=("sgd", "adamw"), default=_S, help="optimizer")
-    g.add_argument("--lr", type=typed("lr"), default=_S,
-                   help="peak lr > 0 (default 0.1 SGD / 1e-3 AdamW, times the batch a step "
-                        "sees / 128: --batch-size, or the training set when smaller)")
-    g.add_argument("--momentum", type=typed("momentum"), default=_S,
-                   help="SGD momentum in [0, 1) (default 0.9)")
-    g.add_argument("--no-nesterov", dest="nesterov", action="store_false", default=_S,
-                   help="plain momentum instead of Nesterov's")
-    g.add_argument("--weight-decay", type=typed("weight_decay"), default=_S,
-                   help="default 5e-4 SGD / 0.05 AdamW; never on norms, biases, Dirac alpha/beta")
-    g.add_argument("--warmup-epochs", type=typed("warmup_epochs"), default=_S,
-                   help="linear warm-up length (>= 0)")
-    g.add_argument("--lr-schedule", choices=("cosine", "multistep"), default=_S,
-                   help="after warm-up: cosine to zero, or x lr-gamma at each milestone")
-    g.add_argument("--lr-milestones", type=typed("lr_milestones"), nargs="+", default=_S,
-                   metavar="EPOCH", help="multistep epochs (default: 2/3 and 11/12 of the run)")
-    g.add_argument("--lr-gamma", type=typed("lr_gamma"), default=_S,
-                   help="multistep factor in (0, 1] (default 0.1)")
-    g.add_argument("--label-smoothing", type=typed("label_smoothing"), default=_S,
-                   help="in [0, 1)")
-    g.add_argument("--cutout", type=typed("cutout"), default=_S, metavar="PIXELS",
-                   help="cut a square of this side out of each training image (0 = off; "
-                        "DARTS and PDE-Global use 16)")
-    g.add_argument("--drop-path", type=typed("drop_path"), default=_S, metavar="RATE",
-                   help="DARTS drop path in [0, 1), raised linearly from 0 over the run "
-                        "(DARTS: 0.2)")
-    g.add_argument("--aux-weight", type=typed("aux_weight"), default=_S,
-                   help="weight of an auxiliary tower's loss in [0, 10] (default 0.4 for "
-                        "cifar_darts_v2_aux; 0 = its loss counts for nothing)")
-    g.add_argument("--clip-grad", type=typed("clip_grad"), default=_S,
-                   help="max grad norm >= 0; auto = 0.5 for quadratic/multiplicative (10 for "
-                        "detectors); 0 = off")
-    g.add_argument("--amp", action="store_true", default=_S,
-                   help="mixed precision (bf16 autocast by default)")
-    g.add_argument("--amp-dtype", choices=("bf16", "fp16"), default=_S,
-                   help="fp16 uses a GradScaler")
-    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=_S,
-                   help="default: on for CUDA")
-    g.add_argument("--compile", action="store_true", default=_S, help="torch.compile the model")
-    g.add_argument("--ema", type=typed("ema"), default=_S, metavar="DECAY",
-                   help="keep an EMA of the weights, decay in (0, 1) (e.g. 0.9999); it is "
-                        "evaluated and saved")
-    g.add_argument("--seed", type=typed("seed"), default=_S,
-                   help="seed of weights, data order, augmentation (>= 0)")
-    g.add_argument("--deterministic", action="store_true", default=_S,
-                   help="deterministic algorithms (slower)")
-    g.add_argument("--sync-bn", action="store_true", default=_S, help="SyncBatchNorm under DDP")
-    g.add_argument("--device", type=typed("device"), default=_S,
-                   help="auto (default), cpu, cuda, cuda:N")
-    g.add_argument("--workers", type=typed("workers"), default=_S,
-                   help="data loader processes (>= 0)")
-    g.add_argument("--log-interval", type=typed("log_interval"), default=_S,
-                   help="steps between loss checks and progress updates (>= 1)")
-    g.add_argument("--no-progress", dest="progress", action="store_false", default=True,
-                   help="no progress bar or per-epoch lines (on stderr)")
-    g.add_argument("--tensorboard", type=typed("tensorboard"), default=_S, metavar="DIR",
-                   help="log scalars every epoch, and activation / weight / gradient "
-                        "histograms every --tensorboard-every epochs, to DIR")
-    g.add_argument("--tensorboard-every", type=typed("tensorboard_every"), default=_S,
-                   metavar="N", help="epochs between TensorBoard histograms (default 5, and "
-                                     "the last)")
 
 
 def add_parser(sub: Any) -> None:
@@ -139,16 +32,8 @@ def add_parser(sub: Any) -> None:
                    help="continue the run in --out (or in MODEL, a run directory)")
     p.add_argument("--force", action="store_true", help="overwrite a run directory")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
-    _add_recipe_arguments(p)
+    add_recipe_arguments(p)
     p.set_defaults(run=run)
-
-
-def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """The recipe fields the user gave on the command line."""
-    from autobuild.train import TrainConfig
-
-    return {name: getattr(args, name) for name in TrainConfig.field_names()
-            if hasattr(args, name)}
 
 
 def _fit_to_data(args: argparse.Namespace, data: Any) -> None:
@@ -231,14 +116,15 @@ def _new_job(args: argparse.Namespace) -> _Job:
     from autobuild.train.runs import is_main_process
     from autobuild.train.runtime import check_finite
 
-    run_dir, adopt = _new_run_dir(args)
+    recorded = _recorded_data(args)  # (read once: rank 0 may replace the directory soon)
+    run_dir, adopt = _new_run_dir(args, recorded)
     name = _model_name(args)
-    spec = args.data or (_recorded_data(args) or {}).get("spec")
+    spec = args.data or (recorded or {}).get("spec")
     task = _task(name, spec) if name else "classification"
     cfg = _recipe(args, name, task)
     check_device(str(cfg.device))  # before the run directory exists
     check_sync_bn(cfg)
-    data = _new_data(args, name, task)
+    data = _new_data(args, name, task, recorded)
     weights = _start_weights(args, adopt)
     model = _build_model(args, cfg, weights)
     if weights:  # named here: the trainer's own check cannot say which file it was
@@ -266,32 +152,35 @@ def _check_model_fits(model: Any, data: Any, detection: bool) -> None:
         check_fits(model, data)
 
 
-def _new_run_dir(args: argparse.Namespace) -> tuple[str, bool]:
+def _new_run_dir(args: argparse.Namespace, recorded: dict[str, Any] | None
+                 ) -> tuple[str, bool]:
     """Where the run goes, refused (before any work) if that would lose another run;
     whether it trains a saved model in its own directory (``adopt``)."""
     from autobuild.train import prepare_run_dir
     from autobuild.train.rundir import default_run_dir
 
-    if not args.data and not _recorded_data(args):
+    if not args.data and not recorded:
         from autobuild.train.data import DATA_SPECS
 
         raise AutobuildError(f"--data is required ({DATA_SPECS}, or detection data)")
     model_dir = bool(args.model and os.path.isdir(args.model))
     run_dir = args.out or (args.model if model_dir else default_run_dir(*_run_name(args)))
-    adopt = model_dir and os.path.abspath(run_dir) == os.path.abspath(args.model)
+    adopt = model_dir and os.path.realpath(run_dir) == os.path.realpath(args.model)
     prepare_run_dir(run_dir, force=args.force, adopt=adopt, dry_run=True,
-                    keep=_read_by_run(args, model_dir and not adopt))
+                    keep=_read_by_run(args, model_dir and not adopt, recorded))
     return run_dir, adopt
 
 
-def _read_by_run(args: argparse.Namespace, model_dir: bool) -> list[str]:
+def _read_by_run(args: argparse.Namespace, model_dir: bool,
+                 recorded: dict[str, Any] | None) -> list[str]:
     """What a new run reads (its data, saved model, plan, placement, weights): a --force
     that would delete them with the directory it replaces is refused."""
     from autobuild.train.runs import data_paths
 
-    spec = args.data or (_recorded_data(args) or {}).get("spec")
+    recorded = recorded or {}
     read = [args.model if model_dir else None, args.plan, args.placement, args.weights,
-            *data_paths(spec, args.data_dir)]
+            *data_paths(args.data or recorded.get("spec"),
+                        args.data_dir or recorded.get("data_dir"))]
     return [p for p in read if p and os.path.exists(p)]
 
 
@@ -336,17 +225,20 @@ def _recipe(args: argparse.Namespace, name: str | None, task: str) -> Any:
     return cfg
 
 
-def _new_data(args: argparse.Namespace, name: str | None, task: str) -> Any:
+def _new_data(args: argparse.Namespace, name: str | None, task: str,
+              recorded: dict[str, Any] | None) -> Any:
     """The data, and a new model fitted to it (classes, input size)."""
     building = not (args.plan or (args.model and os.path.isdir(args.model)))
     if task == "detection":
         from autobuild.train.detection import default_augment
 
-        args.augment = args.augment or default_augment(name or "")  # the reference's
+        # the recorded run's, else the reference's
+        args.augment = args.augment or (recorded or {}).get("augment") or \
+            default_augment(name or "")
         if not building and args.image_size:
             raise AutobuildError("--image-size applies to a new detector; a saved model or "
                                  "plan keeps the size it was built at")
-    data = _data(args, _recorded_data(args), task)
+    data = _data(args, recorded, task)
     if building:
         (_fit_detector_to_data if task == "detection" else _fit_to_data)(args, data)
     return data

@@ -48,9 +48,9 @@ class Choice:
         at = f" for site {where}" if where else ""
         if isinstance(value, Choice):
             return value
-        if value is None:  # `site:` with nothing after it in YAML: a choice left unwritten
-            raise AutobuildError(f"choice{at} is empty; write 'keep' to keep the baseline's "
-                                 "layer, or a family")
+        if value is None:  # (`site:` with nothing after it, in YAML): left unwritten
+            raise AutobuildError(f"choice{at} is empty (None); write 'keep' to keep the "
+                                 "baseline's layer, or a family")
         if value == KEEP:
             return None
         if isinstance(value, str):
@@ -80,7 +80,7 @@ class Choice:
             if not isinstance(family, str):
                 raise AutobuildError(f"choice {value!r}{at} needs a 'family' (a string)")
             if family == KEEP:
-                if data:
+                if any(v not in (None, {}) for v in data.values()):
                     raise AutobuildError(f"choice {value!r}{at}: keep takes no options")
                 return None
             options = data.pop("options", None)

@@ -48,15 +48,15 @@ def resolve_groups(space: SearchSpace, analysis: Analysis, *, new: bool = True
         for pattern in group.sites:
             hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
             if not hits:
-                raise AutobuildError(f"{space.key(f'groups[{i}].sites')}: pattern {pattern!r} "
+                raise AutobuildError(f"{space.key(f'groups.{i}.sites')}: pattern {pattern!r} "
                                      f"matches no site of {analysis.baseline.name}")
             sites += [n for n in hits if n not in sites]
         resolved = ResolvedGroup(label, sites, list(group.choices), choices, group.per_site)
         if new:
-            _check_choices(resolved, space.key(f"groups[{i}].choices"), analysis, space.init)
+            _check_choices(resolved, space.key(f"groups.{i}.choices"), analysis, space.init)
         groups.append(resolved)
     if all(c is None for g in groups for c in g.choices):
-        raise AutobuildError(f"{space.key().rstrip()} has nothing to search: every group's "
+        raise AutobuildError(f"{space.key().rstrip(': ')} has nothing to search: every group's "
                              "only choice is keep")
     return groups
 

@@ -12,8 +12,9 @@ from typing import Any
 
 import optuna
 import torch
+from pydantic import ValidationError
 
-from autobuild.errors import AutobuildError
+from autobuild.errors import AutobuildError, schema_error
 from autobuild.search.checks import check_budget, undone_on_refusal
 from autobuild.search.objective import Objective
 from autobuild.search.report import pareto_trials
@@ -281,7 +282,10 @@ def attach(storage: str, study_name: str, *, device: str | None = None, quiet: b
     study = load_study(study_name, open_storage(storage, heartbeat=heartbeat), storage)
     if "space" not in study.user_attrs:
         raise AutobuildError(f"study {study_name!r} was not made by autobuild search")
-    space = SearchSpace.model_validate(study.user_attrs["space"])
+    try:
+        space = SearchSpace.model_validate(study.user_attrs["space"])
+    except ValidationError as exc:  # (a space an older version accepted)
+        raise schema_error(exc, f"study {study_name!r}'s search space: ") from None
     return prepare(space, storage=storage, study_name=study_name, join=True, device=device,
                    quiet=quiet, artifacts=artifacts, heartbeat=heartbeat)
 

@@ -14,28 +14,24 @@ every *layer* (Conv2d, Linear, batch norm, and every family's layer class — th
   the second-order product, c is the first-order term; see :func:`weight_terms`), other
   layers' own parameters, with the gradient norm of each term.
 
-:func:`write_analysis` writes these as CSV files and PNG plots
-(:mod:`autobuild.train.analyze_plots`); :func:`write_comparison` sets two runs side by side.
+:func:`autobuild.train.analyze_files.write_analysis` writes these as CSV files and PNG plots
+(:mod:`autobuild.train.analyze_plots`); ``write_comparison`` sets two runs side by side.
 Nothing is changed: BN statistics, ``requires_grad``, the training flag and the global RNG
 are as they were.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import math
-import os
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["Analysis", "LayerStats", "TermStats", "collect", "layers_of",
-           "weight_terms", "write_analysis", "write_comparison", "write_csv_rows"]
+__all__ = ["Analysis", "LayerStats", "TermStats", "collect", "layers_of", "weight_terms"]
 
 _PLAIN = (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm)
 _ROLES = {"ours": ("second-order", "second-order", "first-order"),
@@ -88,7 +84,7 @@ class Analysis:
     site_names: list[str] = field(default_factory=list)  # the plan's converted sites
 
     @property
-    def sites(self) -> list[LayerStats]:
+    def family_layers(self) -> list[LayerStats]:
         """The layers of the families (a site may hold several: a QL block and its
         hardball; Dirac's whole-network site every conv)."""
         return [s for s in self.layers if s.family]
@@ -111,12 +107,16 @@ def layers_of(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
     return out
 
 
-def _site_of(name: str, family: str, paths: dict[str, str]) -> str:
+def _site_of(name: str, family: str, paths: dict[str, str], root: str = "") -> str:
     """The converted site whose module holds layer ``name``: the innermost one; a site
-    built at the root (Dirac's ``network``) holds the family's layers only."""
+    built at the traced root (Dirac's ``network``; a detector's root is its backbone)
+    holds the family's layers only."""
     best, depth = "", -1
     for site, path in paths.items():
-        inside = name == path or name.startswith(path + ".") if path else bool(family)
+        if path == root:
+            inside = bool(family) and (not root or name.startswith(root + "."))
+        else:
+            inside = name == path or name.startswith(path + ".")
         if inside and len(path) > depth:
             best, depth = site, len(path)
     return best
@@ -237,14 +237,16 @@ def collect(model: nn.Module, task: str, batches: Sequence[Any], *,
             gradients: bool = True, seed: int = 0) -> Analysis:
     """Measure ``model`` on ``batches`` (classification ``(x, y)`` or detection
     ``(images, targets)``); see the module docstring."""
-    from autobuild.rewrite import site_modules
+    from autobuild.rewrite import record_of, site_modules
 
     device = torch.device(device)
     layers = layers_of(model)
     paths = site_modules(model)
+    record = record_of(model)
+    root = record.root if record is not None else ""
     stats = {name: LayerStats(name, type(m).__name__, fam,
                               sum(p.numel() for p in m.parameters()),
-                              site=_site_of(name, fam, paths))
+                              site=_site_of(name, fam, paths, root))
              for name, m, fam in layers}
     recorders = {name: _Recorder(saturation, sample, seed + i)
                  for i, (name, _, _) in enumerate(layers)}
@@ -332,99 +334,3 @@ def _term_stats(layer: str, term: str, role: str, t: torch.Tensor,
     return TermStats(layer, term, role, n, float(v.mean()) if n else math.nan,
                      float(v.std()) if n > 1 else 0.0, float(v.abs().max()) if n else math.nan,
                      float(v.norm()), float(np.mean(grads)) if grads else math.nan, v.numpy())
-
-
-# ---- files ------------------------------------------------------------------------------
-def write_csv_rows(path: str, rows: Sequence[dict[str, Any]], header: Sequence[str]) -> None:
-    """A CSV file written atomically (temporary file in the same folder, then renamed)."""
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(header), lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()
-                         if k in header})
-    from autobuild.files import atomic_write_text
-
-    atomic_write_text(path, buf.getvalue())
-
-
-def _histogram_rows(analysis: Analysis, bins: int) -> list[dict[str, Any]]:
-    from autobuild.train.analyze_plots import bin_range
-
-    rows = []
-    sources = [("activation", s.layer, "", s.sample) for s in analysis.layers
-               if s.sample is not None and len(s.sample)]
-    sources += [("weight", t.layer, t.term, t.values) for t in analysis.terms if t.numel]
-    for kind, layer, term, values in sources:
-        values = np.asarray(values, dtype=np.float64)  # float32 bins can be too narrow
-        values = values[np.isfinite(values)]  # a diverged layer's inf/NaN: counted as absent
-        if not len(values):
-            continue
-        counts, edges = np.histogram(values, bins=bins, range=bin_range(values))
-        rows += [{"kind": kind, "layer": layer, "term": term, "bin": i, "left": float(edges[i]),
-                  "right": float(edges[i + 1]), "count": int(c)} for i, c in enumerate(counts)]
-    return rows
-
-
-def write_analysis(analysis: Analysis, out_dir: str, *, plots: bool = True,
-                   bins: int = 40) -> list[str]:
-    """``layers.csv`` (every layer, with the converted site it is part of), ``sites.csv``
-    (the families' layers only), ``weights.csv``
-    (per weight term), ``histograms.csv`` and, with ``plots``, PNG figures. Returns the
-    paths written."""
-    os.makedirs(out_dir, exist_ok=True)
-    layer_cols = ["layer", "site"] + [f.name for f in fields(LayerStats)
-                                      if f.name not in ("layer", "site", "sample")]
-    term_cols = [f.name for f in fields(TermStats) if f.name != "values"]
-    layer_rows = [{k: v for k, v in asdict(s).items() if k != "sample"} for s in analysis.layers]
-    files = {"layers.csv": layer_rows,
-             "sites.csv": [r for r in layer_rows if r["family"]]}
-    written = []
-    for name, rows in files.items():
-        write_csv_rows(os.path.join(out_dir, name), rows, layer_cols)
-        written.append(os.path.join(out_dir, name))
-    write_csv_rows(os.path.join(out_dir, "weights.csv"),
-                   [{k: getattr(t, k) for k in term_cols} for t in analysis.terms], term_cols)
-    write_csv_rows(os.path.join(out_dir, "histograms.csv"), _histogram_rows(analysis, bins),
-                   ["kind", "layer", "term", "bin", "left", "right", "count"])
-    written += [os.path.join(out_dir, n) for n in ("weights.csv", "histograms.csv")]
-    if plots:
-        from autobuild.train.analyze_plots import plot_analysis
-
-        written += plot_analysis(analysis, out_dir, bins=bins)
-    return written
-
-
-_COMPARED = ("act_std", "act_abs_max", "act_zero_frac", "act_saturated_frac", "grad_norm_mean",
-             "weight_norm")
-
-
-def write_comparison(a: Analysis, b: Analysis, out_dir: str, labels: tuple[str, str], *,
-                     plots: bool = True) -> list[str]:
-    """``compare.csv``: the layers both runs have (by qualified name, so a converted site
-    meets the baseline layer it replaced), with each run's statistics and their ratio; and
-    ``compare.png``."""
-    by_name = {s.layer: s for s in b.layers}
-    rows = []
-    for s in a.layers:
-        t = by_name.get(s.layer)
-        if t is None:
-            continue
-        row: dict[str, Any] = {"layer": s.layer, "type_a": s.type, "type_b": t.type,
-                               "family_a": s.family, "family_b": t.family}
-        for k in _COMPARED:
-            va, vb = getattr(s, k), getattr(t, k)
-            row[f"{k}_a"], row[f"{k}_b"] = va, vb
-            row[f"{k}_ratio"] = vb / va if va and math.isfinite(va) and va != 0 else math.nan
-        rows.append(row)
-    header = ["layer", "type_a", "type_b", "family_a", "family_b"]
-    header += [f"{k}_{x}" for k in _COMPARED for x in ("a", "b", "ratio")]
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "compare.csv")
-    write_csv_rows(path, rows, header)
-    written = [path]
-    if plots:
-        from autobuild.train.analyze_plots import plot_comparison
-
-        written += plot_comparison(rows, out_dir, labels)
-    return written

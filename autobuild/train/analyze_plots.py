@@ -94,7 +94,7 @@ def plot_analysis(analysis: Any, out_dir: str, *, bins: int = 40) -> list[str]:
     axes[1].legend(fontsize=8)
     fig.suptitle(f"activations over {analysis.images} images, {len(layers)} layers, "
                  f"{len(analysis.site_names)} converted sites "
-                 f"({len(analysis.sites)} of the layers)")
+                 f"({len(analysis.family_layers)} of the layers)")
     written.append(_save(fig, os.path.join(out_dir, "activations.png")))
     plt.close(fig)
 
@@ -107,7 +107,7 @@ def plot_analysis(analysis: Any, out_dir: str, *, bins: int = 40) -> list[str]:
     plt.close(fig)
 
     written.append(_plot_terms(plt, analysis, out_dir))
-    panels = _spread(analysis.sites or layers, _MAX_PANELS)
+    panels = _spread(analysis.family_layers or layers, _MAX_PANELS)
     written.append(_grid(plt, [(s.layer, [("output", s.sample)]) for s in panels],
                          os.path.join(out_dir, "activation_histograms.png"), bins,
                          "activation histograms (sampled)"))

@@ -55,7 +55,8 @@ def analyze_run(run: str, out_dir: str, *, data: str | None = None,
     batches into ``out_dir/compare/`` and write ``compare.csv`` / ``compare.png``."""
     from autobuild.files import ensure_writable_dir, staged_directory
     from autobuild.io import load_plan
-    from autobuild.train.analyze import collect, write_analysis, write_comparison
+    from autobuild.train.analyze import collect
+    from autobuild.train.analyze_files import write_analysis, write_comparison
     from autobuild.train.config import TrainConfig
     from autobuild.train.detection_data import collate_detection
     from autobuild.train.distributed import Dist
@@ -103,7 +104,7 @@ def analyze_run(run: str, out_dir: str, *, data: str | None = None,
     summary: dict[str, Any] = {"run": run, "task": task, "data": dataset.spec,
                                "images": a.images, "layers": len(a.layers),
                                "sites": len(a.site_names),
-                               "converted_layers": len(a.sites)}
+                               "converted_layers": len(a.family_layers)}
     # Written whole: --force replaces an earlier analysis, it never mixes with it.
     with staged_directory(out_dir, force=force) as staging:
         files = write_analysis(a, staging, plots=plots)

@@ -125,7 +125,7 @@ class TrainConfig(BaseModel):
     @classmethod
     def from_space(cls, data: dict[str, Any], source: str, key: str) -> TrainConfig:
         """A recipe from a search space's ``key`` (``budget``): a bad field is named as the
-        space's key (``search space budget.lr``), not as a flag."""
+        space's key (``search space 'x.yaml': budget.lr``), not as a flag."""
         token = _NAMES.set((source, lambda loc: ".".join(p for p in (key, *map(str, loc))
                                                            if p)))
         try:
@@ -255,7 +255,8 @@ def check_new_recipe(cfg: TrainConfig, key: str = "--") -> None:
     """What the schema cannot refuse without refusing older records (they stay readable):
     an AMP precision without AMP, a TensorBoard period without TensorBoard, milestones a
     new run would ignore (cosine) or never reach.
-    ``key`` names the settings: ``--`` as flags, ``search space budget.`` as a space's keys."""
+    ``key`` names the settings: ``--`` as flags, ``search space 'x.yaml': budget.`` as a
+    space's keys."""
 
     def name(field: str) -> str:
         return f"{field} ({flag_of(field)})" if key == "--" else f"{key}{field}"

@@ -211,7 +211,7 @@ def prepare_run_dir(path: str, *, force: bool = False, adopt: bool = False,
     # weights (weights.safetensors is then that run's result), and a new run starts again
     # from them.
     init = os.path.join(path, INIT_WEIGHTS)
-    original = init if os.path.exists(init) else weights
+    original = os.path.join(path, adopted_weights(path))
     if entries and force:
         with staged_directory(path, force=True) as staging:
             if adopt and os.path.exists(original):  # the saved model stays what it was

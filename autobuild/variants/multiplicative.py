@@ -417,7 +417,7 @@ def check_symmetry(model: nn.Module, *, seed: int = 0,
     from autobuild.summary import output_difference
 
     rotated, stages = _symmetry(model, seed)
-    if not stages:  # (it reported a pass: BN folding alone, nothing rotated)
+    if not stages:  # else only BN folding is compared: a pass that tested nothing
         raise AutobuildError("no stage's residual stream can be rotated: each reaches "
                              "something that does not commute with a rotation (a block that "
                              "is not a QL block, the stem's ReLU, the output), so there is "

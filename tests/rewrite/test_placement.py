@@ -105,7 +105,7 @@ def test_a_boolean_option_takes_every_spelling_its_message_lists() -> None:
     ("quadratic:type=ours,volterra_max_params", "options are name=value"),
     # each was accepted, and decided something the user did not write
     ("quadratic:type=t4,type=t3", "option 'type' is given twice"),
-    (None, "choice for site layer1.0.conv1 is empty; write 'keep'"),
+    (None, "choice for site layer1.0.conv1 is empty (None); write 'keep'"),
     ({"family": "keep", "type": "t4"}, "keep takes no options"),
 ])
 def test_bad_choices_are_refused(value, needle) -> None:

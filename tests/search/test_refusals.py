@@ -45,13 +45,13 @@ def _refused(capsys, argv: list[str], needle: str) -> None:
     # Found only when a trial built or trained, these used to leave a study (with a failed
     # trial, after training the baseline) that blocked the name.
     (["--set", "init=preserve", "--set", "groups=[{sites: layer1.*, choices: [multiplicative]}]"],
-     "groups[0].choices: multiplicative: multiplicative does not support init 'preserve'"),
+     "groups.0.choices: multiplicative: multiplicative does not support init 'preserve'"),
     (["--set", "budget.tensorboard=/proc/tb"],
      "search space 'space.yaml': budget.tensorboard '/proc/tb': cannot create folders in "
      "'/proc'"),
     # A choice that converts none of its sites made every trial the baseline.
     (["--set", "groups=[{sites: layer1.*.conv*, choices: [multiplicative]}]"],
-     "groups[0].choices: multiplicative: converts none of the group's sites (layer1.0.conv1, "
+     "groups.0.choices: multiplicative: converts none of the group's sites (layer1.0.conv1, "
      "layer1.0.conv2, layer1.1.conv1, ...): multiplicative takes block/network sites, these "
      "are conv"),
     # Keys the search sets itself were accepted in the budget and ignored.

@@ -152,7 +152,7 @@ def test_collect_leaves_the_model_as_it_was() -> None:
     for k, v in model.state_dict().items():  # BN running statistics included
         assert torch.equal(v, before[k]), k
     assert [s.layer for s in analysis.layers] == [n for n, _, _ in layers_of(model)]
-    assert {s.family for s in analysis.sites} == {"quadratic"}
+    assert {s.family for s in analysis.family_layers} == {"quadratic"}
 
 
 def test_layers_are_named_with_the_site_they_are_part_of() -> None:
@@ -166,7 +166,7 @@ def test_layers_are_named_with_the_site_they_are_part_of() -> None:
     analysis = collect(model, "classification", batches)
     assert analysis.site_names == ["layer1.0", "layer2.0", "layer3.0"]
     rows = {s.layer: s for s in analysis.layers}
-    assert len(analysis.sites) > 3 and {s.site for s in analysis.sites} == {
+    assert len(analysis.family_layers) > 3 and {s.site for s in analysis.family_layers} == {
         "layer1.0", "layer2.0", "layer3.0"}
     assert rows["layer2.0"].site == "layer2.0" and rows["layer2.0.hardball"].site == "layer2.0"
     assert rows["layer2.0.conv1"].site == "layer2.0" and rows["layer1.1.conv1"].site == ""
@@ -175,8 +175,15 @@ def test_layers_are_named_with_the_site_they_are_part_of() -> None:
     dirac = collect(autobuild.convert("cifar_resnet20", to="dirac", num_classes=3,
                                       input_size=(3, 16, 16)), "classification", batches)
     assert dirac.site_names == ["network"]
-    assert {s.site for s in dirac.sites} == {"network"} and len(dirac.sites) == 18
+    assert {s.site for s in dirac.family_layers} == {"network"} and len(dirac.family_layers) == 18
     assert {s.site for s in dirac.layers if not s.family} == {""}
+    # a detector's traced root is its backbone: a whole-network site holds its family's
+    # layers only there too
+    from autobuild.train.analyze import _site_of
+
+    paths = {"network": "backbone"}
+    assert _site_of("backbone.features.1", "", paths, "backbone") == ""
+    assert _site_of("backbone.features.1.0", "dirac", paths, "backbone") == "network"
 
 
 def test_train_tensorboard_writes_event_files(tmp_path: Path) -> None:
@@ -210,7 +217,7 @@ def test_an_overflowing_model_is_still_analysed_and_logged(tmp_path: Path) -> No
     analysis = collect(model, "classification", batches)
     broken = next(s for s in analysis.layers if s.layer == "layer3.0.conv1")
     assert not (broken.act_std < float("inf"))  # inf or NaN
-    from autobuild.train.analyze import write_analysis
+    from autobuild.train.analyze_files import write_analysis
 
     assert (tmp_path / "a").exists() is False
     write_analysis(analysis, str(tmp_path / "a"))
