@@ -259,6 +259,16 @@ def test_inspect_measures_a_preserving_conversion_of_named_weights_again(
     summary = _json(capsys)
     assert summary["max_abs_diff"] is not None and summary["max_abs_diff"] < 1e-4
     assert "max_abs_diff_note" not in summary
+    # once trained, the difference is training's, not a preservation error
+    trained = str(tmp_path / "t")
+    assert main(["train", out, "--data", "synthetic:size=3x32x32,classes=10,train=16,val=8",
+                 "--epochs", "1", "--batch-size", "16", "--device", "cpu", "--no-progress",
+                 "--out", trained]) == 0
+    capsys.readouterr()
+    assert main(["inspect", trained, "--json"]) == 0
+    summary = _json(capsys)
+    assert summary["max_abs_diff"] is None
+    assert summary["max_abs_diff_note"].startswith("not a preservation check")
     os.rename(tmp_path / "r20.pt", tmp_path / "moved.pt")
     assert main(["inspect", out, "--json"]) == 0
     summary = _json(capsys)
