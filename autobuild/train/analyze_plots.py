@@ -61,7 +61,7 @@ def _line(ax: Any, layers: Sequence[Any], key: str, label: str, log: bool = True
     if sites:
         ys = np.asarray(y, dtype=float)[sites]
         ax.scatter(sites, ys, s=12, c="tab:red", zorder=3,
-                   label="converted sites" if key == "act_std" else None)
+                   label="layers of converted sites" if key == "act_std" else None)
     if log and np.isfinite(_positive(y)).any():  # (all NaN: a layer that overflowed)
         ax.set_yscale("log")
     ax.set_ylabel(label)
@@ -180,7 +180,7 @@ def plot_comparison(rows: Sequence[dict[str, Any]], out_dir: str,
         if changed:  # marked on the run where the layer is a converted one
             ax.scatter(changed, _positive([rows[i][f"{key}_{'a' if rows[i]['family_a'] else 'b'}"]
                                            for i in changed]), s=10, c="tab:red", zorder=3,
-                       label="converted sites")
+                       label="layers of converted sites")
         ax.set_yscale("log")
         ax.set_ylabel(title)
         ax.legend(fontsize=8)
