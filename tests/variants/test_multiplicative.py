@@ -323,7 +323,7 @@ def test_a_too_narrow_expansion_is_refused_in_every_new_input(tmp_path, capsys) 
     space = {"name": "narrow", "baseline": "cifar_resnet20", "data": "synthetic",
              "groups": [{"sites": "layer2.*", "choices": ["quadratic"]},
                         {"sites": "layer1.*", "choices": ["multiplicative:expansion=0.02"]}]}
-    with pytest.raises(AutobuildError, match=r"groups\[1\].choices: multiplicative:expansion"
+    with pytest.raises(AutobuildError, match=r"groups.1.choices: multiplicative:expansion"
                                              r"=0.02: .*site layer1.0: .*no channels"):
         resolve_groups(load_space(space), analysis)
     space["groups"][1]["choices"] = ["multiplicative:expansion=0.05"]  # 0.8 -> 1 channel
