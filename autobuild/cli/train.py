@@ -220,7 +220,7 @@ def _recipe(args: argparse.Namespace, name: str | None, task: str) -> Any:
     else:
         cfg = TrainConfig(**config_overrides(args))
     check_regularizers(None, cfg, detection=task == "detection")  # before the data is read
-    check_new_recipe(cfg)
+    check_new_recipe(cfg, given=config_overrides(args))
     check_log_dir(cfg.tensorboard)
     return cfg
 
@@ -286,7 +286,7 @@ def _resumed_job(args: argparse.Namespace) -> _Job:
     from autobuild.io import load_plan
     from autobuild.train import TrainConfig, load_checkpoint
     from autobuild.train.checkpoint import CHECKPOINT_FILE
-    from autobuild.train.config import check_resume
+    from autobuild.train.config import check_given, check_resume
     from autobuild.train.devices import check_sync_bn
     from autobuild.train.rundir import check_writable, read_run_record
     from autobuild.train.tensorboard import check_log_dir
@@ -311,6 +311,7 @@ def _resumed_job(args: argparse.Namespace) -> _Job:
                  if from_record else "the recipe of the checkpoint")
         return f"--{field.replace('_', '-')}" if field in given else f"{field} ({where})"
 
+    check_given(cfg, given, key)
     check_sync_bn(cfg, key("sync_bn"))
     check_writable(run_dir)
     check_log_dir(cfg.tensorboard, key("tensorboard"))

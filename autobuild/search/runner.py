@@ -132,7 +132,7 @@ def prepare(space: SearchSpace, *, storage: str | None = None, study_name: str |
     check_sync_bn(config, space.key("budget.sync_bn"))
     check_budget(space, config)
     if new:
-        check_new_recipe(config, space.key("budget."))
+        check_new_recipe(config, space.key("budget."), given=space.budget.model_dump())
     check_log_dir(config.tensorboard, space.key("budget.tensorboard"))
     # (a study made before image_size was refused on other data goes on without it)
     size = space.budget.image_size if new or space.data.startswith("imagefolder:") else None
@@ -177,7 +177,7 @@ def _open_study(space: SearchSpace, name: str, store: Any, url: str,
     if resume and not exists:
         raise AutobuildError(f"no study {name!r} to resume in {mask_url(url)}")
     if join and not exists:
-        check_new_recipe(config, space.key("budget."))
+        check_new_recipe(config, space.key("budget."), given=space.budget.model_dump())
     study = None if exists else _create(space, name, store, *made)
     if study is not None:
         return study, True

@@ -13,7 +13,7 @@ import argparse
 import math
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from contextvars import ContextVar
 from typing import Annotated, Any, Literal
 
@@ -251,16 +251,18 @@ class TrainConfig(BaseModel):
         return parse
 
 
-def check_new_recipe(cfg: TrainConfig, key: str = "--") -> None:
+def check_new_recipe(cfg: TrainConfig, key: str = "--", given: Collection[str] = ()) -> None:
     """What the schema cannot refuse without refusing older records (they stay readable):
     an AMP precision without AMP, a TensorBoard period without TensorBoard, milestones a
     new run would ignore (cosine) or never reach.
     ``key`` names the settings: ``--`` as flags, ``search space 'x.yaml': budget.`` as a
-    space's keys."""
+    space's keys. ``given`` names the settings the user gave (flags, budget keys): one that
+    would change nothing is refused even at its default value."""
 
     def name(field: str) -> str:
         return f"{field} ({flag_of(field)})" if key == "--" else f"{key}{field}"
 
+    check_given(cfg, given, name)
     if cfg.amp_dtype == "fp16" and not cfg.amp:  # (bf16 is the default)
         raise InvalidValue(f"{name('amp_dtype')} fp16: it sets the precision of AMP, which is "
                            f"off; turn on {name('amp')}")
@@ -282,6 +284,23 @@ def check_new_recipe(cfg: TrainConfig, key: str = "--") -> None:
     if max(cfg.lr_milestones) > cfg.epochs:
         raise InvalidValue(f"{name('lr_milestones')} {cfg.lr_milestones}: beyond the run's "
                            f"{cfg.epochs} epochs; give epochs of the run")
+
+
+def check_given(cfg: TrainConfig, given: Collection[str], name: Callable[[str], str]) -> None:
+    """Refuse a setting the user gave that the rest of the recipe makes idle (``name``
+    spells a field as the user wrote it)."""
+    idle = {"amp_dtype": (not cfg.amp, "it sets the precision of AMP, which is off",
+                          f"turn on {name('amp')}"),
+            "tensorboard_every": (cfg.tensorboard is None, "it sets how often TensorBoard "
+                                  "logs histograms, which is off",
+                                  f"give {name('tensorboard')} DIR"),
+            "lr_gamma": (cfg.lr_schedule != "multistep", "it is the multistep schedule's "
+                         "factor, and the schedule is cosine",
+                         f"set {name('lr_schedule')} multistep")}
+    for field, (idle_now, why, fix) in idle.items():
+        if field in given and idle_now:
+            raise InvalidValue(f"{name(field)} {getattr(cfg, field)}: {why}; {fix}, or leave "
+                               "it out")
 
 
 def check_resume(cfg: TrainConfig, done: int) -> None:

@@ -254,6 +254,10 @@ def test_a_resume_takes_the_recipe_train_yaml_holds(tmp_path: Path,
             capsys.readouterr().err
     record["config"].update(epochs=2, label_smoothing=0.1, sync_bn=False)
     path.write_text(yaml.safe_dump(record))
+    # a flag given now that the recorded recipe makes idle is refused, naming both
+    assert main(["train", "--resume", str(run), "--amp-dtype", "bf16"]) == 2
+    assert (f"--amp-dtype bf16: it sets the precision of AMP, which is off; turn on amp "
+            f"(recorded in {path}: edit it there)") in capsys.readouterr().err
     assert main(["train", "--resume", str(run), "--no-progress"]) == 0
     assert [r["epoch"] for r in _rows(str(run))] == ["1", "2"]
     record = yaml.safe_load(path.read_text())
