@@ -296,7 +296,10 @@ def check_given(cfg: TrainConfig, given: Collection[str], name: Callable[[str], 
                                   f"give {name('tensorboard')} DIR"),
             "lr_gamma": (cfg.lr_schedule != "multistep", "it is the multistep schedule's "
                          "factor, and the schedule is cosine",
-                         f"set {name('lr_schedule')} multistep")}
+                         f"set {name('lr_schedule')} multistep"),
+            "lr_milestones": (cfg.lr_schedule != "multistep", "milestones apply to the "
+                              "multistep schedule only, and the schedule is cosine",
+                              f"set {name('lr_schedule')} multistep")}
     for field, (idle_now, why, fix) in idle.items():
         if field in given and idle_now:
             raise InvalidValue(f"{name(field)} {getattr(cfg, field)}: {why}; {fix}, or leave "
