@@ -260,3 +260,21 @@ def test_voc_and_coco_folders_train_and_evaluate(tmp_path: Path,
         assert main(["evaluate", str(tmp_path / f"run-{spec[:3]}"), "--data", spec, "--json",
                      "--device", "cpu"]) == 0
         assert json.loads(capsys.readouterr().out)["images"] == 2
+
+
+def test_a_detection_run_trains_again_on_what_it_recorded(runs: tuple[Path, Path, Path],
+                                                          tmp_path: Path) -> None:
+    """`train RUN` without --data: the recorded data spec and augmentation (here not the
+    detector's default), as evaluate and analyze read them."""
+    import yaml
+
+    base, _, _ = runs
+    tuned, again = tmp_path / "tuned", tmp_path / "again"
+    common = FAST[:-2]  # (a saved detector keeps its size: no --image-size)
+    assert main(["train", str(base), "--data", SPEC, "--augment", "ssd", "--epochs", "1",
+                 "--out", str(tuned), *common]) == 0
+    assert main(["train", str(tuned), "--epochs", "1", "--out", str(again), *common]) == 0
+    before = yaml.safe_load((tuned / "train.yaml").read_text())["data"]
+    after = yaml.safe_load((again / "train.yaml").read_text())["data"]
+    assert after["spec"] == before["spec"] == SPEC
+    assert after["augment"] == before["augment"] == "ssd"  # (ssdlite's default: ssdlite)
