@@ -112,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
 def _new_job(args: argparse.Namespace) -> _Job:
     from autobuild.train import prepare_run_dir
     from autobuild.train.devices import check_device, check_sync_bn
+    from autobuild.train.distributed import wait_for_all_ranks
     from autobuild.train.regularize import check_regularizers
     from autobuild.train.runs import is_main_process
     from autobuild.train.runtime import check_finite
@@ -133,6 +134,7 @@ def _new_job(args: argparse.Namespace) -> _Job:
     check_regularizers(model, cfg, detection=detection,
                        image_size=None if detection else data.input_size[1:])
     _check_model_fits(model, data, detection)  # before --force clears a directory
+    wait_for_all_ranks(str(cfg.device))  # every rank has read what rank 0 may now replace
     if is_main_process():  # only rank 0 touches the run directory
         prepare_run_dir(run_dir, force=args.force, adopt=adopt)  # (checked: _new_run_dir)
     return _Job(run_dir, task, model, data, cfg, resume=False)

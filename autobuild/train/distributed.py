@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["Dist", "init_distributed"]
+__all__ = ["Dist", "init_distributed", "wait_for_all_ranks"]
 
 
 @dataclass
@@ -70,3 +70,19 @@ def init_distributed(device: torch.device) -> Dist:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Dist(rank, world, local)
+
+
+def wait_for_all_ranks(device_name: str) -> None:
+    """Block until every torchrun rank gets here (a no-op in one process), so that what
+    the ranks read before (a run's record, a saved model's weights) is read by all before
+    rank 0 replaces it."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    from autobuild.train.devices import resolve_device
+
+    device = resolve_device(device_name, int(os.environ.get("LOCAL_RANK", "0")))
+    init_distributed(device)
+    if device.type == "cuda":  # (NCCL must be told which GPU this rank's barrier uses)
+        dist.barrier(device_ids=[device.index or 0])
+    else:
+        dist.barrier()

@@ -42,6 +42,14 @@ def test_torchrun_two_processes(tmp_path: Path) -> None:
     assert all(float(r["val_top1"]) * 20 / 100 == round(float(r["val_top1"]) * 20 / 100)
                for r in rows)
     assert (run / "weights.safetensors").exists() and (run / "checkpoint.pt").exists()
+    # Trained again in its own directory, on the data its record names: every rank reads
+    # the record and the starting weights before rank 0 replaces the run (a barrier).
+    out = _torchrun(["train", str(run), "--force", "--epochs", "1", "--batch-size", "8",
+                     "--device", "cpu", "--no-progress"], timeout=150)
+    assert out.returncode == 0, out.stderr[-2000:]
+    with open(run / "metrics.csv") as f:
+        assert [r["epoch"] for r in csv.DictReader(f)] == ["1"]
+    assert (run / "init.safetensors").exists()
 
 
 def test_torchrun_darts_with_an_idle_tower(tmp_path: Path) -> None:
