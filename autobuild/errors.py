@@ -130,7 +130,9 @@ def schema_message(exc: Any, source: str = "",
     elif kind in _BOUNDS and _not_finite(shown):  # "greater than 0" would mislead for NaN
         msg = "must be a finite number"
     named = kind == "value_error" and _names_value(msg, shown)  # (a validator's own text)
-    got = "" if isinstance(shown, dict) or named else f", got {shown!r}"
+    nested = isinstance(shown, dict) or (  # (a list of mappings: the whole section)
+        isinstance(shown, list) and any(isinstance(v, dict) for v in shown))
+    got = "" if nested or named else f", got {shown!r}"
     return f"{source}{key}: {msg}{got}"
 
 

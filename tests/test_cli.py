@@ -27,6 +27,10 @@ def test_models_and_variants(capsys) -> None:
     out = capsys.readouterr().out
     assert "--option K=1 [int 1..100]" in out and "--option dt=0.2 [float > 0]" in out
     assert "--option expansion=qlnet [float > 0, <= 16 or qlnet]" in out
+    assert main(["variants", "pde_global", "dirac", "--json"]) == 0  # only those, in order
+    assert [v["name"] for v in _json(capsys)] == ["pde-global", "dirac"]
+    assert main(["variants", "diracc"]) == 2
+    assert "unknown family 'diracc' (did you mean dirac?)" in capsys.readouterr().err
 
 
 def test_sites_json(capsys) -> None:

@@ -12,14 +12,18 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser("variants", help="list families, their options and site kinds",
                        description="List the families with their options (type, default, "
                                    "choices, bounds) and the kinds of site they take.")
+    p.add_argument("families", nargs="*", metavar="FAMILY",
+                   help="only these families (default: all)")
     p.add_argument("--json", action="store_true", help="print a JSON list")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from autobuild.variants import list_variants
+    from autobuild.variants import get_variant, list_variants
 
-    variants = [v.describe() for v in list_variants()]
+    chosen = ([get_variant(name) for name in dict.fromkeys(args.families)] if args.families
+              else list_variants())
+    variants = [v.describe() for v in chosen]
     if args.json:
         print_json(variants)
         return 0

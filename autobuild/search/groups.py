@@ -39,6 +39,7 @@ def resolve_groups(space: SearchSpace, analysis: Analysis, *, new: bool = True
     would take (a study made before these checks continues as it was made)."""
     groups = []
     names = [s.name for s in analysis.sites()]
+    per_site: dict[str, int] = {}
     for i, group in enumerate(space.groups):
         label = group.name or f"g{i}"
         # A mapping choice is kept as its JSON text (Optuna's categorical values are scalars).
@@ -51,6 +52,14 @@ def resolve_groups(space: SearchSpace, analysis: Analysis, *, new: bool = True
                 raise AutobuildError(f"{space.key(f'groups.{i}.sites')}: pattern {pattern!r} "
                                      f"matches no site of {analysis.baseline.name}")
             sites += [n for n in hits if n not in sites]
+        if group.per_site and new:  # each site is one parameter, "site:NAME": asked once
+            for name in sites:
+                if name in per_site:
+                    raise AutobuildError(
+                        f"{space.key(f'groups.{i}.sites')}: site {name!r} is also in per-site "
+                        f"group {per_site[name]}; a site is decided by one per-site group "
+                        "(merge their choices)")
+                per_site[name] = i
         resolved = ResolvedGroup(label, sites, list(group.choices), choices, group.per_site)
         if new:
             _check_choices(resolved, space.key(f"groups.{i}.choices"), analysis, space.init)
@@ -102,10 +111,16 @@ def _why_none(variant: Any, sites: list[Site], choice: Choice, analysis: Analysi
                 if variant.accepts(s, choice.opts)), "")
     if why:
         return why
-    kinds = "/".join(sorted({s.kind for s in sites}))
-    return (f"{variant.name} takes {'/'.join(variant.site_kinds)} sites, these are {kinds} "
-            f"(`autobuild sites {analysis.baseline.name} --to {variant.name}` lists those "
-            "it takes)")
+    kinds = sorted({s.kind for s in sites})
+    defaults = {o.name: o.default for o in variant.options}
+    flags = "".join(f" --option {k}={v}" for k, v in choice.opts.items() if v != defaults[k])
+    hint = (f"`autobuild sites {analysis.baseline.name} --to {variant.name}{flags}` lists "
+            "those it takes")
+    if set(kinds) <= set(variant.site_kinds):  # the options, or the sites' shapes, rule out
+        return (f"{choice.short()} takes none of these {'/'.join(kinds)} sites ({hint}; "
+                f"`autobuild variants {variant.name}` lists its options)")
+    return (f"{variant.name} takes {'/'.join(variant.site_kinds)} sites, these are "
+            f"{'/'.join(kinds)} ({hint})")
 
 
 def _few(names: list[str]) -> str:

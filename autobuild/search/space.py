@@ -210,6 +210,25 @@ class SearchSpace(_Strict):
         except AutobuildError as exc:
             raise ValueError(str(exc)) from None
 
+    @field_validator("groups")
+    @classmethod
+    def _group_names(cls, value: list[Group]) -> list[Group]:
+        """Each group is one Optuna parameter, named by the group (``g<i>`` when unnamed):
+        two groups of one name would be one parameter with two sets of choices."""
+        seen: dict[str, int] = {}
+        for i, group in enumerate(value):
+            label = group.name or f"g{i}"
+            if label.startswith("site:"):  # (the per-site parameters' prefix)
+                raise ValueError(f"group {i}'s name {label!r} starts with 'site:', the "
+                                 "prefix of per-site parameters; choose another")
+            if label in seen:
+                what = f"name {label!r}" if group.name else f"default name {label!r}"
+                raise ValueError(f"group {i}'s {what} is also group {seen[label]}'s; give "
+                                 "each group its own name (it names the group's Optuna "
+                                 "parameter)")
+            seen[label] = i
+        return value
+
     @field_validator("objectives")
     @classmethod
     def _objectives(cls, value: list[str]) -> list[str]:

@@ -54,6 +54,11 @@ def _refused(capsys, argv: list[str], needle: str) -> None:
      "groups.0.choices: multiplicative: converts none of the group's sites (layer1.0.conv1, "
      "layer1.0.conv2, layer1.1.conv1, ...): multiplicative takes block/network sites, these "
      "are conv"),
+    # A family that takes conv sites, but not with these options (it said "dirac takes
+    # network/conv sites, these are conv").
+    (["--set", "groups=[{sites: layer1.*.conv*, choices: [dirac]}]"],
+     "dirac:network takes none of these conv sites (`autobuild sites cifar_resnet20 --to "
+     "dirac` lists those it takes; `autobuild variants dirac` lists its options)"),
     # Keys the search sets itself were accepted in the budget and ignored.
     (["--set", "budget.device=cuda"],
      "search space 'space.yaml': budget.device: the space's top-level"),
@@ -62,6 +67,12 @@ def _refused(capsys, argv: list[str], needle: str) -> None:
     (["--set", "budget.progress=true"],
      "search space 'space.yaml': budget.progress: trials train without"),
     (["--set", "device=tpu"], "search space 'space.yaml': device: must be auto, cpu"),
+    # Two groups of one name: exit 1 from Optuna once the first trial was taken.
+    (["--set", "groups.1.name=stage3"], "groups: group 1's name 'stage3' is also group 0's"),
+    # A site in two per-site groups: one parameter "site:NAME" asked with two choice lists.
+    (["--set", "groups=[{sites: layer1.0.conv*, per_site: true, choices: [dirac:convs]}, "
+               "{name: b, sites: layer1.*.conv1, per_site: true, choices: [quadratic]}]"],
+     "groups.1.sites: site 'layer1.0.conv1' is also in per-site group 0"),
 ])
 def test_a_refused_search_leaves_nothing_behind(in_tmp, capsys, flags, needle) -> None:
     if flags == ["--device", "mps"] and torch.backends.mps.is_available():

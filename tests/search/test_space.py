@@ -68,6 +68,16 @@ def test_model_args_are_checked_and_a_space_without_them_keeps_its_fingerprint()
     ({"groups": [{"sites": "x", "choices": [{"family": "quadratic", "type": "t9"}]}]},
      "groups.0.choices: choice '{\"family\": \"quadratic\", \"type\": \"t9\"}': "
      "option type='t9' of quadratic is not valid"),
+    # two groups of one name were one Optuna parameter with two sets of choices (exit 1,
+    # a half-made study)
+    ({"groups": [{"name": "a", "sites": "x", "choices": ["dirac"]},
+                 {"name": "a", "sites": "y", "choices": ["quadratic"]}]},
+     "groups: group 1's name 'a' is also group 0's; give each group its own name"),
+    ({"groups": [{"name": "g1", "sites": "x", "choices": ["dirac"]},
+                 {"sites": "y", "choices": ["quadratic"]}]},
+     "groups: group 1's default name 'g1' is also group 0's"),
+    ({"groups": [{"name": "site:x", "sites": "x", "choices": ["dirac"]}]},
+     "groups: group 0's name 'site:x' starts with 'site:'"),
 ])
 def test_bad_spaces_name_the_key(change, needle) -> None:
     with pytest.raises(AutobuildError, match=needle.replace("(", r"\(").replace("[", r"\[")):
