@@ -185,13 +185,30 @@ def _open_study(space: SearchSpace, name: str, store: Any, url: str,
     study = load_study(name, store, url)
     recorded = _fingerprint(study)
     if recorded != space.fingerprint():
-        raise AutobuildError(f"study {name!r} was made from another search space "
-                             f"(fingerprint {recorded} vs {space.fingerprint()}); "
-                             f"{'--join' if join else '--resume'} works on the same space "
-                             "only: use --study NEW")
+        raise AutobuildError(_another_space(study, space, name, "--join" if join else "--resume"))
     if url.startswith("sqlite"):
         refuse_second_sqlite_worker(study)
     return study, False
+
+
+def _another_space(study: optuna.Study, space: SearchSpace, name: str, flag: str) -> str:
+    """Why ``flag`` is refused: the keys where the study's space and this one differ, and
+    the ``--set`` flags that give the study's values (a study made with ``--set`` is
+    continued with the same ones)."""
+    from autobuild.search.space import UNSET, set_flag
+
+    stored = study.user_attrs.get("space")
+    diffs = space.differences(stored) if isinstance(stored, dict) else []
+    if not diffs:  # (a space an older version fingerprinted otherwise)
+        return (f"study {name!r} was made from another search space (fingerprint "
+                f"{_fingerprint(study)} vs {space.fingerprint()}); {flag} works on the same "
+                "space only: use --study NEW")
+    shown = "; ".join(f"{k} is {there!r} there, {here!r} here" for k, there, here in diffs[:3])
+    more = f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else ""
+    fixes = [f"without {k}" if there is UNSET else set_flag(k, there) for k, there, _ in diffs]
+    return (f"study {name!r} was made from another search space: {shown}{more}; {flag} "
+            f"continues a study with the space it was made from: give the values it was "
+            f"made with ({', '.join(fixes)}) or start another with --study NEW")
 
 
 def _fingerprint(study: optuna.Study, wait_s: float = 60.0) -> str | None:

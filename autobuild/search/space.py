@@ -268,6 +268,44 @@ class SearchSpace(_Strict):
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
+    def differences(self, recorded: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+        """(key, recorded value, this space's value) for each key of the fingerprint that
+        differs from ``recorded`` (a study's stored space), in dotted ``--set`` notation;
+        :data:`UNSET` for a key one of them lacks."""
+        skip = {"n_trials", "device"}
+        here = {k: v for k, v in self.model_dump(mode="json").items() if k not in skip}
+        there = {k: v for k, v in recorded.items() if k not in skip}
+        return _differences(there, here, "")
+
+
+#: A key one of two spaces does not have (a budget key given in one only).
+UNSET = type("Unset", (), {"__repr__": lambda self: "not set"})()
+
+
+def _differences(there: Any, here: Any, prefix: str) -> list[tuple[str, Any, Any]]:
+    if isinstance(there, dict) and isinstance(here, dict):
+        return [d for k in sorted(set(there) | set(here), key=str)
+                for d in _differences(there.get(k, UNSET), here.get(k, UNSET),
+                                      f"{prefix}{k}.")]
+    if isinstance(there, list) and isinstance(here, list) and len(there) == len(here) and \
+            any(isinstance(v, dict) for v in there + here):  # (groups: by index)
+        return [d for i, (a, b) in enumerate(zip(there, here, strict=True))
+                for d in _differences(a, b, f"{prefix}{i}.")]
+    return [] if there == here else [(prefix.rstrip("."), there, here)]
+
+
+def set_flag(key: str, value: Any) -> str:
+    """The ``--set`` flag that gives ``key`` this ``value``, quoted for a shell (a list or
+    mapping as JSON, which is YAML)."""
+    import shlex
+
+    if isinstance(value, (list, dict)):
+        text = json.dumps(value)
+    else:
+        text = yaml.safe_dump(value, width=10_000).strip().removesuffix("...").strip()
+    return f"--set {shlex.quote(f'{key}={text}')}"
+
+
 def _set(data: dict[str, Any], assignment: str) -> None:
     """``key.sub=value``; a number indexes a list (``groups.0.choices=[keep, dirac]``)."""
     key, sep, value = assignment.partition("=")

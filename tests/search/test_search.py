@@ -159,8 +159,14 @@ def test_errors_are_one_line(in_tmp, capsys, argv, needle) -> None:
 
 def test_a_study_from_another_space_is_not_mixed(in_tmp) -> None:
     run(load_space(tiny_space(n_trials=1)), quiet=True)
-    other = load_space(tiny_space(n_trials=1, budget={"epochs": 1, "batch_size": 32}))
-    with pytest.raises(AutobuildError, match="made from another search space"):
+    other = load_space(tiny_space(n_trials=1, budget={"epochs": 1, "batch_size": 32,
+                                                      "cutout": 2}))
+    # It names the keys that differ and the --set flags that give the study's values (a
+    # study made with --set overrides is continued with the same ones).
+    with pytest.raises(AutobuildError, match=r"made from another search space: budget.cutout "
+                                             r"is not set there, 2 here; budget.epochs is 2 "
+                                             r"there, 1 here; .*\(without budget.cutout, "
+                                             r"--set budget.epochs=2\)"):
         run(other, resume=True, quiet=True)
 
 
