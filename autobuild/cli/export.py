@@ -25,13 +25,16 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from autobuild.search.export import export_trial
+    from autobuild.search.export import export_trial, train_command
 
     study = open_study(args)
     result = export_trial(study, args.trial, args.out, force=args.force,
                           artifacts=args.artifacts, keep=kept_paths(args, study))
-    weights = ("trained weights" if result["trained_weights"] else
-               f"the initial weights it trained from (seed {result['seed']})")
-    print(f"trial {args.trial} ({result['placement']}) -> {args.out}: plan + {weights}; "
-          f"`autobuild train {args.out} --data ...` trains it")
+    if result["trained_weights"]:
+        print(f"trial {args.trial} ({result['placement']}) -> {args.out}: plan + trained "
+              f"weights; `autobuild train {args.out} --data ...` trains it further")
+    else:
+        print(f"trial {args.trial} ({result['placement']}) -> {args.out}: plan + the initial "
+              f"weights it trained from (seed {result['seed']}); trained as the search did "
+              f"by:\n  {train_command(study, args.out)}")
     return 0

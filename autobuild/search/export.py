@@ -12,7 +12,7 @@ import optuna
 
 from autobuild.errors import AutobuildError
 
-__all__ = ["export_trial", "trial_plan"]
+__all__ = ["export_trial", "train_command", "trial_plan"]
 
 
 def _trial(study: optuna.Study, number: int) -> optuna.trial.FrozenTrial:
@@ -71,6 +71,36 @@ def export_trial(study: optuna.Study, number: int, out: str, *, force: bool = Fa
     save(model, out, force=force)
     return {"out": out, "placement": plan.placement.describe(), "trained_weights": trained,
             "seed": seed}
+
+
+def train_command(study: optuna.Study, out: str) -> str:
+    """The ``autobuild train`` command that trains an exported trial as the search did:
+    the space's data, its budget as flags and its seed (which also orders the data and draws
+    the augmentation: without it the initial weights match but the run does not)."""
+    import shlex
+
+    from autobuild.train import TrainConfig
+
+    space = study.user_attrs.get("space") or {}
+    argv = ["autobuild", "train", out, "--data", str(space.get("data"))]
+    if space.get("data_dir"):
+        argv += ["--data-dir", space["data_dir"]]
+    argv += ["--seed", str(space.get("seed", 0))]
+    if space.get("device") not in (None, "auto"):
+        argv += ["--device", space["device"]]
+    fields = TrainConfig.model_fields
+    for key, value in (space.get("budget") or {}).items():
+        flag = "--" + key.replace("_", "-")
+        default = fields[key].default if key in fields else None
+        if value is None or value == default and key not in ("epochs", "batch_size"):
+            continue
+        if isinstance(value, bool):  # (--no-nesterov, --no-channels-last)
+            argv.append(flag if value else f"--no-{key.replace('_', '-')}")
+        elif isinstance(value, list):
+            argv += [flag, *map(str, value)]
+        else:
+            argv += [flag, str(value)]
+    return shlex.join(argv)
 
 
 def _download_weights(study: optuna.Study, number: int, artifact: str, artifacts: str | None,

@@ -4,6 +4,8 @@ the same ones from the same seed."""
 
 from __future__ import annotations
 
+import shlex
+
 import optuna
 import pytest
 import torch
@@ -62,13 +64,19 @@ def test_a_trial_is_reproduced_by_export_and_train(in_tmp, capsys) -> None:
     (trial,) = optuna.load_study(study_name="tiny",
                                  storage="sqlite:///studies/tiny.db").get_trials()
     expected = trial.user_attrs["top1_per_epoch"]
+    capsys.readouterr()
     assert main(["export", "--study", "tiny", "--trial", "0", "--out", "best"]) == 0
+    # export prints the command that trains it as the search did (--seed included)
+    printed = shlex.split(capsys.readouterr().out.splitlines()[-1])
+    assert printed[:3] == ["autobuild", "train", "best"] and "--seed" in printed
     budget = ["--data", space["data"], "--epochs", "2", "--batch-size", "32", "--seed", "3",
               "--device", "cpu", "--no-progress"]
-    runs = {"export": ["best"], "plan": ["--plan", "best/plan.yaml"],
-            "flags": ["cifar_resnet20", "--to", "quadratic", "--sites", "layer1.*.conv*"]}
+    runs = {"export": ["best", *budget], "plan": ["--plan", "best/plan.yaml", *budget],
+            "flags": ["cifar_resnet20", "--to", "quadratic", "--sites", "layer1.*.conv*",
+                      *budget],
+            "printed": [*printed[2:], "--no-progress"]}
     for name, argv in runs.items():
-        assert main(["train", *argv, *budget, "--out", f"run-{name}"]) == 0, name
+        assert main(["train", *argv, "--out", f"run-{name}"]) == 0, name
         with open(in_tmp / f"run-{name}" / "metrics.csv") as f:
             top1 = [float(r["val_top1"]) for r in csv.DictReader(f)]
         assert top1 == pytest.approx(expected, abs=1e-3), name
