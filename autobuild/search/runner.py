@@ -23,6 +23,7 @@ from autobuild.search.space import SearchSpace, load_space
 from autobuild.search.study import (
     artifact_dir,
     check_url,
+    check_writable,
     default_storage,
     finished,
     load_study,
@@ -124,6 +125,7 @@ def prepare(space: SearchSpace, *, storage: str | None = None, study_name: str |
     name = study_name or space.name
     url = storage or default_storage(name)
     check_url(url)
+    check_writable(url)
     if join and url.startswith("sqlite"):
         raise AutobuildError(SQLITE_ONE_WORKER)
     new = not (resume or join)  # (a study an older version made continues as it was made)

@@ -17,8 +17,9 @@ import optuna
 
 from autobuild.errors import AutobuildError
 
-__all__ = ["artifact_dir", "check_url", "default_storage", "finished", "holds_no_study",
-           "load_study", "mask_url", "open_storage", "sqlite_file", "study_paths"]
+__all__ = ["artifact_dir", "check_url", "check_writable", "default_storage", "finished",
+           "holds_no_study", "load_study", "mask_url", "open_storage", "sqlite_file",
+           "study_paths"]
 
 DONE = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 #: Heartbeats: a running trial whose worker has not written for GRACE_S is failed and
@@ -115,6 +116,21 @@ def check_url(url: str) -> None:
         raise AutobuildError(f"--storage {mask_url(url)}: an in-memory SQLite database is lost "
                              "when the command ends (and other commands cannot read it); name "
                              "a file, e.g. sqlite:///studies/NAME.db")
+
+
+def check_writable(url: str) -> None:
+    """Refuse a SQLite study database the search could not write, before any work (SQLite
+    also writes a journal beside the file: its folder must be writable too)."""
+    path = sqlite_file(url)
+    if not path or not os.path.exists(path):
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    for what, where in ((path, "the file"), (folder, "its folder, where SQLite writes its "
+                                                   "journal,")):
+        if not os.access(what, os.W_OK):
+            raise AutobuildError(f"study database {path!r} cannot be written ({where} is "
+                                 "read-only): a search records its trials there; status, "
+                                 "report and export only read it")
 
 
 def open_storage(url: str, *, heartbeat: bool | tuple[int, int] | None = True,

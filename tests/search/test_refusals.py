@@ -176,3 +176,20 @@ def test_keys_the_search_sets_are_refused_for_new_studies_only() -> None:
     with pytest.raises(AutobuildError, match="budget.seed"):
         _config(space, None)
     assert _config(space, None, new=False).seed == 0  # (the space's: as it always was)
+
+
+def test_a_read_only_study_database_is_refused_before_any_work(in_tmp, capsys,
+                                                               monkeypatch) -> None:
+    """--resume on a database the user cannot write: exit 1 (Optuna's StorageInternalError
+    from SQLite's "attempt to write a readonly database") after the baseline was analysed.
+    (As root, os.access says yes to everything: the tests run as root in CI, so the
+    permission is taken away by patching it.)"""
+    space = _space(in_tmp, n_trials=1)
+    assert main(["search", space, "--quiet"]) == 0
+    database = os.path.abspath("studies/tiny.db")
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: not (
+        os.path.abspath(path) == database and mode & os.W_OK) and real(path, mode, **kw))
+    _refused(capsys, ["search", space, "--resume", "--n-trials", "2"],
+             f"study database '{database}' cannot be written (the file is read-only)")
+    assert main(["status", "--study", "tiny"]) == 0  # reading it is fine
