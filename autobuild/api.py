@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from autobuild.errors import AutobuildError, InfeasiblePlacement, unknown_name
+from autobuild.errors import AutobuildError, InfeasiblePlacement, check_seed, unknown_name
 from autobuild.models import get_model_entry, resolve_baseline
 from autobuild.rewrite import (
     INITS,
@@ -129,6 +129,8 @@ def convert(model_or_name: nn.Module | str, to: str | None = None, *,
     named baseline is built right after it too, as ``autobuild train --seed`` and a search
     trial build them (this sets torch's global random state)."""
     _check_init(init)
+    if seed is not None:
+        check_seed(seed)
     if isinstance(model_or_name, nn.Module) and plan_of(model_or_name) is not None:
         if any(v is not None for v in (num_classes, input_size, weights, model_args)):
             raise AutobuildError("num_classes/input_size/weights/model_args describe a "
@@ -223,7 +225,7 @@ def build_plan(plan: Plan, baseline: nn.Module | None = None, *,
     baseline and then the new layers are each built right after ``torch.manual_seed(seed)``
     (the initial weights of a search trial, or of ``autobuild train --seed``)."""
     if seed is not None:
-        torch.manual_seed(seed)
+        torch.manual_seed(check_seed(seed))
     base = plan_baseline(plan, baseline, load_baseline_weights=load_baseline_weights,
                          device=device)
     analysis = Analysis(base)

@@ -7,9 +7,9 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-__all__ = ["NAME_PATTERN", "AutobuildError", "InfeasiblePlacement", "InvalidType",
+__all__ = ["MAX_SEED", "NAME_PATTERN", "AutobuildError", "InfeasiblePlacement", "InvalidType",
            "InvalidValue", "Terminated", "brief", "check_input_size", "check_positive_int",
-           "schema_error", "schema_message", "unknown_name", "without_type"]
+           "check_seed", "schema_error", "schema_message", "unknown_name", "without_type"]
 
 #: What a study may be called (also the name of its SQLite file and artifact folder).
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
@@ -71,6 +71,20 @@ def check_positive_int(value: Any, name: str) -> int:
         raise InvalidType(f"{name} must be a positive integer, got {value!r}")
     if value < 1:
         raise InvalidValue(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+#: The largest seed: numpy's are 32-bit and every DDP rank adds its rank (room for 65536).
+MAX_SEED = 2**32 - 1 - 65536
+
+
+def check_seed(value: Any, name: str = "seed") -> int:
+    """``value`` if it is an int in 0..:data:`MAX_SEED` (a bool or 2.5 is refused, not
+    converted), as ``train --seed`` takes it."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InvalidType(f"{name} must be an integer in 0..{MAX_SEED}, got {value!r}")
+    if not 0 <= value <= MAX_SEED:
+        raise InvalidValue(f"{name} must be an integer in 0..{MAX_SEED}, got {value!r}")
     return value
 
 

@@ -585,6 +585,14 @@ API_CASES: list[tuple[str, Callable[[], Any], str]] = [
      "builder"),
     ("register-model-timm-name", lambda: autobuild.register_model(
         "timm:resnet18", torch.nn.Identity), "timm:"),
+    # seeds went to torch.manual_seed as given: 2.5 was seed 2, True seed 1, "x" a bare
+    # ValueError from torch
+    *[(f"convert-seed-{i}", lambda s=seed: autobuild.convert("cifar_resnet20", "quadratic",
+                                                            seed=s),
+       f"seed must be an integer in 0..4294901759, got {seed!r}")
+      for i, seed in enumerate(["x", 2.5, True, -1, 2**70])],
+    ("build-plan-seed", lambda: autobuild.build_plan(autobuild.plan_of(autobuild.convert(
+        "cifar_resnet20", "quadratic")), seed=1.5), "seed must be an integer"),
 ]
 
 

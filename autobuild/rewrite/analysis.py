@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from autobuild.errors import AutobuildError, InfeasiblePlacement
+from autobuild.errors import AutobuildError, InfeasiblePlacement, check_seed
 from autobuild.rewrite.baseline import Baseline, annotate
 from autobuild.rewrite.cost import (
     MAX_MACS,
@@ -328,6 +328,8 @@ class Analysis:
         and ``export`` build the same network from the same seed and baseline).
         An absurd size is refused before anything is allocated (see the module docstring);
         a build on the meta device allocates nothing and is not checked."""
+        if seed is not None:
+            check_seed(seed)
         placement = _as_placement(placement)
         self.check(placement, init)
         if check_size and placement and torch.empty(()).device.type != "meta":

@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
-from autobuild.errors import InvalidValue, schema_error, schema_message
+from autobuild.errors import MAX_SEED, InvalidValue, schema_error, schema_message
 
 __all__ = ["CLIP_FAMILIES", "DETECTION_CLIP_FAMILIES", "TrainConfig", "check_new_recipe",
            "check_resume", "flag_of"]
@@ -32,8 +32,7 @@ CLIP_FAMILIES = {"quadratic": 0.5, "multiplicative": 0.5}
 DETECTION_CLIP_FAMILIES = {"quadratic": 10.0, "multiplicative": 10.0}
 
 PositiveInt = Annotated[int, Field(ge=1)]
-#: numpy seeds are 32-bit and every DDP rank adds its rank: leave room for 65536 ranks.
-Seed = Annotated[int, Field(ge=0, le=2**32 - 1 - 65536)]
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:[0-9]+)?)$")
 
 
