@@ -36,7 +36,7 @@ from autobuild.rewrite.cost import (
     meta_twin,
     size_limits,
 )
-from autobuild.rewrite.family import Variant, get_family
+from autobuild.rewrite.family import Variant, get_family, own_errors
 from autobuild.rewrite.graph import Block, find_blocks
 from autobuild.rewrite.placement import Choice, Placement
 from autobuild.rewrite.plan import INITS, Plan
@@ -260,7 +260,8 @@ class Analysis:
     def _choice_cost(self, site: Site, choice: Choice, variant: Variant) -> Counts:
         key = (site.name, choice)
         if key not in self._cost_cache:
-            self._cost_cache[key] = variant.cost(site, choice.opts, self)
+            with own_errors(variant, site):
+                self._cost_cache[key] = variant.cost(site, choice.opts, self)
         return self._cost_cache[key]
 
     def params_of(self, modules: Iterable[str]) -> int:
@@ -279,9 +280,8 @@ class Analysis:
         copy of the baseline and counting the whole root (for passes that edit the graph or
         rebuild the network)."""
         rewriter = self._rewriter(meta_twin(self.baseline.module))
-        rewriter.family = variant.name
         with torch.device("meta"):
-            variant.apply(rewriter, site, options, "scratch")
+            rewriter.apply(variant, site, options, "scratch")
         model = rewriter.finish()
         root = model.get_submodule(self.baseline.root) if self.baseline.root else model
         after = count_module(root, self.baseline.input_size, per_module=False)
@@ -345,8 +345,7 @@ class Analysis:
         order = sorted(self._items(placement), key=lambda it: (
             it[0].kind == "network", it[0].call >= 0, -it[0].depth, it[0].name))
         for site, choice, variant, _ in order:
-            rewriter.family = variant.name
-            variant.apply(rewriter, site, choice.opts, init)
+            rewriter.apply(variant, site, choice.opts, init)
         built = rewriter.finish()
         for m in built.modules():  # new modules take the model's mode (an eval() baseline
             if m not in kept:  # converts to a model whose new BNs are in eval too)

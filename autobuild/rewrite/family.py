@@ -6,15 +6,16 @@ engine finds them by name and never imports them.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from autobuild.errors import AutobuildError, InfeasiblePlacement, unknown_name
+from autobuild.errors import AutobuildError, InfeasiblePlacement, brief, unknown_name
 from autobuild.rewrite.cost import Counts, count_module, param_count
 from autobuild.rewrite.sites import Region, Site
 from autobuild.rewrite.trace import register_leaf_module
@@ -24,7 +25,7 @@ from autobuild.rewrite.trace import register_leaf_module
 Analysis = Any
 Rewriter = Any
 
-__all__ = ["Option", "Variant", "add_family_loader", "get_family", "list_families",
+__all__ = ["Option", "Variant", "add_family_loader", "get_family", "list_families", "own_errors",
            "register_family"]
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -341,6 +342,23 @@ def register_family(variant: Variant | type[Variant], *, replace: bool = False) 
 def list_families() -> list[Variant]:
     _run_loaders()
     return list(_FAMILIES.values())
+
+
+@contextlib.contextmanager
+def own_errors(variant: Variant, site: Site) -> Iterator[str]:
+    """Around a family's code: an exception a family registered from outside autobuild
+    raises (not an :class:`AutobuildError`) becomes an error naming the family and the site,
+    not an "internal error" of autobuild's. Yields how to name them."""
+    where = f"family {variant.name!r} (from {type(variant).__module__}) on site {site.name}"
+    if type(variant).__module__.startswith("autobuild."):
+        yield where
+        return
+    try:
+        yield where
+    except AutobuildError:
+        raise
+    except Exception as exc:
+        raise AutobuildError(f"{where} failed: {type(exc).__name__}: {brief(exc)}") from exc
 
 
 def get_family(name: Any) -> Variant:

@@ -15,8 +15,9 @@ from typing import Any
 
 from torch import fx, nn
 
-from autobuild.errors import AutobuildError
-from autobuild.rewrite.cost import param_count
+from autobuild.errors import AutobuildError, brief
+from autobuild.rewrite.cost import param_count, run_on_meta
+from autobuild.rewrite.family import own_errors
 from autobuild.rewrite.record import Change
 from autobuild.rewrite.sites import Site
 from autobuild.rewrite.trace import trace
@@ -91,6 +92,31 @@ class Rewriter:
             self.model.set_submodule(self.root, new_root)
         else:
             self.model = new_root
+
+    # ---- a family's pass ------------------------------------------------------------
+    def apply(self, variant: Any, site: Site, options: dict[str, Any], init: str) -> None:
+        """``variant.apply`` on ``site``. A family registered from outside autobuild is
+        checked as its author would want (:func:`~autobuild.rewrite.family.own_errors`): an
+        exception of its own, or a module whose output does not have the site's shape
+        (found later as a torch error deep in the network), names the family and the site."""
+        self.family = variant.name
+        with own_errors(variant, site) as where:
+            variant.apply(self, site, options, init)
+        path = self.site_modules.get(site.name)
+        if type(variant).__module__.startswith("autobuild.") or site.call >= 0 or not path \
+                or not site.input_shape or site.kind == "network":
+            return  # (ours are tested; a graph edit or a whole network: its forward tells)
+        new = self.model.get_submodule(path)
+        try:
+            shape = run_on_meta(new, site.input_shape, lambda m, x: tuple(m(x).shape[1:]))
+        except Exception as exc:
+            raise AutobuildError(f"{where}: its {type(new).__name__} fails on the site's input "
+                                 f"{tuple(site.input_shape)}: {type(exc).__name__}: "
+                                 f"{brief(exc)}") from exc
+        if shape != tuple(site.output_shape):
+            raise AutobuildError(f"{where}: its {type(new).__name__} outputs {shape} per "
+                                 f"sample, the site {tuple(site.output_shape)}; a replacement "
+                                 "must keep the site's output shape")
 
     # ---- edits ----------------------------------------------------------------------
     def replace(self, site: Site, new: nn.Module, *, note: str = "") -> None:

@@ -63,3 +63,44 @@ def test_the_documented_family_works_from_the_cli(tmp_path) -> None:
     bad = subprocess.run([sys.executable, "-m", "autobuild", "--import", str(tmp_path / "no.py"),
                           "variants"], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert bad.returncode == 2 and "no.py" in bad.stderr and bad.stderr.count("\n") == 1
+
+
+def test_a_broken_family_is_named_with_its_site(tmp_path, monkeypatch) -> None:
+    """A family of one's own that raises, or builds a module of the wrong output shape, is
+    an error naming it and the site (it was autobuild's "internal error (a bug)", or a
+    torch error from a BatchNorm further on)."""
+    import pytest
+
+    from autobuild.errors import AutobuildError
+    from autobuild.rewrite import family
+
+    family.list_families()  # (the built-in ones loaded first, then registered here only)
+    monkeypatch.setattr(family, "_FAMILIES", dict(family._FAMILIES))
+
+    path = tmp_path / "broken_families.py"
+    path.write_text(
+        "from torch import nn\n"
+        "import autobuild\n"
+        "class Boom(autobuild.Variant):\n"
+        "    name, summary, site_kinds = 'boom-test', 'raises', ('conv',)\n"
+        "    def build(self, site, module, options, init):\n"
+        "        raise RuntimeError('build failed')\n"
+        "class Wide(autobuild.Variant):\n"
+        "    name, summary, site_kinds = 'wide-test', 'one channel too many', ('conv',)\n"
+        "    def build(self, site, module, options, init):\n"
+        "        return nn.Conv2d(module.in_channels, module.out_channels + 1, 3, padding=1)\n"
+        "autobuild.register_variant(Boom)\n"
+        "autobuild.register_variant(Wide)\n")
+    spec = importlib.util.spec_from_file_location("broken_families", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.raises(AutobuildError, match=r"^family 'boom-test' \(from broken_families\) on "
+                                             r"site layer1.0.conv1 failed: RuntimeError: build "
+                                             r"failed$"):
+        autobuild.convert("cifar_resnet20", "boom-test", sites="layer1.0.conv1")
+    with pytest.raises(AutobuildError, match=r"on site layer1.0.conv1 failed: RuntimeError"):
+        autobuild.analyze("cifar_resnet20").cost({"layer1.0.conv1": "boom-test"})
+    with pytest.raises(AutobuildError, match=r"^family 'wide-test' .* on site layer1.0.conv1: "
+                                             r"its Conv2d outputs \(17, 32, 32\) per sample, "
+                                             r"the site \(16, 32, 32\)"):
+        autobuild.convert("cifar_resnet20", "wide-test", sites="layer1.0.conv1")
