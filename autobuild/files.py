@@ -157,6 +157,9 @@ def ensure_writable_dir(path: str, *, force: bool = False, keep: Iterable[str] =
                              "other files; choose another --out")
     parent = os.path.dirname(os.path.abspath(path))
     probe = path if os.path.isdir(path) else _existing_ancestor(parent)
+    if not os.path.isdir(probe):  # (os.access says a file is writable: it is no folder)
+        raise AutobuildError(f"cannot write to {path!r}: {probe!r} is a file, not a "
+                             "directory")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise AutobuildError(f"cannot write to {path!r}: {probe!r} is not writable")
 

@@ -109,6 +109,14 @@ CLI_CASES: list[tuple[str, list[str], list[str]]] = [
     ("import-missing", ["--import", "no_such_module_xyz", "models"], ["no_such_module_xyz"]),
     # (it used to end the process with the module's exit status, saying nothing)
     ("import-exits", ["--import", "{exits}", "models"], ["exits.py", "called sys.exit(5)"]),
+    # (these said "AttributeError: 'NoneType' object has no attribute 'loader'", "No module
+    # named ..." and "ValueError: Empty module name")
+    ("import-not-python", ["--import", "{empty}", "models"], ["empty.yaml: not a .py file"]),
+    ("import-a-directory", ["--import", "{root}", "models"], ["is a directory, not a package"]),
+    ("import-empty", ["--import", "", "models"], ["--import is empty"]),
+    # (it said the file "is not writable")
+    ("out-under-a-file", ["convert", "cifar_resnet20", "--to", "quadratic", "--out",
+                          "{exits}/x"], ["exits.py' is a file, not a directory"]),
     # a flag that takes a value, given twice (argparse kept the last one silently)
     ("sites-twice", ["convert", "cifar_resnet20", "--to", "quadratic", "--sites", "layer1.*",
                      "--sites", "layer2.*"], ["--sites: given twice", "--sites A B"]),

@@ -58,10 +58,17 @@ def import_user_module(spec: str) -> None:
     """Import a module by dotted name or by ``.py`` path (a user's families or models)."""
     import importlib.util
 
+    allowed = "give a .py file or a module name (package.module)"
+    if not spec.strip():
+        raise AutobuildError(f"--import is empty; {allowed}")
+    if os.path.isdir(spec) and not os.path.isfile(os.path.join(spec, "__init__.py")):
+        raise AutobuildError(f"--import {spec}: is a directory, not a package; {allowed}")
     try:
-        if spec.endswith(".py") or os.sep in spec:
+        if spec.endswith(".py") or os.sep in spec or os.path.isfile(spec):
             if not os.path.isfile(spec):
                 raise AutobuildError(f"--import {spec}: no such file")
+            if not spec.endswith(".py"):
+                raise AutobuildError(f"--import {spec}: not a .py file; {allowed}")
             name = os.path.splitext(os.path.basename(spec))[0]
             module_spec = importlib.util.spec_from_file_location(name, spec)
             module = importlib.util.module_from_spec(module_spec)
