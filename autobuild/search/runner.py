@@ -25,6 +25,7 @@ from autobuild.search.study import (
     check_url,
     check_writable,
     default_storage,
+    fail_dead_trials,
     finished,
     load_study,
     mask_url,
@@ -325,8 +326,6 @@ def work(search: Search, n_trials: int) -> None:
     """Run trials until the study holds ``n_trials`` finished (complete or pruned) ones.
     Trials other workers are running count; a failed one does not (its retry runs). Stale
     trials (a worker that stopped sending heartbeats) are failed and re-queued here too."""
-    from optuna.storages import fail_stale_trials
-
     from autobuild.search.interrupts import deliver_outside_storage
     from autobuild.search.objective import SurplusTrial
     from autobuild.train import DivergedError
@@ -335,7 +334,7 @@ def work(search: Search, n_trials: int) -> None:
     callbacks = [_pareto_line(search)]
     failures = 0
     with deliver_outside_storage():
-        fail_stale_trials(search.study)  # even when no other worker is left to do it
+        fail_dead_trials(search.study)  # even when no other worker is left to do it
         while finished(search.study) < n_trials:
             if finished(search.study) + running_elsewhere(search.study) >= n_trials:
                 wait_for_others(search.study)  # the last trials run elsewhere (or went stale)

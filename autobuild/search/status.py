@@ -10,15 +10,13 @@ from typing import Any
 import optuna
 
 from autobuild.search.report import pareto_trials
-from autobuild.search.study import finished, live_trials, open_storage
+from autobuild.search.study import fail_dead_trials, finished, live_trials, open_storage
 
 __all__ = ["study_status", "storage_status"]
 
 
 def study_status(study: optuna.Study) -> dict[str, Any]:
-    from optuna.storages import fail_stale_trials
-
-    fail_stale_trials(study)
+    fail_dead_trials(study)
     trials = study.get_trials(deepcopy=False)
     states: dict[str, int] = {}
     for t in trials:

@@ -17,7 +17,8 @@ import optuna
 
 from autobuild.errors import AutobuildError
 
-__all__ = ["artifact_dir", "check_url", "check_writable", "default_storage", "finished",
+__all__ = ["artifact_dir", "check_url", "check_writable", "default_storage", "fail_dead_trials",
+           "finished",
            "holds_no_study", "load_study", "mask_url", "open_storage", "sqlite_file",
            "study_paths"]
 
@@ -160,8 +161,9 @@ def open_storage(url: str, *, heartbeat: bool | tuple[int, int] | None = True,
     if heartbeat:
         interval, grace = (HEARTBEAT_S, GRACE_S) if heartbeat is True else heartbeat
         if not 1 <= interval < grace:
-            raise AutobuildError(f"heartbeat interval {interval}s must be >= 1 and below the "
-                                 f"grace period {grace}s")
+            raise AutobuildError(f"--heartbeat {interval} must be >= 1 and below --grace "
+                                 f"{grace} (seconds; the defaults are {HEARTBEAT_S} and "
+                                 f"{GRACE_S}: a shorter --grace needs a shorter --heartbeat)")
         kwargs = {"heartbeat_interval": interval, "grace_period": grace,
                   "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback()}
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {
@@ -223,14 +225,59 @@ def load_study(name: str, storage: optuna.storages.BaseStorage, url: str) -> opt
 
 
 def live_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    """Running trials whose worker is alive (its heartbeat is recent)."""
+    """Running trials whose worker is alive (its heartbeat is recent, and on this machine
+    its process exists)."""
     storage = study._storage
     stale = set()
     if getattr(storage, "get_heartbeat_interval", lambda: None)() is not None:
         stale = set(storage._get_stale_trial_ids(study._study_id))
     return [t for t in study.get_trials(deepcopy=False,
                                          states=(optuna.trial.TrialState.RUNNING,))
-            if t._trial_id not in stale]
+            if t._trial_id not in stale and not _died_here(study, t)]
+
+
+def _died_here(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+    """Whether the trial's worker ran on this machine and its process is gone (killed):
+    no need to wait out the grace period to know it will not finish. Asked of SQLite
+    studies only, whose workers share one machine: two machines of one host name working
+    on a PostgreSQL study must not take each other's processes for dead."""
+    import socket
+
+    storage = study._storage
+    if not str(getattr(getattr(storage, "_backend", storage), "url", "")).startswith("sqlite"):
+        return False
+    host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # (alive, another user's)
+        return False
+    return False
+
+
+def fail_dead_trials(study: optuna.Study) -> None:
+    """Fail the running trials whose worker is dead, and re-queue them with the same
+    parameters (the heartbeat's retry callback): those silent for the grace period
+    (Optuna's ``fail_stale_trials``), and at once those of a worker process on this machine
+    that no longer exists (a ``kill -9``)."""
+    from optuna.storages import fail_stale_trials
+
+    fail_stale_trials(study)
+    storage = study._storage
+    retry = getattr(storage, "get_heartbeat_stale_trial_callback", lambda: None)()
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if not _died_here(study, trial):
+            continue
+        try:
+            failed = storage.set_trial_state_values(trial._trial_id,
+                                                    state=optuna.trial.TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # (another process got there first)
+        if failed and retry is not None:
+            retry(study, storage.get_trial(trial._trial_id))
 
 
 def finished(study: optuna.Study) -> int:
@@ -244,7 +291,5 @@ def running_elsewhere(study: optuna.Study) -> int:
 def wait_for_others(study: optuna.Study, poll_s: float = 2.0) -> None:
     """Sleep a little while other workers' trials run, failing (and so re-queueing) any
     whose worker stopped sending heartbeats."""
-    from optuna.storages import fail_stale_trials
-
     time.sleep(poll_s)
-    fail_stale_trials(study)
+    fail_dead_trials(study)

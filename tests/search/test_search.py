@@ -209,6 +209,37 @@ def test_ctrl_c_stops_cleanly_and_resume_finishes(in_tmp) -> None:
     assert again and again[0].user_attrs["seed_kind"] == "baseline"  # the seed was trained
 
 
+def test_a_killed_sqlite_worker_is_known_dead_at_once(in_tmp, capsys) -> None:
+    """kill -9 of the only worker: its running trial is seen as dead (its process on this
+    machine is gone) by `status` and `--resume` right away; `--resume` was refused ("being
+    worked on by HOST:PID ... use PostgreSQL") until the 60 s grace period had passed."""
+    import json
+
+    import yaml
+
+    space = in_tmp / "space.yaml"
+    space.write_text(yaml.safe_dump(tiny_space(n_trials=2, budget={"epochs": 6,
+                                                                     "batch_size": 8})))
+    proc = subprocess.Popen([sys.executable, "-m", "autobuild", "search", str(space)],
+                            cwd=in_tmp, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    for line in proc.stderr:  # killed in the middle of the first trial's training
+        if "epoch 1/6" in line:
+            break
+    proc.kill()
+    proc.communicate(timeout=60)
+    capsys.readouterr()
+    assert main(["status", "--study", "tiny", "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["workers_alive"] == []
+    assert main(["search", str(space), "--resume", "--quiet"]) == 0
+    study = optuna.load_study(study_name="tiny", storage="sqlite:///studies/tiny.db")
+    (killed,) = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
+    retried = [t for t in study.trials if t.system_attrs.get("failed_trial") == killed.number]
+    assert len(retried) == 1 and retried[0].state == optuna.trial.TrialState.COMPLETE
+    assert retried[0].params == killed.params
+
+
 def test_diverging_trials_fail_with_their_reason_and_the_study_goes_on(in_tmp) -> None:
     space = load_space(tiny_space(n_trials=1, budget={"epochs": 1, "batch_size": 32,
                                                       "lr": 1e38, "clip_grad": 0}))
