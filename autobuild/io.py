@@ -14,6 +14,7 @@ from autobuild.errors import AutobuildError
 from autobuild.files import _atomic_by_name, _step, atomic_write_text, staged_directory
 from autobuild.rewrite import Placement, Plan, get_family, plan_of, record_of, set_record
 from autobuild.rewrite.plan import load_yaml, yaml_problem
+from autobuild.rewrite.record import unwrap
 
 __all__ = ["PLAN_FILE", "WEIGHTS_FILE", "load", "load_placement", "load_plan", "read_weights",
            "save", "save_plan", "save_weights"]
@@ -98,8 +99,11 @@ def save_weights(model: nn.Module, path: str) -> None:
 
 def save(model: nn.Module, directory: str, *, force: bool = False) -> str:
     """Write ``plan.yaml`` + ``weights.safetensors`` as ``directory`` (replacing it
-    completely with ``force``); returns the directory."""
+    completely with ``force``); returns the directory. A model under torch.compile or
+    DDP/DataParallel is saved as the module it wraps (its keys without ``_orig_mod.`` /
+    ``module.``), as :func:`load` reads it back."""
     directory = as_path(directory)
+    model = unwrap(model)
     plan = plan_of(model)
     if plan is None:
         raise AutobuildError("this model has no plan: build it with autobuild.convert() or "
@@ -194,7 +198,10 @@ def _has_meta(model: nn.Module) -> bool:
 def load(directory: str, *, baseline: nn.Module | None = None,
          weights_name: str = WEIGHTS_FILE) -> nn.Module:
     """Rebuild a saved model: the structure from its plan (on the meta device: nothing is
-    initialised only to be overwritten), then its weights, assigned from the file."""
+    initialised only to be overwritten), then its weights, assigned from the file (in the
+    dtype they were saved in). With ``baseline`` (a model of your own that is not
+    registered), the model is built on that module and the weights are copied into it: it
+    keeps the baseline's dtype and device."""
     from autobuild.api import build_plan
 
     directory = as_path(directory)

@@ -78,6 +78,39 @@ def test_plan_survives_deepcopy_and_state_dict_round_trip() -> None:
     fresh.load_state_dict(m.state_dict())
 
 
+def test_a_graph_edited_model_keeps_its_plan_and_class_when_copied(tmp_path) -> None:
+    """A conversion that edits the graph makes the model a GraphModule, whose deepcopy
+    rebuilds it: the copy had no plan and was called GraphModule (an EMA copy of a DiracNet
+    could not be saved, scored or masked)."""
+    import copy
+
+    from autobuild.train import TrainConfig, train
+
+    m = autobuild.convert("cifar_resnet20", "dirac", num_classes=4, input_size=(3, 8, 8))
+    clone = copy.deepcopy(copy.deepcopy(m))
+    assert type(clone).__name__ == type(m).__name__ == "CifarResNet"
+    assert autobuild.plan_of(clone).to_dict() == autobuild.plan_of(m).to_dict()
+    assert autobuild.plan_of(clone) is not autobuild.plan_of(m)  # a copy, not shared
+    result = train(m, "synthetic:size=3x8x8,classes=4,train=8,val=4",
+                   TrainConfig(epochs=1, batch_size=4, device="cpu", workers=0, ema=0.5))
+    assert autobuild.plan_of(result.model) is not None  # the EMA copy
+    autobuild.save(result.model, str(tmp_path / "ema"))
+    autobuild.load(str(tmp_path / "ema"))
+
+
+def test_a_wrapped_model_is_saved_as_the_module_it_wraps(tmp_path) -> None:
+    """save() of a torch.compile'd (or DDP) model wrote its keys with the wrapper's prefix
+    (``_orig_mod.``): a directory load() could never read."""
+    m = _model().eval()
+    autobuild.save(torch.compile(m), str(tmp_path / "compiled"))
+    autobuild.save(torch.nn.DataParallel(m), str(tmp_path / "parallel"))
+    x = torch.randn(1, 3, 32, 32)
+    for name in ("compiled", "parallel"):
+        loaded = autobuild.load(str(tmp_path / name)).eval()
+        with torch.no_grad():
+            assert torch.equal(loaded(x), m(x)), name
+
+
 def test_channels_last_model_saves_and_loads(tmp_path) -> None:
     m = _model().to(memory_format=torch.channels_last)
     autobuild.save(m, str(tmp_path / "run"))

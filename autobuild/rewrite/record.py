@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from torch import nn
+from torch import fx, nn
 
 if TYPE_CHECKING:
     from autobuild.rewrite.plan import Plan
@@ -61,7 +61,15 @@ def record_of(model: Any) -> BuildRecord | None:
 
 def set_record(model: nn.Module, record: BuildRecord) -> None:
     # object.__setattr__: a plain attribute, never a submodule, parameter or state_dict entry.
-    object.__setattr__(unwrap(model), _ATTR, record)
+    model = unwrap(model)
+    object.__setattr__(model, _ATTR, record)
+    if isinstance(model, fx.GraphModule):  # its deepcopy rebuilds it from the graph: the
+        # attributes it restores are those listed here (torch.fx's user-preserved ones)
+        model.meta.setdefault(_PRESERVED, {})[_ATTR] = record
+
+
+#: torch.fx.graph_module's key: GraphModule.__deepcopy__ sets these attributes on the copy.
+_PRESERVED = "_user_preserved_attributes"
 
 
 def plan_of(model: Any) -> Plan | None:

@@ -25,6 +25,24 @@ from autobuild.rewrite.trace import trace
 __all__ = ["Rewriter"]
 
 
+def keep_class_name(gm: fx.GraphModule) -> None:
+    """Make copies of ``gm`` keep its class name (``CifarResNet``, not ``GraphModule``:
+    GraphModule.__deepcopy__ rebuilds the copy under its default name)."""
+    gm.meta[_CLASS_NAME] = type(gm).__name__
+    register = getattr(gm, "_register_deepcopy_hook", None)  # (torch >= 2.5; else cosmetic)
+    if register is not None:
+        register(_restore_class_name)
+
+
+_CLASS_NAME = "autobuild_class_name"
+
+
+def _restore_class_name(gm: fx.GraphModule) -> None:
+    name = gm.meta.get(_CLASS_NAME)
+    if name:
+        type(gm).__name__ = name
+
+
 class Rewriter:
     """Holds the model being built. ``root`` is the traced submodule ("" = the model);
     ``graph_source`` the analysis graph the rewriter copies when code must change."""
@@ -75,6 +93,7 @@ class Rewriter:
             else:  # modules were swapped since the analysis: trace what is there now
                 graph = trace(self.root_module, leaf_modules=self.leaf_modules).graph
             gm = fx.GraphModule(self.root_module, graph, type(self.root_module).__name__)
+            keep_class_name(gm)
             self._install_root(gm)
             self._gm = gm
         return self._gm
