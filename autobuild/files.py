@@ -126,12 +126,24 @@ def atomic_torch_save(obj: Any, path: str) -> None:
 
 
 # ---- directories ---------------------------------------------------------------------------
-#: Files that mark a directory as one autobuild wrote (a run, a saved model, an analysis, a
-#: report): the only directories --force replaces whole. A folder of datasets or of study
-#: databases given as --out by mistake is refused, not emptied.
-OUTPUT_FILES = frozenset({"plan.yaml", "weights.safetensors", "init.safetensors",
-                          "last.safetensors", "train.yaml", "checkpoint.pt", "metrics.csv",
-                          "layers.csv", "sites.csv", "report.md", "trials.csv"})
+#: Every name autobuild writes in an output directory (a run, a saved model, an analysis
+#: and its ``compare`` folder, a report): --force replaces a directory whole, so only one
+#: that holds nothing else. A folder of datasets or of study databases given as --out by
+#: mistake, or a run beside which the user keeps notes, is refused, not emptied.
+OUTPUT_FILES = frozenset({
+    "plan.yaml", "weights.safetensors", "init.safetensors", "last.safetensors",  # models
+    "train.yaml", "checkpoint.pt", "metrics.csv",  # runs
+    "layers.csv", "sites.csv", "weights.csv", "histograms.csv", "compare.csv",  # analyses
+    "activations.png", "gradients.png", "activation_histograms.png",
+    "weight_histograms.png", "weights.png", "compare.png", "compare",
+    "report.md", "trials.csv", "pareto.png", "ri.csv"})  # reports
+
+
+def _foreign(path: str, entries: list[str]) -> list[str]:
+    """What ``path`` holds that autobuild did not write. A hidden file (.DS_Store) is no
+    loss; a hidden folder (.git) is."""
+    return sorted(e for e in entries if e not in OUTPUT_FILES and not (
+        e.startswith(".") and not os.path.isdir(os.path.join(path, e))))
 
 
 def ensure_writable_dir(path: str, *, force: bool = False, keep: Iterable[str] = ()) -> None:
@@ -149,12 +161,18 @@ def ensure_writable_dir(path: str, *, force: bool = False, keep: Iterable[str] =
                              "(force=True in Python) to overwrite it")
     if entries:
         check_replaceable(path, keep)
-    visible = [e for e in entries if not e.startswith(".")]  # (.DS_Store, ...: no loss)
-    if visible and not set(entries) & OUTPUT_FILES:
-        shown = ", ".join(sorted(visible)[:3]) + (", ..." if len(visible) > 3 else "")
+    foreign = _foreign(path, entries)
+    shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+    if foreign and not set(entries) & OUTPUT_FILES:
         raise AutobuildError(f"{path!r} holds nothing autobuild wrote ({shown}): --force "
                              "replaces a run, a saved model, an analysis or a report, never "
                              "other files; choose another --out")
+    if foreign:
+        raise AutobuildError(f"{path!r} also holds what autobuild did not write ({shown}): "
+                             "--force replaces the directory whole and would delete "
+                             f"{'them' if len(foreign) > 1 else 'it'}; move "
+                             f"{'them' if len(foreign) > 1 else 'it'} out, or choose another "
+                             "--out")
     parent = os.path.dirname(os.path.abspath(path))
     probe = path if os.path.isdir(path) else _existing_ancestor(parent)
     if not os.path.isdir(probe):  # (os.access says a file is writable: it is no folder)

@@ -40,9 +40,21 @@ def test_refuses_non_empty_dir_unless_forced(tmp_path) -> None:
     with pytest.raises(AutobuildError, match=r"holds nothing autobuild wrote \(keep.txt\)"):
         autobuild.save(m, str(tmp_path), force=True)
     assert sorted(os.listdir(tmp_path)) == ["keep.txt"]
-    # --force replaces a saved model as a whole: no stale file of an older run stays beside
-    # the new one.
+    # ...and a saved model beside which the user keeps files of their own (they were
+    # deleted with it, silently)
     (tmp_path / "plan.yaml").write_text("old")
+    (tmp_path / "notes").mkdir()
+    with pytest.raises(AutobuildError, match=r"also holds what autobuild did not write "
+                                             r"\(keep.txt, notes\): --force replaces the "
+                                             r"directory whole and would delete them"):
+        autobuild.save(m, str(tmp_path), force=True)
+    assert sorted(os.listdir(tmp_path)) == ["keep.txt", "notes", "plan.yaml"]
+    # --force replaces a saved model as a whole: no stale file of an older run stays beside
+    # the new one (a hidden file is no loss).
+    (tmp_path / "keep.txt").unlink()
+    (tmp_path / "notes").rmdir()
+    (tmp_path / "checkpoint.pt").write_text("older run")
+    (tmp_path / ".DS_Store").write_text("")
     autobuild.save(m, str(tmp_path), force=True)
     assert sorted(os.listdir(tmp_path)) == ["plan.yaml", "weights.safetensors"]
 
