@@ -81,11 +81,13 @@ MAX_SEED = 2**32 - 1 - 65536
 def check_seed(value: Any, name: str = "seed") -> int:
     """``value`` if it is an int in 0..:data:`MAX_SEED` (a bool or 2.5 is refused, not
     converted), as ``train --seed`` takes it."""
-    if not isinstance(value, int) or isinstance(value, bool):
+    import numbers
+
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):  # (numpy's too)
         raise InvalidType(f"{name} must be an integer in 0..{MAX_SEED}, got {value!r}")
-    if not 0 <= value <= MAX_SEED:
+    if not 0 <= int(value) <= MAX_SEED:
         raise InvalidValue(f"{name} must be an integer in 0..{MAX_SEED}, got {value!r}")
-    return value
+    return int(value)
 
 
 def check_input_size(size: Any, name: str = "input_size") -> tuple[int, int, int]:

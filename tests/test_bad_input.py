@@ -112,7 +112,7 @@ CLI_CASES: list[tuple[str, list[str], list[str]]] = [
     # (these said "AttributeError: 'NoneType' object has no attribute 'loader'", "No module
     # named ..." and "ValueError: Empty module name")
     ("import-not-python", ["--import", "{empty}", "models"], ["empty.yaml: not a .py file"]),
-    ("import-a-directory", ["--import", "{root}", "models"], ["is a directory, not a package"]),
+    ("import-a-directory", ["--import", "{root}", "models"], ["is a directory; give a .py file"]),
     ("import-empty", ["--import", "", "models"], ["--import is empty"]),
     # (it said the file "is not writable")
     ("out-under-a-file", ["convert", "cifar_resnet20", "--to", "quadratic", "--out",
@@ -291,7 +291,7 @@ CLI_CASES: list[tuple[str, list[str], list[str]]] = [
         "{out}"], ["--tensorboard-every) 5", "give tensorboard (--tensorboard) DIR"]),
     ("search-lr-gamma-with-cosine", ["search", "{space_ok}", "--set", "budget.lr_gamma=0.5",
                                      "--storage", "sqlite:///{out}.db"],
-     ["search space '{space_ok}': budget.lr_gamma 0.5", "budget.lr_schedule multistep"]),
+     ["search space '{space_ok}': budget.lr_gamma 0.5", "; set budget.lr_schedule multistep"]),
     ("train-detection-label-smoothing", ["train", "ssdlite320_mobilenet_v3_large", "--data",
                                          "synthetic-detection", "--label-smoothing", "0.1",
                                          "--out", "{out}"],
@@ -320,7 +320,7 @@ CLI_CASES: list[tuple[str, list[str], list[str]]] = [
                                                       "budget.tensorboard_every=2", "--storage",
                                                       "sqlite:///{out}.db"],
      ["search space '{space_ok}': budget.tensorboard_every 2",
-      "search space '{space_ok}': budget.tensorboard DIR"]),
+      "; give budget.tensorboard DIR"]),
     ("train-data-dir-not-cifar", ["train", "cifar_resnet20", "--data", SYNTH, "--data-dir",
                                   "{root}/dl", "--out", "{out}"],
      ["--data-dir", "'synthetic", "does not read it"]),
@@ -614,6 +614,15 @@ def test_api_refuses_with_autobuild_error(call: Callable[[], Any], word: str,
     message = str(info.value)
     assert word in message and "\n" not in message, message
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_numpy_integer_is_a_seed() -> None:
+    import numpy as np
+
+    a = autobuild.convert("cifar_resnet20", "quadratic", seed=np.int64(3))
+    b = autobuild.convert("cifar_resnet20", "quadratic", seed=3)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(),
+                                                  b.state_dict().values(), strict=True))
 
 
 def test_api_accepts_a_single_pattern_string() -> None:

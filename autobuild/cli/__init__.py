@@ -54,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: The files of the modules --import loaded (a package: its folder): an exception raised
+#: in their code is theirs, not a bug of autobuild's.
+_USER_CODE: list[str] = []
+
+
 def import_user_module(spec: str) -> None:
     """Import a module by dotted name or by ``.py`` path (a user's families or models)."""
     import importlib.util
@@ -61,10 +66,11 @@ def import_user_module(spec: str) -> None:
     allowed = "give a .py file or a module name (package.module)"
     if not spec.strip():
         raise AutobuildError(f"--import is empty; {allowed}")
-    if os.path.isdir(spec) and not os.path.isfile(os.path.join(spec, "__init__.py")):
-        raise AutobuildError(f"--import {spec}: is a directory, not a package; {allowed}")
     try:
-        if spec.endswith(".py") or os.sep in spec or os.path.isfile(spec):
+        if spec.endswith(".py") or os.sep in spec:
+            if os.path.isdir(spec):
+                raise AutobuildError(f"--import {spec}: is a directory; {allowed} (a package "
+                                     "by its name, with its parent folder on PYTHONPATH)")
             if not os.path.isfile(spec):
                 raise AutobuildError(f"--import {spec}: no such file")
             if not spec.endswith(".py"):
@@ -73,17 +79,37 @@ def import_user_module(spec: str) -> None:
             module_spec = importlib.util.spec_from_file_location(name, spec)
             module = importlib.util.module_from_spec(module_spec)
             sys.modules[name] = module
+            _USER_CODE.append(os.path.realpath(spec))
             module_spec.loader.exec_module(module)
         else:
-            importlib.import_module(spec)
+            module = importlib.import_module(spec)
+            where = getattr(module, "__file__", None)
+            if where:
+                _USER_CODE.append(os.path.realpath(
+                    os.path.dirname(where) if where.endswith("__init__.py") else where))
     except AutobuildError:
         raise
     except SystemExit as exc:  # the user's module ended the process
         raise AutobuildError(f"--import {spec} failed: it called sys.exit({exc.code!r})"
                              ) from exc
     except Exception as exc:  # the user's code failed to import
+        hint = ""
+        if isinstance(exc, ModuleNotFoundError) and exc.name == spec and os.path.exists(spec):
+            hint = (f" (the {'folder' if os.path.isdir(spec) else 'file'} {spec!r} here is "
+                    f"not an importable module; {allowed})")
         raise AutobuildError(f"--import {spec} failed: {type(exc).__name__}: "
-                             f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+                             f"{str(exc).splitlines()[0] if str(exc) else ''}{hint}") from exc
+
+
+def _raised_in_user_code(exc: BaseException) -> str | None:
+    """``FILE:LINE`` of the innermost frame of ``exc``'s traceback that runs code --import
+    loaded (None if none does)."""
+    found = None
+    for frame in traceback.extract_tb(exc.__traceback__):
+        path = os.path.realpath(frame.filename)
+        if any(path == code or path.startswith(code + os.sep) for code in _USER_CODE):
+            found = f"{frame.filename}:{frame.lineno}"
+    return found
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -126,7 +152,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except Exception:  # a bug: the traceback is what a report needs
+    except Exception as exc:  # a bug: the traceback is what a report needs
+        where = _raised_in_user_code(exc)
+        if where:  # a family or model of the user's: their bug, named, not ours
+            if debug:
+                traceback.print_exc()
+            print(f"autobuild: error: {type(exc).__name__}: {one_line(exc)} (raised in "
+                  f"code --import loaded, at {where}; --debug shows the traceback)",
+                  file=sys.stderr)
+            return 2
         traceback.print_exc()
         print("autobuild: internal error (a bug): please report it with the traceback above",
               file=sys.stderr)

@@ -29,7 +29,8 @@ def keep_class_name(gm: fx.GraphModule) -> None:
     """Make copies of ``gm`` keep its class name (``CifarResNet``, not ``GraphModule``:
     GraphModule.__deepcopy__ rebuilds the copy under its default name)."""
     gm.meta[_CLASS_NAME] = type(gm).__name__
-    register = getattr(gm, "_register_deepcopy_hook", None)  # (torch >= 2.5; else cosmetic)
+    # (a private torch.fx hook: were it gone, copies would only be named GraphModule)
+    register = getattr(gm, "_register_deepcopy_hook", None)
     if register is not None:
         register(_restore_class_name)
 

@@ -8,9 +8,10 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+from autobuild.errors import AutobuildError
 from autobuild.search.study import holds_no_study, sqlite_file
 
-__all__ = ["check_budget", "undone_on_refusal"]
+__all__ = ["another_space", "check_budget", "check_data_dir", "undone_on_refusal"]
 
 
 def check_budget(space: Any, config: Any) -> None:
@@ -60,3 +61,33 @@ def _missing_dirs(path: str) -> list[str]:
         missing.append(path)
         path = os.path.dirname(path)
     return missing
+
+
+def check_data_dir(space: Any) -> None:
+    """A new study's ``data_dir`` is where CIFAR's batches are: with other data it would be
+    ignored (as ``train --data-dir`` refuses it)."""
+    if space.data_dir and space.data.partition(":")[0] not in ("cifar10", "cifar100"):
+        raise AutobuildError(f"{space.key('data_dir')} {space.data_dir!r}: it is where CIFAR's "
+                             f"batches are; data {space.data!r} does not read it")
+
+
+def another_space(study: Any, space: Any, name: str, flag: str, fingerprint: str | None
+                  ) -> str:
+    """Why ``flag`` is refused: the keys where the study's space and this one differ, and
+    the ``--set`` flags that give the study's values (a study made with ``--set`` is
+    continued with the same ones)."""
+    from autobuild.search.space import UNSET, set_flag
+
+    stored = study.user_attrs.get("space")
+    diffs = space.differences(stored) if isinstance(stored, dict) else []
+    if not diffs:  # (a space an older version fingerprinted otherwise)
+        return (f"study {name!r} was made from another search space (fingerprint "
+                f"{fingerprint} vs {space.fingerprint()}); {flag} works on the same "
+                "space only: use --study NEW")
+    shown = "; ".join(f"{k} is {there!r} there, {here!r} here" for k, there, here in diffs[:3])
+    more = f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else ""
+    fixes = [f"remove {k} from the space file" if there is UNSET else set_flag(k, there)
+             for k, there, _ in diffs]
+    return (f"study {name!r} was made from another search space: {shown}{more}; {flag} "
+            f"continues a study with the space it was made from: give the values it was "
+            f"made with ({', '.join(fixes)}) or start another with --study NEW")

@@ -82,8 +82,10 @@ def train_command(study: optuna.Study, out: str) -> str:
     from autobuild.train import TrainConfig
 
     space = study.user_attrs.get("space") or {}
-    argv = ["autobuild", "train", out, "--data", str(space.get("data"))]
-    if space.get("data_dir"):
+    data = str(space.get("data"))
+    argv = ["autobuild", "train", out, "--data", data]
+    # (a study made before data_dir was refused for other data: the search ignored it)
+    if space.get("data_dir") and data.partition(":")[0] in ("cifar10", "cifar100"):
         argv += ["--data-dir", space["data_dir"]]
     argv += ["--seed", str(space.get("seed", 0))]
     if space.get("device") not in (None, "auto"):
@@ -94,6 +96,8 @@ def train_command(study: optuna.Study, out: str) -> str:
         default = fields[key].default if key in fields else None
         if value is None or value == default and key not in ("epochs", "batch_size"):
             continue
+        if key == "image_size" and not data.startswith("imagefolder:"):
+            continue  # (a study made before: the search trained at the data's own size)
         if isinstance(value, bool):  # (--no-nesterov, --no-channels-last)
             argv.append(flag if value else f"--no-{key.replace('_', '-')}")
         elif isinstance(value, list):

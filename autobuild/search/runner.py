@@ -15,7 +15,7 @@ import torch
 from pydantic import ValidationError
 
 from autobuild.errors import AutobuildError, schema_error
-from autobuild.search.checks import check_budget, undone_on_refusal
+from autobuild.search.checks import another_space, check_budget, check_data_dir, undone_on_refusal
 from autobuild.search.objective import Objective
 from autobuild.search.report import pareto_trials
 from autobuild.search.seeding import seed_params
@@ -136,6 +136,7 @@ def prepare(space: SearchSpace, *, storage: str | None = None, study_name: str |
     check_budget(space, config)
     if new:
         check_new_recipe(config, space.key("budget."), given=space.budget.model_dump())
+        check_data_dir(space)
     check_log_dir(config.tensorboard, space.key("budget.tensorboard"))
     # (a study made before image_size was refused on other data goes on without it)
     size = space.budget.image_size if new or space.data.startswith("imagefolder:") else None
@@ -188,30 +189,11 @@ def _open_study(space: SearchSpace, name: str, store: Any, url: str,
     study = load_study(name, store, url)
     recorded = _fingerprint(study)
     if recorded != space.fingerprint():
-        raise AutobuildError(_another_space(study, space, name, "--join" if join else "--resume"))
+        raise AutobuildError(another_space(study, space, name, "--join" if join else "--resume",
+                                           recorded))
     if url.startswith("sqlite"):
         refuse_second_sqlite_worker(study)
     return study, False
-
-
-def _another_space(study: optuna.Study, space: SearchSpace, name: str, flag: str) -> str:
-    """Why ``flag`` is refused: the keys where the study's space and this one differ, and
-    the ``--set`` flags that give the study's values (a study made with ``--set`` is
-    continued with the same ones)."""
-    from autobuild.search.space import UNSET, set_flag
-
-    stored = study.user_attrs.get("space")
-    diffs = space.differences(stored) if isinstance(stored, dict) else []
-    if not diffs:  # (a space an older version fingerprinted otherwise)
-        return (f"study {name!r} was made from another search space (fingerprint "
-                f"{_fingerprint(study)} vs {space.fingerprint()}); {flag} works on the same "
-                "space only: use --study NEW")
-    shown = "; ".join(f"{k} is {there!r} there, {here!r} here" for k, there, here in diffs[:3])
-    more = f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else ""
-    fixes = [f"without {k}" if there is UNSET else set_flag(k, there) for k, there, _ in diffs]
-    return (f"study {name!r} was made from another search space: {shown}{more}; {flag} "
-            f"continues a study with the space it was made from: give the values it was "
-            f"made with ({', '.join(fixes)}) or start another with --study NEW")
 
 
 def _fingerprint(study: optuna.Study, wait_s: float = 60.0) -> str | None:

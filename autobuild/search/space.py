@@ -272,7 +272,7 @@ class SearchSpace(_Strict):
         """(key, recorded value, this space's value) for each key of the fingerprint that
         differs from ``recorded`` (a study's stored space), in dotted ``--set`` notation;
         :data:`UNSET` for a key one of them lacks."""
-        skip = {"n_trials", "device"}
+        skip = {"n_trials", "device"} | (set() if self.model_args else {"model_args"})
         here = {k: v for k, v in self.model_dump(mode="json").items() if k not in skip}
         there = {k: v for k, v in recorded.items() if k not in skip}
         return _differences(there, here, "")

@@ -4,6 +4,7 @@ whose workers all died is repaired by the next look at it."""
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 from typing import Any
 
@@ -16,7 +17,8 @@ __all__ = ["study_status", "storage_status"]
 
 
 def study_status(study: optuna.Study) -> dict[str, Any]:
-    fail_dead_trials(study)
+    with contextlib.suppress(optuna.exceptions.StorageInternalError):  # (a read-only file)
+        fail_dead_trials(study)
     trials = study.get_trials(deepcopy=False)
     states: dict[str, int] = {}
     for t in trials:

@@ -131,7 +131,7 @@ def check_writable(url: str) -> None:
         if not os.access(what, os.W_OK):
             raise AutobuildError(f"study database {path!r} cannot be written ({where} is "
                                  "read-only): a search records its trials there; status, "
-                                 "report and export only read it")
+                                 "report and export need only read it")
 
 
 def open_storage(url: str, *, heartbeat: bool | tuple[int, int] | None = True,
@@ -249,6 +249,13 @@ def _died_here(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
     host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
     if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
         return False
+    # A retried trial starts with its dead predecessor's attributes (Optuna's retry copies
+    # them) until its worker names itself, milliseconds later: until then it is not judged.
+    before = trial.system_attrs.get("failed_trial")
+    if before is not None:
+        predecessor = study.get_trials(deepcopy=False)[before]
+        if predecessor.user_attrs.get("worker") == trial.user_attrs.get("worker"):
+            return False
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:

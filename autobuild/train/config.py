@@ -21,8 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 
 from autobuild.errors import MAX_SEED, InvalidValue, schema_error, schema_message
 
-__all__ = ["CLIP_FAMILIES", "DETECTION_CLIP_FAMILIES", "TrainConfig", "check_new_recipe",
-           "check_resume", "flag_of"]
+__all__ = ["CLIP_FAMILIES", "DETECTION_CLIP_FAMILIES", "TrainConfig", "check_given",
+           "check_new_recipe", "check_resume", "flag_of"]
 
 #: Families whose products of activations blow up without clipping (QuadraLib clips at 0.5).
 CLIP_FAMILIES = {"quadratic": 0.5, "multiplicative": 0.5}
@@ -261,7 +261,9 @@ def check_new_recipe(cfg: TrainConfig, key: str = "--", given: Collection[str] =
     def name(field: str) -> str:
         return f"{field} ({flag_of(field)})" if key == "--" else f"{key}{field}"
 
-    check_given(cfg, given, name)
+    # (the fix names a space's key without the file again: "set budget.lr_schedule ...")
+    check_given(cfg, given, name, None if key == "--" else
+                lambda field: key.rpartition(": ")[2] + field)
     if cfg.amp_dtype == "fp16" and not cfg.amp:  # (bf16 is the default)
         raise InvalidValue(f"{name('amp_dtype')} fp16: it sets the precision of AMP, which is "
                            f"off; turn on {name('amp')}")
@@ -285,20 +287,22 @@ def check_new_recipe(cfg: TrainConfig, key: str = "--", given: Collection[str] =
                            f"{cfg.epochs} epochs; give epochs of the run")
 
 
-def check_given(cfg: TrainConfig, given: Collection[str], name: Callable[[str], str]) -> None:
+def check_given(cfg: TrainConfig, given: Collection[str], name: Callable[[str], str],
+                short: Callable[[str], str] | None = None) -> None:
     """Refuse a setting the user gave that the rest of the recipe makes idle (``name``
-    spells a field as the user wrote it)."""
+    spells a field as the user wrote it; ``short``, in the fix, as the user would set it)."""
+    short = short or name
     idle = {"amp_dtype": (not cfg.amp, "it sets the precision of AMP, which is off",
-                          f"turn on {name('amp')}"),
+                          f"turn on {short('amp')}"),
             "tensorboard_every": (cfg.tensorboard is None, "it sets how often TensorBoard "
                                   "logs histograms, which is off",
-                                  f"give {name('tensorboard')} DIR"),
+                                  f"give {short('tensorboard')} DIR"),
             "lr_gamma": (cfg.lr_schedule != "multistep", "it is the multistep schedule's "
                          "factor, and the schedule is cosine",
-                         f"set {name('lr_schedule')} multistep"),
+                         f"set {short('lr_schedule')} multistep"),
             "lr_milestones": (cfg.lr_schedule != "multistep", "milestones apply to the "
                               "multistep schedule only, and the schedule is cosine",
-                              f"set {name('lr_schedule')} multistep")}
+                              f"set {short('lr_schedule')} multistep")}
     for field, (idle_now, why, fix) in idle.items():
         if field in given and idle_now:
             raise InvalidValue(f"{name(field)} {getattr(cfg, field)}: {why}; {fix}, or leave "

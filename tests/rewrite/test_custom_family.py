@@ -65,7 +65,7 @@ def test_the_documented_family_works_from_the_cli(tmp_path) -> None:
     assert bad.returncode == 2 and "no.py" in bad.stderr and bad.stderr.count("\n") == 1
 
 
-def test_a_broken_family_is_named_with_its_site(tmp_path, monkeypatch) -> None:
+def test_a_broken_family_is_named_with_its_site(tmp_path, monkeypatch, capsys) -> None:
     """A family of one's own that raises, or builds a module of the wrong output shape, is
     an error naming it and the site (it was autobuild's "internal error (a bug)", or a
     torch error from a BatchNorm further on)."""
@@ -104,3 +104,22 @@ def test_a_broken_family_is_named_with_its_site(tmp_path, monkeypatch) -> None:
                                              r"its Conv2d outputs \(17, 32, 32\) per sample, "
                                              r"the site \(16, 32, 32\)"):
         autobuild.convert("cifar_resnet20", "wide-test", sites="layer1.0.conv1")
+    # On the command line, any exception raised in the code --import loaded is named as
+    # raised there (exit 2), not as autobuild's "internal error (a bug)" (exit 1).
+    from autobuild.cli import main
+
+    picky = tmp_path / "picky_family.py"
+    picky.write_text(
+        "import autobuild\n"
+        "class Picky(autobuild.Variant):\n"
+        "    name, summary, site_kinds = 'picky-test', 'accepts() raises', ('conv',)\n"
+        "    def accepts(self, site, options):\n"
+        "        raise KeyError('oops')\n"
+        "autobuild.register_variant(Picky, replace=True)\n")
+    for argv in (["sites", "cifar_resnet20", "--to", "picky-test"],
+                 ["convert", "cifar_resnet20", "--to", "picky-test"]):
+        assert main(["--import", str(picky), *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(
+            "autobuild: error: KeyError: 'oops' (raised in code --import loaded, at "
+            f"{picky}:5"), err

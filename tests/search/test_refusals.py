@@ -67,6 +67,10 @@ def _refused(capsys, argv: list[str], needle: str) -> None:
     (["--set", "budget.progress=true"],
      "search space 'space.yaml': budget.progress: trials train without"),
     (["--set", "device=tpu"], "search space 'space.yaml': device: must be auto, cpu"),
+    # data_dir with data that does not read it: ignored by the search (and the train
+    # command export printed for a trial was then refused)
+    (["--set", "data_dir=/tmp"], "search space 'space.yaml': data_dir '/tmp': it is where "
+                                 "CIFAR's batches are"),
     # Two groups of one name: exit 1 from Optuna once the first trial was taken.
     (["--set", "groups.1.name=stage3"], "groups: group 1's name 'stage3' is also group 0's"),
     # A site in two per-site groups: one parameter "site:NAME" asked with two choice lists.

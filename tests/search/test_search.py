@@ -120,6 +120,11 @@ def test_report_export_and_resume_through_the_cli(in_tmp, capsys) -> None:
     # not the study
     assert "studies/tiny.db', which this command must keep: replacing it whole" in \
         capsys.readouterr().err
+    # ...and --force does not delete the user's notes with it
+    assert main(["report", "--study", "tiny", "--out", "rep", "--force"]) == 2
+    assert "also holds what autobuild did not write (notes.md)" in capsys.readouterr().err
+    (in_tmp / "rep" / "notes.md").unlink()
+    (in_tmp / "rep" / "ri.csv").unlink()  # a report of its own, older: replaced whole
     assert main(["report", "--study", "tiny", "--out", "rep", "--force", "--json"]) == 0
     capsys.readouterr()
     assert sorted(os.listdir(in_tmp / "rep")) == ["pareto.png", "report.md", "ri.csv",
@@ -165,8 +170,8 @@ def test_a_study_from_another_space_is_not_mixed(in_tmp) -> None:
     # study made with --set overrides is continued with the same ones).
     with pytest.raises(AutobuildError, match=r"made from another search space: budget.cutout "
                                              r"is not set there, 2 here; budget.epochs is 2 "
-                                             r"there, 1 here; .*\(without budget.cutout, "
-                                             r"--set budget.epochs=2\)"):
+                                             r"there, 1 here; .*\(remove budget.cutout from "
+                                             r"the space file, --set budget.epochs=2\)"):
         run(other, resume=True, quiet=True)
 
 
