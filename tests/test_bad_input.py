@@ -228,6 +228,12 @@ CLI_CASES: list[tuple[str, list[str], list[str]]] = [
      ["--lr", "-1"]),
     ("train-lr-nan", ["train", "cifar_resnet20", "--data", SYNTH, "--lr", "nan"],
      ["--lr", "'nan'", "must be a finite number"]),
+    # (a float32 overflow inside torch's SGD: exit 1, the run left "failed")
+    ("train-lr-huge", ["train", "cifar_resnet20", "--data", SYNTH, "--lr", "1e308", "--out",
+                       "{out}"], ["--lr", "must be less than or equal to 1000", "1e308"]),
+    ("train-weight-decay-huge", ["train", "cifar_resnet20", "--data", SYNTH, "--weight-decay",
+                                 "1e308", "--out", "{out}"],
+     ["--weight-decay", "must be less than or equal to 1000"]),
     ("train-momentum-neg", ["train", "cifar_resnet20", "--data", SYNTH, "--momentum", "-1"],
      ["--momentum", "-1"]),
     ("train-workers-neg", ["train", "cifar_resnet20", "--data", SYNTH, "--workers", "-1"],

@@ -65,13 +65,14 @@ class TrainConfig(BaseModel):
     batch_size: Annotated[int, Field(ge=1, le=1_048_576)] = 128
     optimizer: Literal["sgd", "adamw"] = "sgd"
     #: Peak learning rate; None = 0.1 for SGD, 1e-3 for AdamW, scaled by the batch / 128 (the
-    #: batch a step sees: the training set when it is smaller than batch_size).
-    lr: Annotated[float, Field(gt=0)] | None = None
+    #: batch a step sees: the training set when it is smaller than batch_size). At most 1000
+    #: (the optimizers' float32 arithmetic overflowed at 1e308: a crash, not a divergence).
+    lr: Annotated[float, Field(gt=0, le=1000)] | None = None
     #: SGD momentum (a negative one is gradient ascent in disguise; 1 never forgets).
     momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
     nesterov: bool = True
     #: None = 5e-4 for SGD, 0.05 for AdamW; never applied to norms, biases, Dirac alpha/beta.
-    weight_decay: Annotated[float, Field(ge=0)] | None = None
+    weight_decay: Annotated[float, Field(ge=0, le=1000)] | None = None
     #: Linear warm-up length, capped at a quarter of the run so short runs still anneal.
     warmup_epochs: Annotated[float, Field(ge=0)] = 5.0
     #: "cosine" (to zero) or "multistep" (x lr_gamma at each of lr_milestones), after warm-up.
