@@ -16,7 +16,8 @@ from autobuild.rewrite import Placement, Plan, get_family, plan_of, record_of, s
 from autobuild.rewrite.plan import load_yaml, yaml_problem
 from autobuild.rewrite.record import unwrap
 
-__all__ = ["PLAN_FILE", "WEIGHTS_FILE", "load", "load_placement", "load_plan", "read_weights",
+__all__ = ["PLAN_FILE", "WEIGHTS_FILE", "load", "load_placement", "load_plan", "plan_in",
+           "read_weights",
            "save", "save_plan", "save_weights"]
 
 PLAN_FILE = "plan.yaml"
@@ -61,7 +62,7 @@ def load_plan(path: str) -> Plan:
 
 def load_placement(path: str) -> Placement:
     """A placement file: YAML/JSON mapping site -> choice (optionally under a top-level
-    ``placement:`` key), or a plan file (its placement)."""
+    ``placement:`` key), or a plan file (its placement; :func:`plan_in` tells which)."""
     import yaml
 
     path = as_path(path)
@@ -86,6 +87,15 @@ def load_placement(path: str) -> Placement:
         return Placement(data)
     except AutobuildError as exc:
         raise type(exc)(f"placement file {path!r}: {exc}") from exc
+
+
+def plan_in(path: str) -> Plan | None:
+    """The plan a placement file is, when it is a plan file (None for a placement file);
+    call after :func:`load_placement` has checked the file."""
+    with open(as_path(path), encoding="utf-8") as f:
+        data = load_yaml(f)
+    return Plan.from_dict(data, repr(path)) if isinstance(data, dict) and \
+        "autobuild_plan" in data else None
 
 
 # ---- models ----------------------------------------------------------------------------

@@ -309,6 +309,10 @@ CLI_CASES: list[tuple[str, list[str], list[str]]] = [
     ("sites-of-a-saved-model", ["sites", "{model}"], ["is a directory", "autobuild inspect"]),
     ("convert-placement-a-directory", ["convert", "cifar_resnet20", "--placement", "{root}"],
      ["placement file", "is a directory"]),
+    # (its placement was applied to the other model, its init dropped, silently)
+    ("convert-placement-a-plan-of-another-model", ["convert", "cifar_resnet32", "--placement",
+                                                   "{model}/plan.yaml"],
+     ["plan.yaml: a plan of cifar_resnet20, not cifar_resnet32"]),
     # it tried to allocate 240 GB before the model refused the images
     ("evaluate-image-size-huge", ["evaluate", "{run}", "--image-size", "100000"],
      ["--image-size", "must be less than or equal to 4096"]),

@@ -62,6 +62,12 @@ def test_convert_json_out_and_inspect(tmp_path, capsys) -> None:
     # --plan rebuilds the same conversion
     assert main(["convert", "--plan", os.path.join(out, "plan.yaml"), "--json"]) == 0
     assert _json(capsys)["sites"] == result["sites"]
+    # ...and so does a plan given as --placement, in the plan's init (it was scratch)
+    assert main(["convert", "cifar_resnet20", "--placement", os.path.join(out, "plan.yaml"),
+                 "--json"]) == 0
+    again = _json(capsys)
+    assert again["sites"] == result["sites"] and again["init"] == "preserve"
+    assert again["max_abs_diff"] <= 1e-4 * again["max_abs_output"]
 
 
 def test_convert_sites_input_size_and_table(capsys) -> None:

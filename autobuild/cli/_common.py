@@ -228,7 +228,7 @@ def model_from_args(args: argparse.Namespace, *, allow_baseline: bool = False,
     baseline (an empty placement), which training uses for reference runs.
     """
     from autobuild.api import analyze, check_plan_leaves, plan_baseline
-    from autobuild.io import load, load_placement, load_plan
+    from autobuild.io import load, load_placement, load_plan, plan_in
     from autobuild.rewrite import Analysis, Placement, plan_of
 
     converting = args.family or args.sites or args.option or args.placement
@@ -266,6 +266,13 @@ def model_from_args(args: argparse.Namespace, *, allow_baseline: bool = False,
             raise AutobuildError("--placement names every choice; it takes no --to/--sites/"
                                  "--option")
         placement = load_placement(args.placement)
+        plan = plan_in(args.placement)
+        if plan is not None:  # a plan's placement names its own model's sites, in its init
+            if plan.model != args.model:
+                raise AutobuildError(f"--placement {args.placement}: a plan of {plan.model}, "
+                                     f"not {args.model}: its sites are {plan.model}'s (give "
+                                     "a placement file, or convert that model)")
+            init = args.init or plan.init
         analysis.check_new(placement)
         return _build(analysis, placement, init, seed), analysis
     if not args.family:
