@@ -369,6 +369,11 @@ def run(space: SearchSpace | str | dict, *, overrides: tuple[str, ...] = (),
         space = space.model_copy(update={"n_trials": n_trials})
     search = prepare(space, storage=storage, study_name=study_name, resume=resume, join=join,
                      device=device, quiet=quiet, artifacts=artifacts, heartbeat=heartbeat)
+    done = finished(search.study)
+    if n_trials is not None and n_trials < done:  # (it would lower the study's target)
+        raise AutobuildError(f"--n-trials {n_trials}: study {search.study.study_name!r} "
+                             f"already has {done} finished trials; give more than {done} to "
+                             "run more (`autobuild status` shows where it stands)")
     if n_trials is not None or "n_trials" not in search.study.user_attrs:
         search.study.set_user_attr("n_trials", space.n_trials)
     work(search, int(search.study.user_attrs["n_trials"]))

@@ -100,6 +100,10 @@ def test_report_export_and_resume_through_the_cli(in_tmp, capsys) -> None:
     assert "--resume" in capsys.readouterr().err
     assert main(["search", str(space), "--resume", "--n-trials", "4", "--quiet"]) == 0
     capsys.readouterr()
+    # fewer trials than it has: that lowered the study's target silently (status: 4/2)
+    assert main(["search", str(space), "--resume", "--n-trials", "2", "--quiet"]) == 2
+    assert "--n-trials 2: study 'tiny' already has 4 finished trials" in \
+        capsys.readouterr().err
     assert main(["report", "--study", "tiny", "--out", "rep", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["trials"] == 4 and result["hypervolume"] >= 0
