@@ -22,8 +22,9 @@ import torch
 
 from autobuild.errors import AutobuildError
 
-__all__ = ["OUTPUT_FILES", "atomic_copy", "atomic_file", "atomic_torch_save", "atomic_write_text",
-           "check_replaceable", "ensure_writable_dir", "staged_directory"]
+__all__ = ["OUTPUT_FILES", "OUTPUT_KINDS", "atomic_copy", "atomic_file", "atomic_torch_save",
+           "atomic_write_text", "check_replaceable", "ensure_writable_dir", "output_kind",
+           "staged_directory"]
 
 _TMP = ".tmp-"
 #: Test hook: called with a step name at each step of :func:`staged_directory` and of
@@ -126,17 +127,30 @@ def atomic_torch_save(obj: Any, path: str) -> None:
 
 
 # ---- directories ---------------------------------------------------------------------------
-#: Every name autobuild writes in an output directory (a run, a saved model, an analysis
-#: and its ``compare`` folder, a report): --force replaces a directory whole, so only one
-#: that holds nothing else. A folder of datasets or of study databases given as --out by
-#: mistake, or a run beside which the user keeps notes, is refused, not emptied.
-OUTPUT_FILES = frozenset({
-    "plan.yaml", "weights.safetensors", "init.safetensors", "last.safetensors",  # models
-    "train.yaml", "checkpoint.pt", "metrics.csv",  # runs
-    "layers.csv", "sites.csv", "weights.csv", "histograms.csv", "compare.csv",  # analyses
-    "activations.png", "gradients.png", "activation_histograms.png",
-    "weight_histograms.png", "weights.png", "compare.png", "compare",
-    "report.md", "trials.csv", "pareto.png", "ri.csv"})  # reports
+#: The kinds of output directory autobuild writes, by the names that mark each (tested in
+#: this order: a run also holds a model's files).
+OUTPUT_KINDS = {
+    "run": ("a training run", frozenset({"train.yaml", "checkpoint.pt", "metrics.csv",
+                                         "last.safetensors"})),
+    "report": ("a search report", frozenset({"report.md", "trials.csv", "pareto.png",
+                                             "ri.csv"})),
+    "analysis": ("an analysis", frozenset({
+        "layers.csv", "sites.csv", "weights.csv", "histograms.csv", "compare.csv",
+        "activations.png", "gradients.png", "activation_histograms.png",
+        "weight_histograms.png", "weights.png", "compare.png", "compare"})),
+    "model": ("a saved model", frozenset({"plan.yaml", "weights.safetensors",
+                                          "init.safetensors"})),
+}
+#: Every name autobuild writes in an output directory: --force replaces a directory whole,
+#: so only one that holds nothing else. A folder of datasets or of study databases given as
+#: --out by mistake, or a run beside which the user keeps notes, is refused, not emptied.
+OUTPUT_FILES = frozenset().union(*(names for _, names in OUTPUT_KINDS.values()))
+
+
+def output_kind(entries: Iterable[str]) -> str | None:
+    """Which of :data:`OUTPUT_KINDS` a directory holding ``entries`` is (None: none)."""
+    entries = set(entries)
+    return next((kind for kind, (_, names) in OUTPUT_KINDS.items() if entries & names), None)
 
 
 def _foreign(path: str, entries: list[str]) -> list[str]:
@@ -146,11 +160,14 @@ def _foreign(path: str, entries: list[str]) -> list[str]:
         e.startswith(".") and not os.path.isdir(os.path.join(path, e))))
 
 
-def ensure_writable_dir(path: str, *, force: bool = False, keep: Iterable[str] = ()) -> None:
+def ensure_writable_dir(path: str, *, force: bool = False, keep: Iterable[str] = (),
+                        writes: str | None = None) -> None:
     """Refuse a non-empty ``path`` unless ``force`` (nothing is lost silently), and with
     ``force`` one that is or holds what the command reads (``keep``, see
-    :func:`check_replaceable`) or that holds nothing autobuild wrote; refuse a file or a
-    directory that cannot be written. Creates nothing."""
+    :func:`check_replaceable`), that holds anything autobuild did not write, or that holds
+    another kind of output than the one the command ``writes`` (a key of
+    :data:`OUTPUT_KINDS`: a saved model written over a training run would lose the run);
+    refuse a file or a directory that cannot be written. Creates nothing."""
     if not isinstance(path, str) or not path.strip():
         raise AutobuildError(f"an output directory must be a non-empty path, got {path!r}")
     if os.path.exists(path) and not os.path.isdir(path):
@@ -173,6 +190,12 @@ def ensure_writable_dir(path: str, *, force: bool = False, keep: Iterable[str] =
                              f"{'them' if len(foreign) > 1 else 'it'}; move "
                              f"{'them' if len(foreign) > 1 else 'it'} out, or choose another "
                              "--out")
+    found = output_kind(entries)
+    if force and writes and found and found != writes:
+        raise AutobuildError(f"{path!r} is {OUTPUT_KINDS[found][0]}, and this writes "
+                             f"{OUTPUT_KINDS[writes][0]}: --force replaces an output with one "
+                             f"of its kind only ({OUTPUT_KINDS[found][0]} would be lost); "
+                             "choose another --out")
     parent = os.path.dirname(os.path.abspath(path))
     probe = path if os.path.isdir(path) else _existing_ancestor(parent)
     if not os.path.isdir(probe):  # (os.access says a file is writable: it is no folder)
@@ -227,11 +250,12 @@ def check_replaceable(dest: str, keep: Iterable[str] = ()) -> None:
 
 
 @contextlib.contextmanager
-def staged_directory(dest: str, *, force: bool = False) -> Iterator[str]:
+def staged_directory(dest: str, *, force: bool = False, writes: str | None = None
+                     ) -> Iterator[str]:
     """Yield a staging directory beside ``dest``; when the block succeeds it replaces
     ``dest`` in one step (the old content, if any, is removed afterwards). Refuses a
     non-empty ``dest`` unless ``force``."""
-    ensure_writable_dir(dest, force=force)
+    ensure_writable_dir(dest, force=force, writes=writes)
     check_replaceable(dest)  # (an empty working directory, too: it would be swapped out)
     dest = os.path.abspath(dest)
     parent = os.path.dirname(dest)

@@ -118,7 +118,7 @@ def save(model: nn.Module, directory: str, *, force: bool = False) -> str:
     if plan is None:
         raise AutobuildError("this model has no plan: build it with autobuild.convert() or "
                              "autobuild.load() so it can be saved as plan + weights")
-    with staged_directory(directory, force=force) as staging:
+    with staged_directory(directory, force=force, writes="model") as staging:
         save_weights(model, os.path.join(staging, WEIGHTS_FILE))
         _step("weights")
         save_plan(plan, os.path.join(staging, PLAN_FILE))

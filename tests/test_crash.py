@@ -70,14 +70,18 @@ def test_save_killed_at_each_step_leaves_a_complete_model(step: str, tmp_path: P
     assert _family(dest) == "pde-global"
 
 
-def test_convert_force_replaces_a_run_as_a_whole(tmp_path: Path) -> None:
-    """`convert --out RUN --force` over a training run: none of the run's files stay beside
-    the new model."""
+def test_convert_force_replaces_a_saved_model_as_a_whole(tmp_path: Path) -> None:
+    """`convert --out SAVED --force` over an older saved model: none of its files stay
+    beside the new model; over a training run it is refused (the run would be lost)."""
     run = tmp_path / "run"
     run.mkdir()
-    for name in ("checkpoint.pt", "metrics.csv", "train.yaml", "last.safetensors"):
-        (run / name).write_text("old run\n")
+    for name in ("plan.yaml", "weights.safetensors", "init.safetensors"):
+        (run / name).write_text("old model\n")
     assert main(["convert", "cifar_resnet20", "--to", "quadratic", "--out", str(run),
                  "--force"]) == 0
     assert sorted(os.listdir(run)) == ["plan.yaml", "weights.safetensors"]
     assert _listing(tmp_path) == ["run"]
+    (run / "checkpoint.pt").write_text("old run\n")
+    assert main(["convert", "cifar_resnet20", "--to", "quadratic", "--out", str(run),
+                 "--force"]) == 2
+    assert (run / "checkpoint.pt").read_text() == "old run\n"

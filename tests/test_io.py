@@ -53,10 +53,17 @@ def test_refuses_non_empty_dir_unless_forced(tmp_path) -> None:
     # the new one (a hidden file is no loss).
     (tmp_path / "keep.txt").unlink()
     (tmp_path / "notes").rmdir()
-    (tmp_path / "checkpoint.pt").write_text("older run")
+    (tmp_path / "init.safetensors").write_text("older")
     (tmp_path / ".DS_Store").write_text("")
     autobuild.save(m, str(tmp_path), force=True)
     assert sorted(os.listdir(tmp_path)) == ["plan.yaml", "weights.safetensors"]
+    # ...but never a training run of it: --force replaces an output of the same kind
+    (tmp_path / "checkpoint.pt").write_text("hours of training")
+    with pytest.raises(AutobuildError, match=r"is a training run, and this writes a saved "
+                                             r"model: --force replaces an output with one "
+                                             r"of its kind only"):
+        autobuild.save(m, str(tmp_path), force=True)
+    assert (tmp_path / "checkpoint.pt").read_text() == "hours of training"
 
 
 def test_unplanned_model_cannot_be_saved(tmp_path) -> None:

@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.out:  # refuse before the (possibly slow) conversion
         # --force replaces --out whole: not the saved model, plan or files it reads
-        ensure_writable_dir(args.out, force=args.force, keep=[
+        ensure_writable_dir(args.out, force=args.force, writes="model", keep=[
             p for p in (args.model, args.plan, args.placement, args.weights)
             if p and os.path.exists(p)])
     model, analysis = model_from_args(args)

@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     from autobuild.summary import output_difference
 
     # (--force would delete the run it reads)
-    ensure_writable_dir(args.out, force=args.force, keep=[args.run_dir])
+    ensure_writable_dir(args.out, force=args.force, keep=[args.run_dir], writes="model")
     model = load(args.run_dir)
     folded = fold(model)
     diff, scale = output_difference(model, folded, plan_of(model).input_size)

@@ -52,7 +52,7 @@ def export_trial(study: optuna.Study, number: int, out: str, *, force: bool = Fa
     from autobuild.files import ensure_writable_dir
     from autobuild.io import load, save
 
-    ensure_writable_dir(out, force=force, keep=keep)
+    ensure_writable_dir(out, force=force, keep=keep, writes="model")
     trial = _trial(study, number)
     plan = trial_plan(study, number)
     seed = trial.user_attrs.get("seed")

@@ -201,11 +201,11 @@ def write_report(study: optuna.Study, out: str, *, force: bool = False,
     )
     from autobuild.search.importance import COLUMNS as RI_COLUMNS
 
-    ensure_writable_dir(out, force=force, keep=keep)
+    ensure_writable_dir(out, force=force, keep=keep, writes="report")
     if not study.get_trials(deepcopy=False):
         raise AutobuildError(f"study {study.study_name!r} has no trials yet")
     frame = trials_frame(study)
-    with staged_directory(out, force=force) as staging:
+    with staged_directory(out, force=force, writes="report") as staging:
         # (counts as integers: a column with empty cells would be written as 2.0)
         whole = {c: "Int64" for c in ("params", "macs", "flops", "pruned_at_epoch",
                                       "reused_from")}

@@ -78,7 +78,8 @@ def analyze_run(run: str, out_dir: str, *, data: str | None = None,
     folders = data_paths(data or recorded.get("spec"), data_dir or recorded.get("data_dir"))
     # --out: a file, not empty without --force; with it, never what it reads (the runs, the
     # data) nor the directory it runs in
-    ensure_writable_dir(out_dir, force=force, keep=[run, compare or "", *folders])
+    ensure_writable_dir(out_dir, force=force, keep=[run, compare or "", *folders],
+                        writes="analysis")
     task = task_for(load_plan(run).model, data or (record or {}).get("spec"))
     dataset = data_for_run(data, record, data_dir=data_dir)
     if compare:  # measured on the same batches: they must be its classes too
@@ -106,7 +107,7 @@ def analyze_run(run: str, out_dir: str, *, data: str | None = None,
                                "sites": len(a.site_names),
                                "converted_layers": len(a.family_layers)}
     # Written whole: --force replaces an earlier analysis, it never mixes with it.
-    with staged_directory(out_dir, force=force) as staging:
+    with staged_directory(out_dir, force=force, writes="analysis") as staging:
         files = write_analysis(a, staging, plots=plots)
         if b is not None:
             files += write_analysis(b, os.path.join(staging, "compare"), plots=plots)

@@ -200,7 +200,8 @@ def prepare_run_dir(path: str, *, force: bool = False, adopt: bool = False,
     if entries and force:
         from autobuild.files import ensure_writable_dir
 
-        ensure_writable_dir(path, force=True, keep=keep)
+        # (a saved model trained in its own directory becomes a run: it stays, as init)
+        ensure_writable_dir(path, force=True, keep=keep, writes=None if adopt else "run")
     check_writable(path)
     if dry_run:
         return
@@ -213,7 +214,7 @@ def prepare_run_dir(path: str, *, force: bool = False, adopt: bool = False,
     init = os.path.join(path, INIT_WEIGHTS)
     original = os.path.join(path, adopted_weights(path))
     if entries and force:
-        with staged_directory(path, force=True) as staging:
+        with staged_directory(path, force=True, writes=None if adopt else "run") as staging:
             if adopt and os.path.exists(original):  # the saved model stays what it was
                 plan = os.path.join(path, "plan.yaml")
                 if os.path.exists(plan):

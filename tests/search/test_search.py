@@ -251,7 +251,7 @@ def test_a_killed_sqlite_worker_is_known_dead_at_once(in_tmp, capsys) -> None:
 
 def test_diverging_trials_fail_with_their_reason_and_the_study_goes_on(in_tmp) -> None:
     space = load_space(tiny_space(n_trials=1, budget={"epochs": 1, "batch_size": 32,
-                                                      "lr": 1e38, "clip_grad": 0}))
+                                                      "lr": 1000.0, "clip_grad": 0}))
     with pytest.raises(AutobuildError, match="trials failed"):
         run(space, quiet=True)
     study = optuna.load_study(study_name="tiny", storage="sqlite:///studies/tiny.db")

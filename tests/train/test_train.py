@@ -127,7 +127,7 @@ def test_divergence_stops_the_run() -> None:
 
 def test_divergence_exit_code_is_3(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     code = main(["train", "cifar_resnet20", "--data", "synthetic:size=3x8x8,classes=4,train=32,"
-                 "val=8", "--epochs", "1", "--lr", "1e30", "--clip-grad", "0",
+                 "val=8", "--epochs", "1", "--lr", "1000", "--clip-grad", "0",
                  "--warmup-epochs", "0", "--out", str(tmp_path / "d"), *FAST])
     assert code == 3
     assert "diverged" in capsys.readouterr().err
