@@ -14,7 +14,7 @@ __all__ = ["MAX_SEED", "NAME_PATTERN", "AutobuildError", "InfeasiblePlacement", 
 #: What a study may be called (also the name of its SQLite file and artifact folder).
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
 #: Patterns said in words in error messages.
-_PATTERN_WORDS = {NAME_PATTERN: "must be 1 to 100 letters, digits, '_', '.' or '-', "
+_PATTERN_WORDS = {NAME_PATTERN: "must be 1 to 100 ASCII letters, digits, '_', '.' or '-', "
                                 "starting with a letter or digit"}
 
 

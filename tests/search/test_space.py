@@ -56,9 +56,10 @@ def test_model_args_are_checked_and_a_space_without_them_keeps_its_fingerprint()
     ({"sampler": "cmaes"}, "sampler: unknown sampler 'cmaes'; valid: default, nsga2, tpe, "
                            "random, bruteforce$"),
     ({"colour": "red"}, "colour: unknown key"),
-    ({"name": "a b"}, "name: must be 1 to 100 letters"),
+    ({"name": "a b"}, "name: must be 1 to 100 ASCII letters"),
     # a value the fixed text happens to quote is still shown
-    ({"name": "-"}, "name: must be 1 to 100 letters.*, got '-'$"),
+    ({"name": "-"}, "name: must be 1 to 100 ASCII letters.*, got '-'$"),
+    ({"name": "étude"}, "name: must be 1 to 100 ASCII letters"),
     ({"groups": [{"sites": "x"}]}, "groups.0.choices: is required"),
     # a typo in a choice: refused when the space is read, naming the key (it was a bare
     # "unknown option" once the study had started)
