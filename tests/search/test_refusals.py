@@ -166,7 +166,9 @@ def test_an_existing_study_hears_of_the_device_and_of_the_flag_given(in_tmp, cap
     _refused(capsys, ["search", space, "--storage", postgres_url, "--device", bad],
              f"--device {bad}: ")  # not "already exists"
     _refused(capsys, ["search", space, "--storage", postgres_url, "--join",
-                      "--set", "budget.epochs=1"], "--join works on the same space only")
+                      "--set", "budget.epochs=1"],
+             "budget.epochs is 2 there, 1 here; --join continues a study with the space it "
+             "was made from: give the values it was made with (--set budget.epochs=2)")
     assert set(_states(postgres_url)) == {"WAITING"}
 
 
