@@ -137,6 +137,7 @@ def _new_job(args: argparse.Namespace) -> _Job:
     wait_for_all_ranks(str(cfg.device))  # every rank has read what rank 0 may now replace
     if is_main_process():  # only rank 0 touches the run directory
         prepare_run_dir(run_dir, force=args.force, adopt=adopt)  # (checked: _new_run_dir)
+    wait_for_all_ranks(str(cfg.device))  # ...and no rank trains before it is ready
     return _Job(run_dir, task, model, data, cfg, resume=False)
 
 
