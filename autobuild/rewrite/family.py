@@ -344,13 +344,19 @@ def list_families() -> list[Variant]:
     return list(_FAMILIES.values())
 
 
+def is_builtin(variant: Variant) -> bool:
+    """Whether ``variant`` is one of autobuild's own families (tested here), not one
+    registered from outside."""
+    return type(variant).__module__.startswith("autobuild.")
+
+
 @contextlib.contextmanager
 def own_errors(variant: Variant, site: Site) -> Iterator[str]:
     """Around a family's code: an exception a family registered from outside autobuild
     raises (not an :class:`AutobuildError`) becomes an error naming the family and the site,
     not an "internal error" of autobuild's. Yields how to name them."""
     where = f"family {variant.name!r} (from {type(variant).__module__}) on site {site.name}"
-    if type(variant).__module__.startswith("autobuild."):
+    if is_builtin(variant):
         yield where
         return
     try:

@@ -17,7 +17,7 @@ from torch import fx, nn
 
 from autobuild.errors import AutobuildError, brief
 from autobuild.rewrite.cost import param_count, run_on_meta
-from autobuild.rewrite.family import own_errors
+from autobuild.rewrite.family import is_builtin, own_errors
 from autobuild.rewrite.record import Change
 from autobuild.rewrite.sites import Site
 from autobuild.rewrite.trace import trace
@@ -123,8 +123,8 @@ class Rewriter:
         with own_errors(variant, site) as where:
             variant.apply(self, site, options, init)
         path = self.site_modules.get(site.name)
-        if type(variant).__module__.startswith("autobuild.") or site.call >= 0 or not path \
-                or not site.input_shape or site.kind == "network":
+        if is_builtin(variant) or site.call >= 0 or not path or not site.input_shape \
+                or site.kind == "network":
             return  # (ours are tested; a graph edit or a whole network: its forward tells)
         new = self.model.get_submodule(path)
         try:

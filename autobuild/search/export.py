@@ -80,6 +80,7 @@ def train_command(study: optuna.Study, out: str) -> str:
     import shlex
 
     from autobuild.train import TrainConfig
+    from autobuild.train.config import flag_of
 
     space = study.user_attrs.get("space") or {}
     data = str(space.get("data"))
@@ -92,7 +93,7 @@ def train_command(study: optuna.Study, out: str) -> str:
         argv += ["--device", space["device"]]
     fields = TrainConfig.model_fields
     for key, value in (space.get("budget") or {}).items():
-        flag = "--" + key.replace("_", "-")
+        flag = flag_of(key)
         default = fields[key].default if key in fields else None
         if value is None or value == default and key not in ("epochs", "batch_size"):
             continue

@@ -18,9 +18,8 @@ import optuna
 from autobuild.errors import AutobuildError
 
 __all__ = ["artifact_dir", "check_url", "check_writable", "default_storage", "fail_dead_trials",
-           "finished",
-           "holds_no_study", "load_study", "mask_url", "open_storage", "sqlite_file",
-           "study_paths"]
+           "finished", "holds_no_study", "load_study", "mask_url", "open_storage",
+           "sqlite_file", "study_paths"]
 
 DONE = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 #: Heartbeats: a running trial whose worker has not written for GRACE_S is failed and
