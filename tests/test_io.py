@@ -117,6 +117,25 @@ def test_a_graph_edited_model_keeps_its_plan_and_class_when_copied(tmp_path) -> 
     autobuild.load(str(tmp_path / "ema"))
 
 
+def test_a_graph_edited_model_keeps_its_plan_and_class_through_pickling() -> None:
+    """torch.fx rebuilds an unpickled GraphModule from its code with a new ``meta``: it was
+    called GraphModule and its next deepcopy (the EMA copy) dropped the plan."""
+    import copy
+    import io
+    import pickle
+
+    m = autobuild.convert("cifar_resnet20", "dirac", num_classes=4, input_size=(3, 8, 8))
+    buffer = io.BytesIO()
+    torch.save(m, buffer)
+    buffer.seek(0)
+    for loaded in (pickle.loads(pickle.dumps(m)), torch.load(buffer, weights_only=False)):
+        clone = copy.deepcopy(pickle.loads(pickle.dumps(copy.deepcopy(loaded))))
+        assert type(clone).__name__ == "CifarResNet"
+        assert autobuild.plan_of(clone).to_dict() == autobuild.plan_of(m).to_dict()
+        x = torch.randn(2, 3, 8, 8)
+        torch.testing.assert_close(clone.eval()(x), m.eval()(x), rtol=0, atol=0)
+
+
 def test_a_wrapped_model_is_saved_as_the_module_it_wraps(tmp_path) -> None:
     """save() of a torch.compile'd (or DDP) model wrote its keys with the wrapper's prefix
     (``_orig_mod.``): a directory load() could never read."""

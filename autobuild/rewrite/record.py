@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 from torch import fx, nn
 
+from autobuild.rewrite.graph_copies import keep_identity
+
 if TYPE_CHECKING:
     from autobuild.rewrite.plan import Plan
 
@@ -66,6 +68,7 @@ def set_record(model: nn.Module, record: BuildRecord) -> None:
     if isinstance(model, fx.GraphModule):  # its deepcopy rebuilds it from the graph: the
         # attributes it restores are those listed here (torch.fx's user-preserved ones)
         model.meta.setdefault(_PRESERVED, {})[_ATTR] = record
+        keep_identity(model)
 
 
 #: torch.fx.graph_module's key: GraphModule.__deepcopy__ sets these attributes on the copy.

@@ -18,30 +18,12 @@ from torch import fx, nn
 from autobuild.errors import AutobuildError, brief
 from autobuild.rewrite.cost import param_count, run_on_meta
 from autobuild.rewrite.family import is_builtin, own_errors
+from autobuild.rewrite.graph_copies import keep_identity
 from autobuild.rewrite.record import Change
 from autobuild.rewrite.sites import Site
 from autobuild.rewrite.trace import trace
 
 __all__ = ["Rewriter"]
-
-
-def keep_class_name(gm: fx.GraphModule) -> None:
-    """Make copies of ``gm`` keep its class name (``CifarResNet``, not ``GraphModule``:
-    GraphModule.__deepcopy__ rebuilds the copy under its default name)."""
-    gm.meta[_CLASS_NAME] = type(gm).__name__
-    # (a private torch.fx hook: were it gone, copies would only be named GraphModule)
-    register = getattr(gm, "_register_deepcopy_hook", None)
-    if register is not None:
-        register(_restore_class_name)
-
-
-_CLASS_NAME = "autobuild_class_name"
-
-
-def _restore_class_name(gm: fx.GraphModule) -> None:
-    name = gm.meta.get(_CLASS_NAME)
-    if name:
-        type(gm).__name__ = name
 
 
 class Rewriter:
@@ -94,7 +76,7 @@ class Rewriter:
             else:  # modules were swapped since the analysis: trace what is there now
                 graph = trace(self.root_module, leaf_modules=self.leaf_modules).graph
             gm = fx.GraphModule(self.root_module, graph, type(self.root_module).__name__)
-            keep_class_name(gm)
+            keep_identity(gm)
             self._install_root(gm)
             self._gm = gm
         return self._gm
