@@ -24,6 +24,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from autobuild.errors import AutobuildError, schema_message
+from autobuild.files import (
+    OUTPUT_KINDS,
+    atomic_copy,
+    atomic_write_text,
+    ensure_writable_dir,
+    staged_directory,
+)
 from autobuild.rewrite.plan import load_yaml, yaml_problem
 
 __all__ = ["INIT_WEIGHTS", "RUN_FILE", "RUN_MARKERS", "SAVED_MODEL", "RunRecord",
@@ -33,9 +40,10 @@ __all__ = ["INIT_WEIGHTS", "RUN_FILE", "RUN_MARKERS", "SAVED_MODEL", "RunRecord"
 RUN_FILE = "train.yaml"
 CHECKPOINT_FILE = "checkpoint.pt"
 #: Files that mark a directory as holding a training run.
-RUN_MARKERS = (CHECKPOINT_FILE, "metrics.csv", RUN_FILE)
-#: A directory `autobuild convert --out` wrote: training it in place keeps its weights.
-SAVED_MODEL = {"plan.yaml", "weights.safetensors"}
+RUN_MARKERS = OUTPUT_KINDS["run"][1]
+#: A directory `autobuild convert --out` wrote (and ``init.safetensors``, which a saved
+#: model trained in place keeps): training it in place keeps its weights.
+SAVED_MODEL = OUTPUT_KINDS["model"][1]
 INIT_WEIGHTS = "init.safetensors"
 STATUSES = ("running", "finished", "stopped", "diverged", "failed", "interrupted")
 
@@ -116,8 +124,6 @@ def read_run_record(run: str) -> dict[str, Any] | None:
 
 def write_run_record(run: str, record: dict[str, Any]) -> None:
     """Validate ``record`` and write it as ``train.yaml``, atomically."""
-    from autobuild.files import atomic_write_text
-
     try:
         clean = RunRecord.model_validate(record).model_dump()
     except ValidationError as exc:  # the code's own record: a bug, named precisely
@@ -192,21 +198,17 @@ def prepare_run_dir(path: str, *, force: bool = False, adopt: bool = False,
     if os.path.exists(path) and not os.path.isdir(path):
         raise AutobuildError(f"{path!r} exists and is not a directory; choose another --out")
     entries = set(os.listdir(path)) if os.path.isdir(path) else set()
-    adopting = bool(adopt and entries and entries <= SAVED_MODEL | {INIT_WEIGHTS})
+    adopting = bool(adopt and entries and entries <= SAVED_MODEL)
     if entries and not force and not adopting:
-        if entries & set(RUN_MARKERS):
+        if entries & RUN_MARKERS:
             raise AutobuildError(_describe(path, entries))
         raise AutobuildError(f"{path!r} is not empty; choose another --out or pass --force")
     if entries and force:
-        from autobuild.files import ensure_writable_dir
-
         # (a saved model trained in its own directory becomes a run: it stays, as init)
         ensure_writable_dir(path, force=True, keep=keep, writes=None if adopt else "run")
     check_writable(path)
     if dry_run:
         return
-    from autobuild.files import atomic_copy, staged_directory
-
     weights = os.path.join(path, "weights.safetensors")
     # A run in this directory began from init.safetensors: those are the saved model's own
     # weights (weights.safetensors is then that run's result), and a new run starts again
