@@ -105,10 +105,15 @@ class Rewriter:
         with own_errors(variant, site) as where:
             variant.apply(self, site, options, init)
         path = self.site_modules.get(site.name)
-        if is_builtin(variant) or site.call >= 0 or not path or not site.input_shape \
-                or site.kind == "network":
+        if is_builtin(variant) or site.call >= 0 or not path or path == self.root \
+                or not site.input_shape or site.kind == "network":
             return  # (ours are tested; a graph edit or a whole network: its forward tells)
-        new = self.model.get_submodule(path)
+        try:
+            new = self.model.get_submodule(path)
+        except AttributeError:
+            raise AutobuildError(f"{where}: it recorded the site at {path!r}, which is not a "
+                                 "module of the model (record_site takes the module's full "
+                                 "name in the model)") from None
         try:
             shape = run_on_meta(new, site.input_shape, lambda m, x: tuple(m(x).shape[1:]))
         except Exception as exc:

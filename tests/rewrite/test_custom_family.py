@@ -123,3 +123,38 @@ def test_a_broken_family_is_named_with_its_site(tmp_path, monkeypatch, capsys) -
         assert err.count("\n") == 1 and err.startswith(
             "autobuild: error: KeyError: 'oops' (raised in code --import loaded, at "
             f"{picky}:5"), err
+
+
+def test_a_graph_level_family_may_record_a_site_at_the_root_of_a_detector(monkeypatch) -> None:
+    """A family that edits the graph and records its site at the traced root (as the Dirac
+    family does) was checked as if the detector's whole backbone replaced one conv, and
+    refused; a recorded path that is no module was an AttributeError (a bug)."""
+    import pytest
+
+    from autobuild.errors import AutobuildError
+    from autobuild.rewrite import family
+
+    family.list_families()
+    monkeypatch.setattr(family, "_FAMILIES", dict(family._FAMILIES))
+
+    class AtRoot(autobuild.Variant):
+        name, summary, site_kinds = "at-root-test", "records the root", ("conv",)
+
+        def apply(self, rewriter, site, options, init):
+            rewriter.record_site(site)
+
+    class Nowhere(AtRoot):
+        name = "nowhere-test"
+
+        def apply(self, rewriter, site, options, init):
+            rewriter.record_site(site, "nowhere.conv")
+
+    autobuild.register_variant(AtRoot)
+    autobuild.register_variant(Nowhere)
+    analysis = autobuild.analyze("ssdlite320_mobilenet_v3_large", num_classes=3)
+    site = next(s for s in analysis.sites() if s.kind == "conv").name
+    built = analysis.build({site: "at-root-test"})
+    assert autobuild.site_modules(built) == {site: "backbone"}
+    with pytest.raises(AutobuildError, match=r"it recorded the site at 'nowhere.conv', which is "
+                                             r"not a module of the model"):
+        analysis.build({site: "nowhere-test"})
