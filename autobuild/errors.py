@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -106,7 +107,7 @@ def unknown_name(what: str, name: str, valid: Iterable[str], hint: str = "", *,
     """An error for an unknown ``what`` that lists the valid names, closest ones first
     (at most ``shown`` of them, with their count, when there are too many to list)."""
     valid = sorted(valid)
-    close = difflib.get_close_matches(name, valid, n=3, cutoff=0.6)
+    close = _closest(name, valid)
     msg = f"unknown {what} {name!r}"
     if close:
         msg += f" (did you mean {', '.join(close)}?)"
@@ -117,6 +118,24 @@ def unknown_name(what: str, name: str, valid: Iterable[str], hint: str = "", *,
     if hint:
         msg += f" ({hint})"
     return AutobuildError(msg)
+
+
+def _closest(name: Any, valid: list[str]) -> list[str]:
+    """Up to three valid names close to ``name``: the same but for case, then those that
+    add words or digits to it (``densenet``: ``densenet121``; ``resnet20``:
+    ``cifar_resnet20``), then similar ones."""
+    if not isinstance(name, str) or not name.strip():
+        return []
+    key = name.strip().lower()
+    same = [v for v in valid if v.lower() == key]
+    longer = [v for v in valid if len(key) > 2 and re.match(rf"{re.escape(key)}[_\d]",
+                                                            v.lower())]
+    longer += [v for v in valid if len(key) > 2
+               and f"_{key}_" in f"_{v.lower().replace(':', '_')}_"]
+    similar = difflib.get_close_matches(key, [v.lower() for v in valid], n=3, cutoff=0.6)
+    lowered = {v.lower(): v for v in valid}
+    found = same + longer + [lowered[v] for v in similar]
+    return list(dict.fromkeys(found))[:3]
 
 
 def schema_message(exc: Any, source: str = "",

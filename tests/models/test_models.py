@@ -125,6 +125,11 @@ def test_unknown_model_lists_valid_names() -> None:
     with pytest.raises(AutobuildError, match=r"did you mean resnet50.*valid: .*cifar_resnet20"
                        r".*your own is registered first: autobuild.register_model, or --import"):
         build_model("resnet5")
+    # the names a word or a digit away come first, whatever the case
+    for typed, meant in (("resnet20", "cifar_resnet20"), ("densenet", "densenet121"),
+                         ("ResNet50", "resnet50"), ("darts", "cifar_darts_v2")):
+        with pytest.raises(AutobuildError, match=rf"\(did you mean {meant}[,?]"):
+            build_model(typed)
 
 
 def test_weights_file(tmp_path) -> None:
