@@ -19,6 +19,7 @@ from autobuild.rewrite import Analysis, Choice, Placement, Region
 from autobuild.search.groups import ResolvedGroup, resolve_groups
 from autobuild.search.pruning import Curve, should_stop
 from autobuild.search.space import OBJECTIVES, SearchSpace
+from autobuild.search.study import PID_NAMESPACE_KEY, pid_namespace
 
 __all__ = ["Objective", "SurplusTrial"]
 
@@ -98,6 +99,7 @@ class Objective:
         import socket
 
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self.pid_namespace = pid_namespace()
         self.device_name = _device_name(str(config.device))
 
     # ---- the placement a trial proposes ---------------------------------------------
@@ -161,6 +163,7 @@ class Objective:
         self.current = trial.number
         self.surplus = False
         trial.set_user_attr("worker", self.worker)
+        trial.set_user_attr(PID_NAMESPACE_KEY, self.pid_namespace)
         self._claim(trial)
         start = time.perf_counter()
         placement = self.placement(trial)

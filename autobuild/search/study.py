@@ -17,9 +17,9 @@ import optuna
 
 from autobuild.errors import AutobuildError
 
-__all__ = ["artifact_dir", "check_url", "check_writable", "default_storage", "fail_dead_trials",
-           "finished", "holds_no_study", "load_study", "mask_url", "open_storage",
-           "sqlite_file", "study_paths"]
+__all__ = ["PID_NAMESPACE_KEY", "artifact_dir", "check_url", "check_writable", "default_storage",
+           "fail_dead_trials", "finished", "holds_no_study", "load_study", "mask_url",
+           "open_storage", "pid_namespace", "sqlite_file", "study_paths"]
 
 DONE = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 #: Heartbeats: a running trial whose worker has not written for GRACE_S is failed and
@@ -248,6 +248,10 @@ def _died_here(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
     host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
     if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
         return False
+    # Containers that share a host name (host networking) have PID namespaces of their
+    # own: a process id is only looked up in the namespace it belongs to.
+    if trial.user_attrs.get(PID_NAMESPACE_KEY, "") != pid_namespace():
+        return False
     # A retried trial starts with its dead predecessor's attributes (Optuna's retry copies
     # them) until its worker names itself, milliseconds later: until then it is not judged.
     before = trial.system_attrs.get("failed_trial")
@@ -262,6 +266,18 @@ def _died_here(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
     except OSError:  # (alive, another user's)
         return False
     return False
+
+
+#: The trial attribute naming its worker's PID namespace (see :func:`pid_namespace`).
+PID_NAMESPACE_KEY = "worker_pid_namespace"
+
+
+def pid_namespace() -> str:
+    """This process's PID namespace ("" where the system does not tell)."""
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return ""
 
 
 def fail_dead_trials(study: optuna.Study) -> None:

@@ -249,6 +249,24 @@ def test_a_killed_sqlite_worker_is_known_dead_at_once(in_tmp, capsys) -> None:
     assert retried[0].params == killed.params
 
 
+def test_a_worker_of_another_pid_namespace_is_not_judged_by_its_pid(in_tmp) -> None:
+    """Containers sharing a host name (host networking) have PID namespaces of their own: a
+    worker's pid looked up in another namespace would take a live worker for dead."""
+    import socket
+
+    from autobuild.search.study import PID_NAMESPACE_KEY, _died_here, pid_namespace
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    study = optuna.create_study(storage=f"sqlite:///{in_tmp}/ns.db")
+    worker = f"{socket.gethostname()}:{gone.pid}"
+    for namespace, dead in ((pid_namespace(), True), ("4026531836x", False)):
+        trial = study.ask()
+        trial.set_user_attr("worker", worker)
+        trial.set_user_attr(PID_NAMESPACE_KEY, namespace)
+        assert _died_here(study, study.trials[trial.number]) is dead
+
+
 def test_diverging_trials_fail_with_their_reason_and_the_study_goes_on(in_tmp) -> None:
     space = load_space(tiny_space(n_trials=1, budget={"epochs": 1, "batch_size": 32,
                                                       "lr": 1000.0, "clip_grad": 0}))
