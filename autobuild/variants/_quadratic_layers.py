@@ -219,7 +219,7 @@ class QuadraticConv2d(_Quadratic):
     def forward(self, x: Tensor) -> Tensor:
         if self.qtype == "volterra":
             return self._volterra(x)
-        if self.qtype == "ours" and fused_ok(self.bn, x, self.weight):
+        if self.qtype == "ours" and not self.masked and fused_ok(self.bn, x, self.weight):
             return self._ours_train(x)
         inp = x.square() if self.qtype == "t2" else x
         y = self._conv(inp, self.weight, self.bias)
@@ -275,7 +275,7 @@ class QuadraticLinear(_Quadratic):
             ap = F.linear(x, self.quad.view(-1, self.in_channels))
             return lin + (ap.unflatten(-1, (self.out_channels, self.in_channels))
                           * x.unsqueeze(-2)).sum(-1)
-        if self.qtype == "ours" and fused_ok(self.bn, x, self.weight):
+        if self.qtype == "ours" and not self.masked and fused_ok(self.bn, x, self.weight):
             return self._ours_train(x)
         inp = x.square() if self.qtype == "t2" else x
         y = F.linear(inp, self.weight, self.bias)
