@@ -239,12 +239,13 @@ class QuadraticConv2d(_Quadratic):
         wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
         p = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # B, D, L
         d = p.shape[1]
-        lin = torch.matmul(self.weight.view(self.out_channels, d), p)  # B, O, L
+        # (reshape: a channels_last model stores its 4-d weights permuted)
+        lin = torch.matmul(self.weight.reshape(self.out_channels, d), p)  # B, O, L
         if self.bias is not None:
             lin = lin + self.bias.view(1, -1, 1)
         if self.masked:
             return lin.view(b, self.out_channels, ho, wo)
-        ap = torch.matmul(self.quad.view(self.out_channels * d, d), p)  # B, O*D, L
+        ap = torch.matmul(self.quad.reshape(self.out_channels * d, d), p)  # B, O*D, L
         quad = (ap.view(b, self.out_channels, d, -1) * p.unsqueeze(1)).sum(2)
         return (lin + quad).view(b, self.out_channels, ho, wo)
 

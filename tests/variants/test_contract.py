@@ -82,6 +82,15 @@ def test_contract(family: str, model: str, options: dict, sites: list | None, tm
         assert torch.equal(loaded(x), y_eval)
     assert autobuild.plan_of(loaded).to_dict() == converted.plan.to_dict()
 
+    # channels_last (`autobuild train`'s default on CUDA) computes the same function.
+    if not base.root:
+        loaded.to(memory_format=torch.channels_last)
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            assert max_rel_diff(y_eval, loaded(x_cl)) <= 1e-4
+        loaded.train()
+        loaded(x_cl).square().mean().backward()
+
 
 @pytest.mark.parametrize("family,model,options,sites", CASES)
 def test_preserve_contract(family: str, model: str, options: dict, sites: list | None) -> None:
