@@ -163,16 +163,12 @@ def _convert_again(model: nn.Module, to: str | None, sites: Any, options: Any,
                                       f"({plan.placement[name].short()})")
     analysis = Analysis(base)
     new = _placement(analysis, to, sites, options, placement)
-    converted = set(record.site_modules.values())
-    for name, choice in new.items():
-        region = get_family(choice.family).region(analysis.site(name), choice.opts, analysis)
-        hit = _converted_inside(region, converted)
-        if hit:
-            old = next(s for s, p in record.site_modules.items() if p == hit)
-            raise InfeasiblePlacement(f"sites {old} ({plan.placement[old].short()}) and {name} "
-                                      f"({choice.short()}) overlap: {old} lies inside what "
-                                      f"{name} replaces; a placement takes one of them")
     merged = plan.placement.merged(new)
+    if plan.model.startswith("custom:"):  # (no baseline to analyse: the model's paths tell)
+        _refuse_converted_inside(analysis, new, record)
+    else:  # the combined plan must be one that builds, as load() will build it
+        Analysis(plan_baseline(plan, load_baseline_weights=False, device="meta")).check(
+            merged, init)
     built = analysis.build(new, init, seed=seed)
     added = record_of(built)
     both = "preserve" if init == plan.init == "preserve" else "scratch"
@@ -182,13 +178,16 @@ def _convert_again(model: nn.Module, to: str | None, sites: Any, options: Any,
     return built
 
 
-def _converted_inside(region: Region, converted: set[str]) -> str:
-    """A converted module path inside (or around) ``region``'s modules ("" if none)."""
-    for path in converted:
-        for m in region.modules:
-            if m == "" or m == path or path.startswith(m + ".") or m.startswith(path + "."):
-                return path
-    return ""
+def _refuse_converted_inside(analysis: Analysis, new: Placement, record: BuildRecord) -> None:
+    """Refuse a new site whose region holds, or lies in, a converted module."""
+    for name, choice in new.items():
+        region = get_family(choice.family).region(analysis.site(name), choice.opts, analysis)
+        for old, path in record.site_modules.items():
+            if Region(modules=frozenset({path})).overlaps(region):
+                raise InfeasiblePlacement(
+                    f"sites {old} ({record.plan.placement[old].short()}) and {name} "
+                    f"({choice.short()}) overlap: one lies inside what the other replaces; a "
+                    "placement takes one of them")
 
 
 def sites(model_or_name: nn.Module | str, to: str | None = None, *,

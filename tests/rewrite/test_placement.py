@@ -283,6 +283,21 @@ def test_converting_a_converted_model_keeps_both_conversions(tmp_path) -> None:
         autobuild.convert(first, "quadratic", sites=["layer1.0.conv1"])
 
 
+def test_converting_again_accepts_what_one_placement_accepts_and_nothing_else(tmp_path) -> None:
+    """Converting in two steps takes exactly the combined placements that build in one: a
+    site inside a network-wide conversion was accepted (a model load() then refused), and
+    a block inside a pde-global stage, which one placement takes, was refused."""
+    dirac = autobuild.convert("cifar_resnet20", "dirac")
+    with pytest.raises(InfeasiblePlacement, match="fc .* and network .* overlap"):
+        autobuild.convert(dirac, "quadratic", sites=["fc"])
+    stage = autobuild.convert("cifar_resnet20", "pde-global", sites="layer2")
+    both = autobuild.convert(stage, "multiplicative", sites="layer2.0")
+    autobuild.save(both, str(tmp_path / "both"))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(both.eval()(x), autobuild.load(str(tmp_path / "both")).eval()(x))
+
+
 # ---- masking -----------------------------------------------------------------------------
 def _randomised(model: torch.nn.Module) -> torch.nn.Module:
     """Weights off their init (where a product term or a BN gamma starts at 0), BN stats
