@@ -13,7 +13,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from autobuild.errors import AutobuildError, InfeasiblePlacement, check_seed, unknown_name
+from autobuild.errors import (
+    AutobuildError,
+    InfeasiblePlacement,
+    InvalidType,
+    check_seed,
+    unknown_name,
+)
 from autobuild.models import get_model_entry, resolve_baseline
 from autobuild.rewrite import (
     INITS,
@@ -26,6 +32,7 @@ from autobuild.rewrite import (
     get_family,
     plan_of,
     record_of,
+    set_plan,
     set_record,
 )
 from autobuild.rewrite.sites import Region
@@ -210,6 +217,15 @@ def plan_baseline(plan: Plan, baseline: nn.Module | None = None, *,
                                  "module (autobuild.load(dir, baseline=module))")
         return resolve_baseline(baseline, num_classes=plan.num_classes,
                                 input_size=plan.input_size, leaf_modules=plan.leaf_modules)
+    if baseline is not None:
+        raise AutobuildError(f"plan is for the registered model {plan.model}, which it builds "
+                             "itself; baseline= is for a plan of a custom model")
+    if device is not None:
+        try:
+            torch.device(device)
+        except (RuntimeError, TypeError):
+            raise AutobuildError(f"unknown device {device!r}; valid: e.g. cpu, cuda, cuda:1, "
+                                 "meta") from None
     weights = plan.weights if load_baseline_weights else None
     return resolve_baseline(plan.model, num_classes=plan.num_classes, input_size=plan.input_size,
                             weights=weights, leaf_modules=plan.leaf_modules, device=device,
@@ -223,6 +239,9 @@ def build_plan(plan: Plan, baseline: nn.Module | None = None, *,
     weights allocated or initialised), for loading saved weights into it. ``seed``: the
     baseline and then the new layers are each built right after ``torch.manual_seed(seed)``
     (the initial weights of a search trial, or of ``autobuild train --seed``)."""
+    if not isinstance(plan, Plan):
+        raise InvalidType(f"build_plan() takes a Plan (autobuild.Plan.from_dict, Plan.loads, "
+                          f"or plan_of(model)), got {type(plan).__name__}")
     if seed is not None:
         torch.manual_seed(check_seed(seed))
     base = plan_baseline(plan, baseline, load_baseline_weights=load_baseline_weights,
@@ -230,4 +249,8 @@ def build_plan(plan: Plan, baseline: nn.Module | None = None, *,
     analysis = Analysis(base)
     where = torch.device(device) if device else contextlib.nullcontext()
     with where:
-        return analysis.build(plan.placement, plan.init, seed=seed)
+        model = analysis.build(plan.placement, plan.init, seed=seed)
+    built = plan_of(model)
+    if built is not None and built.weights != plan.weights:  # (built without them)
+        set_plan(model, built.replace(weights=plan.weights))
+    return model

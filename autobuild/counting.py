@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from autobuild.errors import AutobuildError, InvalidType, check_input_size
+from autobuild.errors import AutobuildError, InvalidType, brief, check_input_size
 from autobuild.rewrite.cost import Counts, count_module, param_count
 from autobuild.rewrite.record import plan_of
 
@@ -31,4 +31,10 @@ def count(model: nn.Module, input_size: Sequence[int] | None = None, *,
         if plan is None or plan.input_size is None:
             raise AutobuildError("count() needs input_size for a model without a plan")
         input_size = plan.input_size
-    return count_module(model, check_input_size(input_size))
+    input_size = check_input_size(input_size)
+    try:
+        return count_module(model, input_size)
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        raise AutobuildError(f"count(): the model fails on an input of size "
+                             f"{tuple(input_size)} (C, H, W): {type(exc).__name__}: "
+                             f"{brief(exc)}") from exc

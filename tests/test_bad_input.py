@@ -534,6 +534,14 @@ class _Impostor(autobuild.Variant):
     name = "quadratic"
 
 
+class _NoSuchPrimary(autobuild.Variant):
+    name, primary_option = "no-such-primary-test", "nope"
+
+
+def _converted() -> Any:
+    return autobuild.convert("cifar_resnet20", "quadratic", sites="layer1.0.conv1")
+
+
 def _train_api(data: Any, config: Any) -> Any:
     from autobuild.train import train
 
@@ -611,6 +619,22 @@ API_CASES: list[tuple[str, Callable[[], Any], str]] = [
       for i, seed in enumerate(["x", 2.5, True, -1, 2**70])],
     ("build-plan-seed", lambda: autobuild.build_plan(autobuild.plan_of(autobuild.convert(
         "cifar_resnet20", "quadratic")), seed=1.5), "seed must be an integer"),
+    # these were bare torch or Python exceptions
+    ("count-channels", lambda: autobuild.count(torch.nn.Conv2d(3, 3, 1), (1, 8, 8)),
+     "fails on an input of size (1, 8, 8)"),
+    ("masked-none", lambda: autobuild.masked(_converted(), None).__enter__(),
+     "masked() takes a site name or a list"),
+    ("masked-int", lambda: autobuild.masked(_converted(), 3).__enter__(), "got 3"),
+    ("build-plan-dict", lambda: autobuild.build_plan({"model": "cifar_resnet20"}),
+     "build_plan() takes a Plan"),
+    ("build-plan-device", lambda: autobuild.build_plan(autobuild.plan_of(_converted()),
+                                                       device="tpu"), "unknown device 'tpu'"),
+    ("leaf-module-int", lambda: autobuild.register_leaf_module(int), "nn.Module class"),
+    ("plan-format", lambda: autobuild.plan_of(_converted()).dumps(fmt="toml"),
+     "unknown plan format 'toml'"),
+    ("plan-format-loads", lambda: autobuild.Plan.loads("{}", fmt="toml"), "valid: yaml, json"),
+    ("primary-option", lambda: autobuild.register_variant(_NoSuchPrimary),
+     "primary_option 'nope' names none of its options"),
 ]
 
 

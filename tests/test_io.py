@@ -172,3 +172,20 @@ def test_read_weights_gives_aligned_tensors(tmp_path) -> None:
     save_file({"a": torch.randn(3), "b": torch.randn(5, 5), "c": torch.randn(7)}, path)
     state = read_weights(path)
     assert all(v.data_ptr() % 64 == 0 for v in state.values())
+
+
+def test_load_keeps_the_plans_baseline_weights_and_refuses_a_needless_baseline(tmp_path) -> None:
+    """load() rebuilt the plan without its ``weights`` (the file the baseline was converted
+    from: what `inspect` measures the output difference against), and ignored a baseline=
+    given for a plan of a registered model."""
+    torch.manual_seed(0)
+    weights = tmp_path / "w.pt"
+    torch.save(autobuild.models.build_model("cifar_resnet20").state_dict(), weights)
+    m = autobuild.convert("cifar_resnet20", "quadratic", weights=str(weights), init="preserve")
+    autobuild.save(m, str(tmp_path / "m"))
+    loaded = autobuild.load(str(tmp_path / "m"))
+    assert autobuild.plan_of(loaded) == autobuild.plan_of(m)
+    assert autobuild.plan_of(loaded).weights == str(weights)
+    with pytest.raises(AutobuildError, match="registered model cifar_resnet20.*baseline= is "
+                                             "for a plan of a custom model"):
+        autobuild.load(str(tmp_path / "m"), baseline=torch.nn.Linear(2, 2))

@@ -329,6 +329,10 @@ def register_family(variant: Variant | type[Variant], *, replace: bool = False) 
     name = getattr(instance, "name", "")
     if not isinstance(name, str) or not name or name != name.strip() or ":" in name:
         raise AutobuildError(f"a family needs a non-empty name without ':' (got {name!r})")
+    options = [o.name for o in instance.options]
+    if instance.primary_option is not None and instance.primary_option not in options:
+        raise AutobuildError(f"family {name!r}: primary_option {instance.primary_option!r} "
+                             f"names none of its options ({', '.join(options) or 'none'})")
     if name in _FAMILIES and not replace and type(_FAMILIES[name]) is not type(instance):
         raise AutobuildError(f"family {name!r} is already registered (by "
                              f"{type(_FAMILIES[name]).__module__}); pass replace=True to "

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from autobuild.errors import AutobuildError
+from autobuild.errors import AutobuildError, InvalidType
 from autobuild.rewrite.family import get_family
 from autobuild.rewrite.record import record_of, unwrap
 
@@ -48,7 +48,10 @@ def masked(model: Any, sites: Iterable[str] | str) -> Iterator[Any]:
     """Within the block, the given converted sites run without their higher-order part
     (quadratic: the product term; multiplicative: the residual branch; ...); on exit every
     layer is exactly as before."""
-    names = [sites] if isinstance(sites, str) else list(sites)
+    names = [sites] if isinstance(sites, str) else list(sites) \
+        if isinstance(sites, Iterable) else None
+    if names is None or not all(isinstance(s, str) for s in names):
+        raise InvalidType(f"masked() takes a site name or a list of site names, got {sites!r}")
     layers: list[nn.Module] = []
     for name in names:
         layers += mask_targets(model, name)

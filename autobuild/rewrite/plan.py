@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from autobuild.errors import AutobuildError, InfeasiblePlacement
+from autobuild.errors import AutobuildError, InfeasiblePlacement, InvalidValue
 from autobuild.rewrite.placement import Choice, Placement
 
 __all__ = ["INITS", "PLAN_VERSION", "Conversion", "Plan", "load_yaml", "yaml_problem"]
@@ -234,18 +234,25 @@ class Plan:
 
     # ---- text ------------------------------------------------------------------------
     def dumps(self, fmt: str = "yaml") -> str:
+        _check_format(fmt)
         if fmt == "json":
             return json.dumps(self.to_dict(), indent=2) + "\n"
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     @classmethod
     def loads(cls, text: str, *, fmt: str = "yaml", source: str = "plan") -> Plan:
+        _check_format(fmt)
         try:
             data = (json.loads(text, object_pairs_hook=_unique_keys) if fmt == "json"
                     else load_yaml(text))
         except (json.JSONDecodeError, yaml.YAMLError, ValueError) as exc:
             raise AutobuildError(f"corrupt plan {source}: {yaml_problem(exc)}") from exc
         return cls.from_dict(data, source)
+
+
+def _check_format(fmt: Any) -> None:
+    if fmt not in ("yaml", "json"):
+        raise InvalidValue(f"unknown plan format {fmt!r}; valid: yaml, json")
 
 
 def _with_legacy_defaults(conversion: Conversion, version: int) -> Conversion:

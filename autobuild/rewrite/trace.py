@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from autobuild.errors import AutobuildError
+from autobuild.errors import AutobuildError, InvalidType
 
 __all__ = ["AutobuildTracer", "leaf_module_types", "register_leaf_module", "runtime_training",
            "trace"]
@@ -29,7 +29,7 @@ _LEAF_TYPES: list[type[nn.Module]] = []
 def register_leaf_module(cls: type[nn.Module]) -> type[nn.Module]:
     """Keep ``cls`` opaque to torch.fx in every trace (usable as a class decorator)."""
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise TypeError(f"register_leaf_module takes an nn.Module class, got {cls!r}")
+        raise InvalidType(f"register_leaf_module takes an nn.Module class, got {cls!r}")
     if cls not in _LEAF_TYPES:
         _LEAF_TYPES.append(cls)
     return cls
