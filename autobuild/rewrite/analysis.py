@@ -249,13 +249,26 @@ class Analysis:
         placement = _as_placement(placement)
         self.check(placement)
         params, macs, flops = self.counts.params, self.counts.macs, self.counts.flops
+        removed: set[str] = set()
+        converted_calls: dict[str, set[int]] = {}
         for site, choice, variant, region in self._items(placement):
             new = self._choice_cost(site, choice, variant)
             rm_macs, rm_flops = self.node_costs(region.nodes)
-            params += new.params - self.params_of(region.modules)
+            params += new.params
+            removed |= region.modules
             macs += new.macs - rm_macs
             flops += new.flops - rm_flops
-        return Counts(params, macs, flops)
+            if site.call >= 0:
+                converted_calls.setdefault(site.target, set()).add(site.call)
+        # A shared module all of whose calls were converted is dropped (Rewriter.replace).
+        removed |= {t for t, calls in converted_calls.items() if len(calls) == self.calls_of(t)}
+        return Counts(params - self.params_removed(removed), macs, flops)
+
+    def calls_of(self, target: str) -> int:
+        """How many times the traced root calls the module ``target`` (a full path)."""
+        root = self.baseline.root
+        local = target[len(root) + 1:] if root and target.startswith(root + ".") else target
+        return sum(1 for n in self.gm.graph.nodes if n.op == "call_module" and n.target == local)
 
     def _choice_cost(self, site: Site, choice: Choice, variant: Variant) -> Counts:
         key = (site.name, choice)
@@ -264,16 +277,29 @@ class Analysis:
                 self._cost_cache[key] = variant.cost(site, choice.opts, self)
         return self._cost_cache[key]
 
-    def params_of(self, modules: Iterable[str]) -> int:
-        """Parameters of the given module subtrees ("" or the root = all), each once."""
-        seen: dict[int, int] = {}
+    def params_removed(self, modules: Iterable[str]) -> int:
+        """Parameters that replacing the given module subtrees ("" = the root) takes out of
+        the traced root: each once, and none that a module left in place still uses (a
+        weight tied to one outside them)."""
+        modules = set(modules)
+        gone: dict[int, int] = {}
         for path in modules:
             if path not in self._param_sets:
                 m = self.baseline.module.get_submodule(path) if path else \
                     self.baseline.root_module
                 self._param_sets[path] = {id(p): p.numel() for p in m.parameters()}
-            seen.update(self._param_sets[path])
-        return sum(seen.values())
+            gone.update(self._param_sets[path])
+        if not gone:
+            return 0
+        root = self.baseline.root
+
+        def replaced(name: str) -> bool:
+            full = f"{root}.{name}" if root else name
+            return any(m == "" or full.startswith(m + ".") for m in modules)
+
+        kept = {id(p) for name, p in self.baseline.root_module.named_parameters(
+            remove_duplicate=False) if not replaced(name)}
+        return sum(n for i, n in gone.items() if i not in kept)
 
     def applied_cost(self, variant: Variant, site: Site, options: dict[str, Any]) -> Counts:
         """What replaces ``site``'s region, measured by applying the choice to a meta-device
@@ -287,7 +313,7 @@ class Analysis:
         after = count_module(root, self.baseline.input_size, per_module=False)
         region = variant.region(site, options, self)
         rm_macs, rm_flops = self.node_costs(region.nodes)
-        rm_params = self.params_of(region.modules)
+        rm_params = self.params_removed(region.modules)
         return Counts(after.params - self.counts.params + rm_params,
                       after.macs - self.counts.macs + rm_macs,
                       after.flops - self.counts.flops + rm_flops)

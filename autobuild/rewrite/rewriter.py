@@ -143,9 +143,19 @@ class Rewriter:
             gm.add_submodule(local, new)
             node.target = local
             path = self.full(local)
+            self._drop_if_unused(self.local(site.target))
         self.site_modules[site.name] = path
         self.changes.append(Change(site.name, self.family, type(old).__name__,
                                    type(new).__name__, param_count(old), param_count(new), note))
+
+    def _drop_if_unused(self, target: str) -> None:
+        """Delete a shared module once none of its calls is left (all converted): it would
+        stay as dead weight, counted, saved and given to the optimizer."""
+        gm = self.graph()
+        if not any(n.op in ("call_module", "get_attr") and (
+                n.target == target or str(n.target).startswith(target + "."))
+                for n in gm.graph.nodes):
+            gm.delete_submodule(target)
 
     def node_of_call(self, site: Site) -> fx.Node:
         """The call_module node of a (possibly shared) call site."""

@@ -214,8 +214,31 @@ def test_cost_of_a_mixed_placement_and_of_shared_call_sites() -> None:
     from tests.rewrite.test_sites import Shared
 
     shared = Analysis(resolve_baseline(Shared(), input_size=(3, 8, 8)))
-    p = Placement({"conv#1": "quadratic:ours"})
-    assert shared.cost(p).to_dict() == autobuild.count(shared.build(p), (3, 8, 8)).to_dict()
+    for p in (Placement({"conv#1": "quadratic:ours"}),
+              Placement({"conv#0": "quadratic", "conv#1": "quadratic:t2"})):
+        assert shared.cost(p).to_dict() == autobuild.count(shared.build(p), (3, 8, 8)).to_dict()
+
+
+class _Tied(torch.nn.Module):
+    """Two convs sharing one weight tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Conv2d(3, 3, 3, padding=1)
+        self.b = torch.nn.Conv2d(3, 3, 3, padding=1)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+@pytest.mark.parametrize("sites", [["a"], ["b"], ["a", "b"]])
+def test_cost_counts_a_tied_weight_once_and_keeps_it_while_a_layer_uses_it(sites) -> None:
+    """The shared tensor was subtracted once per converted layer (and also when the other
+    layer still used it): the prediction differed from the count."""
+    a = Analysis(resolve_baseline(_Tied(), input_size=(3, 8, 8)))
+    p = Placement({s: "quadratic" for s in sites})
+    assert a.cost(p).to_dict() == autobuild.count(a.build(p), (3, 8, 8)).to_dict()
 
 
 def test_the_analysis_runs_on_the_meta_device_and_builds_without_retracing(monkeypatch) -> None:

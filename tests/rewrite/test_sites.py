@@ -101,6 +101,10 @@ def test_each_call_site_converts_its_own_call(chosen: list[str]) -> None:
     # Converting one call renames its node: later calls must keep their index.
     assert calls == [f"conv_{i}" if f"conv#{i}" in chosen else "conv" for i in range(3)]
     assert autobuild.site_modules(m) == {c: f"conv_{c[-1]}" for c in chosen}
+    # A module none of whose calls is left is dropped: it was dead weight, counted and saved.
+    assert hasattr(m, "conv") == (len(chosen) < 3)
+    m(torch.randn(1, 3, 8, 8)).sum().backward()
+    assert all(p.grad is not None for p in m.parameters())
 
 
 def test_a_family_refusing_a_shared_call_says_why() -> None:
