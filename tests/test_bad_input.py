@@ -589,6 +589,11 @@ API_CASES: list[tuple[str, Callable[[], Any], str]] = [
     ("idle-token-ratio", lambda: autobuild.convert("cifar_resnet20", to="parameter-free",
                                                    options={"ratio": 4}),
      "option ratio=4 of parameter-free changes nothing here (it shapes attention sites"),
+    ("idle-ball", lambda: autobuild.convert("cifar_resnet20", to="multiplicative", options={
+        "hardball": "none", "ball": "soft"}), "option ball=soft of multiplicative changes nothing"),
+    ("idle-ql-memory", lambda: autobuild.convert("cifar_resnet20", to="multiplicative", options={
+        "dw_kernels": 4, "memory": "save"}), "option memory=save of multiplicative changes "
+     "nothing here (blocks with dw_kernels run the plain formulation)"),
     ("placement-int", lambda: autobuild.Placement(5), "placement"),
     ("register-duplicate", lambda: autobuild.register_variant(_Impostor), "quadratic"),
     ("save-no-plan", lambda: autobuild.save(__import__("torch").nn.Linear(1, 1), "x"),

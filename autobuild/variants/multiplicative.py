@@ -178,6 +178,15 @@ class MultiplicativeVariant(Variant):
         _parse_expansion(options["expansion"])  # refuse a bad width rule up front
         return options
 
+    def idle_options(self, sites: Sequence[Site], options: dict[str, Any]) -> dict[str, str]:
+        idle = {}
+        if options["hardball"] == "none" and options["layout"] != "qlnet":
+            idle["ball"] = ("no block ends with a ball with hardball=none, and only "
+                            "layout=qlnet puts one before the head")
+        if options["dw_kernels"]:
+            idle["memory"] = "blocks with dw_kernels run the plain formulation"
+        return idle
+
     def refuse_new(self, sites: Sequence[Site], options: dict[str, Any],
                    analysis: Analysis) -> None:
         """An expansion that gives a block no channels (it would be built at 1 channel,
