@@ -11,6 +11,7 @@ and where each site ended up (:attr:`site_modules`).
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 from typing import Any
 
 from torch import fx, nn
@@ -24,6 +25,45 @@ from autobuild.rewrite.sites import Site
 from autobuild.rewrite.trace import trace
 
 __all__ = ["Rewriter"]
+
+
+def _keep_containers(gm: fx.GraphModule, root: nn.Module) -> None:
+    """Put ``root``'s containers back into ``gm``: torch.fx copies the modules the graph
+    uses and installs a plain ``Module`` for each container on their paths, so a stage was
+    no longer a ``Sequential`` (``model.layer4[-1]``, the hook point of Grad-CAM, failed). A
+    container is given back where the copy holds all of it (the same names, the same
+    objects: fx copies references), and a Sequential, ModuleList or ModuleDict is rebuilt
+    where the copy has all its children: the state_dict stays the same."""
+    for name, original in root.named_modules():
+        if not name:
+            continue
+        try:
+            copied = gm.get_submodule(name)
+        except AttributeError:
+            continue
+        if type(copied) is not nn.Module or type(original) is nn.Module:
+            continue
+        if _same_tree(copied, original):
+            gm.set_submodule(name, original)
+        elif type(original) in (nn.Sequential, nn.ModuleList, nn.ModuleDict) and \
+                list(copied._modules) == list(original._modules):
+            # (a child holds something the graph does not use, an empty shortcut say: the
+            # container is rebuilt around the copied children)
+            children = OrderedDict(copied._modules)
+            gm.set_submodule(name, nn.ModuleList(children.values())
+                             if type(original) is nn.ModuleList else type(original)(children))
+
+
+def _same_tree(a: nn.Module, b: nn.Module) -> bool:
+    """The same submodule names, and the same leaf modules, parameters and buffers."""
+    def tree(m: nn.Module) -> set[tuple[str, int]]:
+        return {(n, id(x)) for n, x in m.named_modules(remove_duplicate=False)
+                if not x._modules} | {(n, 0) for n, _ in m.named_modules(
+                    remove_duplicate=False)} | {
+            (n, id(t)) for n, t in m.named_parameters(remove_duplicate=False)} | {
+            (n, id(t)) for n, t in m.named_buffers(remove_duplicate=False)}
+
+    return tree(a) == tree(b)
 
 
 class Rewriter:
@@ -76,6 +116,7 @@ class Rewriter:
             else:  # modules were swapped since the analysis: trace what is there now
                 graph = trace(self.root_module, leaf_modules=self.leaf_modules).graph
             gm = fx.GraphModule(self.root_module, graph, type(self.root_module).__name__)
+            _keep_containers(gm, self.root_module)
             keep_identity(gm)
             self._install_root(gm)
             self._gm = gm

@@ -142,6 +142,12 @@ def test_network_scope_on_other_resnets(name: str) -> None:
     y = converted.model(x)
     assert y.shape == base.module(x).shape and torch.isfinite(y).all()
     assert any(c.site == "network" for c in converted.changes)
+    # The stages stay Sequentials: model.layer3[-1] (Grad-CAM's hook point) works; torch.fx
+    # had made them plain Modules. The state_dict is what the graph uses, as before.
+    stage = converted.model.layer3
+    assert isinstance(stage, nn.Sequential) and stage[-1] is stage[len(stage) - 1]
+    assert set(converted.model.state_dict()) == set(autobuild.build_plan(
+        converted.plan, load_baseline_weights=False).state_dict())
     assert all(not isinstance(m, nn.Conv2d) or m.stride == (1, 1) or n == "conv1"
                for n, m in converted.model.named_modules())
 
