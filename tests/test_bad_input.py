@@ -475,6 +475,13 @@ CLI_CASES: list[tuple[str, list[str], list[str]]] = [
      ["--csv", "exists", "--force"]),
     ("importance-csv-a-directory", ["importance", "{model}", "--data", SYNTH, "--csv",
                                     "{root}"], ["--csv", "is a directory"]),
+    # --force wrote the table over the weights (or the record) of the run being read
+    ("importance-csv-over-its-run", ["importance", "{run}", "--csv",
+                                     "{run}/weights.safetensors", "--force"],
+     ["is a file of RUN", "which this command reads"]),
+    ("importance-csv-over-another-model", ["importance", "{run}", "--csv",
+                                           "{model}/weights.safetensors", "--force"],
+     ["is a file autobuild wrote (weights.safetensors), not a CSV"]),
     # ---- sizes that would allocate or run for ever
     ("symmetry-seed-huge", ["symmetry", "{model}", "--seed", "99999999999999999999"],
      ["--seed", "4294901759"]),

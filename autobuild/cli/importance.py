@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     _check_run(args.run_dir)  # first: without a run, "--data is required" misleads
     _check_classifier(args.run_dir)
     if args.csv:
-        _check_csv(args.csv, args.force)  # before the evaluations, not after
+        _check_csv(args.csv, args.force, args.run_dir)  # before the evaluations, not after
     record = read_run_record(args.run_dir)
     data = data_for_run(args.data, (record or {}).get("data"), data_dir=args.data_dir,
                         download=args.download, image_size=args.image_size)
@@ -83,11 +83,22 @@ def _check_run(path: str) -> None:
                              "directory")
 
 
-def _check_csv(path: str, force: bool) -> None:
+def _check_csv(path: str, force: bool, run_dir: str) -> None:
+    from autobuild.files import OUTPUT_FILES
+
     if os.path.isdir(path):
         raise AutobuildError(f"--csv {path!r} is a directory; give a file path")
     if os.path.exists(path) and not force:
         raise AutobuildError(f"--csv {path!r} exists; pass --force to overwrite it")
+    if os.path.exists(path):  # --force replaces a CSV of one's own, nothing autobuild keeps
+        run = os.path.realpath(run_dir).rstrip(os.sep) + os.sep
+        if os.path.realpath(path).startswith(run):
+            raise AutobuildError(f"--csv {path!r} is a file of RUN {run_dir!r}, which this "
+                                 "command reads; give a path outside it")
+        name = os.path.basename(path)
+        if name in OUTPUT_FILES and not name.endswith(".csv"):
+            raise AutobuildError(f"--csv {path!r} is a file autobuild wrote ({name}), not a "
+                                 "CSV; --force replaces only a CSV")
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
         raise AutobuildError(f"--csv {path!r}: {parent!r} is not a writable directory")
