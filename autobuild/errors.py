@@ -8,9 +8,10 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-__all__ = ["MAX_SEED", "NAME_PATTERN", "AutobuildError", "InfeasiblePlacement", "InvalidType",
-           "InvalidValue", "Terminated", "brief", "check_input_size", "check_positive_int",
-           "check_seed", "schema_error", "schema_message", "unknown_name", "without_type"]
+__all__ = ["MAX_CLASSES", "MAX_SEED", "NAME_PATTERN", "AutobuildError", "InfeasiblePlacement",
+           "InvalidType", "InvalidValue", "Terminated", "brief", "check_input_size",
+           "check_num_classes", "check_positive_int", "check_seed", "schema_error",
+           "schema_message", "unknown_name", "without_type"]
 
 #: What a study may be called (also the name of its SQLite file and artifact folder).
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
@@ -72,6 +73,19 @@ def check_positive_int(value: Any, name: str) -> int:
         raise InvalidType(f"{name} must be a positive integer, got {value!r}")
     if value < 1:
         raise InvalidValue(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+#: The most classes a classifier may have (ImageNet-21k has 21,841; 10^7 classes of a
+#: 2048-wide head are 82 GB of float32 weights already).
+MAX_CLASSES = 10**7
+
+
+def check_num_classes(value: Any, name: str = "num_classes") -> int:
+    """``value`` if it is an int in 1..:data:`MAX_CLASSES` (a bool or 2.0 is refused)."""
+    check_positive_int(value, name)
+    if value > MAX_CLASSES:
+        raise InvalidValue(f"{name} must be at most {MAX_CLASSES:,}, got {value!r}")
     return value
 
 

@@ -17,10 +17,10 @@ from typing import Annotated, Any, ClassVar
 
 from pydantic import Field, TypeAdapter, ValidationError
 
-from autobuild.errors import NAME_PATTERN, AutobuildError, schema_message
+from autobuild.errors import MAX_CLASSES, NAME_PATTERN, AutobuildError, schema_message
 
-__all__ = ["DEVICE", "NON_NEGATIVE_INT", "PATH", "PORT", "POSITIVE_FLOAT", "POSITIVE_INT",
-           "STUDY", "Parser", "recipe_value",
+__all__ = ["DEVICE", "NON_NEGATIVE_INT", "NUM_CLASSES", "PATH", "PORT", "POSITIVE_FLOAT",
+           "POSITIVE_INT", "STUDY", "Parser", "recipe_value",
            "add_conversion_arguments", "flag_value", "human", "model_arg", "model_args_of",
            "model_from_args", "parse_options", "parse_size", "plural", "print_json",
            "print_summary", "status", "table"]
@@ -111,6 +111,7 @@ POSITIVE_FLOAT = flag_value(Annotated[float, Field(gt=0, allow_inf_nan=False)], 
 #: An image side (--image-size): a search budget's bounds (4096: a 3x4096x4096 batch of 64 is
 #: 12 GB in float32 already; a mistyped 100000 tried to allocate 240 GB before it failed).
 IMAGE_SIZE = flag_value(Annotated[int, Field(ge=8, le=4096)], "image size")
+NUM_CLASSES = flag_value(Annotated[int, Field(ge=1, le=MAX_CLASSES)], "class count")
 PORT = flag_value(Annotated[int, Field(ge=1, le=65535)], "port")
 #: A file or directory named by the user: never empty (``--out ""`` is not "here").
 PATH = _path
@@ -205,7 +206,7 @@ def add_conversion_arguments(p: argparse.ArgumentParser, *, model_required: bool
     p.add_argument("--plan", type=PATH, help="build the model a plan file describes")
     p.add_argument("--init", choices=("scratch", "preserve"), default=None,
                    help="scratch (fresh weights) or preserve (start as the baseline's function)")
-    p.add_argument("--num-classes", type=POSITIVE_INT, help="classifier outputs")
+    p.add_argument("--num-classes", type=NUM_CLASSES, help="classifier outputs")
     p.add_argument("--input-size", type=parse_size, help="C,H,W used for shapes and counts")
     p.add_argument("--weights", type=PATH,
                    help="baseline weights: a file, or torchvision weights name")

@@ -7,7 +7,7 @@ import os
 from typing import Any
 
 from autobuild.cli._common import (
-    POSITIVE_INT,
+    NUM_CLASSES,
     human,
     parse_options,
     parse_size,
@@ -29,7 +29,7 @@ def add_parser(sub: Any) -> None:
                    ).once = True  # (given twice: refused, see Parser._refuse_repeats)
     p.add_argument("--option", action="append", metavar="NAME=VALUE",
                    help="family option, repeatable")
-    p.add_argument("--num-classes", type=POSITIVE_INT, help="classifier outputs")
+    p.add_argument("--num-classes", type=NUM_CLASSES, help="classifier outputs")
     p.add_argument("--input-size", type=parse_size, help="C,H,W used for shapes and counts")
     p.add_argument("--json", action="store_true", help="print a JSON list")
     p.set_defaults(run=run)

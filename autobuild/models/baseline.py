@@ -17,7 +17,7 @@ from autobuild.errors import (
     InvalidType,
     InvalidValue,
     check_input_size,
-    check_positive_int,
+    check_num_classes,
     schema_error,
 )
 from autobuild.models.registry import build_model, get_model_entry, load_weights
@@ -98,7 +98,7 @@ def resolve_baseline(model_or_name: nn.Module | str, *, num_classes: int | None 
     leaves = tuple(leaf_modules)
     args = check_model_args(model_args)
     if num_classes is not None:
-        check_positive_int(num_classes, "num_classes")
+        check_num_classes(num_classes)
     weights = _weights(weights)
     if isinstance(model_or_name, nn.Module):
         if args:

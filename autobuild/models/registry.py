@@ -18,7 +18,7 @@ from autobuild.errors import (
     InvalidValue,
     brief,
     check_input_size,
-    check_positive_int,
+    check_num_classes,
     unknown_name,
 )
 
@@ -85,7 +85,7 @@ def register_model(
         raise InvalidType(f"builder must be callable (builder(num_classes=...) -> nn.Module), "
                           f"got {type(builder).__name__}")
     input_size = check_input_size(input_size)
-    check_positive_int(num_classes, "num_classes")
+    check_num_classes(num_classes)
     if name in _REGISTRY and not overwrite:
         raise AutobuildError(f"model {name!r} is already registered (pass overwrite=True)")
     entry = ModelEntry(name, builder, tuple(input_size), num_classes, source, trace_root,

@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from autobuild.errors import AutobuildError, InfeasiblePlacement, InvalidValue
+from autobuild.errors import AutobuildError, InfeasiblePlacement, InvalidValue, check_num_classes
 from autobuild.rewrite.placement import Choice, Placement
 
 __all__ = ["INITS", "PLAN_VERSION", "Conversion", "Plan", "load_yaml", "yaml_problem"]
@@ -206,9 +206,8 @@ class Plan:
             conversions = [_with_legacy_defaults(_conversion(c, i), version)
                            for i, c in enumerate(convs)]
             num_classes = data.get("num_classes")
-            if num_classes is not None and (not isinstance(num_classes, int)
-                                            or isinstance(num_classes, bool) or num_classes < 1):
-                raise ValueError(f"'num_classes' must be a positive integer, got {num_classes!r}")
+            if num_classes is not None:
+                check_num_classes(num_classes, "'num_classes'")
             size = data.get("input_size")
             if size is not None and not (isinstance(size, list) and len(size) == 3 and all(
                     isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)):
