@@ -143,16 +143,18 @@ def test_training_and_resuming_rebuild_the_network_with_them(tmp_path: Path, cap
 
 
 def test_a_baseline_too_large_for_memory_is_refused_in_one_line(monkeypatch) -> None:
-    """A classifier for 10^9 classes asks for hundreds of GB: the allocator's failure is
+    """A classifier for 10^6 classes asks for many GB: the allocator's failure is
     reported as a bad --num-classes, not a traceback (the allocation is simulated here)."""
     def build(name, **kw):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:118] DefaultCPUAllocator: can't "
                            "allocate memory: you tried to allocate 256000000000 bytes.")
 
     monkeypatch.setattr("autobuild.models.baseline.build_model", build)
-    with pytest.raises(AutobuildError, match="cifar_resnet20 with 1000000000 classes: not "
+    with pytest.raises(AutobuildError, match="cifar_resnet20 with 5000000 classes: not "
                                              "enough memory for its weights"):
-        resolve_baseline("cifar_resnet20", num_classes=10**9)
+        resolve_baseline("cifar_resnet20", num_classes=5 * 10**6)
+    with pytest.raises(AutobuildError, match="num_classes must be at most 10,000,000"):
+        resolve_baseline("cifar_resnet20", num_classes=10**9)  # refused before building
 
 
 def test_other_runtime_errors_of_a_builder_are_not_disguised(monkeypatch) -> None:
