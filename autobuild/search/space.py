@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from typing import Any, Literal
@@ -115,6 +116,9 @@ class Constraint(_Strict):
         metric, op, factor, rhs = m.groups()
         relative = rhs == "baseline"
         value = float(factor or 1.0) if relative else float(rhs) * float(factor or 1.0)
+        if not math.isfinite(value) or value > (1e6 if relative else 1e18):
+            raise ValueError(f"constraint {text!r}: the bound must be a finite number, at most "
+                             f"{'1e6 * baseline' if relative else '1e18'}")
         return cls(metric=metric, op=op, factor=value, relative=relative, text=text.strip())
 
     def bound(self, baseline: dict[str, float]) -> float:
