@@ -391,6 +391,10 @@ CLI_CASES: list[tuple[str, list[str], list[str]]] = [
     ("train-out-not-writable", ["train", "cifar_resnet20", "--data", SYNTH, "--out",
                                 "{a_file}/run", *FAST], ["a_file"]),
     ("train-resume-missing", ["train", "--resume", "{root}/nope"], ["nope"]),
+    # a resumed run took milestones it would never reach (a new run refused them)
+    ("train-resume-milestones-beyond", ["train", "--resume", "{run}", "--epochs", "3",
+                                        "--lr-schedule", "multistep", "--lr-milestones", "10"],
+     ["--lr-milestones [10]: beyond the run's 3 epochs"]),
     ("train-resume-with-to", ["train", "--resume", "{run}", "--to", "quadratic"],
      ["--resume", "--to"]),
     ("train-resume-fewer-epochs", ["train", "--resume", "{run}", "--epochs", "1"],

@@ -289,7 +289,7 @@ def _resumed_job(args: argparse.Namespace) -> _Job:
     from autobuild.io import load_plan
     from autobuild.train import TrainConfig, load_checkpoint
     from autobuild.train.checkpoint import CHECKPOINT_FILE
-    from autobuild.train.config import check_given, check_resume
+    from autobuild.train.config import check_given, check_milestones, check_resume
     from autobuild.train.devices import check_sync_bn
     from autobuild.train.rundir import check_writable, read_run_record
     from autobuild.train.tensorboard import check_log_dir
@@ -315,6 +315,8 @@ def _resumed_job(args: argparse.Namespace) -> _Job:
         return f"--{field.replace('_', '-')}" if field in given else f"{field} ({where})"
 
     check_given(cfg, given, key)
+    if given.keys() & {"lr_milestones", "epochs", "lr_schedule"}:  # (as a new run would)
+        check_milestones(cfg, key)
     check_sync_bn(cfg, key("sync_bn"))
     check_writable(run_dir)
     check_log_dir(cfg.tensorboard, key("tensorboard"))

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 from autobuild.errors import MAX_SEED, InvalidValue, schema_error, schema_message
 
 __all__ = ["CLIP_FAMILIES", "DETECTION_CLIP_FAMILIES", "TrainConfig", "check_given",
-           "check_new_recipe", "check_resume", "flag_of"]
+           "check_milestones", "check_new_recipe", "check_resume", "flag_of"]
 
 #: Families whose products of activations blow up without clipping (QuadraLib clips at 0.5).
 CLIP_FAMILIES = {"quadratic": 0.5, "multiplicative": 0.5}
@@ -274,6 +274,11 @@ def check_new_recipe(cfg: TrainConfig, key: str = "--", given: Collection[str] =
         raise InvalidValue(f"{name('tensorboard_every')} {cfg.tensorboard_every}: it sets how "
                            f"often TensorBoard logs histograms, which is off; give "
                            f"{name('tensorboard')} DIR")
+    check_milestones(cfg, name)
+
+
+def check_milestones(cfg: TrainConfig, name: Callable[[str], str]) -> None:
+    """Milestones once each, of the multistep schedule, within the run's epochs."""
     if cfg.lr_milestones is None:
         return
     twice = sorted({m for m in cfg.lr_milestones if cfg.lr_milestones.count(m) > 1})
