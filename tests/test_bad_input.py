@@ -391,6 +391,10 @@ CLI_CASES: list[tuple[str, list[str], list[str]]] = [
     ("train-out-not-writable", ["train", "cifar_resnet20", "--data", SYNTH, "--out",
                                 "{a_file}/run", *FAST], ["a_file"]),
     ("train-resume-missing", ["train", "--resume", "{root}/nope"], ["nope"]),
+    # the checkpoint holds SGD's state: a vague "does not match: 'step'" after loading
+    ("train-resume-other-optimizer", ["train", "--resume", "{run}", "--epochs", "3",
+                                      "--optimizer", "adamw"],
+     ["--optimizer", "the run trains with sgd", "--out NEW"]),
     # a resumed run took milestones it would never reach (a new run refused them)
     ("train-resume-milestones-beyond", ["train", "--resume", "{run}", "--epochs", "3",
                                         "--lr-schedule", "multistep", "--lr-milestones", "10"],

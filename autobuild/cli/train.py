@@ -307,7 +307,7 @@ def _resumed_job(args: argparse.Namespace) -> _Job:
     recipe = recorded["config"] if from_record else state["config"]
     given = config_overrides(args)
     cfg = TrainConfig.from_dict({**recipe, **given})
-    check_resume(cfg, int(state["epoch"]))
+    check_resume(cfg, int(state["epoch"]), state.get("config") or {})
 
     def key(field: str) -> str:  # a setting the user did not give now is the run's
         where = (f"recorded in {os.path.join(run_dir, 'train.yaml')}: edit it there"

@@ -204,6 +204,7 @@ class Session:
         # The optimizer's state restores the hyper-parameters it was saved with; the recipe
         # given now (`train --resume RUN --lr 0.01`) is the one that must apply from here on.
         recipe = [{k: v for k, v in g.items() if k != "params"} for g in self.opt.param_groups]
+        check_resume(self.cfg, int(state["epoch"]), state.get("config") or {})
         try:
             self.base.load_state_dict(state["model"])
             self.opt.load_state_dict(state["optimizer"])
@@ -217,7 +218,6 @@ class Session:
         except (RuntimeError, ValueError, KeyError, TypeError) as exc:
             raise AutobuildError(f"checkpoint {self.ckpt_path!r} does not match this "
                                  f"model/recipe: {brief(exc)}") from exc
-        check_resume(self.cfg, int(state["epoch"]))  # before anything is written
         self.resumes = resume_history(self.out_dir, self.cfg.to_dict(), self.data_record,
                                       int(state["epoch"]))
         self.first_epoch = int(state["epoch"]) + 1
