@@ -86,6 +86,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     (broken / "train" / "dark" / "000.png").write_bytes(b"not a png")
     broken_val = write_imagefolder(root / "broken_val", {"train": 2, "val": 2})
     (broken_val / "val" / "dark" / "000.png").write_bytes(b"not a png")
+    write_imagefolder(root / "tiny_images", {"train": 2, "val": 2}, size=2)
     (root / "a_file").write_text("not a directory\n")
     import sqlite3
 
@@ -97,6 +98,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
                 Path(n).stem: str(root / n) for n in files},
             "one_class": str(root / "one_class"), "truncated": str(truncated),
             "broken": str(broken), "broken_val": str(broken_val),
+            "tiny_images": str(root / "tiny_images"),
             "a_file": str(root / "a_file")}
 
 
@@ -390,6 +392,10 @@ CLI_CASES: list[tuple[str, list[str], list[str]]] = [
      ["--resume", "--force"]),
     ("train-out-not-writable", ["train", "cifar_resnet20", "--data", SYNTH, "--out",
                                 "{a_file}/run", *FAST], ["a_file"]),
+    # 2x2 images trained at their own size: a diverged run left behind, not a refusal
+    ("train-images-too-small", ["train", "cifar_resnet20", "--data", "imagefolder:{tiny_images}",
+                                "--out", "{out}", *FAST],
+     ["its images are 2 px a side, under the 8 px", "--image-size"]),
     ("train-resume-missing", ["train", "--resume", "{root}/nope"], ["nope"]),
     # the checkpoint holds SGD's state: a vague "does not match: 'step'" after loading
     ("train-resume-other-optimizer", ["train", "--resume", "{run}", "--epochs", "3",

@@ -235,6 +235,10 @@ def _mode_and_size(samples: list[tuple[str, int]]) -> tuple[str, int]:
     return ("L" if modes == {"L"} else "RGB"), longest
 
 
+#: The smallest image side a folder's images may have without --image-size (its bound).
+MIN_IMAGE_SIZE = 8
+
+
 def _imagefolder(root: str, image_size: int | None, val_only: bool = False) -> Data:
     from PIL import Image
     from torchvision.datasets import ImageFolder
@@ -257,6 +261,11 @@ def _imagefolder(root: str, image_size: int | None, val_only: bool = False) -> D
     mode, longest = _mode_and_size(probe.samples)
     channels = 1 if mode == "L" else 3
     small = longest <= SMALL_IMAGE
+    if image_size is None and longest < MIN_IMAGE_SIZE:  # (--image-size has this bound too)
+        raise AutobuildError(f"imagefolder:{root}: its images are {longest} px a side, under "
+                             f"the {MIN_IMAGE_SIZE} px a network is trained on; give an "
+                             f"image size of {MIN_IMAGE_SIZE}..4096 to resize them "
+                             "(--image-size)")
     size = image_size or (longest if small else 224)
     stats = _STATS["gray"] if channels == 1 else _STATS["imagenet"]
     train_t, val_t = _transforms(size, stats, small)
