@@ -10,8 +10,8 @@ from typing import Any
 
 __all__ = ["MAX_CLASSES", "MAX_SEED", "NAME_PATTERN", "AutobuildError", "InfeasiblePlacement",
            "InvalidType", "InvalidValue", "Terminated", "brief", "check_input_size",
-           "check_num_classes", "check_positive_int", "check_seed", "schema_error",
-           "schema_message", "unknown_name", "without_type"]
+           "check_num_classes", "check_positive_int", "check_seed", "integer_text_problem",
+           "schema_error", "schema_message", "unknown_name", "without_type"]
 
 #: What a study may be called (also the name of its SQLite file and artifact folder).
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
@@ -65,6 +65,18 @@ def brief(exc: BaseException, limit: int = 300) -> str:
     if text.endswith(":") and len(lines) > 1:
         text = f"{text} {lines[1]}" + (f" (and {len(lines) - 2} more)" if len(lines) > 2 else "")
     return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+_INTEGER_TEXT = re.compile(r"\s*[+-]?\d[\d_]*\s*")
+
+
+def integer_text_problem(text: str, value: Any) -> str:
+    """Why the flag text ``text`` that parsed as ``value`` is no integer ("" if fine):
+    pydantic reads "1.0" as the integer 1, and a value is never converted across types."""
+    if isinstance(value, int) and not isinstance(value, bool) and \
+            not _INTEGER_TEXT.fullmatch(text):
+        return f"must be an integer, got {text!r}"
+    return ""
 
 
 def check_positive_int(value: Any, name: str) -> int:

@@ -401,6 +401,15 @@ CLI_CASES: list[tuple[str, list[str], list[str]]] = [
     ("train-resume-other-optimizer", ["train", "--resume", "{run}", "--epochs", "3",
                                       "--optimizer", "adamw"],
      ["--optimizer", "the run trains with sgd", "--out NEW"]),
+    # whole-number floats were read as integers ("--epochs 1.0" trained one epoch)
+    *[(f"integer-flag-{i}", argv, [flag, "must be an integer, got"]) for i, (argv, flag) in
+      enumerate([(["train", "cifar_resnet20", "--epochs", "1.0"], "--epochs"),
+                 (["train", "cifar_resnet20", "--batch-size", "16.0"], "--batch-size"),
+                 (["evaluate", "{run}", "--batch-size", "8.0"], "--batch-size"),
+                 (["symmetry", "{model}", "--seed", "1.0"], "--seed"),
+                 (["dashboard", "--port", "8080.0"], "--port"),
+                 (["train", "cifar_resnet20", "--lr-schedule", "multistep", "--lr-milestones",
+                   "1.0"], "--lr-milestones")])],
     # a resumed run took milestones it would never reach (a new run refused them)
     ("train-resume-milestones-beyond", ["train", "--resume", "{run}", "--epochs", "3",
                                         "--lr-schedule", "multistep", "--lr-milestones", "10"],

@@ -17,7 +17,13 @@ from typing import Annotated, Any, ClassVar
 
 from pydantic import Field, TypeAdapter, ValidationError
 
-from autobuild.errors import MAX_CLASSES, NAME_PATTERN, AutobuildError, schema_message
+from autobuild.errors import (
+    MAX_CLASSES,
+    NAME_PATTERN,
+    AutobuildError,
+    integer_text_problem,
+    schema_message,
+)
 
 __all__ = ["DEVICE", "NON_NEGATIVE_INT", "NUM_CLASSES", "PATH", "PORT", "POSITIVE_FLOAT",
            "POSITIVE_INT", "STUDY", "Parser", "recipe_value",
@@ -90,10 +96,14 @@ def flag_value(annotation: Any, name: str) -> Callable[[str], Any]:
 
     def parse(text: str) -> Any:
         try:
-            return adapter.validate_strings(text)
+            value = adapter.validate_strings(text)
         except ValidationError as exc:
             message = schema_message(exc, "", lambda loc: "").lstrip(": ")
             raise argparse.ArgumentTypeError(message) from None
+        problem = integer_text_problem(text, value)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return value
 
     parse.__name__ = name
     return parse

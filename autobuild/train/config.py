@@ -19,7 +19,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
-from autobuild.errors import MAX_SEED, InvalidValue, schema_error, schema_message
+from autobuild.errors import (
+    MAX_SEED,
+    InvalidValue,
+    integer_text_problem,
+    schema_error,
+    schema_message,
+)
 
 __all__ = ["CLIP_FAMILIES", "DETECTION_CLIP_FAMILIES", "TrainConfig", "check_given",
            "check_milestones", "check_new_recipe", "check_resume", "flag_of"]
@@ -240,6 +246,9 @@ class TrainConfig(BaseModel):
             except ValidationError as exc:
                 message = schema_message(exc, "", lambda loc: "").lstrip(": ")
                 raise argparse.ArgumentTypeError(message) from None
+            problem = integer_text_problem(text, value)
+            if problem:
+                raise argparse.ArgumentTypeError(problem)
             if name == "lr_milestones":
                 return value
             try:  # ...and through the field's own validators
