@@ -44,7 +44,7 @@ from pydantic import (
     field_validator,
 )
 
-from autobuild.errors import NAME_PATTERN, AutobuildError, schema_error
+from autobuild.errors import MAX_SEED, NAME_PATTERN, AutobuildError, schema_error
 from autobuild.rewrite.plan import load_yaml, yaml_problem
 
 __all__ = ["OBJECTIVES", "Constraint", "Group", "SearchSpace", "load_space"]
@@ -190,7 +190,7 @@ class SearchSpace(_Strict):
     budget: Budget = Budget()
     init: Literal["scratch", "preserve"] = "scratch"
     sampler: str = "default"
-    seed: StrictInt = Field(default=0, ge=0)
+    seed: StrictInt = Field(default=0, ge=0, le=MAX_SEED)
     n_trials: StrictInt = Field(default=20, ge=1, le=100_000)
     seeding: Seeding = Seeding()
     pruning: Pruning = Pruning()

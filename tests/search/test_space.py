@@ -52,6 +52,7 @@ def test_model_args_are_checked_and_a_space_without_them_keeps_its_fingerprint()
     ({"budget": {"epochs": 0}}, "budget.epochs: must be greater than or equal to 1, got 0"),
     ({"groups": []}, "groups: must have at least 1 item"),
     ({"constraints": ["macs < 3"]}, "constraints: constraint 'macs < 3' must look like"),
+    ({"seed": 10**23}, "^search space .*: seed: must be less than or equal to 4294901759"),
     # an infinite bound was Optuna's "NaN is not allowed" (exit 1) after the study was made
     ({"constraints": ["macs <= 1e309"]}, "constraints: constraint 'macs <= 1e309': the bound "
                                          "must be a finite number, at most 1e18"),
