@@ -99,6 +99,10 @@ def _voc_record(root: str, image_id: str, index: dict[str, int]) -> Record:
         raise AutobuildError(f"{path}: image {image!r} does not exist")
     width = _number(tree, "size/width", path, required=False)
     height = _number(tree, "size/height", path, required=False)
+    if (width == 0) != (height == 0) and width is not None and height is not None:
+        # (0 x 0 is what some tools write for "unknown"; one side 0 is a broken file)
+        raise AutobuildError(f"{path}: declares a {width:g}x{height:g} image; a size is "
+                             "both sides >= 1 (or 0x0 for unknown)")
     boxes, labels, crowd = [], [], []
     for k, obj in enumerate(tree.iter("object"), 1):
         cls = (obj.findtext("name") or "").strip()

@@ -154,6 +154,9 @@ _VOC_CASES: dict[str, tuple[Callable[[Path], str], str]] = {
                           "object 1 (dog) has a box reaching past its 32x32 image (2, 4, 1000, "
                           "22 as x1, y1, x2, y2); an edge may lie at most 2 px outside"),
     # its boxes were drawn on another picture: they would train the detector wrongly
+    # one side 0 (0x0 is what some tools write for "unknown", and stays accepted)
+    "width 0": (lambda r: _edit_voc_xml(r, "<width>32</width>", "<width>0</width>"),
+                "declares a 0x32 image; a size is both sides >= 1 (or 0x0 for unknown)"),
     "image resized": (_voc_image_resized,
                       "declares a 32x32 image but '{root}/JPEGImages/000001.jpg' is 48x32"),
 }
