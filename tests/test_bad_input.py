@@ -288,6 +288,10 @@ CLI_CASES: list[tuple[str, list[str], list[str]]] = [
      ["--seed", "-1"]),
     ("train-device", ["train", "cifar_resnet20", "--data", SYNTH, "--device", "tpu"],
      ["--device", "tpu"]),
+    # its event files in the run made a later --force refuse the run as holding foreign files
+    ("train-tensorboard-in-the-run", ["train", "cifar_resnet20", "--data", SYNTH, "--out",
+                                      "{out}", "--tensorboard", "{out}/tb", *FAST],
+     ["--tensorboard", "is inside the run directory", "beside the run"]),
     ("train-tensorboard-every", ["train", "cifar_resnet20", "--data", SYNTH,
                                  "--tensorboard-every", "0"], ["--tensorboard-every", "0"]),
     ("train-milestone-0", ["train", "cifar_resnet20", "--data", SYNTH, "--lr-milestones",

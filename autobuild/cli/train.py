@@ -116,6 +116,7 @@ def _new_job(args: argparse.Namespace) -> _Job:
     from autobuild.train.regularize import check_regularizers
     from autobuild.train.runs import is_main_process
     from autobuild.train.runtime import check_finite
+    from autobuild.train.tensorboard import check_log_dir
 
     recorded = _recorded_data(args)  # (read once: rank 0 may replace the directory soon)
     run_dir, adopt = _new_run_dir(args, recorded)
@@ -123,6 +124,7 @@ def _new_job(args: argparse.Namespace) -> _Job:
     spec = args.data or (recorded or {}).get("spec")
     task = _task(name, spec) if name else "classification"
     cfg = _recipe(args, name, task)
+    check_log_dir(cfg.tensorboard, run_dir=run_dir)
     check_device(str(cfg.device))  # before the run directory exists
     check_sync_bn(cfg)
     data = _new_data(args, name, task, recorded)

@@ -24,14 +24,24 @@ __all__ = ["TensorBoardLogger", "check_log_dir"]
 _GROUPS = {"train_": "train/", "val_": "val/", "map": "val/"}
 
 
-def check_log_dir(log_dir: str | None, key: str = "--tensorboard") -> None:
+def check_log_dir(log_dir: str | None, key: str = "--tensorboard",
+                  run_dir: str | None = None) -> None:
     """Refuse, before any work (and before a run's record is written), a ``--tensorboard``
-    path (``key`` names it) that cannot become a log directory, or a missing tensorboard
-    package."""
+    path (``key`` names it) that cannot become a log directory, that is or lies in the new
+    run's ``run_dir`` (its event files would be foreign to the run: a later ``--force`` is
+    refused, or would delete them), or a missing tensorboard package."""
     if log_dir is None:
         return
     import importlib.util
     import os
+
+    if run_dir is not None:
+        run = os.path.realpath(run_dir)
+        log = os.path.realpath(log_dir)
+        if log == run or log.startswith(run.rstrip(os.sep) + os.sep):
+            raise AutobuildError(f"{key} {log_dir!r} is {'' if log == run else 'inside '}the "
+                                 f"run directory {run_dir!r}; give a directory beside the run "
+                                 "(e.g. runs/tb)")
 
     if importlib.util.find_spec("tensorboard") is None:
         raise AutobuildError(f"{key} needs the tensorboard package: pip install "
