@@ -52,6 +52,12 @@ def export_trial(study: optuna.Study, number: int, out: str, *, force: bool = Fa
     from autobuild.files import ensure_writable_dir
     from autobuild.io import load, save
 
+    if artifacts and not artifacts.startswith("s3://") and not os.path.isdir(artifacts):
+        what = "is not a directory" if os.path.exists(artifacts) else "does not exist"
+        recorded = study.user_attrs.get("artifacts")
+        hint = f" (the study was created with {recorded})" if recorded else ""
+        raise AutobuildError(f"--artifacts {artifacts!r} {what}; give the study's artifact "
+                             f"directory, as passed to `search --artifacts`{hint}")
     ensure_writable_dir(out, force=force, keep=keep, writes="model")
     trial = _trial(study, number)
     plan = trial_plan(study, number)

@@ -61,6 +61,8 @@ def test_export_finds_kept_weights_where_artifacts_says(in_tmp, capsys) -> None:
     export = ["export", "--study", "tiny", "--trial", "0", "--out", "best"]
     # Not where --artifacts says: one line naming where it looked and where the study's are.
     _refused(capsys, [*export, "--artifacts", "elsewhere"], "(the study was created with")
+    # ...and so is one that is not a directory, when no weights were kept as well
+    _refused(capsys, [*export, "--artifacts", "studies/tiny.db"], "is not a directory")
     assert not os.path.exists(in_tmp / "best")
     assert main([*export, "--artifacts", "art"]) == 0
     assert "plan + trained weights" in capsys.readouterr().out
