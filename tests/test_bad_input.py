@@ -428,6 +428,8 @@ CLI_CASES: list[tuple[str, list[str], list[str]]] = [
     ("evaluate-batch-size-0", ["evaluate", "{run}", "--batch-size", "0"],
      ["--batch-size", "0"]),
     ("evaluate-bad-data", ["evaluate", "{run}", "--data", "bogus"], ["bogus"]),
+    ("evaluate-download-synthetic", ["evaluate", "{run}", "--download"],
+     ["--download fetches CIFAR", "is not downloaded"]),
     ("importance-missing", ["importance", "{root}/nope", "--data", SYNTH], ["nope"]),
     ("analyze-out-empty", ["analyze", "{run}", "--out", ""], ["--out"]),
     ("analyze-batches-0", ["analyze", "{run}", "--out", "{out}", "--batches", "0"],

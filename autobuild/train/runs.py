@@ -83,6 +83,8 @@ def data_for_run(spec: str | None, record: dict[str, Any] | None, *,
     if data_dir and spec.partition(":")[0] not in ("cifar10", "cifar100"):
         raise AutobuildError(f"--data-dir {data_dir!r}: it is where CIFAR's batches are; "
                              f"{spec!r} does not read it")
+    if download and spec.partition(":")[0] not in ("cifar10", "cifar100"):
+        raise AutobuildError(f"--download fetches CIFAR; {spec!r} is not downloaded")
     spec, data_dir = absolute_data(spec, data_dir or (record or {}).get("data_dir"))
     same = bool(record) and spec == record.get("spec")
     if is_detection_spec(spec):
