@@ -786,3 +786,14 @@ def test_a_read_only_run_directory_is_refused_before_work(world: dict[str, str],
         assert _snapshot(run) == before
     finally:
         run.chmod(0o700)
+
+
+def test_option_errors_are_typed_like_other_argument_errors() -> None:
+    """``except TypeError`` / ``except ValueError`` catch a bad option as they catch a bad
+    num_classes (options raised the base AutobuildError)."""
+    with pytest.raises(TypeError, match="option K=2.5 of pde-global must be an integer"):
+        autobuild.convert("cifar_resnet20", "pde-global", options={"K": 2.5})
+    with pytest.raises(ValueError, match=r"option K=1000 of pde-global must be in \[1, 100\]"):
+        autobuild.convert("cifar_resnet20", "pde-global", options={"K": 1000})
+    with pytest.raises(ValueError, match="option type='t9' of quadratic is not valid"):
+        autobuild.convert("cifar_resnet20", "quadratic", options={"type": "t9"})

@@ -15,8 +15,15 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from autobuild.errors import AutobuildError, InfeasiblePlacement, brief, unknown_name
-from autobuild.rewrite.cost import Counts, count_module, param_count
+from autobuild.errors import (
+    AutobuildError,
+    InfeasiblePlacement,
+    InvalidType,
+    InvalidValue,
+    brief,
+    unknown_name,
+)
+from autobuild.rewrite.cost import Counts, count_module, param_count, run_on_meta
 from autobuild.rewrite.sites import Region, Site
 from autobuild.rewrite.trace import register_leaf_module
 
@@ -70,7 +77,7 @@ class Option:
             except AutobuildError as e:
                 raise AutobuildError(f"option {self.name} of {family}: {e}") from None
         if self.choices is not None and value not in self.choices:
-            raise AutobuildError(f"option {self.name}={value!r} of {family} is not valid; valid:"
+            raise InvalidValue(f"option {self.name}={value!r} of {family} is not valid; valid:"
                                  f" {', '.join(map(str, self.choices))}")
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             low = self.min is not None and (value < self.min or (
@@ -82,8 +89,8 @@ class Option:
                 bounds = self.bounds()
                 if not finite and bounds != "finite":  # inf > 0, but not a number to use
                     bounds = f"a finite number {bounds}"
-                raise AutobuildError(f"option {self.name}={value!r} of {family} must be "
-                                     f"{bounds}{also}")
+                raise InvalidValue(f"option {self.name}={value!r} of {family} must be "
+                                   f"{bounds}{also}")
         return value
 
     def bounds(self) -> str:
@@ -103,7 +110,7 @@ class Option:
         shown = value if isinstance(value, str) else repr(value)
         if self.specials:
             kind += " or " + " or ".join(map(str, self.specials))
-        bad = AutobuildError(f"option {self.name}={shown} of {family} must be {kind}")
+        bad = InvalidType(f"option {self.name}={shown} of {family} must be {kind}")
         if self.type is bool:
             if isinstance(value, bool):
                 return value
@@ -264,6 +271,10 @@ class Variant:
         module = analysis.meta_module(site)
         with torch.device("meta"):
             new = self.build(site, module, options, "scratch")
+        if not is_builtin(self) and site.input_shape and site.call < 0:
+            # (as building checks it: a cost is never predicted for what cannot be built)
+            check_replacement(f"family {self.name!r} (from {type(self).__module__}) on site "
+                              f"{site.name}", new, site)
         return count_replacement(new, site.input_shape)
 
     # ---- the pass -------------------------------------------------------------------
@@ -369,6 +380,21 @@ def own_errors(variant: Variant, site: Site) -> Iterator[str]:
         raise
     except Exception as exc:
         raise AutobuildError(f"{where} failed: {type(exc).__name__}: {brief(exc)}") from exc
+
+
+def check_replacement(where: str, new: nn.Module, site: Site) -> None:
+    """Refuse a module (a family's from outside autobuild) that fails on the site's input
+    or changes the site's output shape, naming ``where`` (the family and the site)."""
+    try:
+        shape = run_on_meta(new, site.input_shape, lambda m, x: tuple(m(x).shape[1:]))
+    except Exception as exc:
+        raise AutobuildError(f"{where}: its {type(new).__name__} fails on the site's input "
+                             f"{tuple(site.input_shape)}: {type(exc).__name__}: "
+                             f"{brief(exc)}") from exc
+    if shape != tuple(site.output_shape):
+        raise AutobuildError(f"{where}: its {type(new).__name__} outputs {shape} per "
+                             f"sample, the site {tuple(site.output_shape)}; a replacement "
+                             "must keep the site's output shape")
 
 
 def get_family(name: Any) -> Variant:

@@ -16,9 +16,9 @@ from typing import Any
 
 from torch import fx, nn
 
-from autobuild.errors import AutobuildError, brief
-from autobuild.rewrite.cost import param_count, run_on_meta
-from autobuild.rewrite.family import is_builtin, own_errors
+from autobuild.errors import AutobuildError
+from autobuild.rewrite.cost import param_count
+from autobuild.rewrite.family import check_replacement, is_builtin, own_errors
 from autobuild.rewrite.graph_copies import keep_identity
 from autobuild.rewrite.record import Change
 from autobuild.rewrite.sites import Site
@@ -155,16 +155,7 @@ class Rewriter:
             raise AutobuildError(f"{where}: it recorded the site at {path!r}, which is not a "
                                  "module of the model (record_site takes the module's full "
                                  "name in the model)") from None
-        try:
-            shape = run_on_meta(new, site.input_shape, lambda m, x: tuple(m(x).shape[1:]))
-        except Exception as exc:
-            raise AutobuildError(f"{where}: its {type(new).__name__} fails on the site's input "
-                                 f"{tuple(site.input_shape)}: {type(exc).__name__}: "
-                                 f"{brief(exc)}") from exc
-        if shape != tuple(site.output_shape):
-            raise AutobuildError(f"{where}: its {type(new).__name__} outputs {shape} per "
-                                 f"sample, the site {tuple(site.output_shape)}; a replacement "
-                                 "must keep the site's output shape")
+        check_replacement(where, new, site)
 
     # ---- edits ----------------------------------------------------------------------
     def replace(self, site: Site, new: nn.Module, *, note: str = "") -> None:

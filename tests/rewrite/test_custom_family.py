@@ -104,6 +104,8 @@ def test_a_broken_family_is_named_with_its_site(tmp_path, monkeypatch, capsys) -
                                              r"its Conv2d outputs \(17, 32, 32\) per sample, "
                                              r"the site \(16, 32, 32\)"):
         autobuild.convert("cifar_resnet20", "wide-test", sites="layer1.0.conv1")
+    with pytest.raises(AutobuildError, match=r"its Conv2d outputs \(17, 32, 32\) per sample"):
+        autobuild.analyze("cifar_resnet20").cost({"layer1.0.conv1": "wide-test"})  # (numbers)
     # On the command line, any exception raised in the code --import loaded is named as
     # raised there (exit 2), not as autobuild's "internal error (a bug)" (exit 1).
     from autobuild.cli import main
