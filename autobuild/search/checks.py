@@ -4,6 +4,7 @@ command created: a database file and an artifact directory that hold nothing."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -61,6 +62,25 @@ def _missing_dirs(path: str) -> list[str]:
         missing.append(path)
         path = os.path.dirname(path)
     return missing
+
+
+def check_new_space(space: Any) -> None:
+    """What a new study's space may not hold, though a study made before this was refused
+    continues with it: a group named "" and one conversion listed twice in a group (the
+    sampler would weigh it double)."""
+    from autobuild.rewrite import Choice
+
+    for i, group in enumerate(space.groups):
+        if group.name is not None and not group.name.strip():
+            raise AutobuildError(f"{space.key(f'groups.{i}.name')}: must not be empty")
+        seen: dict[Any, str] = {}
+        for text in group.choices:
+            choice = Choice.parse(json.loads(text) if text.startswith("{") else text)
+            if choice in seen:
+                raise AutobuildError(f"{space.key(f'groups.{i}.choices')}: choices "
+                                     f"{seen[choice]!r} and {text!r} are the same conversion; "
+                                     "list each once")
+            seen[choice] = text
 
 
 def check_data_dir(space: Any) -> None:

@@ -15,7 +15,13 @@ import torch
 from pydantic import ValidationError
 
 from autobuild.errors import AutobuildError, schema_error
-from autobuild.search.checks import another_space, check_budget, check_data_dir, undone_on_refusal
+from autobuild.search.checks import (
+    another_space,
+    check_budget,
+    check_data_dir,
+    check_new_space,
+    undone_on_refusal,
+)
 from autobuild.search.objective import Objective
 from autobuild.search.report import pareto_trials
 from autobuild.search.seeding import seed_params
@@ -136,6 +142,7 @@ def prepare(space: SearchSpace, *, storage: str | None = None, study_name: str |
     check_budget(space, config)
     if new:
         check_new_recipe(config, space.key("budget."), given=space.budget.model_dump())
+        check_new_space(space)
         check_data_dir(space)
     check_log_dir(config.tensorboard, space.key("budget.tensorboard"))
     # (a study made before image_size was refused on other data goes on without it)

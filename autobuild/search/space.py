@@ -67,7 +67,7 @@ class Group(_Strict):
     sites: list[str] = Field(min_length=1)
     choices: list[str] = Field(min_length=1)
     per_site: StrictBool = False
-    name: str | None = Field(default=None, min_length=1, pattern=r"\S")
+    name: str | None = None
 
     @field_validator("sites", mode="before")
     @classmethod
@@ -90,16 +90,11 @@ class Group(_Strict):
         the space and the key, rather than when the study starts)."""
         from autobuild.rewrite import Choice
 
-        seen: dict[Any, str] = {}
         for text in value:
             try:
-                choice = Choice.parse(json.loads(text) if text.startswith("{") else text)
+                Choice.parse(json.loads(text) if text.startswith("{") else text)
             except AutobuildError as exc:
                 raise ValueError(f"choice {text!r}: {exc}") from None
-            if choice in seen:  # one network twice: the sampler would weigh it double
-                raise ValueError(f"choices {seen[choice]!r} and {text!r} are the same "
-                                 "conversion; list each once")
-            seen[choice] = text
         return value
 
 

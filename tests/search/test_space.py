@@ -53,13 +53,6 @@ def test_model_args_are_checked_and_a_space_without_them_keeps_its_fingerprint()
     ({"groups": []}, "groups: must have at least 1 item"),
     ({"constraints": ["macs < 3"]}, "constraints: constraint 'macs < 3' must look like"),
     ({"seed": 10**23}, "^search space .*: seed: must be less than or equal to 4294901759"),
-    # one conversion listed twice (the sampler weighed it double); a group named ""
-    ({"groups": [{"sites": "x", "choices": ["quadratic:ours", "quadratic:type=ours"]}]},
-     "groups.0.choices: choices 'quadratic:ours' and 'quadratic:type=ours' are the same "
-     "conversion; list each once"),
-    ({"groups": [{"sites": "x", "choices": ["dirac"], "name": ""}]},
-     "groups.0.name: must not be empty"),
-    ({"groups": [{"sites": "x", "choices": ["dirac"], "name": "  "}]}, "groups.0.name: "),
     # an infinite bound was Optuna's "NaN is not allowed" (exit 1) after the study was made
     ({"constraints": ["macs <= 1e309"]}, "constraints: constraint 'macs <= 1e309': the bound "
                                          "must be a finite number, at most 1e18"),
@@ -95,6 +88,22 @@ def test_model_args_are_checked_and_a_space_without_them_keeps_its_fingerprint()
 def test_bad_spaces_name_the_key(change, needle) -> None:
     with pytest.raises(AutobuildError, match=needle.replace("(", r"\(").replace("[", r"\[")):
         load_space(tiny_space(**change))
+
+
+@pytest.mark.parametrize("group,needle", [
+    # one conversion listed twice (the sampler weighed it double); a group named ""
+    ({"sites": "x", "choices": ["quadratic:ours", "quadratic:type=ours"]},
+     "groups.0.choices: choices 'quadratic:ours' and 'quadratic:type=ours' are the same "
+     "conversion; list each once"),
+    ({"sites": "x", "choices": ["dirac"], "name": ""}, "groups.0.name: must not be empty"),
+    ({"sites": "x", "choices": ["dirac"], "name": "  "}, "groups.0.name: must not be empty"),
+])
+def test_a_new_study_refuses_what_an_older_one_continues_with(group, needle) -> None:
+    from autobuild.search.checks import check_new_space
+
+    space = load_space(tiny_space(groups=[group]))  # (a stored space still loads)
+    with pytest.raises(AutobuildError, match=needle):
+        check_new_space(space)
 
 
 def test_a_float_key_takes_yaml_exponent_text() -> None:
