@@ -171,14 +171,14 @@ def _convert_again(model: nn.Module, to: str | None, sites: Any, options: Any,
     analysis = Analysis(base)
     new = _placement(analysis, to, sites, options, placement)
     merged = plan.placement.merged(new)
+    both = "preserve" if init == plan.init == "preserve" else "scratch"
     if plan.model.startswith("custom:"):  # (no baseline to analyse: the model's paths tell)
         _refuse_converted_inside(analysis, new, record)
     else:  # the combined plan must be one that builds, as load() will build it
         Analysis(plan_baseline(plan, load_baseline_weights=False, device="meta")).check(
-            merged, init)
+            merged, both)
     built = analysis.build(new, init, seed=seed)
     added = record_of(built)
-    both = "preserve" if init == plan.init == "preserve" else "scratch"
     set_record(built, BuildRecord(plan.replace(placement=merged, init=both),
                                   {**record.site_modules, **added.site_modules},
                                   record.changes + added.changes, record.root))
@@ -218,6 +218,7 @@ def plan_baseline(plan: Plan, baseline: nn.Module | None = None, *,
         return resolve_baseline(baseline, num_classes=plan.num_classes,
                                 input_size=plan.input_size, leaf_modules=plan.leaf_modules)
     if baseline is not None:
+        get_model_entry(plan.model)  # (not registered in this process: says how to)
         raise AutobuildError(f"plan is for the registered model {plan.model}, which it builds "
                              "itself; baseline= is for a plan of a custom model")
     if device is not None:

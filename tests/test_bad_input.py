@@ -515,7 +515,9 @@ CLI_CASES: list[tuple[str, list[str], list[str]]] = [
     # --force wrote the table over the weights (or the record) of the run being read
     ("importance-csv-over-its-run", ["importance", "{run}", "--csv",
                                      "{run}/weights.safetensors", "--force"],
-     ["is a file of RUN", "which this command reads"]),
+     ["is in RUN", "which this command reads"]),
+    ("importance-csv-new-in-its-run", ["importance", "{run}", "--csv", "{run}/ri.csv"],
+     ["is in RUN", "give a path outside it"]),
     ("importance-csv-over-another-model", ["importance", "{run}", "--csv",
                                            "{model}/weights.safetensors", "--force"],
      ["is a file autobuild wrote (weights.safetensors), not a CSV"]),

@@ -189,3 +189,8 @@ def test_load_keeps_the_plans_baseline_weights_and_refuses_a_needless_baseline(t
     with pytest.raises(AutobuildError, match="registered model cifar_resnet20.*baseline= is "
                                              "for a plan of a custom model"):
         autobuild.load(str(tmp_path / "m"), baseline=torch.nn.Linear(2, 2))
+    # a model registered in another process: how to register it, not "it builds itself"
+    plan = tmp_path / "m" / "plan.yaml"
+    plan.write_text(plan.read_text().replace("model: cifar_resnet20", "model: my_net"))
+    with pytest.raises(AutobuildError, match="unknown model 'my_net'.*register_model"):
+        autobuild.load(str(tmp_path / "m"), baseline=torch.nn.Linear(2, 2))

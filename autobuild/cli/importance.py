@@ -90,11 +90,11 @@ def _check_csv(path: str, force: bool, run_dir: str) -> None:
         raise AutobuildError(f"--csv {path!r} is a directory; give a file path")
     if os.path.exists(path) and not force:
         raise AutobuildError(f"--csv {path!r} exists; pass --force to overwrite it")
+    run = os.path.realpath(run_dir).rstrip(os.sep) + os.sep
+    if os.path.realpath(path).startswith(run):  # (a new file too: it is foreign to the run)
+        raise AutobuildError(f"--csv {path!r} is in RUN {run_dir!r}, which this command "
+                             "reads; give a path outside it")
     if os.path.exists(path):  # --force replaces a CSV of one's own, nothing autobuild keeps
-        run = os.path.realpath(run_dir).rstrip(os.sep) + os.sep
-        if os.path.realpath(path).startswith(run):
-            raise AutobuildError(f"--csv {path!r} is a file of RUN {run_dir!r}, which this "
-                                 "command reads; give a path outside it")
         name = os.path.basename(path)
         if name in OUTPUT_FILES and not name.endswith(".csv"):
             raise AutobuildError(f"--csv {path!r} is a file autobuild wrote ({name}), not a "

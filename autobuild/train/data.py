@@ -79,7 +79,7 @@ def build_data(spec: str, data_dir: str | None = None, *, download: bool = False
     if name in _CIFAR and not arg:
         data = _cifar(name, os.path.expanduser(data_dir or "data"), download)
     elif name == "imagefolder" and arg:
-        data = _imagefolder(os.path.expanduser(arg), image_size, val_only)
+        data = _imagefolder(os.path.expanduser(arg), image_size, val_only, size_key)
     elif name == "synthetic":
         data = _synthetic(arg)
     else:
@@ -239,7 +239,8 @@ def _mode_and_size(samples: list[tuple[str, int]]) -> tuple[str, int]:
 MIN_IMAGE_SIZE = 8
 
 
-def _imagefolder(root: str, image_size: int | None, val_only: bool = False) -> Data:
+def _imagefolder(root: str, image_size: int | None, val_only: bool = False,
+                 size_key: str = "--image-size") -> Data:
     from PIL import Image
     from torchvision.datasets import ImageFolder
 
@@ -265,7 +266,7 @@ def _imagefolder(root: str, image_size: int | None, val_only: bool = False) -> D
         raise AutobuildError(f"imagefolder:{root}: its images are {longest} px a side, under "
                              f"the {MIN_IMAGE_SIZE} px a network is trained on; give an "
                              f"image size of {MIN_IMAGE_SIZE}..4096 to resize them "
-                             "(--image-size)")
+                             f"({size_key})")
     size = image_size or (longest if small else 224)
     stats = _STATS["gray"] if channels == 1 else _STATS["imagenet"]
     train_t, val_t = _transforms(size, stats, small)

@@ -313,6 +313,10 @@ def test_converting_again_accepts_what_one_placement_accepts_and_nothing_else(tm
     dirac = autobuild.convert("cifar_resnet20", "dirac")
     with pytest.raises(InfeasiblePlacement, match="fc .* and network .* overlap"):
         autobuild.convert(dirac, "quadratic", sites=["fc"])
+    # a preserving second step on a scratch first is a scratch plan, as load() builds it
+    pf = autobuild.convert("cifar_resnet20", "parameter-free", sites="layer3.*")
+    mixed = autobuild.convert(pf, "quadratic", sites="layer1.0.conv1", init="preserve")
+    assert autobuild.plan_of(mixed).init == "scratch"
     stage = autobuild.convert("cifar_resnet20", "pde-global", sites="layer2")
     both = autobuild.convert(stage, "multiplicative", sites="layer2.0")
     autobuild.save(both, str(tmp_path / "both"))
