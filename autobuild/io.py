@@ -14,7 +14,7 @@ from autobuild.errors import AutobuildError
 from autobuild.files import _atomic_by_name, _step, atomic_write_text, staged_directory
 from autobuild.rewrite import Placement, Plan, get_family, plan_of, record_of, set_record
 from autobuild.rewrite.plan import load_yaml, yaml_problem
-from autobuild.rewrite.record import unwrap
+from autobuild.rewrite.record import unwrap, without_dropped
 
 __all__ = ["PLAN_FILE", "WEIGHTS_FILE", "load", "load_placement", "load_plan", "plan_in",
            "read_weights",
@@ -171,7 +171,7 @@ def _fill_legacy(model: nn.Module, state: dict[str, torch.Tensor],
 def _load_state(model: nn.Module, state: dict[str, torch.Tensor], path: str, *,
                 assign: bool, fills: list[_Fill] | None = None) -> None:
     expected = model.state_dict(keep_vars=True)
-    state = _fill_legacy(model, state, expected, fills or [])
+    state = _fill_legacy(model, without_dropped(model, state), expected, fills or [])
     # safetensors stores a tied (shared) tensor once: an alias the file lacks is not missing.
     names_of: dict[int, list[str]] = {}
     for name, t in expected.items():

@@ -13,8 +13,8 @@ from autobuild.rewrite.graph_copies import keep_identity
 if TYPE_CHECKING:
     from autobuild.rewrite.plan import Plan
 
-__all__ = ["BuildRecord", "Change", "plan_of", "record_of", "root_of", "set_plan",
-           "set_record", "site_modules", "unwrap"]
+__all__ = ["DROPPED", "BuildRecord", "Change", "plan_of", "record_of", "root_of", "set_plan",
+           "set_record", "site_modules", "unwrap", "without_dropped"]
 
 _ATTR = "_autobuild"
 
@@ -73,6 +73,21 @@ def set_record(model: nn.Module, record: BuildRecord) -> None:
 
 #: torch.fx.graph_module's key: GraphModule.__deepcopy__ sets these attributes on the copy.
 _PRESERVED = "_user_preserved_attributes"
+
+
+#: A :class:`Change`'s ``after`` for a module the build deleted (a shared module every call
+#: of which was converted; ``site`` is its path).
+DROPPED = "(dropped)"
+
+
+def without_dropped(model: Any, state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` without the entries of modules ``model``'s build dropped: weights saved by
+    a version that kept them (as dead weight) still load."""
+    record = record_of(model)
+    dropped = [c.site + "." for c in (record.changes if record else []) if c.after == DROPPED]
+    if not dropped:
+        return state
+    return {k: v for k, v in state.items() if not any(k.startswith(p) for p in dropped)}
 
 
 def plan_of(model: Any) -> Plan | None:

@@ -20,7 +20,7 @@ from autobuild.errors import AutobuildError
 from autobuild.rewrite.cost import param_count
 from autobuild.rewrite.family import check_replacement, is_builtin, own_errors
 from autobuild.rewrite.graph_copies import keep_identity
-from autobuild.rewrite.record import Change
+from autobuild.rewrite.record import DROPPED, Change
 from autobuild.rewrite.sites import Site
 from autobuild.rewrite.trace import trace
 
@@ -187,7 +187,11 @@ class Rewriter:
         if not any(n.op in ("call_module", "get_attr") and (
                 n.target == target or str(n.target).startswith(target + "."))
                 for n in gm.graph.nodes):
+            old = gm.get_submodule(target)
             gm.delete_submodule(target)
+            self.changes.append(Change(self.full(target), self.family, type(old).__name__,
+                                       DROPPED, param_count(old), 0,
+                                       "every call of it converted"))
 
     def node_of_call(self, site: Site) -> fx.Node:
         """The call_module node of a (possibly shared) call site."""

@@ -32,6 +32,7 @@ from autobuild.files import atomic_copy
 from autobuild.io import PLAN_FILE, save_plan, save_weights
 from autobuild.optim import param_groups
 from autobuild.rewrite import plan_of, record_of, set_record
+from autobuild.rewrite.record import without_dropped
 from autobuild.train.checkpoint import (
     CHECKPOINT_FILE,
     get_rng_state,
@@ -206,7 +207,7 @@ class Session:
         recipe = [{k: v for k, v in g.items() if k != "params"} for g in self.opt.param_groups]
         check_resume(self.cfg, int(state["epoch"]), state.get("config") or {})
         try:
-            self.base.load_state_dict(state["model"])
+            self.base.load_state_dict(without_dropped(self.base, state["model"]))
             self.opt.load_state_dict(state["optimizer"])
             self.sched.load_state_dict(state["scheduler"])
             self._apply_recipe(recipe)

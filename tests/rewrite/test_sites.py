@@ -143,3 +143,25 @@ def test_identity_module_shortcut_odd_sizes_and_one_block_stages() -> None:
     kinds = {(s.kind, s.name) for s in find_sites(one_block.module, (16, 8, 8))
              if s.kind in ("block", "stage")}
     assert kinds == {("block", "0.0"), ("stage", "0")}
+
+
+def test_weights_saved_with_a_dropped_shared_module_still_load(tmp_path) -> None:
+    """Builds before the shared module was dropped saved its weights (dead weight): those
+    files load; any other extra weight is still refused."""
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    m = autobuild.convert(Thrice(), "quadratic", sites=["conv#0", "conv#1", "conv#2"],
+                          input_size=(3, 8, 8))
+    autobuild.save(m, str(tmp_path / "m"))
+    path = tmp_path / "m" / "weights.safetensors"
+    state = load_file(path)
+    save_file({**state, "conv.weight": torch.zeros(3, 3, 3, 3), "conv.bias": torch.zeros(3)},
+              path)
+    loaded = autobuild.load(str(tmp_path / "m"), baseline=Thrice())
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), m.eval()(x))
+    save_file({**state, "other.weight": torch.zeros(1)}, path)
+    with pytest.raises(AutobuildError, match="1 unexpected"):
+        autobuild.load(str(tmp_path / "m"), baseline=Thrice())
