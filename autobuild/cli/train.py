@@ -309,12 +309,13 @@ def _resumed_job(args: argparse.Namespace) -> _Job:
     recipe = recorded["config"] if from_record else state["config"]
     given = config_overrides(args)
     cfg = TrainConfig.from_dict({**recipe, **given})
-    check_resume(cfg, int(state["epoch"]), state.get("config") or {})
 
     def key(field: str) -> str:  # a setting the user did not give now is the run's
         where = (f"recorded in {os.path.join(run_dir, 'train.yaml')}: edit it there"
                  if from_record else "the recipe of the checkpoint")
         return f"--{field.replace('_', '-')}" if field in given else f"{field} ({where})"
+
+    check_resume(cfg, int(state["epoch"]), state.get("config") or {}, key("optimizer"))
 
     check_given(cfg, given, key)
     if given.keys() & {"lr_milestones", "epochs", "lr_schedule"}:  # (as a new run would)

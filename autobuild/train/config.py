@@ -324,13 +324,14 @@ def check_given(cfg: TrainConfig, given: Collection[str], name: Callable[[str], 
                                "it out")
 
 
-def check_resume(cfg: TrainConfig, done: int, saved: Mapping[str, Any] | None = None) -> None:
+def check_resume(cfg: TrainConfig, done: int, saved: Mapping[str, Any] | None = None,
+                 optimizer_key: str = "optimizer") -> None:
     """A resumed run must have epochs left: ``--epochs`` below what is done is refused
     before anything is written (it would rewrite the run's record for nothing). It keeps
     the optimizer whose state the checkpoint holds (``saved``: the checkpoint's recipe)."""
     before = (saved or {}).get("optimizer", "sgd")
     if saved is not None and cfg.optimizer != before:
-        raise InvalidValue(f"optimizer (--optimizer) {cfg.optimizer}: the run trains with "
+        raise InvalidValue(f"{optimizer_key} {cfg.optimizer}: the run trains with "
                            f"{before}, whose state its checkpoint holds; a resumed run keeps "
                            f"its optimizer (`autobuild train RUN --optimizer {cfg.optimizer} "
                            "--out NEW` starts a new run from its weights)")
