@@ -799,3 +799,7 @@ def test_option_errors_are_typed_like_other_argument_errors() -> None:
         autobuild.convert("cifar_resnet20", "pde-global", options={"K": 1000})
     with pytest.raises(ValueError, match="option type='t9' of quadratic is not valid"):
         autobuild.convert("cifar_resnet20", "quadratic", options={"type": "t9"})
+    with pytest.raises(ValueError, match="unknown option of quadratic 'typ'"):
+        autobuild.convert("cifar_resnet20", "quadratic", options={"typ": "t4"})
+    with pytest.raises(TypeError, match="options of quadratic must be a mapping"):
+        autobuild.variants.get_variant("quadratic").parse_options(["type=t4"])

@@ -75,7 +75,7 @@ class Option:
             try:
                 value = self.normalize(value)
             except AutobuildError as e:
-                raise AutobuildError(f"option {self.name} of {family}: {e}") from None
+                raise InvalidValue(f"option {self.name} of {family}: {e}") from None
         if self.choices is not None and value not in self.choices:
             raise InvalidValue(f"option {self.name}={value!r} of {family} is not valid; valid:"
                                  f" {', '.join(map(str, self.choices))}")
@@ -206,12 +206,13 @@ class Variant:
         if raw is None:
             raw = {}
         if not isinstance(raw, dict):
-            raise AutobuildError(f"options of {self.name} must be a mapping name -> value, "
-                                 f"got {type(raw).__name__}")
+            raise InvalidType(f"options of {self.name} must be a mapping name -> value, "
+                              f"got {type(raw).__name__}")
         known = {o.name: o for o in self.options}
         for key in raw:
             if key not in known:
-                raise unknown_name(f"option of {self.name}", str(key), known or ["(none)"])
+                raise InvalidValue(str(unknown_name(f"option of {self.name}", str(key),
+                                                    known or ["(none)"])))
         return {o.name: o.parse(raw[o.name], self.name) if o.name in raw else o.default
                 for o in self.options}
 
