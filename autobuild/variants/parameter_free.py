@@ -167,11 +167,14 @@ def build_layer(site: Site, conv: nn.Conv2d, layout: str,
         # PfLayer's EffBottleneck: down-sample first, then the same conv at stride 1.
         kept = copy.deepcopy(conv)
         kept.stride = (1, 1)
+        kept.requires_grad_(True)  # a new layer trains, whether or not the baseline's did
         return ParameterFreeLayer(nn.AvgPool2d(s, s, ceil_mode=True), kept), False
     # MaxPool2d pads with -inf itself up to half its kernel; dilated convs (SSD's fc6:
     # 3x3, dilation 6, padding 6) need the padding done explicitly. The shift pads itself,
     # with zeros, whatever the padding.
-    inline = op == "shift" or all(pi <= ki // 2 for pi, ki in zip(p, k, strict=True))
+    # (An identity has no padding to do: the conv it replaces is 'same'-padded.)
+    inline = op in ("shift", "identity") or all(pi <= ki // 2 for pi, ki in zip(p, k,
+                                                                                strict=True))
     pool = make_pool(op, k, s, p if inline else 0, d, channels=conv.in_channels)
     pad = (0, 0) if inline else p
     if conv.in_channels == conv.out_channels:

@@ -3,6 +3,8 @@ family file adds its cases here automatically (Variant.contract_cases)."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -90,6 +92,19 @@ def test_contract(family: str, model: str, options: dict, sites: list | None, tm
             assert max_rel_diff(y_eval, loaded(x_cl)) <= 1e-4
         loaded.train()
         loaded(x_cl).square().mean().backward()
+
+
+@pytest.mark.parametrize("family,model,options,sites", CASES)
+def test_new_layers_train_in_a_frozen_baseline(family: str, model: str, options: dict,
+                                               sites: list | None) -> None:
+    """New layers are trainable whatever the layers they replace were (README): only the
+    baseline's own, unchanged parameters keep their requires_grad=False."""
+    base = copy.deepcopy(_baseline(model))
+    base.module.requires_grad_(False)
+    kept = {name for name, _ in base.module.named_parameters()}
+    m = convert_baseline(base, family, sites=sites, options=options).model
+    frozen = [name for name, p in m.named_parameters() if not p.requires_grad]
+    assert [name for name in frozen if name not in kept] == []
 
 
 @pytest.mark.parametrize("family,model,options,sites", CASES)

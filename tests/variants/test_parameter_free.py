@@ -185,6 +185,36 @@ def test_ssd300_backbone_converts_and_detector_runs() -> None:
     assert {"boxes", "scores", "labels"} <= set(out[0])
 
 
+class _Dilated(nn.Module):
+    """SSD's fc6 in small: a 3x3 conv at dilation 2, padding 2 ("same")."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.c = nn.Conv2d(8, 8, 3, padding=2, dilation=2)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.c(torch.relu(self.stem(x))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("pool", ["max", "shift", "identity"])
+def test_a_dilated_same_padded_conv_keeps_its_size(pool: str) -> None:
+    """Every operation that takes a dilated site keeps the conv's output size, finite (the
+    explicit -inf padding is the max-pool's alone), and costs what it is predicted to."""
+    analysis = autobuild.analyze(_Dilated(), input_size=(3, 16, 16))
+    placement = analysis.select("parameter-free", ["c"], {"pool": pool})
+    m = analysis.build(placement).eval()
+    x = torch.randn(2, 8, 16, 16)
+    with torch.no_grad():
+        y = m.c(x)
+        assert y.shape == x.shape and torch.isfinite(y).all()
+        assert torch.isfinite(m(torch.randn(2, 3, 16, 16))).all()
+        if pool == "identity":
+            assert torch.equal(y, x)
+    assert analysis.cost(placement).to_dict() == autobuild.count(m).to_dict()
+
+
 class _Detector(nn.Module):
     """A model whose converted part is a submodule (like the detectors' 'backbone')."""
 
