@@ -35,6 +35,7 @@ from autobuild.rewrite import (
     set_plan,
     set_record,
 )
+from autobuild.rewrite.record import unwrap
 from autobuild.rewrite.sites import Region
 
 __all__ = ["analyze", "build_plan", "check_plan_leaves", "convert", "sites"]
@@ -173,7 +174,7 @@ def _convert_again(model: nn.Module, to: str | None, sites: Any, options: Any,
     merged = plan.placement.merged(new)
     both = "preserve" if init == plan.init == "preserve" else "scratch"
     if plan.model.startswith("custom:"):  # (no baseline to analyse: the model's paths tell)
-        _refuse_converted_inside(analysis, new, record)
+        _refuse_converted_inside(model, analysis, new, record)
     else:  # the combined plan must be one that builds, as load() will build it
         Analysis(plan_baseline(plan, load_baseline_weights=False, device="meta")).check(
             merged, both)
@@ -185,16 +186,39 @@ def _convert_again(model: nn.Module, to: str | None, sites: Any, options: Any,
     return built
 
 
-def _refuse_converted_inside(analysis: Analysis, new: Placement, record: BuildRecord) -> None:
+def _refuse_converted_inside(model: nn.Module, analysis: Analysis, new: Placement,
+                             record: BuildRecord) -> None:
     """Refuse a new site whose region holds, or lies in, a converted module."""
+    built = _converted_modules(model, record)
     for name, choice in new.items():
         region = get_family(choice.family).region(analysis.site(name), choice.opts, analysis)
-        for old, path in record.site_modules.items():
+        for path, old in built.items():
             if Region(modules=frozenset({path})).overlaps(region):
                 raise InfeasiblePlacement(
                     f"sites {old} ({record.plan.placement[old].short()}) and {name} "
                     f"({choice.short()}) overlap: one lies inside what the other replaces; a "
                     "placement takes one of them")
+
+
+def _converted_modules(model: nn.Module, record: BuildRecord) -> dict[str, str]:
+    """Module path -> the site whose conversion built it: the site's module when it is one
+    of its family's layers (or holds none), else the family's layers inside it (a plain
+    pde-global stage keeps its first block, which another choice may still convert)."""
+    root = unwrap(model)
+    built: dict[str, str] = {}
+    for old, path in record.site_modules.items():
+        layers = get_family(record.plan.placement[old].family).leaf_modules
+        try:
+            module = root.get_submodule(path)
+        except AttributeError:  # (a graph edit recorded elsewhere: the whole path is taken)
+            built[path] = old
+            continue
+        inner = [f"{path}.{n}".lstrip(".") for n, m in module.named_modules()
+                 if n and isinstance(m, layers)]
+        for taken in ([path] if not path or isinstance(module, layers) or not inner
+                      else inner):
+            built[taken] = old
+    return built
 
 
 def sites(model_or_name: nn.Module | str, to: str | None = None, *,

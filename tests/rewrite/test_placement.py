@@ -8,6 +8,7 @@ import re
 
 import pytest
 import torch
+import torchvision
 
 import autobuild
 from autobuild.errors import AutobuildError, InfeasiblePlacement
@@ -323,6 +324,30 @@ def test_converting_again_accepts_what_one_placement_accepts_and_nothing_else(tm
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(both.eval()(x), autobuild.load(str(tmp_path / "both")).eval()(x))
+
+
+def test_a_custom_model_converted_again_takes_what_one_placement_takes(tmp_path) -> None:
+    """Without a registered baseline the converted model's own modules tell what is taken:
+    a plain pde-global stage keeps its first block, which one placement lets another family
+    convert, and so does a second step; a site inside a converted layer stays refused."""
+    def resnet() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return torchvision.models.resnet18(num_classes=10)
+
+    one = autobuild.analyze(resnet(), input_size=(3, 64, 64)).build(
+        Placement({"layer1": "pde-global", "layer1.0.conv1": "quadratic"}))
+    stage = autobuild.convert(resnet(), "pde-global", sites=["layer1"], input_size=(3, 64, 64))
+    both = autobuild.convert(stage, "quadratic", sites=["layer1.0.conv1"])
+    assert dict(autobuild.plan_of(both).placement) == dict(autobuild.plan_of(one).placement)
+    autobuild.save(both, str(tmp_path / "both"))
+    loaded = autobuild.load(str(tmp_path / "both"), baseline=resnet())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(both.eval()(x), loaded.eval()(x))
+    conv = autobuild.convert(resnet(), "quadratic", sites=["layer2.0.conv1"],
+                             input_size=(3, 64, 64))
+    with pytest.raises(InfeasiblePlacement, match="layer2.0.conv1 .* and layer2.0 .* overlap"):
+        autobuild.convert(conv, "multiplicative", sites=["layer2.0"])
 
 
 # ---- masking -----------------------------------------------------------------------------
