@@ -17,6 +17,7 @@ from autobuild.errors import (
     AutobuildError,
     InfeasiblePlacement,
     InvalidType,
+    InvalidValue,
     check_seed,
     unknown_name,
 )
@@ -97,7 +98,7 @@ def _leaves(leaf_modules: Any) -> tuple[Any, ...]:
 
 def _check_init(init: Any) -> str:
     if init not in INITS:
-        raise AutobuildError(f"unknown init {init!r}; valid: {', '.join(INITS)}")
+        raise InvalidValue(f"unknown init {init!r}; valid: {', '.join(INITS)}")
     return init
 
 
@@ -105,18 +106,18 @@ def _placement(analysis: Analysis, to: str | None, sites: Any, options: Any,
                placement: Placement | Mapping[str, Any] | None) -> Placement:
     if placement is not None:
         if to is not None or sites is not None or options is not None:
-            raise AutobuildError("pass either placement= or to=/sites=/options=, not both")
+            raise InvalidValue("pass either placement= or to=/sites=/options=, not both")
         placement = placement if isinstance(placement, Placement) else Placement(placement)
         analysis.check_new(placement)
         return placement
     if to is None:
-        raise AutobuildError("name a family with to= (see `autobuild variants`) or pass a "
+        raise InvalidValue("name a family with to= (see `autobuild variants`) or pass a "
                              "placement=")
     if sites is not None and not isinstance(sites, (str, list, tuple)):
-        raise AutobuildError(f"sites must be a glob pattern or a list of them, got "
+        raise InvalidType(f"sites must be a glob pattern or a list of them, got "
                              f"{type(sites).__name__}")
     if options is not None and not isinstance(options, Mapping):
-        raise AutobuildError(f"options must be a mapping name -> value, got "
+        raise InvalidType(f"options must be a mapping name -> value, got "
                              f"{type(options).__name__}")
     return analysis.select(to, sites, options)
 

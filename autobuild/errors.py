@@ -143,7 +143,7 @@ def unknown_name(what: str, name: str, valid: Iterable[str], hint: str = "", *,
         msg += f"; valid: {', '.join(valid)}"
     if hint:
         msg += f" ({hint})"
-    return AutobuildError(msg)
+    return InvalidValue(msg)
 
 
 def _closest(name: Any, valid: list[str]) -> list[str]:

@@ -803,3 +803,26 @@ def test_option_errors_are_typed_like_other_argument_errors() -> None:
         autobuild.convert("cifar_resnet20", "quadratic", options={"typ": "t4"})
     with pytest.raises(TypeError, match="options of quadratic must be a mapping"):
         autobuild.variants.get_variant("quadratic").parse_options(["type=t4"])
+
+
+@pytest.mark.parametrize("kwargs,kind,message", [
+    ({"to": 3}, TypeError, "a family is named by a string"),
+    ({"to": "quadratc"}, ValueError, "unknown family 'quadratc'"),
+    ({"to": "quadratic", "sites": 5}, TypeError, "sites must be a glob pattern"),
+    ({"to": "quadratic", "sites": []}, ValueError, "sites is an empty list"),
+    ({"to": "quadratic", "sites": [3]}, TypeError, "site patterns must be strings"),
+    ({"to": "quadratic", "sites": ["nope"]}, ValueError, "matches no quadratic site"),
+    ({"to": "quadratic", "options": ["type=t4"]}, TypeError, "options must be a mapping"),
+    ({"to": "quadratic", "init": "keep"}, ValueError, "unknown init 'keep'"),
+    ({}, ValueError, "name a family with to="),
+    ({"to": "quadratic", "placement": {"fc": "quadratic"}}, ValueError, "not both"),
+    ({"to": "quadratic", "input_size": "abc"}, TypeError, "input_size"),
+    ({"to": "quadratic", "num_classes": "x"}, TypeError, "num_classes"),
+])
+def test_api_argument_errors_are_typed_as_documented(kwargs: dict, kind: type,
+                                                     message: str) -> None:
+    """docs/cli.md: every bad argument of the API is an AutobuildError that is also the
+    ValueError or TypeError Python code expects."""
+    with pytest.raises(kind, match=message) as info:
+        autobuild.convert("cifar_resnet20", **kwargs)
+    assert isinstance(info.value, autobuild.AutobuildError)

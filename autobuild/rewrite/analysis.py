@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from autobuild.errors import AutobuildError, InfeasiblePlacement, check_seed
+from autobuild.errors import AutobuildError, InfeasiblePlacement, InvalidValue, check_seed
 from autobuild.rewrite.baseline import Baseline, annotate
 from autobuild.rewrite.cost import (
     MAX_MACS,
@@ -181,7 +181,7 @@ class Analysis:
         else:
             patterns = [sites] if isinstance(sites, str) else list(sites)
             if not patterns:
-                raise AutobuildError("sites is an empty list; name at least one site pattern "
+                raise InvalidValue("sites is an empty list; name at least one site pattern "
                                      "or pass None for the family's default sites")
             chosen = select_sites(accepted, patterns, family=variant.name, model=name)
         variant.refuse_idle(chosen, opts)

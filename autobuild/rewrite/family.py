@@ -281,7 +281,7 @@ def check_replacement(where: str, new: nn.Module, site: Site) -> None:
 
 def get_family(name: Any) -> Variant:
     if not isinstance(name, str):
-        raise AutobuildError(f"a family is named by a string, got {name!r}")
+        raise InvalidType(f"a family is named by a string, got {name!r}")
     _run_loaders()
     key = name.replace("_", "-")
     if key in _FAMILIES:

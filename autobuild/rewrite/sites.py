@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from autobuild.errors import AutobuildError
+from autobuild.errors import InfeasiblePlacement, InvalidType
 from autobuild.rewrite.cost import param_count
 from autobuild.rewrite.graph import (
     Block,
@@ -291,13 +291,13 @@ def select_sites(candidates: Sequence[Site], patterns: Iterable[str] | None, *, 
     chosen: dict[str, Site] = {}
     for pattern in patterns:
         if not isinstance(pattern, str):
-            raise AutobuildError(f"site patterns must be strings, got {pattern!r}")
+            raise InvalidType(f"site patterns must be strings, got {pattern!r}")
         hits = [s for s in candidates if fnmatch.fnmatchcase(s.name, pattern)]
         if not hits:
             names = [s.name for s in candidates]
             shown = ", ".join(names[:40]) + (f", ... ({len(names)} in all)" if len(names) > 40
                                              else "")
-            raise AutobuildError(
+            raise InfeasiblePlacement(
                 f"site pattern {pattern!r} matches no {family} site of {model}; valid sites: "
                 f"{shown or '(none)'} (see `autobuild sites {model} --to {family}`)")
         for s in hits:
