@@ -41,4 +41,14 @@ def run(args: argparse.Namespace) -> int:
                   str(len(r["workers_alive"])), str(r["pareto_size"]), _eta(r["eta_s"])]
                  for r in rows],
                 ["study", "finished", "trials by state", "workers", "pareto", "ETA"]))
+    for r in rows:  # why trials failed: the last few (all of them: --json)
+        failed = list(r["failed"].items())
+        for number, reason in failed[-_SHOWN_FAILURES:]:
+            print(f"{r['study']}: trial {number} failed: {reason}")
+        if len(failed) > _SHOWN_FAILURES:
+            print(f"{r['study']}: {len(failed) - _SHOWN_FAILURES} earlier failed trials "
+                  "(--json lists them)")
     return 0
+
+
+_SHOWN_FAILURES = 5

@@ -22,6 +22,7 @@ twice is refused. Reading and writing files is :mod:`autobuild.io`'s job.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,6 +63,14 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                     f"{key_node.start_mark.line + 1}); keep one", key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+# YAML 1.2's floats: PyYAML (YAML 1.1) reads `lr: 1e-3` and `1e9` (no dot) as text, and a
+# file would then be refused for a number its author wrote as one.
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
 
 
 def load_yaml(stream: Any) -> Any:

@@ -66,13 +66,18 @@ def _missing_dirs(path: str) -> list[str]:
 
 def check_new_space(space: Any) -> None:
     """What a new study's space may not hold, though a study made before this was refused
-    continues with it: a group named "" and one conversion listed twice in a group (the
-    sampler would weigh it double)."""
+    continues with it: a group named "", a group with nothing to choose but ``keep`` (its
+    choices were given empty) and one conversion listed twice in a group (the sampler would
+    weigh it double)."""
     from autobuild.rewrite import Choice
 
     for i, group in enumerate(space.groups):
         if group.name is not None and not group.name.strip():
             raise AutobuildError(f"{space.key(f'groups.{i}.name')}: must not be empty")
+        if len(group.choices) < 2:  # (keep is always there)
+            raise AutobuildError(f"{space.key(f'groups.{i}.choices')}: nothing to choose "
+                                 "besides keep; list at least one conversion (e.g. "
+                                 "quadratic:ours) or remove the group")
         seen: dict[Any, str] = {}
         for text in group.choices:
             choice = Choice.parse(json.loads(text) if text.startswith("{") else text)

@@ -201,7 +201,12 @@ class Objective:
             return self._values({**costs, "top1": 0.0})
         if model is None:
             model = self._build(placement)
-        top1 = self._train(trial, model, placement, costs)
+        try:
+            top1 = self._train(trial, model, placement, costs)
+        except optuna.TrialPruned:  # (trained, for the epochs it had)
+            trial.set_user_attr("trained", True)
+            trial.set_user_attr("wall_time_s", time.perf_counter() - start)
+            raise
         trial.set_user_attr("trained", True)
         trial.set_user_attr("wall_time_s", time.perf_counter() - start)
         if self.space.keep_weights:
@@ -295,7 +300,8 @@ class Objective:
                 for name, value in source.user_attrs.items():
                     # the result, not why the source was enqueued (a seed's kind)
                     if name not in trial.user_attrs and name not in (
-                            "reused_from", "seed_kind", "ri_error", "wall_time_s"):
+                            "reused_from", "seed_kind", "ri_error", "wall_time_s",
+                            "requeued_from"):
                         trial.set_user_attr(name, value)
                 _set_constraints(trial, source.constraints)
                 trial.set_user_attr("reused_from", source.number)

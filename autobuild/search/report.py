@@ -19,12 +19,13 @@ import optuna
 
 from autobuild.errors import AutobuildError
 
-__all__ = ["REFERENCE_POINT", "hypervolume", "pareto_trials", "trials_frame", "write_report"]
+__all__ = ["REFERENCE_POINT", "failure_reason", "hypervolume", "pareto_trials", "trials_frame",
+           "write_report"]
 
 REFERENCE_POINT = (1.0, 2.0)
 _COLUMNS = ["number", "state", "placement", "top1", "params", "macs", "flops", "latency_ms",
             "feasible", "trained", "pruned_at_epoch", "reused_from", "seed_kind",
-            "wall_time_s", "placement_key"]
+            "wall_time_s", "placement_key", "fail_reason"]
 
 
 _COST_LABELS = {"macs": "MACs", "params": "params", "flops": "FLOPs", "latency_ms": "latency"}
@@ -45,15 +46,41 @@ def _row(t: optuna.trial.FrozenTrial) -> dict[str, Any]:
             "placement_key": a.get("placement_key")}
 
 
+def failure_reason(trial: optuna.trial.FrozenTrial,
+                   trials: Sequence[optuna.trial.FrozenTrial]) -> str | None:
+    """Why a FAIL trial failed (None for any other state): its recorded reason (a diverged
+    run), or what became of it: interrupted or its worker lost, and the trial that retried
+    it; a surplus trial started after the study had its trials."""
+    if trial.state != optuna.trial.TrialState.FAIL:
+        return None
+    a = trial.user_attrs
+    if "fail_reason" in a:
+        return str(a["fail_reason"])
+    if a.get("surplus"):
+        return "not needed: the study had its trials when it started"
+    later = [t for t in trials if t.number > trial.number]
+    stale = next((t for t in later
+                  if (t.system_attrs.get("retry_history") or [None])[-1] == trial.number), None)
+    if stale is not None:
+        return f"its worker died or stopped its heartbeat; retried as trial {stale.number}"
+    again = next((t for t in later if t.user_attrs.get("requeued_from") == trial.number), None)
+    if again is not None:
+        return f"interrupted (Ctrl-C or SIGTERM); re-queued as trial {again.number}"
+    return "interrupted or its worker lost; not re-queued"
+
+
 def trials_frame(study: optuna.Study) -> Any:
     """One row per trial with the columns of ``_COLUMNS`` (top-1 of pruned trials: the last
-    epoch reached; of failed, interrupted, running and never trained trials: empty)."""
+    epoch reached; of failed, interrupted, running and never trained trials: empty;
+    ``fail_reason``: :func:`failure_reason`)."""
     import pandas as pd
 
     names = study.metric_names or ["top1"]
     rows = []
-    for t in study.get_trials(deepcopy=False):
+    trials = study.get_trials(deepcopy=False)
+    for t in trials:
         row = _row(t)
+        row["fail_reason"] = failure_reason(t, trials)
         values = dict(zip(names, t.values or [], strict=False))
         row["top1"] = values.get("top1")
         if t.state not in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED):

@@ -304,9 +304,9 @@ def _pareto_line(search: Search) -> Any:
         if search.objective.quiet:
             return
         front = len(pareto_trials(study))
+        target = search.objective.n_trials or search.space.n_trials  # (the study's own)
         print(f"trial {trial.number} {trial.state.name.lower()}: {finished(study)}/"
-              f"{search.space.n_trials} finished, Pareto front {front}", file=sys.stderr,
-              flush=True)
+              f"{target} finished, Pareto front {front}", file=sys.stderr, flush=True)
 
     return callback
 
@@ -336,10 +336,13 @@ def work(search: Search, n_trials: int) -> None:
                 requeue_interrupted(search.study, search.objective.current)
                 raise
             if finished(search.study) == before and not search.objective.surplus:
-                failures += 1
+                failures += 1  # (a trial optimize() fails without raising: it diverged)
                 if failures > n_trials:
-                    raise AutobuildError(f"{failures} trials failed (see their fail_reason); "
-                                         "stopping the search")
+                    raise DivergedError(
+                        f"{failures} trials diverged, more than the {n_trials} the study "
+                        "asks for; stopping the search (each trial's fail_reason: `autobuild "
+                        "status`, trials.csv of `autobuild report`; lower the budget's lr or "
+                        "set its clip_grad)")
 
 
 def requeue_interrupted(study: optuna.Study, number: int | None) -> None:

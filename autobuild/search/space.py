@@ -110,12 +110,16 @@ class Constraint(_Strict):
     @classmethod
     def parse(cls, text: str) -> Constraint:
         m = _CONSTRAINT.match(text)
+        shape = ValueError(f"constraint {text!r} must look like 'macs <= 1.2 * baseline' or "
+                           "'params <= 5e6' (metrics: macs, params, flops, latency_ms)")
         if not m:
-            raise ValueError(f"constraint {text!r} must look like 'macs <= 1.2 * baseline' or "
-                             "'params <= 5e6' (metrics: macs, params, flops, latency_ms)")
+            raise shape
         metric, op, factor, rhs = m.groups()
         relative = rhs == "baseline"
-        value = float(factor or 1.0) if relative else float(rhs) * float(factor or 1.0)
+        try:  # (the pattern lets "2..3" through: float() is the judge)
+            value = float(factor or 1.0) if relative else float(rhs) * float(factor or 1.0)
+        except ValueError:
+            raise shape from None
         if not math.isfinite(value) or value > (1e6 if relative else 1e18):
             raise ValueError(f"constraint {text!r}: the bound must be a finite number, at most "
                              f"{'1e6 * baseline' if relative else '1e18'}")

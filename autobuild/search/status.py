@@ -10,7 +10,7 @@ from typing import Any
 
 import optuna
 
-from autobuild.search.report import pareto_trials
+from autobuild.search.report import failure_reason, pareto_trials
 from autobuild.search.study import fail_dead_trials, finished, live_trials, open_storage
 
 __all__ = ["study_status", "storage_status"]
@@ -39,6 +39,8 @@ def study_status(study: optuna.Study) -> dict[str, Any]:
     return {"study": study.study_name, "trials": len(trials), "states": states,
             "finished": done, "n_trials": target, "workers_alive": workers,
             "running": [t.number for t in live], "pareto_size": front,
+            "failed": {str(t.number): failure_reason(t, trials) for t in trials
+                       if t.state == optuna.trial.TrialState.FAIL},
             "eta_s": round(eta, 1) if eta is not None else None}
 
 

@@ -17,7 +17,9 @@ import pytest
 from autobuild.cli import main
 from autobuild.errors import AutobuildError
 from autobuild.search import load_space, run
-from autobuild.search.report import pareto_trials
+from autobuild.search.report import failure_reason, pareto_trials, trials_frame
+from autobuild.search.status import study_status
+from autobuild.train import DivergedError
 from tests.search.conftest import tiny_space
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -180,7 +182,7 @@ def test_a_study_from_another_space_is_not_mixed(in_tmp) -> None:
 
 
 def test_nothing_to_search_is_refused(in_tmp) -> None:
-    with pytest.raises(AutobuildError, match="nothing to search"):
+    with pytest.raises(AutobuildError, match="groups.0.choices: nothing to choose besides keep"):
         run(load_space(tiny_space(groups=[{"sites": "layer1.0.conv1", "choices": ["keep"]}])),
             quiet=True)
     with pytest.raises(AutobuildError, match="matches no site"):
@@ -216,6 +218,8 @@ def test_ctrl_c_stops_cleanly_and_resume_finishes(in_tmp) -> None:
     assert len(done) == 3
     again = [t for t in done if t.user_attrs.get("requeued_from") == 0]
     assert again and again[0].user_attrs["seed_kind"] == "baseline"  # the seed was trained
+    assert failure_reason(study.trials[0], study.trials) == (
+        f"interrupted (Ctrl-C or SIGTERM); re-queued as trial {again[0].number}")
 
 
 def test_a_killed_sqlite_worker_is_known_dead_at_once(in_tmp, capsys) -> None:
@@ -247,6 +251,9 @@ def test_a_killed_sqlite_worker_is_known_dead_at_once(in_tmp, capsys) -> None:
     retried = [t for t in study.trials if t.system_attrs.get("failed_trial") == killed.number]
     assert len(retried) == 1 and retried[0].state == optuna.trial.TrialState.COMPLETE
     assert retried[0].params == killed.params
+    assert main(["status", "--study", "tiny"]) == 0
+    assert (f"tiny: trial {killed.number} failed: its worker died or stopped its heartbeat; "
+            f"retried as trial {retried[0].number}") in capsys.readouterr().out
 
 
 def test_a_worker_of_another_pid_namespace_is_not_judged_by_its_pid(in_tmp) -> None:
@@ -270,12 +277,18 @@ def test_a_worker_of_another_pid_namespace_is_not_judged_by_its_pid(in_tmp) -> N
 def test_diverging_trials_fail_with_their_reason_and_the_study_goes_on(in_tmp) -> None:
     space = load_space(tiny_space(n_trials=1, budget={"epochs": 1, "batch_size": 32,
                                                       "lr": 1000.0, "clip_grad": 0}))
-    with pytest.raises(AutobuildError, match="trials failed"):
+    with pytest.raises(DivergedError, match="trials diverged") as info:
         run(space, quiet=True)
+    assert info.value.exit_code == 3  # (the input was valid: not 2)
     study = optuna.load_study(study_name="tiny", storage="sqlite:///studies/tiny.db")
     failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
     assert len(failed) >= 2  # the study went on after the first failure
     assert all("diverged" in t.user_attrs["fail_reason"] for t in failed)
+    # ... and says why, where a user looks: the report's trials.csv and `status`
+    frame = trials_frame(study)
+    assert all("diverged" in r for r in frame[frame.state == "FAIL"]["fail_reason"])
+    reasons = study_status(study)["failed"]
+    assert len(reasons) == len(failed) and all("diverged" in r for r in reasons.values())
 
 
 def test_revert_seeds_are_distinct_placements(in_tmp) -> None:

@@ -97,6 +97,9 @@ def test_bad_spaces_name_the_key(change, needle) -> None:
      "conversion; list each once"),
     ({"sites": "x", "choices": ["dirac"], "name": ""}, "groups.0.name: must not be empty"),
     ({"sites": "x", "choices": ["dirac"], "name": "  "}, "groups.0.name: must not be empty"),
+    # a group with nothing to choose (keep is always added): a mistake, not a decision
+    ({"sites": "x", "choices": []}, "groups.0.choices: nothing to choose besides keep"),
+    ({"sites": "x", "choices": ["keep"]}, "groups.0.choices: nothing to choose besides keep"),
 ])
 def test_a_new_study_refuses_what_an_older_one_continues_with(group, needle) -> None:
     from autobuild.search.checks import check_new_space
@@ -108,6 +111,10 @@ def test_a_new_study_refuses_what_an_older_one_continues_with(group, needle) -> 
 
 def test_a_float_key_takes_yaml_exponent_text() -> None:
     assert load_space(tiny_space(), ["pruning.margin=1e-1"]).pruning.margin == 0.1
+    # YAML 1.1 reads a number without a dot as text: every file and --set takes it as the
+    # number it spells (lr and weight decay are written so)
+    space = load_space(tiny_space(), ["budget.lr=1e-3", "budget.weight_decay=5E-4"])
+    assert (space.budget.lr, space.budget.weight_decay) == (0.001, 0.0005)
     with pytest.raises(AutobuildError, match="pruning.margin: must be a valid number"):
         load_space(tiny_space(), ["pruning.margin=true"])
 
@@ -136,3 +143,5 @@ def test_bad_files_and_overrides(tmp_path) -> None:
         load_space(tiny_space(), ["name.x=1"])
     with pytest.raises(ValueError, match="must look like"):
         Constraint.parse("latency <= 3")
+    with pytest.raises(ValueError, match="'macs <= 2..3 \\* baseline' must look like"):
+        Constraint.parse("macs <= 2..3 * baseline")
