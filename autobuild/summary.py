@@ -98,11 +98,15 @@ def summarize(model: nn.Module, analysis: Analysis, *, compare: bool = True) -> 
         "flops": {"before": analysis.counts.flops, "after": after.flops},
         "max_abs_diff": None,
     }
-    if plan.init == "preserve" and compare:
+    reference = next(iter(base.root_module.parameters()), None)
+    loaded = reference is None or not reference.is_meta  # (only its structure: no outputs)
+    if plan.init == "preserve" and compare and loaded:
         result["max_abs_diff"], result["max_abs_output"] = output_difference(
             base.root_module, root, base.input_size)
     elif plan.init == "preserve":
-        result["max_abs_diff_note"] = NO_REFERENCE
+        result["max_abs_diff_note"] = NO_REFERENCE if loaded or not plan.weights else (
+            "not measured here: `autobuild inspect` measures it against the baseline's "
+            "weights file")
     return result
 
 

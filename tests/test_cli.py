@@ -252,6 +252,8 @@ def test_inspect_says_why_a_preserving_conversion_is_not_measured(tmp_path, caps
     assert main(["inspect", out, "--json"]) == 0
     summary = _json(capsys)
     assert summary["max_abs_diff"] is None and "--weights" in summary["max_abs_diff_note"]
+    assert main(["convert", out, "--json"]) == 0  # (a traceback, exit 1)
+    assert "--weights" in _json(capsys)["max_abs_diff_note"]
 
 
 def test_inspect_measures_a_preserving_conversion_of_named_weights_again(
@@ -269,6 +271,10 @@ def test_inspect_measures_a_preserving_conversion_of_named_weights_again(
     summary = _json(capsys)
     assert summary["max_abs_diff"] is not None and summary["max_abs_diff"] < 1e-4
     assert "max_abs_diff_note" not in summary
+    # `convert SAVED` (a copy) builds the baseline's structure only: it points to inspect
+    # (it ran the data-free baseline on an input: a traceback, exit 1)
+    assert main(["convert", out, "--json"]) == 0
+    assert "`autobuild inspect` measures it" in _json(capsys)["max_abs_diff_note"]
     # once trained, the difference is training's, not a preservation error
     trained = str(tmp_path / "t")
     assert main(["train", out, "--data", "synthetic:size=3x32x32,classes=10,train=16,val=8",
