@@ -306,6 +306,14 @@ CLI_CASES: list[tuple[str, list[str], list[str]]] = [
     ("train-lr-gamma-with-cosine", ["train", "cifar_resnet20", "--data", SYNTH,
                                     "--lr-gamma", "0.5", "--out", "{out}"],
      ["--lr-gamma) 0.5", "lr_schedule (--lr-schedule) multistep"]),
+    # recorded in train.yaml, never used: AdamW has no momentum (the record claimed a recipe
+    # that was not run)
+    ("train-momentum-with-adamw", ["train", "cifar_resnet20", "--data", SYNTH, "--optimizer",
+                                   "adamw", "--momentum", "0.5", "--out", "{out}"],
+     ["--momentum) 0.5: it is SGD's momentum, and the optimizer is adamw"]),
+    ("train-nesterov-with-adamw", ["train", "cifar_resnet20", "--data", SYNTH, "--optimizer",
+                                   "adamw", "--no-nesterov", "--out", "{out}"],
+     ["nesterov", "it is SGD's, and the optimizer is adamw"]),
     ("train-tensorboard-every-default-without-tensorboard", [
         "train", "cifar_resnet20", "--data", SYNTH, "--tensorboard-every", "5", "--out",
         "{out}"], ["--tensorboard-every) 5", "give tensorboard (--tensorboard) DIR"]),

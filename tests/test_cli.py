@@ -109,7 +109,8 @@ def test_refuses_to_overwrite(tmp_path, capsys) -> None:
      "must be C,H,W of positive integers"),
     (["convert", "cifar_resnet20", "--to"], "argument --to: expected one argument (see"),
     (["convert", "cifar_resnet20"], "--to FAMILY"),
-    (["sites", "cifar_resnet20", "--to", "quadratic", "--bogus"], "unrecognized arguments"),
+    (["sites", "cifar_resnet20", "--to", "quadratic", "--bogus"],
+     "unrecognized arguments: --bogus (see `autobuild sites --help`)"),
     (["inspect", "/nonexistent/run"], "not a saved model directory"),
     (["convert", "--plan", "/nonexistent/plan.yaml"], "does not exist"),
     # raised inside torch.fx's interpreter, which appends the graph node to the message

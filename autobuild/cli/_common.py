@@ -85,7 +85,11 @@ class Parser(argparse.ArgumentParser):
             if any(value.startswith("-") for value in after):
                 # argparse took "--input-size -3,32,32"'s value for a flag
                 message += f" (a value starting with '-' is written {flags[0]}=VALUE)"
-        raise AutobuildError(f"{message} (see `{self.prog} --help`)")
+        prog = self.prog
+        if message.startswith("unrecognized arguments"):  # (the top parser says it for all)
+            command = next((a for a in self.argv if a in self._subparser_names()), None)
+            prog += f" {command}" if command else ""
+        raise AutobuildError(f"{message} (see `{prog} --help`)")
 
 
 # ---- typed flag values -------------------------------------------------------------------

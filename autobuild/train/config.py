@@ -317,7 +317,14 @@ def check_given(cfg: TrainConfig, given: Collection[str], name: Callable[[str], 
                          f"set {short('lr_schedule')} multistep"),
             "lr_milestones": (cfg.lr_schedule != "multistep", "milestones apply to the "
                               "multistep schedule only, and the schedule is cosine",
-                              f"set {short('lr_schedule')} multistep")}
+                              f"set {short('lr_schedule')} multistep"),
+            "momentum": (cfg.optimizer != "sgd", "it is SGD's momentum, and the optimizer is "
+                         f"{cfg.optimizer}", f"set {short('optimizer')} sgd"),
+            "nesterov": (cfg.optimizer != "sgd" or cfg.momentum == 0,
+                         f"it is SGD's, and the optimizer is {cfg.optimizer}"
+                         if cfg.optimizer != "sgd" else "Nesterov momentum needs a momentum "
+                         "above 0, and the momentum is 0",
+                         f"use {short('optimizer')} sgd with {short('momentum')} above 0")}
     for field, (idle_now, why, fix) in idle.items():
         if field in given and idle_now:
             raise InvalidValue(f"{name(field)} {getattr(cfg, field)}: {why}; {fix}, or leave "
