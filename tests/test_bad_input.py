@@ -195,7 +195,14 @@ CLI_CASES: list[tuple[str, list[str], list[str]]] = [
                                  "--weights", "{root}/nope.safetensors"], ["nope"]),
     ("convert-weights-not-tensors", ["convert", "cifar_resnet20", "--to", "quadratic",
                                      "--weights", "{a_file}"],
-     ["a_file", "not a file of tensors", "never unpickles"]),
+     ["a_file", "not a readable file of tensors", "never unpickles"]),
+    # a mistyped run directory was an unknown model, with every registered name listed
+    ("convert-a-missing-run", ["convert", "{root}/no-such-run"],
+     ["no-such-run': no such saved model directory"]),
+    # (it said "... into cifar_resnet20: 101" and "...: pop from empty list")
+    ("convert-weights-a-text-file", ["convert", "cifar_resnet20", "--to", "quadratic",
+                                     "--weights", "{plan}"],
+     ["plan.yaml", "not a readable file of tensors", "truncated, or another format"]),
     # ---- plans and placements
     ("plan-with-num-classes", ["convert", "--plan", "{plan}", "--num-classes", "10"],
      ["--num-classes", "--plan"]),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import os
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,6 +113,9 @@ def get_model_entry(name: str) -> ModelEntry:
         return _REGISTRY[name]
     if name.startswith("timm:"):
         return _timm_entry(name[len("timm:"):])
+    if os.sep in name or name.startswith("."):  # a path, not a name: `convert runs/typo`
+        raise AutobuildError(f"{name!r}: no such saved model directory (and no registered "
+                             "model is named so: `autobuild models` lists them)")
     raise unknown_name("model", name, _REGISTRY,
                        "timm models as timm:<name>; `autobuild models` lists them; a model of "
                        "your own is registered first: autobuild.register_model, or --import "
@@ -165,13 +168,22 @@ def _requires_num_classes(builder: Callable[..., nn.Module]) -> bool:
 def load_weights(model: nn.Module, weights: str, model_name: str = "") -> None:
     """Load a state dict file (.pth/.pt/.safetensors) or named torchvision weights."""
     if os.path.exists(weights):
+        not_tensors = (f"cannot load weights {weights!r}: not a readable file of tensors (a "
+                       "state dict saved by torch.save as .pth/.pt, or .safetensors)")
         try:
-            model.load_state_dict(read_state_dict(weights))
+            state = read_state_dict(weights)
         except pickle.UnpicklingError as exc:  # (torch's message advises unsafe loading)
-            raise AutobuildError(f"cannot load weights {weights!r}: not a file of tensors "
-                                 "(.pth/.pt state dict or .safetensors); autobuild never "
-                                 "unpickles code") from exc
-        except Exception as exc:  # corrupt file or wrong architecture
+            raise AutobuildError(f"{not_tensors}; autobuild never unpickles code") from exc
+        except Exception as exc:  # (a text file, a truncated one: the readers' words, such
+            # as "101" or "pop from empty list", would say nothing more)
+            raise AutobuildError(f"{not_tensors}; truncated, or another format") from exc
+        if not isinstance(state, Mapping) or not all(
+                isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+            raise AutobuildError(f"{not_tensors}: it holds a {type(state).__name__}, not names "
+                                 "-> tensors")
+        try:
+            model.load_state_dict(state)
+        except Exception as exc:  # wrong architecture
             raise AutobuildError(f"cannot load weights {weights!r} into {model_name or 'model'}:"
                                  f" {brief(exc)}") from exc
         return
