@@ -238,6 +238,10 @@ def load(directory: str, *, baseline: nn.Module | None = None,
         else:
             set_record(model, record)
     if model is None:
-        model = build_plan(plan, baseline, load_baseline_weights=False)
+        try:
+            model = build_plan(plan, baseline, load_baseline_weights=False)
+        except AutobuildError as exc:  # (what the plan says: the file is where to fix it)
+            where = os.path.join(directory, PLAN_FILE)
+            raise type(exc)(f"{where}: {exc}") from exc
         _load_state(model, state, path, assign=False, fills=fills)
     return model

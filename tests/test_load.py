@@ -8,6 +8,7 @@ import torch
 
 import autobuild
 import autobuild.api
+from autobuild.errors import AutobuildError
 from autobuild.variants import list_variants
 
 FAMILIES = [v.name for v in list_variants()]
@@ -68,3 +69,16 @@ def test_a_fan_model_saved_before_its_output_bias_loads_as_it_was(tmp_path) -> N
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
+
+
+def test_what_a_plan_says_wrong_is_named_by_its_file(tmp_path) -> None:  # noqa: ANN001
+    """A plan edited into one that does not build: the error names the plan file (it named
+    a flag, --init preserve, the user never gave)."""
+    out = str(tmp_path / "m")
+    autobuild.save(autobuild.convert("cifar_resnet20", "quadratic", sites=["layer1.0.conv1"],
+                                     init="preserve"), out)
+    plan = tmp_path / "m" / "plan.yaml"
+    plan.write_text(plan.read_text().replace("type: ours", "type: t4"))
+    with pytest.raises(AutobuildError, match=r"m/plan.yaml: quadratic type t4 .* cannot "
+                                             "preserve"):
+        autobuild.load(out)

@@ -33,10 +33,11 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from autobuild.files import atomic_write_text
-    from autobuild.io import load
+    from autobuild.io import WEIGHTS_FILE, load
     from autobuild.search.importance import importance
     from autobuild.train.rundir import read_run_record
     from autobuild.train.runs import data_for_run
+    from autobuild.train.runtime import check_finite
 
     _check_run(args.run_dir)  # first: without a run, "--data is required" misleads
     _check_classifier(args.run_dir)
@@ -45,7 +46,9 @@ def run(args: argparse.Namespace) -> int:
     record = read_run_record(args.run_dir)
     data = data_for_run(args.data, (record or {}).get("data"), data_dir=args.data_dir,
                         download=args.download, image_size=args.image_size)
-    frame = importance(load(args.run_dir), data, batch_size=args.batch_size, device=args.device,
+    model = load(args.run_dir)
+    check_finite(model, f"the weights in {os.path.join(args.run_dir, WEIGHTS_FILE)!r}")
+    frame = importance(model, data, batch_size=args.batch_size, device=args.device,
                        progress=not args.json and sys.stderr.isatty())
     if args.csv:
         atomic_write_text(args.csv, frame.to_csv(index=False))

@@ -29,8 +29,10 @@ def _fitted_model(run: str, task: str, data: Any, weights_name: str) -> Any:
     from autobuild.io import load
     from autobuild.rewrite import plan_of
     from autobuild.train.runs import task_for
+    from autobuild.train.runtime import check_finite
 
     model = load(run, weights_name=weights_name)
+    check_finite(model, f"the weights in {os.path.join(run, weights_name)!r}")
     if task_for(plan_of(model).model, data.spec) != task:
         raise AutobuildError(f"{run} is not a {task} model like the first run")
     if task == "detection":

@@ -173,3 +173,8 @@ def test_weights_that_are_already_not_finite_are_refused_naming_the_file(
     capsys.readouterr()
     assert main(["evaluate", str(saved), "--data", SYNTH, "--device", "cpu"]) == 2
     assert f"the weights in '{path}' are not finite" in capsys.readouterr().err
+    # (analyze and importance said "the model's weights", naming no file)
+    assert main(["analyze", str(saved), "--data", SYNTH, "--out", str(tmp_path / "a")]) == 2
+    assert f"the weights in '{path}' are not finite" in capsys.readouterr().err
+    assert main(["importance", str(saved), "--data", SYNTH]) == 2
+    assert f"the weights in '{path}' are not finite" in capsys.readouterr().err
