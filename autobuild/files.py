@@ -23,8 +23,8 @@ import torch
 from autobuild.errors import AutobuildError
 
 __all__ = ["OUTPUT_FILES", "OUTPUT_KINDS", "atomic_copy", "atomic_file", "atomic_torch_save",
-           "atomic_write_text", "check_replaceable", "ensure_writable_dir", "output_kind",
-           "staged_directory"]
+           "atomic_write_text", "check_replaceable", "ensure_writable_dir", "output_holding",
+           "output_kind", "staged_directory"]
 
 _TMP = ".tmp-"
 #: Test hook: called with a step name at each step of :func:`staged_directory` and of
@@ -151,6 +151,24 @@ def output_kind(entries: Iterable[str]) -> str | None:
     """Which of :data:`OUTPUT_KINDS` a directory holding ``entries`` is (None: none)."""
     entries = set(entries)
     return next((kind for kind, (_, names) in OUTPUT_KINDS.items() if entries & names), None)
+
+
+def output_holding(path: str, levels: int = 2) -> tuple[str, str] | None:
+    """(directory, what it is) when ``path`` or one of its ``levels - 1`` nearest parents is
+    an autobuild output directory (a run, a saved model, an analysis, a report): a file
+    written there is foreign to it (its ``--force`` then refuses it, or deletes it)."""
+    probe = os.path.abspath(path)
+    for _ in range(levels):
+        if os.path.isdir(probe):
+            with contextlib.suppress(OSError):
+                kind = output_kind(os.listdir(probe))
+                if kind is not None:
+                    return probe, OUTPUT_KINDS[kind][0]
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    return None
 
 
 def _foreign(path: str, entries: list[str]) -> list[str]:

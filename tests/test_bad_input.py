@@ -299,6 +299,13 @@ CLI_CASES: list[tuple[str, list[str], list[str]]] = [
     ("train-tensorboard-in-the-run", ["train", "cifar_resnet20", "--data", SYNTH, "--out",
                                       "{out}", "--tensorboard", "{out}/tb", *FAST],
      ["--tensorboard", "is inside the run directory", "beside the run"]),
+    # its event files landed in another run, whose --force then refused them as foreign
+    ("train-tensorboard-in-another-run", ["train", "cifar_resnet20", "--data", SYNTH, "--out",
+                                          "{out}", "--tensorboard", "{run}", *FAST],
+     ["--tensorboard", "is a training run", "a directory of its own"]),
+    ("train-tensorboard-inside-a-model", ["train", "cifar_resnet20", "--data", SYNTH, "--out",
+                                          "{out}", "--tensorboard", "{model}/tb", *FAST],
+     ["--tensorboard", "is inside a saved model"]),
     ("train-tensorboard-every", ["train", "cifar_resnet20", "--data", SYNTH,
                                  "--tensorboard-every", "0"], ["--tensorboard-every", "0"]),
     ("train-milestone-0", ["train", "cifar_resnet20", "--data", SYNTH, "--lr-milestones",
@@ -536,6 +543,13 @@ CLI_CASES: list[tuple[str, list[str], list[str]]] = [
     ("importance-csv-over-another-model", ["importance", "{run}", "--csv",
                                            "{model}/weights.safetensors", "--force"],
      ["is a file autobuild wrote (weights.safetensors), not a CSV"]),
+    # (--force wrote the table over another run's metrics.csv; a new file in a model made
+    # the model's --force refuse it as foreign)
+    ("importance-csv-over-another-runs-metrics", ["importance", "{model}", "--data", SYNTH,
+                                                  "--csv", "{run}/metrics.csv", "--force"],
+     ["metrics.csv' is in a training run", "give a path outside it"]),
+    ("importance-csv-new-in-a-model", ["importance", "{run}", "--csv", "{model}/ri.csv"],
+     ["ri.csv' is in a saved model"]),
     # ---- sizes that would allocate or run for ever
     ("symmetry-seed-huge", ["symmetry", "{model}", "--seed", "99999999999999999999"],
      ["--seed", "4294901759"]),

@@ -87,7 +87,7 @@ def _check_run(path: str) -> None:
 
 
 def _check_csv(path: str, force: bool, run_dir: str) -> None:
-    from autobuild.files import OUTPUT_FILES
+    from autobuild.files import OUTPUT_FILES, output_holding
 
     if os.path.isdir(path):
         raise AutobuildError(f"--csv {path!r} is a directory; give a file path")
@@ -102,6 +102,10 @@ def _check_csv(path: str, force: bool, run_dir: str) -> None:
         if name in OUTPUT_FILES and not name.endswith(".csv"):
             raise AutobuildError(f"--csv {path!r} is a file autobuild wrote ({name}), not a "
                                  "CSV; --force replaces only a CSV")
+    holder = output_holding(os.path.dirname(os.path.abspath(path)), levels=1)
+    if holder is not None:  # (another run's metrics.csv, or a file foreign to its --force)
+        raise AutobuildError(f"--csv {path!r} is in {holder[1]} ({holder[0]!r}); give a path "
+                             "outside it")
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
         raise AutobuildError(f"--csv {path!r}: {parent!r} is not a writable directory")

@@ -43,6 +43,14 @@ def check_log_dir(log_dir: str | None, key: str = "--tensorboard",
                                  f"run directory {run_dir!r}; give a directory beside the run "
                                  "(e.g. runs/tb)")
 
+    from autobuild.files import output_holding
+
+    holder = output_holding(log_dir)
+    if holder is not None:  # another run, model, analysis or report
+        where = "" if holder[0] == os.path.abspath(log_dir) else "inside "
+        raise AutobuildError(f"{key} {log_dir!r} is {where}{holder[1]} ({holder[0]!r}); its "
+                             "event files would be foreign to it: give a directory of its "
+                             "own (e.g. runs/tb)")
     if importlib.util.find_spec("tensorboard") is None:
         raise AutobuildError(f"{key} needs the tensorboard package: pip install "
                              "'autobuild[analysis]'")
