@@ -33,6 +33,11 @@ def run(args: argparse.Namespace) -> int:
     if result["trained_weights"]:
         print(f"trial {args.trial} ({result['placement']}) -> {args.out}: plan + trained "
               f"weights; `autobuild train {args.out} --data ...` trains it further")
+    elif result["never_trained"]:
+        print(f"trial {args.trial} ({result['placement']}) -> {args.out}: plan + initial "
+              f"weights (seed {result['seed']}); the search never trained it (over a "
+              f"constraint); trained with the search's budget by:\n  "
+              f"{train_command(study, args.out)}")
     else:
         print(f"trial {args.trial} ({result['placement']}) -> {args.out}: plan + the initial "
               f"weights it trained from (seed {result['seed']}); trained as the search did "

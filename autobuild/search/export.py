@@ -75,8 +75,10 @@ def export_trial(study: optuna.Study, number: int, out: str, *, force: bool = Fa
             model = load(tmp)
         trained = True
     save(model, out, force=force)
+    # (over a constraint: the search never trained it, whatever the weights it would start from)
+    never_trained = trial.user_attrs.get("trained") is False
     return {"out": out, "placement": plan.placement.describe(), "trained_weights": trained,
-            "seed": seed}
+            "seed": seed, "never_trained": never_trained}
 
 
 def train_command(study: optuna.Study, out: str) -> str:

@@ -17,6 +17,7 @@ import pytest
 from autobuild.cli import main
 from autobuild.errors import AutobuildError
 from autobuild.search import load_space, run
+from autobuild.search.export import export_trial
 from autobuild.search.report import failure_reason, pareto_trials, trials_frame
 from autobuild.search.status import study_status
 from autobuild.train import DivergedError
@@ -90,6 +91,9 @@ def test_a_placement_over_a_constraint_is_never_trained(in_tmp) -> None:
     assert "top1_per_epoch" not in converted.user_attrs
     assert converted.user_attrs["constraints"]["macs <= 1.1 * baseline"] > 0
     assert converted.number not in {t.number for t in pareto_trials(study)}
+    # exported, it is not said to have trained (the message gave "the weights it trained from")
+    result = export_trial(study, converted.number, str(in_tmp / "never"))
+    assert result["never_trained"] and not result["trained_weights"]
 
 
 def test_report_export_and_resume_through_the_cli(in_tmp, capsys) -> None:
