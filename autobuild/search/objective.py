@@ -197,6 +197,11 @@ class Objective:
             trial.set_user_attr("trained", False)
             self.say(f"trial {trial.number}: {placement.describe()} is over a constraint "
                       f"({', '.join(t for t, v in violations.items() if v > 0)}): not trained")
+            if trial.user_attrs.get("seed_kind") == "all_converted" and \
+                    self.space.seeding.revert_top_ri:  # (RI is measured on it trained)
+                reason = "the all-converted network is over a constraint: no RI to measure"
+                trial.set_user_attr("ri_error", reason)
+                self.say(f"trial {trial.number}: no RI seeds, {reason}")
             # Never trained: top-1 0 (Optuna ranks it below every feasible trial anyway).
             return self._values({**costs, "top1": 0.0})
         if model is None:

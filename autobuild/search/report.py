@@ -160,6 +160,10 @@ def _markdown(study: optuna.Study, frame: Any) -> str:
                      f"{a.get('placement', '')} |")
     lines += ["", f"Hypervolume (reference: 0% top-1, 2x the baseline's {cost}): "
                   f"{hypervolume(study):.4f}", ""]
+    missing = next((t.user_attrs["ri_error"] for t in study.get_trials(deepcopy=False)
+                    if "ri_error" in t.user_attrs), None)
+    if "ri" not in study.user_attrs and missing:  # (ri.csv is empty: say why)
+        lines += [f"RI: not measured, so no revert seeds ({missing}).", ""]
     return "\n".join(lines)
 
 

@@ -18,7 +18,7 @@ from autobuild.cli import main
 from autobuild.errors import AutobuildError
 from autobuild.search import load_space, run
 from autobuild.search.export import export_trial
-from autobuild.search.report import failure_reason, pareto_trials, trials_frame
+from autobuild.search.report import failure_reason, pareto_trials, trials_frame, write_report
 from autobuild.search.status import study_status
 from autobuild.train import DivergedError
 from tests.search.conftest import tiny_space
@@ -94,6 +94,11 @@ def test_a_placement_over_a_constraint_is_never_trained(in_tmp) -> None:
     # exported, it is not said to have trained (the message gave "the weights it trained from")
     result = export_trial(study, converted.number, str(in_tmp / "never"))
     assert result["never_trained"] and not result["trained_weights"]
+    # no RI without a trained all-converted network: said, not an empty ri.csv alone
+    assert "over a constraint" in converted.user_attrs["ri_error"]
+    write_report(study, str(in_tmp / "rep"))
+    assert "RI: not measured, so no revert seeds (the all-converted network is over a " \
+        "constraint" in (in_tmp / "rep" / "report.md").read_text()
 
 
 def test_report_export_and_resume_through_the_cli(in_tmp, capsys) -> None:
