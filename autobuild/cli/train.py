@@ -371,13 +371,15 @@ def _report(args: argparse.Namespace, run_dir: str, result: Any, task: str) -> i
         summary.update(map=epoch.map if epoch else None, map_50=epoch.map_50 if epoch else None)
     if args.json:
         print(json.dumps(summary, indent=2))
-    elif task == "detection":
-        print(f"best val mAP {best:.4f} (mAP@0.5 {summary['map_50'] or 0:.4f}, epoch "
-              f"{result.best_epoch}); {_epochs(len(result.history))} in "
-              f"{result.seconds:.0f}s; saved to {run_dir}")
     else:
-        print(f"best val top-1 {best:.2f}% (epoch {result.best_epoch}); "
-              f"{_epochs(len(result.history))} in {result.seconds:.0f}s; saved to {run_dir}")
+        # (after a resume the time is this session's: its epochs, and the run's in all)
+        now = (last.epoch if last else 0) - result.first_epoch + 1
+        ran = f"{_epochs(max(now, 0))} in {result.seconds:.0f}s" + (
+            f" ({len(result.history)} in all)" if result.first_epoch > 1 else "")
+        head = (f"best val mAP {best:.4f} (mAP@0.5 {summary['map_50'] or 0:.4f}, epoch "
+                f"{result.best_epoch})" if task == "detection" else
+                f"best val top-1 {best:.2f}% (epoch {result.best_epoch})")
+        print(f"{head}; {ran}; saved to {run_dir}")
     return 0
 
 

@@ -78,6 +78,9 @@ class DetectionResult:
     stopped_early: bool = False
     out_dir: str | None = None
     seconds: float = 0.0
+    #: The first epoch this call trained (after a resume: the checkpoint's + 1); ``seconds``
+    #: counts from it.
+    first_epoch: int = 1
 
     @property
     def last(self) -> DetectionEpochMetrics | None:
@@ -339,7 +342,7 @@ def train_detection(model: nn.Module, data: DetectionData | str,
                 break
     best = session.best if math.isfinite(session.best) else 0.0
     return DetectionResult(session.eval_model, session.history, best, session.best_epoch,
-                           session.stopped, out_dir, session.seconds)
+                           session.stopped, out_dir, session.seconds, session.first_epoch)
 
 
 def data_record(data: DetectionData) -> dict[str, Any]:

@@ -69,6 +69,9 @@ class Result:
     stopped_early: bool = False
     out_dir: str | None = None
     seconds: float = 0.0
+    #: The first epoch this call trained (after a resume: the checkpoint's + 1); ``seconds``
+    #: counts from it.
+    first_epoch: int = 1
 
     @property
     def last(self) -> EpochMetrics | None:
@@ -173,7 +176,7 @@ def train(model: nn.Module, data: Data | str, config: TrainConfig | None = None,
     settle(session.eval_model)  # the EMA copy, if any, was made from the training model
     best = session.best if math.isfinite(session.best) else 0.0
     return Result(session.eval_model, session.history, best, session.best_epoch,
-                  session.stopped, out_dir, session.seconds)
+                  session.stopped, out_dir, session.seconds, session.first_epoch)
 
 
 def _run(model: nn.Module, data: Data, cfg: TrainConfig, reg: Regularizers,

@@ -51,7 +51,11 @@ def test_diverging_run_exits_3_and_can_be_resumed_or_overwritten(
     err = capsys.readouterr().err
     assert "diverged after 1 epoch)" in err and "--resume" in err and "--force" in err
     # ... it resumes from the last good checkpoint with a saner recipe ...
+    capsys.readouterr()
     assert main(["train", "--resume", str(run), "--epochs", "2", "--lr", "0.01", *FAST]) == 0
+    # (the time is the resumed epoch's: it said "2 epochs in ...")
+    out = capsys.readouterr().out
+    assert "; 1 epoch in " in out and "s (2 in all); saved to" in out, out
     assert _record(run)["status"] == "finished" and _epoch_of_checkpoint(run) == 2
     # ... and the record keeps every recipe it trained with: both resumes, what each changed.
     first, second = _record(run)["resumes"]
