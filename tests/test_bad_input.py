@@ -320,6 +320,10 @@ CLI_CASES: list[tuple[str, list[str], list[str]]] = [
     ("train-lr-gamma-with-cosine", ["train", "cifar_resnet20", "--data", SYNTH,
                                     "--lr-gamma", "0.5", "--out", "{out}"],
      ["--lr-gamma) 0.5", "lr_schedule (--lr-schedule) multistep"]),
+    # capped at a quarter of the run while train.yaml recorded 100
+    ("train-warmup-over-the-run", ["train", "cifar_resnet20", "--data", SYNTH, "--epochs",
+                                   "1", "--warmup-epochs", "100", "--out", "{out}"],
+     ["--warmup-epochs) 100: the warm-up is at most a quarter of the run (0.25"]),
     # recorded in train.yaml, never used: AdamW has no momentum (the record claimed a recipe
     # that was not run)
     ("train-momentum-with-adamw", ["train", "cifar_resnet20", "--data", SYNTH, "--optimizer",

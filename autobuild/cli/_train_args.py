@@ -65,7 +65,8 @@ def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weight-decay", type=typed("weight_decay"), default=_S,
                    help="default 5e-4 SGD / 0.05 AdamW; never on norms, biases, Dirac alpha/beta")
     g.add_argument("--warmup-epochs", type=typed("warmup_epochs"), default=_S,
-                   help="linear warm-up length (>= 0)")
+                   help="linear warm-up length in epochs (default 5, capped at a quarter of "
+                        "the run; a larger value given is refused)")
     g.add_argument("--lr-schedule", choices=("cosine", "multistep"), default=_S,
                    help="after warm-up: cosine to zero, or x lr-gamma at each milestone")
     g.add_argument("--lr-milestones", type=typed("lr_milestones"), nargs="+", default=_S,

@@ -329,6 +329,11 @@ def check_given(cfg: TrainConfig, given: Collection[str], name: Callable[[str], 
         if field in given and idle_now:
             raise InvalidValue(f"{name(field)} {getattr(cfg, field)}: {why}; {fix}, or leave "
                                "it out")
+    if "warmup_epochs" in given and cfg.warmup_epochs > cfg.epochs / 4:  # (runtime.lr_factor)
+        raise InvalidValue(f"{name('warmup_epochs')} {cfg.warmup_epochs:g}: the warm-up is at "
+                           f"most a quarter of the run ({cfg.epochs / 4:g} of its {cfg.epochs} "
+                           "epochs), so that it anneals; give at most that, or leave it out "
+                           "(the default, 5, is capped so)")
 
 
 def check_resume(cfg: TrainConfig, done: int, saved: Mapping[str, Any] | None = None,
