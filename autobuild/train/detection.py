@@ -212,12 +212,16 @@ def coco_map(preds: list[dict[str, torch.Tensor]], targets: list[dict[str, torch
              classes: list[str]) -> dict[str, Any]:
     """COCO-style box mAP (0..1) of ``preds`` against ``targets`` (``iscrowd`` boxes are
     ignored), with per-class AP (IoU 0.50:0.95) and AP@0.5 keyed by class name, for the
-    classes that have ground truth (AP is undefined for the others)."""
+    classes that have ground truth (AP is undefined for the others; so is the AP of an
+    object size the data has no object of: None)."""
     metric = _map_metric()
     metric.update(preds, targets)
     r = metric.compute()
     out: dict[str, Any] = {k: float(r[k]) for k in ("map", "map_50", "map_75", "map_small",
                                                      "map_medium", "map_large", "mar_100")}
+    for size in ("map_small", "map_medium", "map_large"):  # -1: no object of that size,
+        if out[size] < 0:  # torchmetrics' mark, not a score (None: null in --json)
+            out[size] = None
     # precision[iou, recall, class, area=all, max_dets=100]; -1 marks "no ground truth".
     precision = r["precision"][0, :, :, 0, -1]
     per_class = {}

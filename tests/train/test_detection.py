@@ -72,6 +72,8 @@ def test_train_records_map_and_evaluate_reproduces_it(runs: tuple[Path, Path, Pa
     assert result["map_50"] == pytest.approx(float(best["map_50"]), abs=1e-5)
     assert result["images"] == 2
     assert set(result["per_class"]) <= {"rectangle", "ellipse", "triangle"}
+    # no object of 96x96 px in 48 px images: no large-object AP (torchmetrics' -1 was shown)
+    assert result["map_large"] is None
     assert main(["evaluate", str(base), "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "mAP@0.5" in out and "AP@0.5" in out
