@@ -25,7 +25,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--data-dir", default=None, type=PATH, help="folder holding the CIFAR batches")
     p.add_argument("--out", required=True, type=PATH, help="output folder")
     p.add_argument("--compare", metavar="RUN2", type=PATH,
-                   help="a second run (e.g. the baseline) analysed on the same batches")
+                   help="a second run (e.g. the baseline) analysed on the same batches; "
+                        "compare.csv's ratios are RUN2 / RUN")
     p.add_argument("--batches", type=POSITIVE_INT, default=4, help="val batches to run (default 4)")
     p.add_argument("--batch-size", type=POSITIVE_INT, default=16, help="default 16")
     p.add_argument("--saturation", type=POSITIVE_FLOAT, default=6.0,

@@ -86,8 +86,8 @@ _COMPARED = ("act_std", "act_abs_max", "act_zero_frac", "act_saturated_frac", "g
 def write_comparison(a: Analysis, b: Analysis, out_dir: str, labels: tuple[str, str], *,
                      plots: bool = True) -> list[str]:
     """``compare.csv``: the layers both runs have (by qualified name, so a converted site
-    meets the baseline layer it replaced), with each run's statistics and their ratio; and
-    ``compare.png``."""
+    meets the baseline layer it replaced), with each run's statistics (``_a``: ``a``'s,
+    ``_b``: ``b``'s) and their ratio b / a; and ``compare.png``."""
     by_name = {s.layer: s for s in b.layers}
     rows = []
     for s in a.layers:
