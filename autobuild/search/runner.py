@@ -147,10 +147,16 @@ def prepare(space: SearchSpace, *, storage: str | None = None, study_name: str |
     check_log_dir(config.tensorboard, space.key("budget.tensorboard"))
     # (a study made before image_size was refused on other data goes on without it)
     size = space.budget.image_size if new or space.data.startswith("imagefolder:") else None
-    data = build_data(space.data, space.data_dir, image_size=size,
-                      train_subset=space.budget.train_subset,
-                      subset_key=space.key("budget.train_subset"),
-                      size_key=space.key("budget.image_size"))
+    try:
+        data = build_data(space.data, space.data_dir, image_size=size,
+                          train_subset=space.budget.train_subset,
+                          subset_key=space.key("budget.train_subset"),
+                          size_key=space.key("budget.image_size"))
+    except AutobuildError as exc:  # (one about a budget key names it already)
+        if space.key("budget.") in str(exc):
+            raise
+        raise type(exc)(f"{space.key('data')} {space.data!r}: {exc} (a relative path in a "
+                        "space is read from the directory autobuild runs in)") from exc
     from autobuild.train.regularize import check_regularizers
 
     # Regularisers the images cannot take (a cutout larger than them), before the study
