@@ -101,6 +101,23 @@ def test_a_placement_over_a_constraint_is_never_trained(in_tmp) -> None:
         "constraint" in (in_tmp / "rep" / "report.md").read_text()
 
 
+def test_a_trial_stopped_early_is_recorded_as_trained(in_tmp, monkeypatch) -> None:
+    """A pruned trial trained for the epochs it had: trials.csv showed `trained` empty."""
+    from autobuild.search.objective import Objective
+
+    def stopped(self, trial, model, placement, costs):  # as _train ends a dominated trial
+        trial.set_user_attr("top1_per_epoch", [10.0])
+        raise optuna.TrialPruned("dominated at epoch 1")
+
+    monkeypatch.setattr(Objective, "_train", stopped)
+    study = run(load_space(tiny_space(n_trials=1, seeding={"all_converted": False})),
+                quiet=True)
+    (trial,) = _trials(study)
+    assert trial.state == optuna.trial.TrialState.PRUNED
+    assert trial.user_attrs["trained"] is True and trial.user_attrs["wall_time_s"] > 0
+    assert trials_frame(study)["trained"].tolist() == [True]
+
+
 def test_report_export_and_resume_through_the_cli(in_tmp, capsys) -> None:
     space = in_tmp / "space.yaml"
     import yaml
