@@ -19,6 +19,7 @@ from autobuild.errors import (
     InvalidType,
     InvalidValue,
     check_seed,
+    in_context,
     unknown_name,
 )
 from autobuild.models import get_model_entry, resolve_baseline
@@ -79,7 +80,7 @@ def check_plan_leaves(baseline: Baseline) -> None:
     try:
         _check_leaf_names(baseline)
     except AutobuildError as exc:
-        raise type(exc)(f"plan leaf_modules: {exc}") from None
+        raise in_context(exc, f"plan leaf_modules: {exc}") from None
 
 
 def _leaves(leaf_modules: Any) -> tuple[Any, ...]:
@@ -88,11 +89,11 @@ def _leaves(leaf_modules: Any) -> tuple[Any, ...]:
     try:
         leaves = tuple(leaf_modules)
     except TypeError:
-        raise AutobuildError(f"leaf_modules must be a list of classes or names, got "
-                             f"{leaf_modules!r}") from None
+        raise InvalidType(f"leaf_modules must be a list of classes or names, got "
+                          f"{leaf_modules!r}") from None
     for m in leaves:
         if not (isinstance(m, str) or (isinstance(m, type) and issubclass(m, nn.Module))):
-            raise AutobuildError(f"leaf_modules takes nn.Module classes or names, got {m!r}")
+            raise InvalidType(f"leaf_modules takes nn.Module classes or names, got {m!r}")
     return leaves
 
 
@@ -142,8 +143,8 @@ def convert(model_or_name: nn.Module | str, to: str | None = None, *,
         check_seed(seed)
     if isinstance(model_or_name, nn.Module) and plan_of(model_or_name) is not None:
         if any(v is not None for v in (num_classes, input_size, weights, model_args)):
-            raise AutobuildError("num_classes/input_size/weights/model_args describe a "
-                                 "baseline; a converted model keeps those of its plan")
+            raise InvalidValue("num_classes/input_size/weights/model_args describe a "
+                               "baseline; a converted model keeps those of its plan")
         return _convert_again(model_or_name, to, sites, options, placement, init, seed)
     if seed is not None:
         torch.manual_seed(seed)
@@ -160,6 +161,12 @@ def _trace_root(plan: Plan) -> str:
 def _convert_again(model: nn.Module, to: str | None, sites: Any, options: Any,
                    placement: Any, init: str, seed: int | None) -> nn.Module:
     """Convert more sites of a converted model, on the model as it is (its weights kept)."""
+    if sites is not None and not isinstance(sites, (str, list, tuple)):
+        raise InvalidType(f"sites must be a glob pattern or a list of them, got "
+                          f"{type(sites).__name__}")
+    if placement is not None and not isinstance(placement, Mapping):
+        raise InvalidType(f"a placement maps site names to choices, got "
+                          f"{type(placement).__name__}")
     record = record_of(model)
     plan = record.plan
     base = Baseline(model, plan.model, plan.input_size or (3, 224, 224), _trace_root(plan),
@@ -250,8 +257,8 @@ def plan_baseline(plan: Plan, baseline: nn.Module | None = None, *,
         try:
             torch.device(device)
         except (RuntimeError, TypeError):
-            raise AutobuildError(f"unknown device {device!r}; valid: e.g. cpu, cuda, cuda:1, "
-                                 "meta") from None
+            raise InvalidValue(f"unknown device {device!r}; valid: e.g. cpu, cuda, cuda:1, "
+                               "meta") from None
     weights = plan.weights if load_baseline_weights else None
     return resolve_baseline(plan.model, num_classes=plan.num_classes, input_size=plan.input_size,
                             weights=weights, leaf_modules=plan.leaf_modules, device=device,

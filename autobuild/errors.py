@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 __all__ = ["MAX_CLASSES", "MAX_SEED", "NAME_PATTERN", "AutobuildError", "InfeasiblePlacement",
-           "InvalidType", "InvalidValue", "Terminated", "brief", "check_input_size",
+           "InvalidType", "InvalidValue", "Terminated", "brief", "in_context", "check_input_size",
            "check_num_classes", "check_positive_int", "check_seed", "integer_text_problem",
            "schema_error", "schema_message", "unknown_name", "without_type"]
 
@@ -52,6 +52,17 @@ def without_type(line: str) -> str | None:
     with an error type."""
     head, sep, rest = line.partition(": ")
     return rest if sep and head.rsplit(".", 1)[-1].endswith(("Error", "Placement")) else None
+
+
+def in_context(exc: AutobuildError, message: str) -> AutobuildError:
+    """``exc`` again, of its own class where that class takes a message (a family of one's
+    own may define one that does not), with ``message`` and its exit code."""
+    try:
+        again = type(exc)(message)
+    except TypeError:
+        again = AutobuildError(message)
+    again.exit_code = exc.exit_code
+    return again
 
 
 def brief(exc: BaseException, limit: int = 300) -> str:

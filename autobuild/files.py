@@ -153,15 +153,26 @@ def output_kind(entries: Iterable[str]) -> str | None:
     return next((kind for kind, (_, names) in OUTPUT_KINDS.items() if entries & names), None)
 
 
+#: What marks a directory as an output autobuild wrote, by kind: files no other tool writes
+#: together (a lone ``ri.csv`` or ``plan.yaml`` is as likely the user's own).
+_MARKERS = {"run": ({"train.yaml"}, {"checkpoint.pt"}),
+            "model": ({"plan.yaml", "weights.safetensors"},),
+            "report": ({"report.md", "trials.csv"},),
+            "analysis": ({"layers.csv", "sites.csv"},)}
+
+
 def output_holding(path: str, levels: int = 2) -> tuple[str, str] | None:
     """(directory, what it is) when ``path`` or one of its ``levels - 1`` nearest parents is
-    an autobuild output directory (a run, a saved model, an analysis, a report): a file
-    written there is foreign to it (its ``--force`` then refuses it, or deletes it)."""
+    an autobuild output directory (a run, a saved model, an analysis, a report: by
+    :data:`_MARKERS`): a file written there is foreign to it (its ``--force`` then refuses
+    it, or deletes it)."""
     probe = os.path.abspath(path)
     for _ in range(levels):
         if os.path.isdir(probe):
             with contextlib.suppress(OSError):
-                kind = output_kind(os.listdir(probe))
+                entries = set(os.listdir(probe))
+                kind = next((k for k, sets in _MARKERS.items()
+                             if any(s <= entries for s in sets)), None)
                 if kind is not None:
                     return probe, OUTPUT_KINDS[kind][0]
         parent = os.path.dirname(probe)
@@ -190,6 +201,11 @@ def ensure_writable_dir(path: str, *, force: bool = False, keep: Iterable[str] =
         raise AutobuildError(f"an output directory must be a non-empty path, got {path!r}")
     if os.path.exists(path) and not os.path.isdir(path):
         raise AutobuildError(f"{path!r} exists and is not a directory; choose another --out")
+    holder = output_holding(os.path.dirname(os.path.abspath(path)), levels=1)
+    if holder is not None:
+        raise AutobuildError(f"{path!r} would be inside {holder[1]} ({holder[0]!r}), foreign "
+                             "to it (its --force would refuse or delete it); choose an --out "
+                             "beside it")
     entries = _entries(path) if os.path.isdir(path) else []
     if entries and not force:
         raise AutobuildError(f"{path!r} is not empty; choose another --out or pass --force "

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from autobuild.errors import AutobuildError
+from autobuild.errors import AutobuildError, in_context
 from autobuild.files import _atomic_by_name, _step, atomic_write_text, staged_directory
 from autobuild.rewrite import Placement, Plan, get_family, plan_of, record_of, set_record
 from autobuild.rewrite.plan import load_yaml, yaml_problem
@@ -86,7 +86,7 @@ def load_placement(path: str) -> Placement:
     try:
         return Placement(data)
     except AutobuildError as exc:
-        raise type(exc)(f"placement file {path!r}: {exc}") from exc
+        raise in_context(exc, f"placement file {path!r}: {exc}") from exc
 
 
 def plan_in(path: str) -> Plan | None:
@@ -242,6 +242,6 @@ def load(directory: str, *, baseline: nn.Module | None = None,
             model = build_plan(plan, baseline, load_baseline_weights=False)
         except AutobuildError as exc:  # (what the plan says: the file is where to fix it)
             where = os.path.join(directory, PLAN_FILE)
-            raise type(exc)(f"{where}: {exc}") from exc
+            raise in_context(exc, f"{where}: {exc}") from exc
         _load_state(model, state, path, assign=False, fills=fills)
     return model

@@ -320,6 +320,11 @@ CLI_CASES: list[tuple[str, list[str], list[str]]] = [
     ("train-lr-gamma-with-cosine", ["train", "cifar_resnet20", "--data", SYNTH,
                                     "--lr-gamma", "0.5", "--out", "{out}"],
      ["--lr-gamma) 0.5", "lr_schedule (--lr-schedule) multistep"]),
+    # outputs inside another output: foreign there, so its --force refused or deleted them
+    ("convert-out-inside-a-run", ["convert", "cifar_resnet20", "--to", "dirac", "--out",
+                                  "{run}/m"], ["/m' would be inside a training run"]),
+    ("analyze-out-inside-a-model", ["analyze", "{run}", "--out", "{model}/a"],
+     ["/a' would be inside a saved model"]),
     # capped at a quarter of the run while train.yaml recorded 100
     ("train-warmup-over-the-run", ["train", "cifar_resnet20", "--data", SYNTH, "--epochs",
                                    "1", "--warmup-epochs", "100", "--out", "{out}"],
@@ -331,7 +336,8 @@ CLI_CASES: list[tuple[str, list[str], list[str]]] = [
      ["--momentum) 0.5: it is SGD's momentum, and the optimizer is adamw"]),
     ("train-nesterov-with-adamw", ["train", "cifar_resnet20", "--data", SYNTH, "--optimizer",
                                    "adamw", "--no-nesterov", "--out", "{out}"],
-     ["nesterov", "it is SGD's, and the optimizer is adamw"]),
+     ["nesterov (--no-nesterov) False: it is SGD's, and the optimizer is adamw; set "
+      "optimizer (--optimizer) sgd"]),
     ("train-tensorboard-every-default-without-tensorboard", [
         "train", "cifar_resnet20", "--data", SYNTH, "--tensorboard-every", "5", "--out",
         "{out}"], ["--tensorboard-every) 5", "give tensorboard (--tensorboard) DIR"]),
@@ -859,3 +865,48 @@ def test_api_argument_errors_are_typed_as_documented(kwargs: dict, kind: type,
     with pytest.raises(kind, match=message) as info:
         autobuild.convert("cifar_resnet20", **kwargs)
     assert isinstance(info.value, autobuild.AutobuildError)
+
+
+@pytest.mark.parametrize("call,kind,message", [
+    (lambda m: autobuild.convert(m, "quadratic", sites=5), TypeError, "sites must be"),
+    (lambda m: autobuild.convert(m, placement=5), TypeError, "a placement maps site names"),
+    (lambda m: autobuild.convert(m, placement={"layer2.0.conv1": None}), ValueError,
+     "is empty"),
+    (lambda m: autobuild.convert(m, placement={"layer2.0.conv1": 7}), ValueError,
+     "must be 'keep', 'family'"),
+    (lambda m: autobuild.convert(m, "quadratic", num_classes=3), ValueError,
+     "describe a baseline"),
+    (lambda m: autobuild.convert("cifar_resnet20", "quadratic", leaf_modules=5), TypeError,
+     "leaf_modules must be a list"),
+    (lambda m: autobuild.convert("cifar_resnet20", "quadratic", leaf_modules=[3]), TypeError,
+     "leaf_modules takes nn.Module classes"),
+    (lambda m: autobuild.build_plan(autobuild.plan_of(m), device="bogus"), ValueError,
+     "unknown device 'bogus'"),
+])
+def test_api_argument_errors_of_a_converted_model_are_typed(call, kind: type,
+                                                            message: str) -> None:
+    """The same for a model converted again, placements and leaf modules (a raw TypeError
+    from list(5), or the base AutobuildError)."""
+    converted = autobuild.convert("cifar_resnet20", "quadratic", sites=["layer1.0.conv1"])
+    with pytest.raises(kind, match=message) as info:
+        call(converted)
+    assert isinstance(info.value, autobuild.AutobuildError)
+
+
+def test_an_error_given_context_keeps_its_class_and_exit_code() -> None:
+    """Errors re-raised with the file or key that caused them: of their own class, or, for
+    a class of a family of one's own that takes other arguments, the base class with its
+    exit code (type(exc)(message) raised a TypeError in place of the message)."""
+    from autobuild.errors import InvalidValue, in_context
+
+    class Odd(autobuild.AutobuildError):
+        exit_code = 3
+
+        def __init__(self, site: str, reason: str) -> None:
+            super().__init__(f"{site}: {reason}")
+
+    again = in_context(Odd("conv1", "too wide"), "plan.yaml: conv1: too wide")
+    assert type(again) is autobuild.AutobuildError and again.exit_code == 3
+    assert str(again) == "plan.yaml: conv1: too wide"
+    again = in_context(InvalidValue("bad"), "key: bad")
+    assert type(again) is InvalidValue and again.exit_code == 2

@@ -87,8 +87,11 @@ class Parser(argparse.ArgumentParser):
                 message += f" (a value starting with '-' is written {flags[0]}=VALUE)"
         prog = self.prog
         if message.startswith("unrecognized arguments"):  # (the top parser says it for all)
-            command = next((a for a in self.argv if a in self._subparser_names()), None)
-            prog += f" {command}" if command else ""
+            names = self._subparser_names()
+            at = next((i for i, a in enumerate(self.argv) if a in names), None)
+            first = message.partition(": ")[2].split(" ")[0]
+            if at is not None and first in self.argv[at + 1:]:  # (after the command: its own)
+                prog += f" {self.argv[at]}"
         raise AutobuildError(f"{message} (see `{prog} --help`)")
 
 

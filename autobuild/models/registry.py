@@ -167,6 +167,9 @@ def _requires_num_classes(builder: Callable[..., nn.Module]) -> bool:
 
 def load_weights(model: nn.Module, weights: str, model_name: str = "") -> None:
     """Load a state dict file (.pth/.pt/.safetensors) or named torchvision weights."""
+    if os.path.isdir(weights):
+        raise AutobuildError(f"weights {weights!r} is a directory; give the weights file "
+                             "(a saved model's is DIR/weights.safetensors)")
     if os.path.exists(weights):
         not_tensors = (f"cannot load weights {weights!r}: not a readable file of tensors (a "
                        "state dict saved by torch.save as .pth/.pt, or .safetensors)")
@@ -174,6 +177,9 @@ def load_weights(model: nn.Module, weights: str, model_name: str = "") -> None:
             state = read_state_dict(weights)
         except pickle.UnpicklingError as exc:  # (torch's message advises unsafe loading)
             raise AutobuildError(f"{not_tensors}; autobuild never unpickles code") from exc
+        except OSError as exc:  # (unreadable: the system's words say why)
+            raise AutobuildError(f"cannot read weights {weights!r}: "
+                                 f"{exc.strerror or brief(exc)}") from exc
         except Exception as exc:  # (a text file, a truncated one: the readers' words, such
             # as "101" or "pop from empty list", would say nothing more)
             raise AutobuildError(f"{not_tensors}; truncated, or another format") from exc

@@ -216,7 +216,7 @@ class Analysis:
         own refusal of the combination (e.g. ``init`` it cannot honour)."""
         placement = _as_placement(placement)
         if init not in INITS:
-            raise AutobuildError(f"unknown init {init!r}; valid: {', '.join(INITS)}")
+            raise InvalidValue(f"unknown init {init!r}; valid: {', '.join(INITS)}")
         items = self._items(placement)
         for (s1, c1, _, r1), (s2, c2, _, r2) in itertools.combinations(items, 2):
             if r1.overlaps(r2):

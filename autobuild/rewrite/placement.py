@@ -21,7 +21,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from autobuild.errors import AutobuildError
+from autobuild.errors import InvalidType, InvalidValue
 from autobuild.rewrite.family import get_family
 
 __all__ = ["KEEP", "Choice", "Placement"]
@@ -49,8 +49,8 @@ class Choice:
         if isinstance(value, Choice):
             return value
         if value is None:  # (`site:` with nothing after it, in YAML): left unwritten
-            raise AutobuildError(f"choice{at} is empty (None); write 'keep' to keep the "
-                                 "baseline's layer, or a family")
+            raise InvalidValue(f"choice{at} is empty (None); write 'keep' to keep the "
+                               "baseline's layer, or a family")
         if value == KEEP:
             return None
         if isinstance(value, str):
@@ -60,38 +60,38 @@ class Choice:
             variant = get_family(family.strip())
             if "=" not in rest:
                 if not variant.primary_option:
-                    raise AutobuildError(f"choice {value!r}{at}: {variant.name} has no primary "
-                                         "option; write its options as name=value")
+                    raise InvalidValue(f"choice {value!r}{at}: {variant.name} has no primary "
+                                       "option; write its options as name=value")
                 return cls.of(variant.name, {variant.primary_option: rest.strip()})
             options: dict[str, str] = {}
             for pair in rest.split(","):
                 key, eq, val = pair.partition("=")
                 if not eq or not key.strip():
-                    raise AutobuildError(f"choice {value!r}{at}: options are name=value pairs "
-                                         "separated by commas")
+                    raise InvalidValue(f"choice {value!r}{at}: options are name=value pairs "
+                                       "separated by commas")
                 if key.strip() in options:
-                    raise AutobuildError(f"choice {value!r}{at}: option {key.strip()!r} is "
-                                         "given twice")
+                    raise InvalidValue(f"choice {value!r}{at}: option {key.strip()!r} is "
+                                       "given twice")
                 options[key.strip()] = val.strip()
             return cls.of(variant.name, options)
         if isinstance(value, Mapping):
             data = dict(value)
             family = data.pop("family", None)
             if not isinstance(family, str):
-                raise AutobuildError(f"choice {value!r}{at} needs a 'family' (a string)")
+                raise InvalidValue(f"choice {value!r}{at} needs a 'family' (a string)")
             if family == KEEP:
                 if any(v not in (None, {}) for v in data.values()):
-                    raise AutobuildError(f"choice {value!r}{at}: keep takes no options")
+                    raise InvalidValue(f"choice {value!r}{at}: keep takes no options")
                 return None
             options = data.pop("options", None)
             if options is not None and data:
-                raise AutobuildError(f"choice {value!r}{at}: give options either under "
-                                     "'options' or beside 'family', not both")
+                raise InvalidValue(f"choice {value!r}{at}: give options either under "
+                                   "'options' or beside 'family', not both")
             if options is not None and not isinstance(options, Mapping):
-                raise AutobuildError(f"choice {value!r}{at}: 'options' must be a mapping")
+                raise InvalidType(f"choice {value!r}{at}: 'options' must be a mapping")
             return cls.of(family, options if options is not None else data)
-        raise AutobuildError(f"choice {value!r}{at} must be 'keep', 'family', 'family:value', "
-                             "'family:name=value,...' or a mapping with 'family'")
+        raise InvalidValue(f"choice {value!r}{at} must be 'keep', 'family', 'family:value', "
+                           "'family:name=value,...' or a mapping with 'family'")
 
     @property
     def opts(self) -> dict[str, Any]:
@@ -124,12 +124,12 @@ class Placement(Mapping[str, Choice]):
 
     def __init__(self, choices: Mapping[str, Any] | None = None, /, **more: Any) -> None:
         if choices is not None and not isinstance(choices, Mapping):
-            raise AutobuildError(f"a placement maps site names to choices, got "
-                                 f"{type(choices).__name__}")
+            raise InvalidType(f"a placement maps site names to choices, got "
+                              f"{type(choices).__name__}")
         items: dict[str, Choice] = {}
         for site, value in [*(choices or {}).items(), *more.items()]:
             if not isinstance(site, str) or not site:
-                raise AutobuildError(f"placement site names are non-empty strings, got {site!r}")
+                raise InvalidValue(f"placement site names are non-empty strings, got {site!r}")
             choice = Choice.parse(value, where=site)
             if choice is not None:
                 items[site] = choice

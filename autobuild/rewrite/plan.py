@@ -29,10 +29,16 @@ from typing import Any
 
 import yaml
 
-from autobuild.errors import AutobuildError, InfeasiblePlacement, InvalidValue, check_num_classes
+from autobuild.errors import (
+    AutobuildError,
+    InfeasiblePlacement,
+    InvalidValue,
+    check_num_classes,
+    in_context,
+)
 from autobuild.rewrite.placement import Choice, Placement
 
-__all__ = ["INITS", "PLAN_VERSION", "Conversion", "Plan", "load_yaml", "yaml_problem"]
+__all__ = ["INITS", "PLAN_VERSION", "Conversion", "Plan", "dump_yaml", "load_yaml", "yaml_problem"]
 
 #: 3: every option of every conversion is recorded (plans of version 2 may omit options
 #: added later; a family's ``legacy_defaults`` say what their omission meant).
@@ -67,10 +73,22 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 # YAML 1.2's floats: PyYAML (YAML 1.1) reads `lr: 1e-3` and `1e9` (no dot) as text, and a
 # file would then be refused for a number its author wrote as one.
-_UniqueKeyLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."))
+_EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
+_UniqueKeyLoader.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT,
+                                       list("-+0123456789."))
+
+
+class _Dumper(yaml.SafeDumper):
+    """PyYAML's safe dumper, quoting the strings :func:`load_yaml` reads as floats (`1e3`)."""
+
+
+_Dumper.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT,
+                              list("-+0123456789."))
+
+
+def dump_yaml(data: Any, **kwargs: Any) -> str:
+    """``yaml.safe_dump`` whose text :func:`load_yaml` reads back as the same values."""
+    return yaml.dump(data, Dumper=_Dumper, **kwargs)
 
 
 def load_yaml(stream: Any) -> Any:
@@ -131,7 +149,7 @@ class Plan:
         else:
             self.placement = _placement_of(placement)
         if init not in INITS:
-            raise AutobuildError(f"unknown init {init!r}; valid: {', '.join(INITS)}")
+            raise InvalidValue(f"unknown init {init!r}; valid: {', '.join(INITS)}")
         self.model = model
         self.init = init
         self.num_classes = num_classes
@@ -236,7 +254,7 @@ class Plan:
             return cls(model, conversions, init, num_classes, size, weights, leaves, version,
                        model_args=args)
         except AutobuildError as exc:
-            raise type(exc)(f"plan {source}: {exc}") from exc
+            raise in_context(exc, f"plan {source}: {exc}") from exc
         except (KeyError, TypeError, ValueError) as exc:
             raise AutobuildError(f"corrupt plan {source}: {exc}") from exc
 
@@ -245,7 +263,7 @@ class Plan:
         _check_format(fmt)
         if fmt == "json":
             return json.dumps(self.to_dict(), indent=2) + "\n"
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        return dump_yaml(self.to_dict(), sort_keys=False)
 
     @classmethod
     def loads(cls, text: str, *, fmt: str = "yaml", source: str = "plan") -> Plan:

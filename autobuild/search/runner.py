@@ -14,7 +14,7 @@ import optuna
 import torch
 from pydantic import ValidationError
 
-from autobuild.errors import AutobuildError, schema_error
+from autobuild.errors import AutobuildError, in_context, schema_error
 from autobuild.search.checks import (
     another_space,
     check_budget,
@@ -155,8 +155,10 @@ def prepare(space: SearchSpace, *, storage: str | None = None, study_name: str |
     except AutobuildError as exc:  # (one about a budget key names it already)
         if space.key("budget.") in str(exc):
             raise
-        raise type(exc)(f"{space.key('data')} {space.data!r}: {exc} (a relative path in a "
-                        "space is read from the directory autobuild runs in)") from exc
+        path = space.data.partition(":")[2]
+        hint = (" (a relative path in a space is read from the directory autobuild runs in)"
+                if path and not os.path.isabs(path) else "")
+        raise in_context(exc, f"{space.key('data')} {space.data!r}: {exc}{hint}") from exc
     from autobuild.train.regularize import check_regularizers
 
     # Regularisers the images cannot take (a cutout larger than them), before the study

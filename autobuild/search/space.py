@@ -45,7 +45,7 @@ from pydantic import (
 )
 
 from autobuild.errors import MAX_SEED, NAME_PATTERN, AutobuildError, schema_error
-from autobuild.rewrite.plan import load_yaml, yaml_problem
+from autobuild.rewrite.plan import dump_yaml, load_yaml, yaml_problem
 
 __all__ = ["OBJECTIVES", "Constraint", "Group", "SearchSpace", "load_space"]
 
@@ -310,7 +310,7 @@ def set_flag(key: str, value: Any) -> str:
     if isinstance(value, (list, dict)):
         text = json.dumps(value)
     else:
-        text = yaml.safe_dump(value, width=10_000).strip().removesuffix("...").strip()
+        text = dump_yaml(value, width=10_000).strip().removesuffix("...").strip()
     return f"--set {shlex.quote(f'{key}={text}')}"
 
 

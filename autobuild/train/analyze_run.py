@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from autobuild.errors import AutobuildError
+from autobuild.errors import AutobuildError, in_context
 
 __all__ = ["analyze_run"]
 
@@ -22,7 +22,7 @@ def _model(run: str, task: str, data: Any, weights_name: str, flag: str = "") ->
     except AutobuildError as exc:
         if not flag:
             raise
-        raise type(exc)(f"{flag} {run}: {exc}") from exc
+        raise in_context(exc, f"{flag} {run}: {exc}") from exc
 
 
 def _fitted_model(run: str, task: str, data: Any, weights_name: str) -> Any:

@@ -42,8 +42,12 @@ Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:[0-9]+)?)$")
 
 
+#: Fields whose only flag turns them off.
+_NEGATIVE_FLAGS = {"nesterov": "--no-nesterov"}
+
+
 def flag_of(field: str) -> str:
-    return "--" + field.replace("_", "-")
+    return _NEGATIVE_FLAGS.get(field, "--" + field.replace("_", "-"))
 
 
 def _name(loc: tuple[Any, ...]) -> str:
@@ -320,11 +324,13 @@ def check_given(cfg: TrainConfig, given: Collection[str], name: Callable[[str], 
                               f"set {short('lr_schedule')} multistep"),
             "momentum": (cfg.optimizer != "sgd", "it is SGD's momentum, and the optimizer is "
                          f"{cfg.optimizer}", f"set {short('optimizer')} sgd"),
-            "nesterov": (cfg.optimizer != "sgd" or cfg.momentum == 0,
+            # (off with momentum 0 is consistent: nothing to refuse; on, it would be idle)
+            "nesterov": (cfg.optimizer != "sgd" or (cfg.momentum == 0 and cfg.nesterov),
                          f"it is SGD's, and the optimizer is {cfg.optimizer}"
                          if cfg.optimizer != "sgd" else "Nesterov momentum needs a momentum "
                          "above 0, and the momentum is 0",
-                         f"use {short('optimizer')} sgd with {short('momentum')} above 0")}
+                         f"set {short('optimizer')} sgd" if cfg.optimizer != "sgd" else
+                         f"give {short('momentum')} above 0")}
     for field, (idle_now, why, fix) in idle.items():
         if field in given and idle_now:
             raise InvalidValue(f"{name(field)} {getattr(cfg, field)}: {why}; {fix}, or leave "
@@ -333,7 +339,7 @@ def check_given(cfg: TrainConfig, given: Collection[str], name: Callable[[str], 
         raise InvalidValue(f"{name('warmup_epochs')} {cfg.warmup_epochs:g}: the warm-up is at "
                            f"most a quarter of the run ({cfg.epochs / 4:g} of its {cfg.epochs} "
                            "epochs), so that it anneals; give at most that, or leave it out "
-                           "(the default, 5, is capped so)")
+                           "(a default warm-up is capped so)")
 
 
 def check_resume(cfg: TrainConfig, done: int, saved: Mapping[str, Any] | None = None,

@@ -31,7 +31,7 @@ from autobuild.files import (
     ensure_writable_dir,
     staged_directory,
 )
-from autobuild.rewrite.plan import load_yaml, yaml_problem
+from autobuild.rewrite.plan import dump_yaml, load_yaml, yaml_problem
 
 __all__ = ["INIT_WEIGHTS", "RUN_FILE", "RUN_MARKERS", "SAVED_MODEL", "RunRecord",
            "adopted_weights", "check_writable", "default_run_dir", "prepare_run_dir",
@@ -128,7 +128,7 @@ def write_run_record(run: str, record: dict[str, Any]) -> None:
         clean = RunRecord.model_validate(record).model_dump()
     except ValidationError as exc:  # the code's own record: a bug, named precisely
         raise RuntimeError(schema_message(exc, "run record: ")) from None
-    atomic_write_text(os.path.join(run, RUN_FILE), yaml.safe_dump(clean, sort_keys=False))
+    atomic_write_text(os.path.join(run, RUN_FILE), dump_yaml(clean, sort_keys=False))
 
 
 def resume_history(run: str, config: dict[str, Any], data: dict[str, Any],

@@ -72,6 +72,10 @@ def test_importance_command(tmp_path, capsys) -> None:
     assert [s["ri"] for s in result["sites"]] == sorted((s["ri"] for s in result["sites"]),
                                                          reverse=True)
     assert open(csv).readline().startswith("site,family,choice")
+    # written again over its own CSV, beside a plan of one's own (neither makes the folder
+    # an autobuild output: only marker files together do)
+    (tmp_path / "plan.yaml").write_text("conversions: []\n")
+    assert main(["importance", run, "--csv", csv, "--force"]) == 0
     assert main(["importance", run]) == 0
     assert "RI = P_M" in capsys.readouterr().out
 

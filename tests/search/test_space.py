@@ -115,6 +115,12 @@ def test_a_float_key_takes_yaml_exponent_text() -> None:
     # number it spells (lr and weight decay are written so)
     space = load_space(tiny_space(), ["budget.lr=1e-3", "budget.weight_decay=5E-4"])
     assert (space.budget.lr, space.budget.weight_decay) == (0.001, 0.0005)
+    # ... and what autobuild writes, it reads back as it was: a string that spells such a
+    # number is quoted
+    from autobuild.rewrite.plan import dump_yaml, load_yaml
+
+    data = {"name": "1e3", "bn_eps": "1e-5", "lr": 1e-3, "epochs": 3}
+    assert load_yaml(dump_yaml(data)) == data
     with pytest.raises(AutobuildError, match="pruning.margin: must be a valid number"):
         load_space(tiny_space(), ["pruning.margin=true"])
 
