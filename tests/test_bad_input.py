@@ -325,6 +325,9 @@ CLI_CASES: list[tuple[str, list[str], list[str]]] = [
                                   "{run}/m"], ["/m' would be inside a training run"]),
     ("analyze-out-inside-a-model", ["analyze", "{run}", "--out", "{model}/a"],
      ["/a' would be inside a saved model"]),
+    ("search-database-inside-a-run", ["search", "{space_ok}", "--storage",
+                                      "sqlite:///{run}/s.db"],
+     ["s.db' would be inside a training run"]),
     # capped at a quarter of the run while train.yaml recorded 100
     ("train-warmup-over-the-run", ["train", "cifar_resnet20", "--data", SYNTH, "--epochs",
                                    "1", "--warmup-epochs", "100", "--out", "{out}"],

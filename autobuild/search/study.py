@@ -120,8 +120,17 @@ def check_url(url: str) -> None:
 
 def check_writable(url: str) -> None:
     """Refuse a SQLite study database the search could not write, before any work (SQLite
-    also writes a journal beside the file: its folder must be writable too)."""
+    also writes a journal beside the file: its folder must be writable too), and a new one
+    inside a run, saved model, analysis or report (foreign there: its --force refuses it)."""
+    from autobuild.files import output_holding
+
     path = sqlite_file(url)
+    if path and not os.path.exists(path):
+        holder = output_holding(os.path.dirname(os.path.abspath(path)), levels=1)
+        if holder is not None:
+            raise AutobuildError(f"study database {path!r} would be inside {holder[1]} "
+                                 f"({holder[0]!r}), foreign to it; put it beside it (the "
+                                 "default is studies/NAME.db)")
     if not path or not os.path.exists(path):
         return
     folder = os.path.dirname(os.path.abspath(path))
