@@ -208,8 +208,9 @@ def ensure_writable_dir(path: str, *, force: bool = False, keep: Iterable[str] =
                              "beside it")
     entries = _entries(path) if os.path.isdir(path) else []
     if entries and not force:
+        # (spelled as the CLI does, as every error: README, "Errors spell settings")
         raise AutobuildError(f"{path!r} is not empty; choose another --out or pass --force "
-                             "(force=True in Python) to overwrite it")
+                             "to overwrite it")
     if entries:
         check_replaceable(path, keep)
     foreign = _foreign(path, entries)
