@@ -201,11 +201,6 @@ def ensure_writable_dir(path: str, *, force: bool = False, keep: Iterable[str] =
         raise AutobuildError(f"an output directory must be a non-empty path, got {path!r}")
     if os.path.exists(path) and not os.path.isdir(path):
         raise AutobuildError(f"{path!r} exists and is not a directory; choose another --out")
-    holder = output_holding(os.path.dirname(os.path.abspath(path)), levels=1)
-    if holder is not None:
-        raise AutobuildError(f"{path!r} would be inside {holder[1]} ({holder[0]!r}), foreign "
-                             "to it (its --force would refuse or delete it); choose an --out "
-                             "beside it")
     entries = _entries(path) if os.path.isdir(path) else []
     if entries and not force:
         # (spelled as the CLI does, as every error: README, "Errors spell settings")
@@ -232,6 +227,11 @@ def ensure_writable_dir(path: str, *, force: bool = False, keep: Iterable[str] =
                              f"of its kind only ({OUTPUT_KINDS[found][0]} would be lost); "
                              "choose another --out")
     parent = os.path.dirname(os.path.abspath(path))
+    holder = output_holding(parent, levels=1)
+    if holder is not None:
+        raise AutobuildError(f"{path!r} would be inside {holder[1]} ({holder[0]!r}), foreign "
+                             "to it (its --force would refuse or delete it); choose an --out "
+                             "beside it")
     probe = path if os.path.isdir(path) else _existing_ancestor(parent)
     if not os.path.isdir(probe):  # (os.access says a file is writable: it is no folder)
         raise AutobuildError(f"cannot write to {path!r}: {probe!r} is a file, not a "

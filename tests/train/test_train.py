@@ -368,9 +368,10 @@ def test_force_never_deletes_what_the_run_reads(easy_folder: str, tmp_path: Path
     data = run / "data"
     shutil.copytree(easy_folder, data)
     spec = f"imagefolder:{data}"
-    saved = run / "model"
+    saved = run / "model"  # (put there by the user: autobuild writes no output inside another)
     assert main(["convert", "cifar_resnet20", "--to", "dirac", "--num-classes", "2",
-                 "--input-size", "3,32,32", "--out", str(saved)]) == 0
+                 "--input-size", "3,32,32", "--out", str(tmp_path / "model")]) == 0
+    shutil.move(tmp_path / "model", saved)
     (run / "p.yaml").write_text("layer1.0.conv1: quadratic\n")
     (tmp_path / "st").mkdir()
     (tmp_path / "st" / "s1.db").write_bytes(b"SQLite format 3\0")
