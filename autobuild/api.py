@@ -103,8 +103,22 @@ def _check_init(init: Any) -> str:
     return init
 
 
+def _check_types(sites: Any, options: Any, placement: Any) -> None:
+    """The conversion arguments' types, before any of them is used."""
+    if sites is not None and not isinstance(sites, (str, list, tuple)):
+        raise InvalidType(f"sites must be a glob pattern or a list of them, got "
+                          f"{type(sites).__name__}")
+    if options is not None and not isinstance(options, Mapping):
+        raise InvalidType(f"options must be a mapping name -> value, got "
+                          f"{type(options).__name__}")
+    if placement is not None and not isinstance(placement, Mapping):
+        raise InvalidType(f"a placement maps site names to choices, got "
+                          f"{type(placement).__name__}")
+
+
 def _placement(analysis: Analysis, to: str | None, sites: Any, options: Any,
                placement: Placement | Mapping[str, Any] | None) -> Placement:
+    _check_types(sites, options, placement)
     if placement is not None:
         if to is not None or sites is not None or options is not None:
             raise InvalidValue("pass either placement= or to=/sites=/options=, not both")
@@ -113,13 +127,7 @@ def _placement(analysis: Analysis, to: str | None, sites: Any, options: Any,
         return placement
     if to is None:
         raise InvalidValue("name a family with to= (see `autobuild variants`) or pass a "
-                             "placement=")
-    if sites is not None and not isinstance(sites, (str, list, tuple)):
-        raise InvalidType(f"sites must be a glob pattern or a list of them, got "
-                             f"{type(sites).__name__}")
-    if options is not None and not isinstance(options, Mapping):
-        raise InvalidType(f"options must be a mapping name -> value, got "
-                             f"{type(options).__name__}")
+                           "placement=")
     return analysis.select(to, sites, options)
 
 
@@ -161,12 +169,7 @@ def _trace_root(plan: Plan) -> str:
 def _convert_again(model: nn.Module, to: str | None, sites: Any, options: Any,
                    placement: Any, init: str, seed: int | None) -> nn.Module:
     """Convert more sites of a converted model, on the model as it is (its weights kept)."""
-    if sites is not None and not isinstance(sites, (str, list, tuple)):
-        raise InvalidType(f"sites must be a glob pattern or a list of them, got "
-                          f"{type(sites).__name__}")
-    if placement is not None and not isinstance(placement, Mapping):
-        raise InvalidType(f"a placement maps site names to choices, got "
-                          f"{type(placement).__name__}")
+    _check_types(sites, options, placement)
     record = record_of(model)
     plan = record.plan
     base = Baseline(model, plan.model, plan.input_size or (3, 224, 224), _trace_root(plan),

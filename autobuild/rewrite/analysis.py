@@ -182,7 +182,7 @@ class Analysis:
             patterns = [sites] if isinstance(sites, str) else list(sites)
             if not patterns:
                 raise InvalidValue("sites is an empty list; name at least one site pattern "
-                                     "or pass None for the family's default sites")
+                                   "or pass None for the family's default sites")
             chosen = select_sites(accepted, patterns, family=variant.name, model=name)
         variant.refuse_idle(chosen, opts)
         variant.refuse_new(chosen, opts, self)

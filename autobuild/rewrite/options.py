@@ -57,7 +57,7 @@ class Option:
                 raise InvalidValue(f"option {self.name} of {family}: {e}") from None
         if self.choices is not None and value not in self.choices:
             raise InvalidValue(f"option {self.name}={value!r} of {family} is not valid; valid:"
-                                 f" {', '.join(map(str, self.choices))}")
+                               f" {', '.join(map(str, self.choices))}")
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             low = self.min is not None and (value < self.min or (
                 not self.min_inclusive and value == self.min))
