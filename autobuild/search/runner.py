@@ -155,9 +155,10 @@ def prepare(space: SearchSpace, *, storage: str | None = None, study_name: str |
     except AutobuildError as exc:  # (one about a budget key names it already)
         if space.key("budget.") in str(exc):
             raise
-        path = space.data.partition(":")[2]
+        scheme, _, path = space.data.partition(":")
         hint = (" (a relative path in a space is read from the directory autobuild runs in)"
-                if path and not os.path.isabs(path) else "")
+                if scheme in ("imagefolder", "voc", "coco") and path
+                and not os.path.isabs(path) else "")
         raise in_context(exc, f"{space.key('data')} {space.data!r}: {exc}{hint}") from exc
     from autobuild.train.regularize import check_regularizers
 
