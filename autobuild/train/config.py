@@ -204,6 +204,10 @@ class TrainConfig(BaseModel):
             return min(limits) if limits else None
         return float(self.clip_grad) or None
 
+    def max_warmup(self) -> float:
+        """The longest warm-up the run takes (epochs): a quarter of it, so that it anneals."""
+        return self.epochs / 4
+
     def milestones(self) -> list[int]:
         """The epochs after which "multistep" multiplies the lr by ``lr_gamma``."""
         if self.lr_milestones is not None:
@@ -335,9 +339,9 @@ def check_given(cfg: TrainConfig, given: Collection[str], name: Callable[[str], 
         if field in given and idle_now:
             raise InvalidValue(f"{name(field)} {getattr(cfg, field)}: {why}; {fix}, or leave "
                                "it out")
-    if "warmup_epochs" in given and cfg.warmup_epochs > cfg.epochs / 4:  # (runtime.lr_factor)
+    if "warmup_epochs" in given and cfg.warmup_epochs > cfg.max_warmup():
         raise InvalidValue(f"{name('warmup_epochs')} {cfg.warmup_epochs:g}: the warm-up is at "
-                           f"most a quarter of the run ({cfg.epochs / 4:g} of its {cfg.epochs} "
+                           f"most a quarter of the run ({cfg.max_warmup():g} of its {cfg.epochs} "
                            "epochs), so that it anneals; give at most that, or leave it out "
                            "(a default warm-up is capped so)")
 

@@ -66,7 +66,7 @@ def make_loader(ds: Dataset, cfg: TrainConfig, device: torch.device, dist: Dist,
 def lr_factor(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
     """The lr multiplier per optimizer step: linear warm-up, then cosine to zero or steps."""
     total = max(1, cfg.epochs * steps_per_epoch)
-    warm = int(min(cfg.warmup_epochs, cfg.epochs / 4) * steps_per_epoch)
+    warm = int(min(cfg.warmup_epochs, cfg.max_warmup()) * steps_per_epoch)
     bounds = [m * steps_per_epoch for m in cfg.milestones()]
 
     def factor(step: int) -> float:
